@@ -1,0 +1,104 @@
+"""Partition-and-expand, IDM's way of getting several training images out of one stored image.
+
+A stored synthetic image is cut into a ``factor x factor`` grid of equal pieces and every piece is
+resized back to the full image size with bilinear interpolation at half-pixel centres (PyTorch's
+``align_corners=False``). With the default ``factor=2`` one stored image yields four training
+images, in matching and in evaluation (reference section 4).
+
+``mosaic`` is the inverse used to initialise the synthetic set: it tiles ``factor**2`` real images,
+each downscaled by an average pool, into one image (reference section 2.2).
+
+Piece order is column-major over the grid, as the official code: for ``factor=2`` the pieces are
+top-left, bottom-left, top-right, bottom-right. Outputs are piece-major (all images' piece 0, then
+all images' piece 1, ...), so labels of an expanded batch are ``tile(labels, factor**2)``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def _check_divisible(height: int, width: int, factor: int) -> None:
+    if factor < 1:
+        raise ValueError(f"partition factor must be >= 1, got {factor}")
+    if height % factor or width % factor:
+        raise ValueError(
+            f"image size {height}x{width} is not divisible by the partition factor {factor}; "
+            f"crop or pad the images to a multiple of {factor}, or choose another factor")
+
+
+def _upsample_matrix(out_size: int, in_size: int) -> jnp.ndarray:
+    """(out_size, in_size) matrix of bilinear weights at half-pixel centres, edge-clamped.
+
+    Row ``o`` holds the weights that PyTorch's ``interpolate(..., 'bilinear', align_corners=False)``
+    gives to the input samples for output sample ``o``. Expressing the resize as a matrix product
+    keeps it gather-free, which is exact and fast both ways (forward and gradient) on CPU and GPU.
+    """
+    scale = in_size / out_size
+    src = (jnp.arange(out_size) + 0.5) * scale - 0.5
+    src = jnp.clip(src, 0.0, in_size - 1)  # PyTorch clamps negative sources to 0
+    lo = jnp.floor(src).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, in_size - 1)
+    frac = src - lo
+    eye = jnp.eye(in_size, dtype=jnp.float32)
+    return eye[lo] * (1.0 - frac)[:, None] + eye[hi] * frac[:, None]
+
+
+def partition_expand(images: jnp.ndarray, factor: int = 2) -> jnp.ndarray:
+    """Cut each image into ``factor x factor`` pieces and resize each back to full size.
+
+    Args:
+      images: (N, H, W, C) float array; H and W divisible by ``factor``.
+      factor: pieces per side (2 in IDM).
+
+    Returns:
+      (factor*factor*N, H, W, C) array, piece-major: rows ``k*N .. (k+1)*N-1`` hold piece ``k`` of
+      every image, pieces in column-major grid order (for 2: TL, BL, TR, BR).
+    """
+    n, height, width, channels = images.shape
+    _check_divisible(height, width, factor)
+    if factor == 1:
+        return images
+    ph, pw = height // factor, width // factor
+    # (N, gh, ph, gw, pw, C) -> pieces indexed (gw, gh) for column-major grid order.
+    grid = images.reshape(n, factor, ph, factor, pw, channels)
+    pieces = jnp.transpose(grid, (3, 1, 0, 2, 4, 5))  # (gw, gh, N, ph, pw, C)
+    pieces = pieces.reshape(factor * factor * n, ph, pw, channels)
+    rows = _upsample_matrix(height, ph).astype(images.dtype)
+    cols = _upsample_matrix(width, pw).astype(images.dtype)
+    return jnp.einsum("hp,bpqc,wq->bhwc", rows, pieces, cols)
+
+
+def partition_expand_labels(labels: jnp.ndarray, factor: int = 2) -> jnp.ndarray:
+    """Labels of ``partition_expand(images, factor)``: (N,) -> (factor*factor*N,), tiled."""
+    return jnp.tile(labels, factor * factor)
+
+
+def mosaic(images: jnp.ndarray, factor: int = 2) -> jnp.ndarray:
+    """Tile ``factor**2`` batches of images, each downscaled by ``factor``, into one batch.
+
+    This is IDM's ``--init real --aug`` initialisation: piece ``k`` of output image ``n`` (same
+    column-major grid order as ``partition_expand``) is ``images[k, n]`` average-pooled by
+    ``factor``. For factor 2 an average pool equals PyTorch's bilinear x0.5 without antialias.
+
+    Args:
+      images: (factor*factor, N, H, W, C) float array of real images.
+
+    Returns:
+      (N, H, W, C) array.
+    """
+    pieces, n, height, width, channels = images.shape
+    if pieces != factor * factor:
+        raise ValueError(
+            f"mosaic with factor {factor} needs {factor * factor} images per output image "
+            f"(leading axis), got {pieces}")
+    _check_divisible(height, width, factor)
+    ph, pw = height // factor, width // factor
+    pooled = images.reshape(pieces, n, ph, factor, pw, factor, channels).mean(axis=(3, 5))
+    # Leading axis is (gw, gh) in column-major order; put it back onto the image grid.
+    pooled = pooled.reshape(factor, factor, n, ph, pw, channels)  # (gw, gh, N, ph, pw, C)
+    grid = jnp.transpose(pooled, (2, 1, 3, 0, 4, 5))  # (N, gh, ph, gw, pw, C)
+    return grid.reshape(n, height, width, channels)
+
+
+__all__ = ["partition_expand", "partition_expand_labels", "mosaic"]

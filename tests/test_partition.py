@@ -1,0 +1,124 @@
+"""partition_expand and mosaic against a slow NumPy loop written from PyTorch's bilinear rule."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import idm_jax
+
+
+def numpy_bilinear_resize(image, out_h, out_w):
+    """Slow per-pixel bilinear resize, half-pixel centres, edge-clamped (align_corners=False)."""
+    in_h, in_w, channels = image.shape
+    out = np.zeros((out_h, out_w, channels), np.float64)
+    for i in range(out_h):
+        y = max((i + 0.5) * in_h / out_h - 0.5, 0.0)
+        y0 = min(int(np.floor(y)), in_h - 1)
+        y1 = min(y0 + 1, in_h - 1)
+        wy = y - y0
+        for j in range(out_w):
+            x = max((j + 0.5) * in_w / out_w - 0.5, 0.0)
+            x0 = min(int(np.floor(x)), in_w - 1)
+            x1 = min(x0 + 1, in_w - 1)
+            wx = x - x0
+            out[i, j] = ((1 - wy) * (1 - wx) * image[y0, x0] + (1 - wy) * wx * image[y0, x1]
+                         + wy * (1 - wx) * image[y1, x0] + wy * wx * image[y1, x1])
+    return out
+
+
+def numpy_partition_expand(images, factor):
+    n, h, w, _ = images.shape
+    ph, pw = h // factor, w // factor
+    out = []
+    for gx in range(factor):          # column-major grid: columns outer,
+        for gy in range(factor):      # rows inner -> TL, BL, TR, BR for factor 2
+            for b in range(n):
+                piece = images[b, gy * ph:(gy + 1) * ph, gx * pw:(gx + 1) * pw]
+                out.append(numpy_bilinear_resize(piece, h, w))
+    return np.stack(out)
+
+
+class PartitionExpandTest(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_numpy_loop(self):
+        rng = np.random.default_rng(0)
+        for shape, factor in [((3, 8, 8, 3), 2), ((2, 6, 10, 1), 2), ((2, 9, 6, 2), 3)]:
+            images = rng.normal(size=shape).astype(np.float32)
+            fn = self.variant(lambda x, f=factor: idm_jax.partition_expand(x, factor=f))
+            got = np.asarray(fn(images))
+            want = numpy_partition_expand(images.astype(np.float64), factor)
+            np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"{shape} factor {factor}")
+
+    def test_piece_order_is_column_major(self):
+        # An image whose quadrants are constants 1 (TL), 2 (TR), 3 (BL), 4 (BR).
+        image = np.zeros((1, 4, 4, 1), np.float32)
+        image[0, :2, :2], image[0, :2, 2:], image[0, 2:, :2], image[0, 2:, 2:] = 1, 2, 3, 4
+        out = np.asarray(idm_jax.partition_expand(jnp.asarray(image)))
+        np.testing.assert_allclose(out[:, 0, 0, 0], [1, 3, 2, 4])  # TL, BL, TR, BR
+        np.testing.assert_allclose(out.reshape(4, -1).std(axis=1), 0, atol=1e-6)
+
+    def test_piece_major_layout_and_labels(self):
+        rng = np.random.default_rng(1)
+        images = rng.normal(size=(5, 4, 4, 2)).astype(np.float32)
+        out = idm_jax.partition_expand(images)
+        chex.assert_shape(out, (20, 4, 4, 2))
+        labels = idm_jax.partition_expand_labels(jnp.arange(5))
+        np.testing.assert_array_equal(labels, np.tile(np.arange(5), 4))
+        # Block k, row b comes from image b only.
+        for b in range(5):
+            single = idm_jax.partition_expand(images[b:b + 1])
+            np.testing.assert_allclose(np.asarray(out)[b::5], np.asarray(single), atol=1e-6)
+
+    def test_not_divisible_raises(self):
+        with pytest.raises(ValueError, match="not divisible"):
+            idm_jax.partition_expand(jnp.zeros((1, 7, 8, 3)))
+        with pytest.raises(ValueError, match="not divisible"):
+            idm_jax.mosaic(jnp.zeros((4, 1, 8, 5, 3)))
+
+    def test_gradient_is_transpose_of_resize(self):
+        # partition_expand is linear, so <PE(x), y> == <x, PE^T(y)> for the VJP.
+        rng = np.random.default_rng(2)
+        x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+        y = jnp.asarray(rng.normal(size=(8, 8, 8, 3)), jnp.float32)
+        _, vjp = jax.vjp(idm_jax.partition_expand, x)
+        (xt,) = vjp(y)
+        lhs = float(jnp.vdot(idm_jax.partition_expand(x), y))
+        rhs = float(jnp.vdot(x, xt))
+        np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
+
+    def test_compiles_once(self):
+        fn = jax.jit(chex.assert_max_traces(idm_jax.partition_expand, n=1))
+        for seed in range(3):
+            fn(jax.random.normal(jax.random.PRNGKey(seed), (2, 8, 8, 3)))
+
+
+class MosaicTest(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_mosaic_then_expand_gives_pooled_pieces(self):
+        rng = np.random.default_rng(3)
+        real = rng.normal(size=(4, 3, 8, 8, 3)).astype(np.float32)
+        syn = self.variant(idm_jax.mosaic)(real)
+        chex.assert_shape(syn, (3, 8, 8, 3))
+        expanded = np.asarray(idm_jax.partition_expand(syn))
+        for k in range(4):
+            for n in range(3):
+                pooled = real[k, n].reshape(4, 2, 4, 2, 3).mean(axis=(1, 3))
+                want = numpy_bilinear_resize(pooled.astype(np.float64), 8, 8)
+                np.testing.assert_allclose(expanded[k * 3 + n], want, atol=1e-5)
+
+    def test_quadrant_placement(self):
+        # Piece k of the mosaic is images[k] pooled, at TL, BL, TR, BR for k = 0, 1, 2, 3.
+        real = np.stack([np.full((1, 4, 4, 1), v, np.float32) for v in (1, 2, 3, 4)])
+        syn = np.asarray(idm_jax.mosaic(real))[0, :, :, 0]
+        np.testing.assert_allclose(syn[:2, :2], 1)
+        np.testing.assert_allclose(syn[2:, :2], 2)
+        np.testing.assert_allclose(syn[:2, 2:], 3)
+        np.testing.assert_allclose(syn[2:, 2:], 4)
+
+    def test_wrong_piece_count_raises(self):
+        with pytest.raises(ValueError, match="needs 4"):
+            idm_jax.mosaic(jnp.zeros((3, 1, 8, 8, 3)))
