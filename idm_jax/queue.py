@@ -1,0 +1,183 @@
+"""IDM's model queue: a FIFO of semi-trained feature extractors as one stacked pytree.
+
+The official code keeps a Python list of networks, optimisers and accuracy meters (reference
+2.4-2.7). Here the queue is a fixed-capacity ring buffer: every leaf of the parameters and of the
+optimiser states has a leading axis of size ``capacity``; a validity mask says which slots hold a
+model, ``birth`` numbers the models in push order, and per-slot meters count correct predictions
+and seen examples since the last reset. Shapes never change, so every operation compiles once.
+
+Slots are filled in ring order, so the slot a push writes to is always the oldest model once the
+queue is full: that is the FIFO pop.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = object
+InitFn = Callable[[jax.Array], PyTree]        # key -> params of a fresh model
+LogitsFn = Callable[[PyTree, jax.Array], jax.Array]  # (params, images) -> logits
+BatchFn = Callable[[jax.Array], tuple]        # key -> (images, labels)
+
+
+@flax.struct.dataclass
+class ModelQueue:
+    """Stacked queue state. ``capacity`` = leading axis of every leaf."""
+
+    params: PyTree          # leaves (capacity, ...)
+    opt_state: PyTree       # leaves (capacity, ...)
+    valid: jax.Array        # (capacity,) bool
+    birth: jax.Array        # (capacity,) int32, push order of the model in the slot (-1: empty)
+    correct: jax.Array      # (capacity,) float32, correct training predictions since reset
+    seen: jax.Array         # (capacity,) float32, training examples since reset
+    next_slot: jax.Array    # () int32, ring position of the next push
+    pushed: jax.Array       # () int32, models pushed so far (births are 0..pushed-1)
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[0]
+
+
+def net_optimizer(lr: float, momentum: float, weight_decay: float) -> optax.GradientTransformation:
+    """PyTorch SGD with coupled L2: decay is added to the gradient before momentum (ref. 10.14)."""
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(lr, momentum=momentum if momentum > 0 else None))
+
+
+def _fresh_model(key, init_fn: InitFn, optimizer: optax.GradientTransformation):
+    params = init_fn(key)
+    return params, optimizer.init(params)
+
+
+def init_queue(key: jax.Array, init_fn: InitFn, optimizer: optax.GradientTransformation,
+               capacity: int, initial_models: int) -> ModelQueue:
+    """A queue of ``capacity`` slots, the first ``initial_models`` holding fresh models."""
+    if not 1 <= initial_models <= capacity:
+        raise ValueError(f"initial_models must be in 1..capacity ({capacity}), got {initial_models}")
+    keys = jax.random.split(key, capacity)
+    params, opt_state = jax.vmap(lambda k: _fresh_model(k, init_fn, optimizer))(keys)
+    slots = jnp.arange(capacity)
+    return ModelQueue(
+        params=params, opt_state=opt_state, valid=slots < initial_models,
+        birth=jnp.where(slots < initial_models, slots, -1).astype(jnp.int32),
+        correct=jnp.zeros(capacity, jnp.float32), seen=jnp.zeros(capacity, jnp.float32),
+        next_slot=jnp.asarray(initial_models % capacity, jnp.int32),
+        pushed=jnp.asarray(initial_models, jnp.int32))
+
+
+def _set_slot(tree, slot, value):
+    return jax.tree.map(lambda stacked, new: stacked.at[slot].set(new), tree, value)
+
+
+def push(queue: ModelQueue, key: jax.Array, init_fn: InitFn,
+         optimizer: optax.GradientTransformation) -> ModelQueue:
+    """Add one fresh model; when the queue is full it replaces the oldest (FIFO)."""
+    params, opt_state = _fresh_model(key, init_fn, optimizer)
+    slot = queue.next_slot
+    return queue.replace(
+        params=_set_slot(queue.params, slot, params),
+        opt_state=_set_slot(queue.opt_state, slot, opt_state),
+        valid=queue.valid.at[slot].set(True),
+        birth=queue.birth.at[slot].set(queue.pushed),
+        correct=queue.correct.at[slot].set(0.0), seen=queue.seen.at[slot].set(0.0),
+        next_slot=(slot + 1) % queue.capacity, pushed=queue.pushed + 1)
+
+
+def reset_meters(queue: ModelQueue) -> ModelQueue:
+    """Zero every model's accuracy meter (the official code does it at each eval iteration)."""
+    return queue.replace(correct=jnp.zeros_like(queue.correct), seen=jnp.zeros_like(queue.seen))
+
+
+def size(queue: ModelQueue) -> jax.Array:
+    return jnp.sum(queue.valid.astype(jnp.int32))
+
+
+def accuracy_percent(queue: ModelQueue, slot: jax.Array) -> jax.Array:
+    """Running training accuracy of the model in ``slot``, in percent; 0 if its meter is empty."""
+    seen = queue.seen[slot]
+    return jnp.where(seen > 0, 100.0 * queue.correct[slot] / jnp.maximum(seen, 1.0), 0.0)
+
+
+def sample_slots(queue: ModelQueue, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """``n`` distinct slots drawn uniformly among the valid ones.
+
+    Returns (slots (n,) int32, active (n,) bool); ``active`` is False for the draws beyond the
+    number of valid models (the official code takes ``min(n, len(queue))``).
+    """
+    scores = jax.random.uniform(key, (queue.capacity,))
+    scores = jnp.where(queue.valid, scores, -1.0)
+    top, slots = jax.lax.top_k(scores, n)
+    return slots.astype(jnp.int32), top >= 0.0
+
+
+def gather(tree: PyTree, slots: jax.Array) -> PyTree:
+    """The stacked entries of ``slots``: leaves (capacity, ...) -> (len(slots), ...)."""
+    return jax.tree.map(lambda leaf: leaf[slots], tree)
+
+
+def train_slots(queue: ModelQueue, key: jax.Array, slots: jax.Array, active: jax.Array,
+                logits_fn: LogitsFn, sample_batch: BatchFn,
+                optimizer: optax.GradientTransformation, steps: int,
+                vmap_trainees: bool = True) -> tuple[ModelQueue, jax.Array]:
+    """Train the models in ``slots`` for ``steps`` SGD steps each on real batches.
+
+    Each step draws a fresh batch with ``sample_batch(key)`` (its own key per trainee and step),
+    minimises mean cross-entropy, applies ``optimizer`` with the model's persistent state, and adds
+    the batch's correct predictions to the model's meter. Trainees are a vmapped axis (one batched
+    program) unless ``vmap_trainees`` is False, then ``lax.map`` runs them one after another.
+
+    Returns the updated queue and the trainees' accuracy over these steps, in percent, (n,).
+    """
+    if steps == 0 or slots.shape[0] == 0:
+        return queue, jnp.zeros(slots.shape, jnp.float32)
+
+    def train_one(params, opt_state, trainee_key):
+        def step(carry, step_key):
+            params, opt_state = carry
+            images, labels = sample_batch(step_key)
+
+            def loss_fn(p):
+                logits = logits_fn(p, images)
+                ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+                return jnp.mean(ce), logits
+
+            (_, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            correct = jnp.sum((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+            return (params, opt_state), correct
+
+        (params, opt_state), correct = jax.lax.scan(
+            step, (params, opt_state), jax.random.split(trainee_key, steps))
+        return params, opt_state, jnp.sum(correct)
+
+    keys = jax.random.split(key, slots.shape[0])
+    args = (gather(queue.params, slots), gather(queue.opt_state, slots), keys)
+    if vmap_trainees:
+        params, opt_state, correct = jax.vmap(train_one)(*args)
+    else:
+        params, opt_state, correct = jax.lax.map(lambda a: train_one(*a), args)
+
+    batch = jax.eval_shape(sample_batch, key)[1].shape[0]
+    seen = jnp.float32(steps * batch)
+
+    def scatter(stacked, new):
+        # Inactive draws (fewer valid models than trainees) leave their slot untouched.
+        keep = active.reshape((-1,) + (1,) * (new.ndim - 1))
+        return stacked.at[slots].set(jnp.where(keep, new, stacked[slots]))
+
+    queue = queue.replace(
+        params=jax.tree.map(scatter, queue.params, params),
+        opt_state=jax.tree.map(scatter, queue.opt_state, opt_state),
+        correct=queue.correct.at[slots].add(jnp.where(active, correct, 0.0)),
+        seen=queue.seen.at[slots].add(jnp.where(active, seen, 0.0)))
+    return queue, 100.0 * correct / seen
+
+
+__all__ = ["ModelQueue", "net_optimizer", "init_queue", "push", "reset_meters", "size",
+           "accuracy_percent", "sample_slots", "gather", "train_slots"]
