@@ -1,0 +1,210 @@
+"""The condensation engine: optimiser closed form, sampling, init, one-step descent, compile once."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import idm_jax
+from idm_jax import condense, config as config_lib
+
+
+def tiny_config(**overrides):
+    base = config_lib.Config(
+        dataset="cifar10", ipc=2, model="ConvNetW32", iterations=6, batch_real=8, trained_bs=8,
+        model_train_steps=2, net_num=4, net_generate_interval=2, eval_interval=3, num_eval=2,
+        epoch_eval_train=2, batch_train=16, eval_every=0, checkpoint_every=3)
+    return dataclasses.replace(base, **overrides)
+
+
+def tiny_data(num_classes=3, per_class=10, size=8, channels=3, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(num_classes), per_class)
+    rng.shuffle(labels)
+    # Class-dependent brightness so there is something to learn.
+    images = rng.integers(0, 120, size=(len(labels), size, size, channels))
+    images = (images + 60 * labels[:, None, None, None]).clip(0, 255).astype(np.uint8)
+    return images, labels
+
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+# ------------------------------------------------------------------ the image optimiser
+def quadratic_class_losses(num_classes, ipc, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    targets = jnp.asarray(rng.normal(size=(num_classes, ipc) + shape), jnp.float32)
+    scales = jnp.asarray(rng.uniform(0.5, 2.0, size=num_classes), jnp.float32)
+
+    def loss(c, xc):  # non-linear, different for every class
+        return scales[c] * jnp.sum((xc - targets[c]) ** 2) + jnp.sum(jnp.sin(3 * xc))
+
+    return loss
+
+
+@pytest.mark.parametrize("num_classes, mu", [(1, 0.5), (4, 0.5), (10, 0.5), (5, 0.0), (3, 0.9)])
+def test_closed_form_per_class_update_equals_sequential_scan(num_classes, mu):
+    ipc, shape, lr = 2, (4, 4, 3), 0.2
+    loss = quadratic_class_losses(num_classes, ipc, shape)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(num_classes, ipc) + shape), jnp.float32)
+    buf = jnp.asarray(rng.normal(size=(num_classes, ipc) + shape), jnp.float32)
+
+    class_grad = lambda c, xc: jax.grad(loss, argnums=1)(c, xc)
+    want_x, want_buf = jax.jit(lambda x, b: condense.sequential_image_update(
+        x, b, class_grad, lr, mu))(x, buf)
+
+    def grad_at(xs):
+        return jax.vmap(class_grad)(jnp.arange(num_classes), xs), None
+
+    got_x, got_buf, _ = jax.jit(lambda x, b: condense.per_class_image_update(
+        x, b, grad_at, lr, mu))(x, buf)
+    np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_buf), np.asarray(want_buf), atol=1e-5)
+
+
+def test_per_class_update_differs_from_summed_step():
+    # The official per-class stepping is a different optimiser from DM's single summed step.
+    num_classes, ipc, shape, lr, mu = 3, 1, (2, 2, 1), 0.2, 0.5
+    loss = quadratic_class_losses(num_classes, ipc, shape)
+    x = jnp.ones((num_classes, ipc) + shape)
+    buf = jnp.ones_like(x)
+    class_grad = lambda c, xc: jax.grad(loss, argnums=1)(c, xc)
+    seq_x, _ = condense.sequential_image_update(x, buf, class_grad, lr, mu)
+    grads = jax.vmap(class_grad)(jnp.arange(num_classes), x)
+    summed_x = x - lr * (mu * buf + grads)
+    assert float(jnp.max(jnp.abs(seq_x - summed_x))) > 1e-3
+
+
+# ------------------------------------------------------------------ real data and sampling
+def test_prepare_real_layout_and_errors():
+    images, labels = tiny_data(num_classes=3, per_class=5)
+    labels[:2] = 0  # unequal class sizes
+    real = condense.prepare_real(images, labels, MEAN, STD)
+    counts = np.bincount(labels, minlength=3)
+    np.testing.assert_array_equal(np.asarray(real.counts), counts)
+    per_class = np.asarray(real.per_class)
+    for k in range(3):
+        np.testing.assert_array_equal(per_class[k, :counts[k]], images[labels == k])
+    assert len(real.flat_index) == len(labels)
+    with pytest.raises(ValueError, match="uint8"):
+        condense.prepare_real(images.astype(np.float32), labels, MEAN, STD)
+    with pytest.raises(ValueError, match="no images"):
+        condense.prepare_real(images, np.where(labels == 1, 0, labels), MEAN, STD, num_classes=3)
+    with pytest.raises(ValueError, match="lie in"):
+        condense.prepare_real(images, labels, MEAN, STD, num_classes=2)
+
+
+def test_class_batches_are_distinct_valid_and_cover_small_classes():
+    counts = jnp.array([7, 3, 12])
+    idx, mask = jax.jit(condense.class_batch_indices, static_argnums=(2, 3))(
+        jax.random.PRNGKey(0), counts, 12, 5)
+    idx, mask = np.asarray(idx), np.asarray(mask)
+    for k, n in enumerate([7, 3, 12]):
+        chosen = idx[k][mask[k]]
+        assert len(chosen) == min(5, n)
+        assert len(set(chosen.tolist())) == len(chosen)     # without replacement
+        assert (chosen < n).all()                           # never padding rows
+    assert sorted(idx[1][mask[1]].tolist()) == [0, 1, 2]    # whole class when it is small
+    first, _ = condense.class_batch_indices(None, counts, 12, 4, "first")
+    np.testing.assert_array_equal(np.asarray(first), np.tile(np.arange(4), (3, 1)))
+
+
+def test_mosaic_init_tiles_pooled_real_images_of_the_class():
+    images, labels = tiny_data()
+    real = condense.prepare_real(images, labels, MEAN, STD)
+    config = tiny_config(ipc=2)
+    syn = np.asarray(condense.init_synthetic(jax.random.PRNGKey(3), config, real))
+    assert syn.shape == (3 * 2, 8, 8, 3)
+    normalised = (images / 255.0 - np.array(MEAN)) / np.array(STD)
+    for row in range(6):
+        k = row // 2
+        for (r, c) in [(0, 0), (4, 0), (0, 4), (4, 4)]:
+            quadrant = syn[row, r:r + 4, c:c + 4]
+            candidates = normalised[labels == k].reshape(-1, 4, 2, 4, 2, 3).mean(axis=(2, 4))
+            err = np.abs(candidates - quadrant).max(axis=(1, 2, 3)).min()
+            assert err < 1e-5, (row, r, c)  # every quadrant is a pooled image of its class
+    with pytest.raises(ValueError, match="only"):
+        condense.init_synthetic(jax.random.PRNGKey(0), tiny_config(ipc=11), real)
+
+
+# ------------------------------------------------------------------ the iteration
+def make(config, seed=0):
+    images, labels = tiny_data()
+    real = condense.prepare_real(images, labels, MEAN, STD)
+    engine = condense.make_engine(config, real.num_classes, real.image_shape)
+    return engine, real, condense.init_state(engine, real, seed)
+
+
+def test_step_decreases_matching_loss_of_a_fixed_model():
+    config = tiny_config(dsa_strategy="none", syn_ce=False, model_train_steps=0, lr_img=0.05)
+    engine, real, state = make(config)
+    params = jax.tree.map(lambda x: x[0], state.queue.params)
+    pixels = np.asarray(real.per_class)[:, :8]
+    real_x = (pixels / 255.0 - np.array(MEAN)) / np.array(STD)
+    feats = jax.vmap(lambda x: engine.apply(params, x)[0])(jnp.asarray(real_x, jnp.float32))
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    shape = (3, config.ipc) + real.image_shape
+
+    def loss(images):
+        per_class, _ = condense.class_losses(engine, params, images.reshape(shape), feats, None,
+                                             keys, 0.0)
+        return jnp.sum(per_class)
+
+    x0 = state.images
+    before = float(loss(x0))
+    grads = jax.grad(loss)(x0)
+    after = float(loss(x0 - 0.05 * grads))
+    assert after < before
+
+
+def test_iteration_runs_compiles_once_and_keeps_shapes():
+    config = tiny_config(iterations=5)
+    engine, real, state = make(config)
+    raw = condense.make_step(engine, real, jit=False)
+    step = jax.jit(chex.assert_max_traces(raw, n=1), donate_argnums=0)
+    shapes = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    for _ in range(5):
+        state, metrics = step(state, real)
+        assert np.isfinite(float(metrics["loss"]))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == shapes
+    assert int(state.iteration) == 5
+    # pushes at it 0, 2, 4 on top of 3 initial models, capacity 4
+    assert int(idm_jax.queue.size(state.queue)) == 4
+    assert int(state.queue.pushed) == 6
+
+
+def test_meters_reset_every_eval_interval():
+    config = tiny_config(eval_interval=3, net_generate_interval=100, iterations=4)
+    engine, real, state = make(config)
+    step = condense.make_step(engine, real)
+    seen = []
+    for _ in range(4):
+        state, _ = step(state, real)
+        seen.append(float(jnp.sum(state.queue.seen)))
+    per_it = config.fetch_net_num * config.model_train_steps * config.trained_bs
+    # it 0,1,2 accumulate; it 3 resets first, then trains again.
+    assert seen == [per_it, 2 * per_it, 3 * per_it, per_it]
+
+
+def test_summed_update_option_runs():
+    config = tiny_config(image_update="summed", iterations=2)
+    engine, real, state = make(config)
+    step = condense.make_step(engine, real)
+    state, metrics = step(state, real)
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_condense_entry_point_is_reproducible_from_the_seed():
+    images, labels = tiny_data()
+    config = tiny_config(iterations=3)
+    out_a, _ = idm_jax.condense(config, images, labels, mean=MEAN, std=STD)
+    out_b, _ = idm_jax.condense(config, images, labels, mean=MEAN, std=STD)
+    np.testing.assert_array_equal(out_a.images, out_b.images)
+    np.testing.assert_array_equal(out_a.labels, np.repeat(np.arange(3), 2))
+    out_c, _ = idm_jax.condense(dataclasses.replace(config, seed=1), images, labels, mean=MEAN,
+                                std=STD)
+    assert not np.array_equal(out_a.images, out_c.images)
