@@ -1,0 +1,183 @@
+"""The official evaluation protocol: train fresh networks on a condensed set, test them.
+
+Reference section 6: expand the set with partition-and-expand, train a fresh network for
+``epochs + 1`` epochs with SGD (lr 0.01, momentum 0.9, coupled weight decay 5e-4), multiply the lr
+by 0.1 and rebuild the optimiser (momentum reset) after epoch ``epochs // 2 + 1``, batch 256 with a
+reshuffle every epoch and the last partial batch kept, per-image DSA on every batch; score the
+final model on the test set. ``num_models`` networks are trained at once as a vmapped axis of one
+compiled program. BatchNorm models (ResNet18BN, ...) carry their running statistics and use them
+at test time; the padded rows of the last partial batch are masked out of the batch statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from idm_jax import augment, models, partition
+from idm_jax import queue as queue_lib
+from idm_jax._callable_module import make_module_callable
+
+
+def _batch_plan(num_images: int, batch_size: int) -> tuple[int, int]:
+    steps = max(1, math.ceil(num_images / batch_size))
+    return steps, steps * batch_size
+
+
+def lr_phases(epochs: int) -> tuple[int, int]:
+    """Epochs trained at the base lr and at lr/10 for the official ``epoch_eval_train``.
+
+    The official loop runs epochs 0..epochs and drops the lr after epoch ``epochs // 2 + 1``:
+    (502, 499) for 1000.
+    """
+    first = min(epochs // 2 + 2, epochs + 1)
+    return first, epochs + 1 - first
+
+
+def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array,
+                   test_x: jax.Array, test_y: jax.Array, *, epochs: int = 1000,
+                   batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9,
+                   weight_decay: float = 5e-4, dsa_strategy: str = augment.DEFAULT_STRATEGY,
+                   test_batch: int = 500) -> jax.Array:
+    """Train one fresh ``model`` on (train_x, train_y) and return its test accuracy in [0, 1].
+
+    Pure and vmappable over ``key`` (that is how several models train at once).
+
+    Args:
+      train_x: (N, H, W, C) float training images (already expanded); train_y: (N,) int labels.
+      test_x: (M, H, W, C) float test images, M a multiple of ``test_batch`` after padding with
+        labels -1 (``evaluate_synset`` does it); test_y: (M,) ints, -1 for padding.
+      epochs: the official ``epoch_eval_train``; epochs 0..epochs run (epochs + 1 in all).
+    """
+    n = train_x.shape[0]
+    steps, padded = _batch_plan(n, batch_size)
+    k_init, k_train = jax.random.split(key)
+    variables = model.init(k_init, train_x[:1])
+    params = variables["params"]
+    stats = variables.get("batch_stats", {})
+    has_stats = bool(stats)
+
+    def loss_fn(p, s, x, y, mask):
+        if has_stats:
+            (_, logits), updated = model.apply({"params": p, "batch_stats": s}, x, train=True,
+                                               mask=mask, mutable=["batch_stats"])
+            s = updated["batch_stats"]
+        else:
+            _, logits = model.apply({"params": p}, x, train=True)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+        weights = mask.astype(jnp.float32)
+        return jnp.sum(ce * weights) / jnp.sum(weights), s
+
+    def run_phase(carry, phase_key, num_epochs, optimizer):
+        params, stats = carry
+        opt_state = optimizer.init(params)
+
+        def epoch(carry, epoch_key):
+            params, stats, opt_state = carry
+            k_perm, k_aug = jax.random.split(epoch_key)
+            order = jax.random.permutation(k_perm, n)
+            order = jnp.concatenate([order, jnp.zeros(padded - n, order.dtype)])
+            valid = jnp.arange(padded) < n
+
+            def step(carry, inputs):
+                params, stats, opt_state = carry
+                idx, mask, aug_key = inputs
+                x = augment.dsa(aug_key, train_x[idx], dsa_strategy, siamese=False)
+                grads, stats = jax.grad(loss_fn, has_aux=True)(params, stats, x, train_y[idx],
+                                                                mask)
+                updates, opt_state = optimizer.update(grads, opt_state, params)
+                return (optax.apply_updates(params, updates), stats, opt_state), None
+
+            inputs = (order.reshape(steps, batch_size), valid.reshape(steps, batch_size),
+                      jax.random.split(k_aug, steps))
+            carry, _ = jax.lax.scan(step, (params, stats, opt_state), inputs)
+            return carry, None
+
+        (params, stats, _), _ = jax.lax.scan(epoch, (params, stats, opt_state),
+                                             jax.random.split(phase_key, num_epochs))
+        return params, stats
+
+    # The second phase starts from a fresh optimiser: the official code rebuilds it (momentum 0).
+    first, second = lr_phases(epochs)
+    k_first, k_second = jax.random.split(k_train)
+    carry = run_phase((params, stats), k_first, first,
+                      queue_lib.net_optimizer(lr, momentum, weight_decay))
+    if second > 0:
+        carry = run_phase(carry, k_second, second,
+                          queue_lib.net_optimizer(lr * 0.1, momentum, weight_decay))
+    params, stats = carry
+
+    def test_chunk(correct, chunk):
+        x, y = chunk
+        variables = {"params": params, "batch_stats": stats} if has_stats else {"params": params}
+        _, logits = model.apply(variables, x, train=False)
+        return correct + jnp.sum((jnp.argmax(logits, -1) == y) & (y >= 0)), None
+
+    chunks = test_x.shape[0] // test_batch
+    correct, _ = jax.lax.scan(
+        test_chunk, jnp.int32(0),
+        (test_x.reshape((chunks, test_batch) + test_x.shape[1:]),
+         test_y.reshape(chunks, test_batch)))
+    return correct / jnp.sum(test_y >= 0)
+
+
+def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
+                    model: str = "ConvNet", num_classes: Optional[int] = None,
+                    num_models: int = 5, epochs: int = 1000, batch_size: int = 256,
+                    lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
+                    dsa_strategy: str = augment.DEFAULT_STRATEGY, expand: bool = True,
+                    partition_factor: int = 2, test_batch: int = 500,
+                    compute_dtype=jnp.float32) -> dict:
+    """Evaluate a condensed set with the official protocol; the library entry point.
+
+    Args:
+      key: PRNG key; model ``i`` uses ``split(key, num_models)[i]``.
+      images: (N, H, W, C) float condensed images in normalised space, as stored.
+      labels: (N,) int labels.
+      test_images: (M, H, W, C) float normalised test images; test_labels: (M,) ints.
+      model: architecture name (``idm_jax.models.get_model``), e.g. "ConvNet", "ResNet18BN".
+      expand: apply partition-and-expand to the set first (IDM's --aug); labels are tiled.
+
+    Returns a dict: ``accuracies`` (list of num_models floats, %), ``mean`` and ``std``
+    (population std, %), ``seconds`` (wall time including compilation), ``model``.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    labels = jnp.asarray(labels, jnp.int32)
+    if images.ndim != 4 or labels.shape != images.shape[:1]:
+        raise ValueError(f"expected images (N, H, W, C) and labels (N,), got {images.shape} and "
+                         f"{labels.shape}")
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    if expand:
+        images = partition.partition_expand(images, partition_factor)
+        labels = partition.partition_expand_labels(labels, partition_factor)
+    net = models.get_model(model, num_classes, in_channels=images.shape[-1], dtype=compute_dtype)
+
+    test_x = jnp.asarray(test_images, jnp.float32)
+    test_y = jnp.asarray(test_labels, jnp.int32)
+    test_batch = min(test_batch, test_x.shape[0])
+    pad = -test_x.shape[0] % test_batch
+    test_x = jnp.concatenate([test_x, jnp.zeros((pad,) + test_x.shape[1:], test_x.dtype)])
+    test_y = jnp.concatenate([test_y, -jnp.ones(pad, jnp.int32)])
+
+    def one(k):
+        return train_and_test(k, net, images, labels, test_x, test_y, epochs=epochs,
+                              batch_size=batch_size, lr=lr, momentum=momentum,
+                              weight_decay=weight_decay, dsa_strategy=dsa_strategy,
+                              test_batch=test_batch)
+
+    start = time.perf_counter()
+    accuracies = jax.jit(jax.vmap(one))(jax.random.split(key, num_models))
+    accuracies = 100.0 * np.asarray(jax.device_get(accuracies), np.float64)
+    return {"model": model, "accuracies": accuracies.tolist(), "mean": float(accuracies.mean()),
+            "std": float(accuracies.std()), "seconds": time.perf_counter() - start}
+
+
+make_module_callable(__name__, evaluate_synset)
+
+__all__ = ["lr_phases", "train_and_test", "evaluate_synset"]

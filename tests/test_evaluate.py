@@ -1,0 +1,86 @@
+"""The evaluation protocol: schedule, batching, vmapped models, and real learning on digits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+import idm_jax
+from idm_jax import evaluate
+
+
+def official_lr_per_epoch(epochs, lr=0.01):
+    """The official loop, written out: lr used in each of the epochs 0..epochs."""
+    schedule, out = [epochs // 2 + 1], []
+    for ep in range(epochs + 1):
+        out.append(lr)
+        if ep in schedule:
+            lr *= 0.1
+    return out
+
+
+@pytest.mark.parametrize("epochs", [0, 1, 2, 4, 7, 300, 1000])
+def test_lr_phases_follow_the_official_loop(epochs):
+    lrs = official_lr_per_epoch(epochs)
+    first, second = evaluate.lr_phases(epochs)
+    assert first == sum(1 for v in lrs if v == 0.01)
+    assert second == len(lrs) - first
+    if epochs == 1000:
+        assert (first, second) == (502, 499)
+
+
+def test_last_partial_batch_is_kept():
+    assert evaluate._batch_plan(400, 256) == (2, 512)   # 256 + 144, as the official loader
+    assert evaluate._batch_plan(40, 256) == (1, 256)
+    assert evaluate._batch_plan(512, 256) == (2, 512)
+
+
+def digits_split(per_class_train=10, seed=0):
+    digits = load_digits()
+    x = np.repeat(np.repeat(digits.images / 16.0, 2, axis=1), 2, axis=2)[..., None]  # 16x16x1
+    x = ((x - 0.3) / 0.4).astype(np.float32)
+    y = digits.target.astype(np.int32)
+    rng = np.random.default_rng(seed)
+    train = np.concatenate([rng.permutation(np.flatnonzero(y == k))[:per_class_train]
+                            for k in range(10)])
+    test = np.setdiff1d(np.arange(len(y)), train)
+    return x[train], y[train], x[test], y[test]
+
+
+def test_real_subset_beats_chance_by_a_wide_margin_on_digits():
+    train_x, train_y, test_x, test_y = digits_split()
+    result = idm_jax.evaluate(jax.random.PRNGKey(0), train_x, train_y, test_x, test_y,
+                              model="ConvNetW32", num_models=2, epochs=40, expand=False,
+                              num_classes=10)
+    assert len(result["accuracies"]) == 2
+    assert result["mean"] > 60.0, result          # chance is 10%
+    np.testing.assert_allclose(result["std"], np.std(result["accuracies"]))
+
+
+def test_vmapped_models_equal_one_at_a_time():
+    train_x, train_y, test_x, test_y = digits_split(per_class_train=3)
+    key = jax.random.PRNGKey(1)
+    together = idm_jax.evaluate(key, train_x, train_y, test_x[:200], test_y[:200],
+                                model="ConvNetW32", num_models=2, epochs=2, expand=True,
+                                num_classes=10, test_batch=100)
+    net = idm_jax.get_model("ConvNetW32", 10, in_channels=1)
+    ex = idm_jax.partition_expand(jnp.asarray(train_x))
+    ey = idm_jax.partition_expand_labels(jnp.asarray(train_y))
+    alone = [100.0 * float(jax.jit(lambda k: evaluate.train_and_test(
+        k, net, ex, ey, jnp.asarray(test_x[:200]), jnp.asarray(test_y[:200]), epochs=2,
+        test_batch=100))(k)) for k in jax.random.split(key, 2)]
+    np.testing.assert_allclose(together["accuracies"], alone, atol=1e-3)
+
+
+def test_batchnorm_model_trains_and_tests_with_running_stats():
+    train_x, train_y, test_x, test_y = digits_split(per_class_train=5)
+    result = idm_jax.evaluate(jax.random.PRNGKey(2), train_x, train_y, test_x[:300],
+                              test_y[:300], model="ConvNetBN", num_models=1, epochs=3,
+                              expand=False, num_classes=10, batch_size=32, test_batch=100)
+    assert 0.0 <= result["mean"] <= 100.0 and np.isfinite(result["mean"])
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="expected images"):
+        idm_jax.evaluate(jax.random.PRNGKey(0), np.zeros((4, 8, 8)), np.zeros(4), None, None)
