@@ -1,0 +1,145 @@
+"""The command-line experiments end to end: outputs, overrides, evaluate CLI, Ctrl-C and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from experiments import common
+from experiments import evaluate as evaluate_cli
+from idm_jax import checkpoint, data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A few iterations of a small network: what matters here is the plumbing, not accuracy.
+TINY = ["--smoke", "--iterations", "4", "--checkpoint_every", "2", "--num_eval", "1",
+        "--epoch_eval_train", "1", "--batch_real", "8", "--trained_bs", "8",
+        "--model_train_steps", "1", "--quiet"]
+
+
+def test_cifar10_end_to_end_under_tfds_mock_data(tmp_path):
+    workdir = str(tmp_path / "run")
+    with tfds.testing.mock_data(num_examples=200, policy=tfds.testing.MockPolicy.USE_CODE):
+        results = common.main("cifar10", argv=["--ipc", "1", "--workdir", workdir] + TINY)
+        # The saved set evaluates with another architecture through its own CLI.
+        out = str(tmp_path / "eval.json")
+        evaluated = evaluate_cli.main(["--set", os.path.join(workdir, "synthetic.npz"),
+                                       "--arch", "ConvNetW32", "--epochs", "1", "--num_eval",
+                                       "2", "--out", out])
+    for name in ("config.json", "metrics.jsonl", "results.json", "synthetic.npz",
+                 "synthetic.png"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    with open(os.path.join(workdir, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["iterations"] == 4 and len(saved["accuracies"]) == 1
+    assert saved["mean"] == results["mean"] and 0 <= saved["mean"] <= 100
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["ipc"] == 1
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    iterations = [r["iteration"] for r in lines if "event" not in r]
+    assert iterations == [0, 1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in lines if "event" not in r)
+    assert lines[-1]["event"] == "eval"
+    exported = checkpoint.load_npz(os.path.join(workdir, "synthetic.npz"))
+    assert exported["images"].shape == (10, 32, 32, 3)
+    assert exported["images"].min() >= 0 and exported["images"].max() <= 1
+    np.testing.assert_array_equal(exported["labels"], np.arange(10))
+    grid = np.asarray(Image.open(os.path.join(workdir, "synthetic.png")))
+    assert grid.shape[0] > grid.shape[1]        # one row per class, ipc = 1 column
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    assert ckpt.latest_step() == 4
+    assert len(evaluated["accuracies"]) == 2 and os.path.exists(out)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ipcc", "3"], "unknown config field 'ipcc'; valid fields: dataset"),
+    (["--ce_weight", "high"], "'ce_weight' expects float"),
+    (["--ipc", "0"], "ipc must be >= 1"),
+    (["--preset", "cifar10-ipc7"], "unknown preset"),
+    (["--iterations"], "--iterations needs a value"),
+])
+def test_bad_overrides_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.main("cifar10", argv=argv + ["--workdir", "/nonexistent/never-written"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        common.main("cifar10", argv=["--source", "npy", "--data_dir", str(tmp_path / "none"),
+                                     "--workdir", str(tmp_path / "run")])
+    assert "error:" in capsys.readouterr().err
+
+
+def write_npy_cifar(path, per_class=6):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), per_class)
+    images = rng.integers(0, 256, size=(len(labels), 32, 32, 3), dtype=np.uint8)
+    os.makedirs(path)
+    np.save(os.path.join(path, "train_x_0.npy"), images)
+    np.save(os.path.join(path, "train_y.npy"), labels)
+    np.save(os.path.join(path, "test_x.npy"), images[:20])
+    np.save(os.path.join(path, "test_y.npy"), labels[:20])
+
+
+def cli(workdir, data_dir, extra=()):
+    return [sys.executable, "-m", "experiments.cifar10", "--ipc", "1", "--source", "npy",
+            "--data_dir", data_dir, "--workdir", workdir] + TINY + [
+            "--iterations", "150", "--checkpoint_every", "1000"] + list(extra)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_rerun_resumes_to_the_same_result(tmp_path):
+    data_dir = str(tmp_path / "npy")
+    write_npy_cifar(data_dir)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    interrupted = str(tmp_path / "interrupted")
+    proc = subprocess.Popen(cli(interrupted, data_dir), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(interrupted, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, output
+    assert "checkpoint saved" in output
+    stopped_at = checkpoint.Checkpointer(os.path.join(interrupted, "checkpoints")).latest_step()
+    assert 3 <= stopped_at < 150
+    assert not os.path.exists(os.path.join(interrupted, "results.json"))
+
+    resumed = subprocess.run(cli(interrupted, data_dir), cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming from iteration {stopped_at}" in resumed.stdout
+
+    straight = str(tmp_path / "straight")
+    done = subprocess.run(cli(straight, data_dir), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    a = checkpoint.load_npz(os.path.join(interrupted, "synthetic.npz"))
+    b = checkpoint.load_npz(os.path.join(straight, "synthetic.npz"))
+    np.testing.assert_array_equal(a["images_normalized"], b["images_normalized"])
+    with open(os.path.join(interrupted, "results.json")) as f:
+        assert json.load(f)["resumed_from_iteration"] == stopped_at
+
+    # A different ipc in the same workdir is refused, not mixed.
+    other = subprocess.run(cli(interrupted, data_dir, ["--ipc", "2"]), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "different run" in other.stderr
+
+
+def test_dataset_npy_directory_loads_for_the_cli(tmp_path):
+    data_dir = str(tmp_path / "npy")
+    write_npy_cifar(data_dir)
+    loaded = data.load_dataset("cifar10", source="npy", data_dir=data_dir)
+    assert loaded.train_images.shape == (60, 32, 32, 3)
