@@ -11,6 +11,9 @@ buffer of the whole tensor (reference 2.3). Class ``c``'s rows only move by mome
 own step, so we compute where every class's rows stand at its own step in closed form, get all
 class gradients in one batched backward pass, and apply the C sequential steps in closed form.
 ``sequential_image_update`` is the plain scan it must equal (tested).
+
+The same step runs on one device or, given a ``jax.sharding`` mesh (``idm_jax.sharding``), with
+the class axis split over several devices and queue training data-parallel.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from idm_jax import augment, losses, models, partition
 from idm_jax import queue as queue_lib
+from idm_jax import sharding as sharding_lib
 from idm_jax._callable_module import make_module_callable
 from idm_jax.config import Config
 
@@ -35,10 +40,12 @@ class RealData:
     """Real training images kept on the device, class by class.
 
     ``per_class`` stays uint8 (4x less memory than float; ImageNet-100 fits this way) and is
-    normalised batch by batch inside the step.
+    normalised batch by batch inside the step. On a device mesh (``sharding.shard_real``) its
+    class axis may carry empty padding classes past K up to a multiple of the device count;
+    ``counts`` always has exactly K entries and defines K.
     """
 
-    per_class: jax.Array    # (K, Nmax, H, W, C) uint8, zero padding past counts[k]
+    per_class: jax.Array    # (K or K_padded, Nmax, H, W, C) uint8, zero past counts[k]
     counts: jax.Array       # (K,) int32 images per class
     flat_index: jax.Array   # (Ntotal,) int32 index of every real image into K*Nmax
     mean: jax.Array         # (C,) float32, in [0,1] pixel units
@@ -46,7 +53,13 @@ class RealData:
 
     @property
     def num_classes(self) -> int:
-        return self.per_class.shape[0]
+        return self.counts.shape[0]
+
+    @property
+    def class_images(self) -> jax.Array:
+        """(K, Nmax, H, W, C) ``per_class`` without any padding classes."""
+        k = self.num_classes
+        return self.per_class if self.per_class.shape[0] == k else self.per_class[:k]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -54,8 +67,12 @@ class RealData:
 
 
 def prepare_real(images: np.ndarray, labels: np.ndarray, mean, std,
-                 num_classes: Optional[int] = None) -> RealData:
-    """Sort a labelled uint8 NHWC image array into the per-class device layout."""
+                 num_classes: Optional[int] = None, mesh: Optional[Mesh] = None) -> RealData:
+    """Sort a labelled uint8 NHWC image array into the per-class device layout.
+
+    With ``mesh`` (``sharding.make_mesh``) the class axis is split over its devices straight from
+    host memory (see ``sharding.shard_real``); without, everything goes to the default device.
+    """
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(f"train images must be a uint8 (N, H, W, C) array, got {images.dtype} "
@@ -78,6 +95,11 @@ def prepare_real(images: np.ndarray, labels: np.ndarray, mean, std,
         rows = np.flatnonzero(labels == k)
         per_class[k, :len(rows)] = images[rows]
         flat.append(k * nmax + np.arange(len(rows)))
+    if mesh is not None:
+        return sharding_lib.shard_real(RealData(
+            per_class=per_class, counts=counts.astype(np.int32),
+            flat_index=np.concatenate(flat).astype(np.int32),
+            mean=np.asarray(mean, np.float32), std=np.asarray(std, np.float32)), mesh)
     return RealData(per_class=jnp.asarray(per_class), counts=jnp.asarray(counts, jnp.int32),
                     flat_index=jnp.asarray(np.concatenate(flat), jnp.int32),
                     mean=jnp.asarray(mean, jnp.float32), std=jnp.asarray(std, jnp.float32))
@@ -186,7 +208,7 @@ def init_synthetic(key: jax.Array, config: Config, real: RealData) -> jax.Array:
     for draw_key in jax.random.split(key, draws):
         idx, _ = class_batch_indices(draw_key, real.counts, nmax, ipc, sampling)
         picks.append(jnp.take_along_axis(
-            real.per_class, idx.reshape(idx.shape + (1, 1, 1)), axis=1))  # (K, ipc, H, W, C)
+            real.class_images, idx.reshape(idx.shape + (1, 1, 1)), axis=1))  # (K, ipc, H, W, C)
     pixels = jnp.stack(picks)                                # (draws, K, ipc, H, W, C)
     x = _to_float(real, pixels, config.normalize_train)
     if config.init == "real":
@@ -262,7 +284,8 @@ def sequential_image_update(images, momentum, class_grad, lr: float, mu: float):
 
 
 # --------------------------------------------------------------------------- one iteration
-def class_losses(engine: Engine, params, syn, real_features, real_mask, dsa_keys, ce_scale):
+def class_losses(engine: Engine, params, syn, real_features, real_mask, dsa_keys, ce_scale,
+                 mesh: Optional[Mesh] = None):
     """Per-class IDM loss for every class at once.
 
     Args:
@@ -271,6 +294,7 @@ def class_losses(engine: Engine, params, syn, real_features, real_mask, dsa_keys
       real_mask: (K, B) valid real rows.
       dsa_keys: (K, 2) one Siamese DSA key per class, the same used for the real batch.
       ce_scale: scalar CE weight (ce_weight * accuracy%).
+      mesh: optional device mesh; the class axis of the views and features is then split over it.
 
     Returns (K,) total loss, and (mmd (K,), ce (K,)).
     """
@@ -282,30 +306,64 @@ def class_losses(engine: Engine, params, syn, real_features, real_mask, dsa_keys
             images = partition.partition_expand(images, config.partition_factor)
         return augment.dsa(key, images, config.dsa_strategy, siamese=True)
 
-    views = jax.vmap(expand_and_augment)(syn, dsa_keys)       # (K, P*ipc, H, W, C)
+    shard = lambda x: sharding_lib.constrain(x, mesh)
+    views = shard(jax.vmap(expand_and_augment)(syn, dsa_keys))   # (K, P*ipc, H, W, C)
     per_class = views.shape[1]
     embedding, logits = engine.apply(params, views.reshape((-1,) + views.shape[2:]))
-    embedding = embedding.reshape(num_classes, per_class, -1)
-    logits = logits.reshape(num_classes, per_class, -1)
+    embedding = shard(embedding.reshape(num_classes, per_class, -1))
+    logits = shard(logits.reshape(num_classes, per_class, -1))
     mmd = losses.class_mmd(real_features, embedding, real_mask)
-    labels = jnp.broadcast_to(jnp.arange(num_classes)[:, None], (num_classes, per_class))
+    # Padding classes of a sharded run (past the model's classes) borrow the last label; their
+    # losses are thrown away by the caller.
+    labels = jnp.minimum(jnp.arange(num_classes), logits.shape[-1] - 1)
+    labels = jnp.broadcast_to(labels[:, None], (num_classes, per_class))
     ce = jax.vmap(losses.class_aware_ce, in_axes=(0, 0, None))(logits, labels, 1.0)
     return mmd + ce_scale * ce, (mmd, ce)
 
 
-def make_step(engine: Engine, real: RealData, jit: bool = True) -> Callable:
+def make_step(engine: Engine, real: RealData, jit: bool = True,
+              mesh: Optional[Mesh] = None) -> Callable:
     """The outer iteration ``step(state, real) -> (state, metrics)``.
 
     With ``jit`` (default) it is compiled once and donates ``state``; ``jit=False`` returns the
     plain function (to wrap it, e.g. with ``chex.assert_max_traces``).
+
+    With ``mesh`` (``sharding.make_mesh``) the same function runs over the mesh's devices: every
+    per-class array is split on its class axis, queue training is data-parallel over its batch,
+    and the jitted step expects ``real`` placed by ``sharding.shard_real`` and ``state`` by
+    ``sharding.shard_state`` (it returns the state in that layout). ``mesh=None`` is the plain
+    single-device program.
     """
     config = engine.config
     num_classes, nmax = real.num_classes, real.per_class.shape[1]
     ipc = config.ipc
     batch = min(config.batch_real, nmax)
+    if mesh is not None and real.per_class.shape[0] % sharding_lib.mesh_size(mesh):
+        raise ValueError(f"the real data has {real.per_class.shape[0]} classes, which the "
+                         f"{sharding_lib.mesh_size(mesh)}-device mesh does not divide; place it "
+                         f"with idm_jax.sharding.shard_real(real, mesh) (it pads the class axis)")
+    shard = lambda x: sharding_lib.constrain(x, mesh)   # identity without a mesh
+    # On a mesh whose size does not divide K, the real data carries padding classes up to the
+    # next multiple (sharding.shard_real); per-class arrays are padded the same way inside the
+    # step so that every device holds whole classes, and the padding is dropped before use.
+    padded = real.per_class.shape[0]
+
+    def pad(x):
+        if padded == num_classes:
+            return x
+        return jnp.pad(x, [(0, padded - num_classes)] + [(0, 0)] * (x.ndim - 1))
+
+    def unpad(x):
+        return x if padded == num_classes else x[:num_classes]
 
     def logits_fn(params, images):
         return engine.apply(params, images)[1]
+
+    if mesh is not None and config.trained_bs % sharding_lib.mesh_size(mesh) == 0:
+        # Explicit data parallelism for the queue trainees: each device runs its slice of the
+        # batch, and the transpose of the replicated weights sums their gradients. (Left to
+        # itself, the compiler all-gathers the batch of the vmapped trainees.)
+        logits_fn = sharding_lib.data_parallel(logits_fn, mesh)
 
     def match(r: RealData, state_images, state_momentum, queue, key):
         """One sweep over all classes with one extractor drawn from the queue."""
@@ -316,26 +374,29 @@ def make_step(engine: Engine, real: RealData, jit: bool = True) -> Callable:
         ce_scale = config.ce_weight * accuracy if config.syn_ce else jnp.float32(0.0)
 
         idx, mask = class_batch_indices(k_real, r.counts, nmax, batch, config.real_sampling)
+        idx, mask = shard(pad(idx)), shard(pad(mask))                   # (Kp, B)
+        # Each device gathers its own classes' rows: per_class is split on the class axis.
         pixels = jnp.take_along_axis(r.per_class, idx.reshape(idx.shape + (1, 1, 1)), axis=1)
-        real_images = _to_float(r, pixels, config.normalize_train)   # (K, B, H, W, C)
-        dsa_keys = jax.random.split(k_dsa, num_classes)
-        real_views = jax.vmap(
+        real_images = shard(_to_float(r, pixels, config.normalize_train))   # (Kp, B, H, W, C)
+        dsa_keys = pad(jax.random.split(k_dsa, num_classes))
+        real_views = shard(jax.vmap(
             lambda k, x: augment.dsa(k, x, config.dsa_strategy, siamese=True))(dsa_keys,
-                                                                              real_images)
+                                                                              real_images))
         real_features, _ = engine.apply(params, real_views.reshape((-1,) + r.image_shape))
-        real_features = jax.lax.stop_gradient(real_features.reshape(num_classes, batch, -1))
+        real_features = shard(jax.lax.stop_gradient(real_features.reshape(padded, batch, -1)))
 
         def total_loss(syn):
-            per_class, aux = class_losses(engine, params, syn, real_features, mask, dsa_keys,
-                                          ce_scale)
-            return jnp.sum(per_class), (per_class, aux)
+            per_class, (mmd, ce) = class_losses(engine, params, syn, real_features, mask,
+                                                dsa_keys, ce_scale, mesh=mesh)
+            per_class, mmd, ce = unpad(per_class), unpad(mmd), unpad(ce)
+            return jnp.sum(per_class), (per_class, (mmd, ce))
 
         def grad_at(syn):
-            grads, (per_class, (mmd, ce)) = jax.grad(total_loss, has_aux=True)(syn)
-            return grads, (per_class, mmd, ce)
+            grads, (per_class, (mmd, ce)) = jax.grad(total_loss, has_aux=True)(shard(pad(syn)))
+            return unpad(grads), (per_class, mmd, ce)
 
         shape = (num_classes, ipc) + r.image_shape
-        x, buf = state_images.reshape(shape), state_momentum.reshape(shape)
+        x, buf = shard(state_images.reshape(shape)), shard(state_momentum.reshape(shape))
         if config.image_update == "per_class":
             x, buf, aux = per_class_image_update(x, buf, grad_at, config.lr_img,
                                                  config.img_momentum)
@@ -370,11 +431,14 @@ def make_step(engine: Engine, real: RealData, jit: bool = True) -> Callable:
         for match_key in jax.random.split(k_match, config.train_net_num):
             images, momentum, metrics = match(r, images, momentum, queue, match_key)
 
+        def trainee_batch(k):
+            # On a mesh each device keeps its slice of the batch (data parallel, see logits_fn).
+            images, labels = sample_all_classes(r, k, config.trained_bs, config.normalize_train)
+            return shard(images), shard(labels)
+
         slots, active = queue_lib.sample_slots(queue, k_trainees, config.fetch_net_num)
         queue, trainee_acc = queue_lib.train_slots(
-            queue, k_train, slots, active, logits_fn,
-            lambda k: sample_all_classes(r, k, config.trained_bs, config.normalize_train),
-            engine.optimizer,
+            queue, k_train, slots, active, logits_fn, trainee_batch, engine.optimizer,
             config.model_train_steps)
         metrics = dict(metrics, trainee_acc=jnp.mean(trainee_acc) if trainee_acc.size else 0.0,
                        queue_size=queue_lib.size(queue))
@@ -382,7 +446,14 @@ def make_step(engine: Engine, real: RealData, jit: bool = True) -> Callable:
                                   iteration=it + 1)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0) if jit else step
+    if not jit:
+        return step
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    state_sharding = sharding_lib.state_shardings(mesh, num_classes * ipc)
+    return jax.jit(step, donate_argnums=0,
+                   in_shardings=(state_sharding, sharding_lib.real_shardings(mesh)),
+                   out_shardings=(state_sharding, sharding_lib.replicated(mesh)))
 
 
 # --------------------------------------------------------------------------- run loop
@@ -402,16 +473,19 @@ def condensed_set(state: CondenseState, real: RealData, ipc: int) -> CondensedSe
 
 
 def iterate(engine: Engine, real: RealData, state: CondenseState,
-            until: Optional[int] = None, step: Optional[Callable] = None
-            ) -> Iterator[tuple[CondenseState, dict]]:
+            until: Optional[int] = None, step: Optional[Callable] = None,
+            mesh: Optional[Mesh] = None) -> Iterator[tuple[CondenseState, dict]]:
     """Run iterations from ``state.iteration`` up to ``until`` (default config.iterations).
 
     Yields (state, metrics) after every iteration; metrics are host floats plus ``iteration`` and
     ``seconds`` (wall time of that iteration). The yielded state is the only live copy (the step
     donates its input), so keep it if you stop early. Pass ``step`` (from ``make_step``) to reuse
-    one compiled program across calls.
+    one compiled program across calls. With ``mesh`` the step runs sharded over its devices
+    (``make_step``); ``real`` and ``state`` are placed on the mesh first if they are not yet.
     """
-    step = make_step(engine, real) if step is None else step
+    if mesh is not None:
+        real, state = sharding_lib.shard_real(real, mesh), sharding_lib.shard_state(state, mesh)
+    step = make_step(engine, real, mesh=mesh) if step is None else step
     until = engine.config.iterations if until is None else until
     while int(state.iteration) < until:
         start = time.perf_counter()
@@ -424,8 +498,8 @@ def iterate(engine: Engine, real: RealData, state: CondenseState,
 
 def condense(config: Config, train_images: np.ndarray, train_labels: np.ndarray, *, mean, std,
              num_classes: Optional[int] = None, state: Optional[CondenseState] = None,
-             callback: Optional[Callable[[CondenseState, dict], None]] = None
-             ) -> tuple[CondensedSet, CondenseState]:
+             callback: Optional[Callable[[CondenseState, dict], None]] = None,
+             mesh: Optional[Mesh] = None) -> tuple[CondensedSet, CondenseState]:
     """Condense a labelled uint8 image set with IDM; the library entry point (no CLI needed).
 
     Args:
@@ -435,14 +509,15 @@ def condense(config: Config, train_images: np.ndarray, train_labels: np.ndarray,
       state: continue from this state (e.g. restored from a checkpoint) instead of a fresh one.
       callback: called as ``callback(state, metrics)`` after every iteration (logging,
         checkpointing); raise from it to stop.
+      mesh: run over the devices of this mesh (``sharding.make_mesh()``); None: one device.
 
     Returns (the condensed set, the final state).
     """
-    real = prepare_real(train_images, train_labels, mean, std, num_classes)
+    real = prepare_real(train_images, train_labels, mean, std, num_classes, mesh=mesh)
     engine = make_engine(config, real.num_classes, real.image_shape)
     if state is None:
         state = init_state(engine, real, config.seed)
-    for state, metrics in iterate(engine, real, state):
+    for state, metrics in iterate(engine, real, state, mesh=mesh):
         if not np.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss is {metrics['loss']} at iteration "
                                      f"{metrics['iteration']}")

@@ -1,0 +1,323 @@
+"""Spreading one condensation run over several devices (and hosts) with ``jax.sharding``.
+
+IDM's work splits along the class axis: each class matches its own real batch against its own
+synthetic images, and no class needs another's data (reference 2.6, 9.2). So the engine uses a
+1-D device mesh with one axis, ``"data"``, and places
+
+- the real images ``RealData.per_class`` (K, Nmax, H, W, C) with the class axis split over the
+  mesh: each device stores, augments and embeds only its own classes' real data;
+- the synthetic images and their momentum (K*ipc, H, W, C) split on their class rows, and inside
+  the step every per-class array (real batches (K, B, ...), synthetic views (K, P*ipc, ...),
+  features (K, B, D)) split on K, so matching runs without cross-device traffic;
+- the model queue, the PRNG key and the counters replicated (a ConvNet is a few MB), while the
+  two queue trainees train data-parallel (``data_parallel``): their 256-image batch is split
+  over the mesh axis and the devices' weight gradients are summed.
+
+There is one code path: ``condense.make_step(engine, real, mesh=mesh)`` jits the same function
+with these shardings; ``mesh=None`` is the plain single-device program, and a 1-device mesh is
+the same maths. Results agree with the single-device run to float rounding (the order of a few
+sums changes), not bit for bit.
+
+A class axis that the device count does not divide (CIFAR-10 on 4 devices) is padded in the
+stored real data with empty classes up to the next multiple (``shard_real``); ``RealData.counts``
+keeps the true K. Inside the step the per-class arrays are padded the same way, so each device
+holds whole classes, and the padding classes' results are dropped (the closed-form image update
+still sees exactly K classes). Synthetic rows whose count the device count does not divide are
+stored replicated (they are small). ``shard_state`` places a restored checkpoint on any mesh:
+checkpoints hold global arrays, so a run saved on 4 devices resumes on 2 or 1.
+
+Several hosts
+-------------
+Every host runs the same program (JAX's multi-controller model). On each host, before any other
+JAX call::
+
+    from idm_jax import sharding
+    sharding.initialize_distributed("10.0.0.1:1234", num_processes=2, process_id=RANK)
+    mesh = sharding.make_mesh()          # all devices of all hosts, grouped host by host
+
+(``coordinator_address`` is host 0's address and a free port, the same on every host; on Cloud
+TPU, SLURM or Open MPI all three arguments may be left out and are detected.) The experiments
+CLI makes this call when given ``--distributed``; start the same command on every host.
+
+Each host then loads only the classes its devices hold, and the pieces are assembled into one
+global array without any host seeing the whole train set::
+
+    counts = ...                          # (K,) images per class, known on every host (cheap)
+    own = sharding.host_class_slice(len(counts), mesh)      # e.g. slice(0, 50) on host 0 of 2
+    images, labels = load_classes(own)   # uint8 (n, H, W, C) and labels in own.start..stop-1
+    real = sharding.real_from_host_shard(images, labels, counts, mean, std, mesh)
+
+``real_from_host_shard`` builds ``RealData.per_class`` with
+``jax.make_array_from_process_local_data``. The synthetic state is created identically on every
+host (same seed) and placed with ``shard_state``; the step, ``condense.iterate`` and the orbax
+checkpointer then work unchanged (orbax writes each host's shards in parallel; use a shared file
+system for the work directory). To resume, pass ``shard_state(fresh_state, mesh)`` as the
+restore template: orbax reads each device's slice straight into that layout. Only host 0
+should print and export results. The multi-host path is untested here (single process only);
+the single-process path is the same code.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+# --------------------------------------------------------------------------- the mesh
+def make_mesh(num_devices: Optional[int] = None, devices: Optional[Sequence] = None,
+              axis_name: str = DATA_AXIS) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: the first ``num_devices`` of ``jax.devices()``, all
+    by default), ordered host by host so that each host holds one contiguous block of classes.
+
+    The axis type is ``Auto``: the compiler (GSPMD) propagates shardings from the ones we set.
+    Traffic along the axis is light (the trainees' gradient all-reduce and their gathered real
+    batches), so the device order need not follow the interconnect topology.
+    """
+    if devices is None:
+        devices = jax.devices()
+        if num_devices is not None:
+            if not 1 <= num_devices <= len(devices):
+                raise ValueError(f"num_devices must be in 1..{len(devices)} (the devices JAX "
+                                 f"sees), got {num_devices}; on CPU, simulate more with XLA_FLAGS="
+                                 f"--xla_force_host_platform_device_count=N")
+            devices = devices[:num_devices]
+    else:
+        devices = list(devices)
+        if not devices:
+            raise ValueError("devices is empty; pass at least one device or leave it out")
+        if num_devices is not None and num_devices != len(devices):
+            raise ValueError(f"num_devices={num_devices} but {len(devices)} devices were given; "
+                             f"pass only one of the two")
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), (axis_name,), axis_types=(AxisType.Auto,))
+
+
+def mesh_size(mesh: Mesh) -> int:
+    return int(mesh.devices.size)
+
+
+def _axis(mesh: Mesh) -> str:
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"the engine shards over a 1-D mesh, got axes {mesh.axis_names}; "
+                         f"build one with idm_jax.sharding.make_mesh")
+    return mesh.axis_names[0]
+
+
+def padded_classes(num_classes: int, mesh: Mesh) -> int:
+    """The class count rounded up to a multiple of the mesh size (the real data's class axis)."""
+    n = mesh_size(mesh)
+    return -(-num_classes // n) * n
+
+
+def split(mesh: Mesh) -> NamedSharding:
+    """Leading axis split over the mesh, the rest whole."""
+    return NamedSharding(mesh, PartitionSpec(_axis(mesh)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def rows(mesh: Mesh, num_rows: int) -> NamedSharding:
+    """Split the leading axis when the mesh divides it, else replicate (committed arrays cannot
+    be split unevenly; inside a jitted step the compiler can)."""
+    return split(mesh) if num_rows % mesh_size(mesh) == 0 else replicated(mesh)
+
+
+def constrain(x: jax.Array, mesh: Optional[Mesh]) -> jax.Array:
+    """Inside jit: ask for ``x``'s leading axis (classes, or a batch) split over the mesh.
+
+    A no-op without a mesh, so the single-device program is untouched. The leading axis need not
+    be a multiple of the mesh size (the compiler pads internally).
+    """
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, split(mesh))
+
+
+def data_parallel(fn, mesh: Optional[Mesh]):
+    """``fn(params, batch) -> out`` run data-parallel: ``batch`` (B, ...) and ``out`` (B, ...)
+    split over the mesh, ``params`` replicated. Under ``jax.grad`` the weight gradients of the
+    devices are summed (shard_map's transpose of a replicated input), so the result equals the
+    single-device ``fn``. B must be a multiple of the mesh size. Identity without a mesh.
+    """
+    if mesh is None:
+        return fn
+    spec = PartitionSpec(_axis(mesh))
+    # check_vma=False: the models' custom VJPs (e.g. the CPU convolution's linear_transpose) do
+    # not carry shard_map's varying-axis types. The transpose still sums the cotangent of the
+    # replicated params over the devices (tests/test_sharding.py compares with one device).
+    return jax.shard_map(fn, mesh=mesh, in_specs=(PartitionSpec(), spec), out_specs=spec,
+                         check_vma=False)
+
+
+# --------------------------------------------------------------------------- placement
+def real_shardings(mesh: Mesh):
+    """Sharding prefix of a ``RealData`` placed by ``shard_real``: per_class split, rest whole."""
+    from idm_jax.condense import RealData   # condense imports this module
+    rep = replicated(mesh)
+    return RealData(per_class=split(mesh), counts=rep, flat_index=rep, mean=rep, std=rep)
+
+
+def state_shardings(mesh: Mesh, num_rows: int):
+    """Sharding prefix of a ``CondenseState`` with ``num_rows`` (= K*ipc) synthetic rows."""
+    from idm_jax.condense import CondenseState
+    rep = replicated(mesh)
+    row = rows(mesh, num_rows)
+    return CondenseState(images=row, momentum=row, queue=rep, key=rep, iteration=rep)
+
+
+def _expand_prefix(prefix, tree):
+    """A full tree of shardings from a prefix tree (one sharding per leaf of ``tree``)."""
+    return jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), prefix, tree)
+
+
+def _put(value, sharding: NamedSharding) -> jax.Array:
+    """Place a host or device array; host arrays go to each device slice by slice (no full copy
+    on one device), which also works when the mesh spans several hosts."""
+    if isinstance(value, jax.Array):
+        return jax.device_put(value, sharding)
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def shard_real(real, mesh: Mesh):
+    """``RealData`` placed on ``mesh``: the class axis of ``per_class`` split over the devices.
+
+    When the mesh size does not divide K, ``per_class`` gets empty (all-zero) classes appended up
+    to ``padded_classes(K, mesh)``; ``counts`` and ``flat_index`` are unchanged, so nothing ever
+    samples them. Accepts host (NumPy) or device arrays; idempotent.
+    """
+    num_classes = int(real.counts.shape[0])
+    target = padded_classes(num_classes, mesh)
+    per_class = real.per_class
+    have = per_class.shape[0]
+    if have not in (num_classes, target):
+        raise ValueError(f"per_class has {have} classes but counts says {num_classes}; build the "
+                         f"data with condense.prepare_real")
+    if have < target:
+        pad = np.zeros((target - have,) + tuple(per_class.shape[1:]), per_class.dtype)
+        per_class = np.concatenate([np.asarray(per_class), pad])
+    rep = replicated(mesh)
+    return real.replace(per_class=_put(per_class, split(mesh)), counts=_put(real.counts, rep),
+                        flat_index=_put(real.flat_index, rep), mean=_put(real.mean, rep),
+                        std=_put(real.std, rep))
+
+
+def shard_state(state, mesh: Mesh):
+    """A ``CondenseState`` (fresh, or restored from any checkpoint) placed on ``mesh``.
+
+    Synthetic images and momentum are split on their rows (replicated if the mesh size does not
+    divide K*ipc); the queue, key and iteration are replicated on every device.
+    """
+    prefix = state_shardings(mesh, state.images.shape[0])
+    return jax.tree.map(_put, state, _expand_prefix(prefix, state))
+
+
+# --------------------------------------------------------------------------- several hosts
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, *, enabled: bool = True,
+                           local_device_ids: Optional[Sequence[int]] = None) -> bool:
+    """Join a multi-host run (``jax.distributed.initialize``); must precede every other JAX call.
+
+    Args:
+      coordinator_address: "host:port" of process 0, the same on every host.
+      num_processes: number of hosts (processes); process_id: this one's rank, 0..num_processes-1.
+        All three may be None on Cloud TPU, SLURM and Open MPI, which provide them.
+      enabled: False makes this a no-op (the CLI passes its ``--distributed`` flag here).
+      local_device_ids: restrict this process to these local devices (e.g. one GPU per process).
+
+    Returns True if the distributed system is (now) initialised, False when not enabled.
+    """
+    if not enabled:
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id must be in 0..{num_processes - 1}, got {process_id}")
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   local_device_ids=local_device_ids)
+    except RuntimeError as err:
+        raise RuntimeError(f"{err}. Call idm_jax.sharding.initialize_distributed at the very "
+                           f"start of the program, before anything touches JAX devices") from err
+    return True
+
+
+def host_class_slice(num_classes: int, mesh: Optional[Mesh] = None) -> slice:
+    """The classes whose real data this process must load: ``slice(start, stop)`` in 0..K.
+
+    They are the classes that ``shard_real`` puts on this process's devices (a contiguous block,
+    as ``make_mesh`` orders devices host by host). With one process it is ``slice(0, K)``.
+    """
+    block = _host_block(num_classes, mesh if mesh is not None else make_mesh())
+    return slice(min(block.start, num_classes), min(block.stop, num_classes))
+
+
+def _host_block(num_classes: int, mesh: Mesh) -> slice:
+    """This process's contiguous block of the padded class axis."""
+    shape = (padded_classes(num_classes, mesh),)
+    spans = sorted((idx[0].start or 0, shape[0] if idx[0].stop is None else idx[0].stop)
+                   for idx in split(mesh).addressable_devices_indices_map(shape).values())
+    for (_, stop), (start, _) in zip(spans, spans[1:]):
+        if start != stop:
+            raise ValueError("this process's devices are not contiguous in the mesh, so its "
+                             "classes are not one block; build the mesh with make_mesh()")
+    return slice(spans[0][0], spans[-1][1])
+
+
+def real_from_host_shard(images: np.ndarray, labels: np.ndarray, counts, mean, std,
+                         mesh: Mesh):
+    """Global ``RealData`` built from the classes this process loaded (``host_class_slice``).
+
+    Args:
+      images: (n, H, W, C) uint8 real images of this process's classes only.
+      labels: (n,) their global class ids, all inside ``host_class_slice(len(counts), mesh)``.
+      counts: (K,) images per class of the whole train set (every host passes the same).
+      mean, std: (C,) normalisation constants, [0,1] pixel units.
+
+    Returns the same ``RealData`` as ``shard_real(condense.prepare_real(all images), mesh)``.
+    """
+    from idm_jax.condense import RealData
+    images, labels = np.asarray(images), np.asarray(labels)
+    counts = np.asarray(counts, np.int64)
+    num_classes = len(counts)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"images must be a uint8 (n, H, W, C) array, got {images.dtype} "
+                         f"{images.shape}")
+    if (counts <= 0).any():
+        raise ValueError(f"classes {np.flatnonzero(counts <= 0).tolist()} have no images")
+    own, block = host_class_slice(num_classes, mesh), _host_block(num_classes, mesh)
+    if labels.shape != (len(images),):
+        raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
+    if len(labels) and (labels.min() < own.start or labels.max() >= own.stop):
+        raise ValueError(f"this process owns classes {own.start}..{own.stop - 1} but got labels "
+                         f"{labels.min()}..{labels.max()}; load host_class_slice(K, mesh) only")
+    nmax = int(counts.max())
+    local = np.zeros((block.stop - block.start, nmax) + images.shape[1:], np.uint8)
+    for k in range(own.start, own.stop):
+        picked = images[labels == k]
+        if len(picked) != counts[k]:
+            raise ValueError(f"class {k}: {len(picked)} images loaded but counts says {counts[k]}")
+        local[k - block.start, :len(picked)] = picked
+    global_shape = (padded_classes(num_classes, mesh), nmax) + images.shape[1:]
+    per_class = jax.make_array_from_process_local_data(split(mesh), local, global_shape)
+    flat = np.concatenate([k * nmax + np.arange(n) for k, n in enumerate(counts)])
+    rep = replicated(mesh)
+    return RealData(per_class=per_class, counts=_put(counts.astype(np.int32), rep),
+                    flat_index=_put(flat.astype(np.int32), rep),
+                    mean=_put(np.asarray(mean, np.float32), rep),
+                    std=_put(np.asarray(std, np.float32), rep))
+
+
+__all__ = ["DATA_AXIS", "make_mesh", "mesh_size", "padded_classes", "split", "replicated", "rows",
+           "constrain", "data_parallel", "real_shardings", "state_shardings", "shard_real",
+           "shard_state", "initialize_distributed", "host_class_slice", "real_from_host_shard"]
