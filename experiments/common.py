@@ -26,11 +26,9 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from idm_jax import checkpoint, condense, config as config_lib, data, evaluate
+from idm_jax import checkpoint, condense, config as config_lib, data, evaluate, sharding
 from idm_jax.config import Config
 
-RUN_FLAGS = ("workdir", "preset", "smoke", "dm", "source", "data_dir", "tfds_data_dir",
-             "class_list", "restart", "quiet")
 
 
 class UserError(Exception):
@@ -61,6 +59,13 @@ def build_parser(dataset: str, default_ipc: int) -> argparse.ArgumentParser:
     parser.add_argument("--restart", action="store_true",
                         help="ignore existing checkpoints in the workdir and start over")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--devices", type=int, default=0,
+                        help="devices to shard the class axis over (0: all available)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-host: call jax.distributed.initialize first (see README)")
+    parser.add_argument("--coordinator_address", default=None, help="host0:port (--distributed)")
+    parser.add_argument("--num_processes", type=int, default=None, help="hosts (--distributed)")
+    parser.add_argument("--process_id", type=int, default=None, help="this host (--distributed)")
     return parser
 
 
@@ -187,17 +192,31 @@ class _Interrupt:
         signal.signal(signal.SIGINT, self._previous)
 
 
+def build_mesh(args):
+    """The device mesh of the run, or None for a single device (the plain code path)."""
+    if getattr(args, "distributed", False):
+        sharding.initialize_distributed(args.coordinator_address, args.num_processes,
+                                        args.process_id)
+    count = getattr(args, "devices", 0) or jax.device_count()
+    if count > jax.device_count():
+        raise UserError(f"--devices {count} but only {jax.device_count()} are available")
+    return sharding.make_mesh(count) if count > 1 else None
+
+
 def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
     """Condense, evaluate and write every output of a run into ``args.workdir``."""
     os.makedirs(args.workdir, exist_ok=True)
+    mesh = build_mesh(args)
     dataset = load_data(config, args) if dataset is None else dataset
     real = condense.prepare_real(dataset.train_images, dataset.train_labels, dataset.mean,
-                                 dataset.std, dataset.num_classes)
+                                 dataset.std, dataset.num_classes, mesh=mesh)
     engine = condense.make_engine(config, real.num_classes, real.image_shape)
     meta = checkpoint.data_meta(real)
     checkpointer = checkpoint.Checkpointer(os.path.join(args.workdir, "checkpoints"),
                                            keep=config.keep_checkpoints)
     state = condense.init_state(engine, real, config.seed)
+    if mesh is not None:  # also the restore template: checkpoints restore straight sharded
+        state = sharding.shard_state(state, mesh)
     latest = checkpointer.latest_step()
     if latest is not None and not args.restart:
         try:
@@ -213,7 +232,9 @@ def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
                                                keep=config.keep_checkpoints)
     checkpoint.dump_json(os.path.join(args.workdir, "config.json"),
                          dict(config.to_dict(), **{"data": meta}))
-    log = MetricsLog(os.path.join(args.workdir, "metrics.jsonl"))
+    # With several hosts every host runs this function; only host 0 writes the shared outputs.
+    main_host = jax.process_index() == 0
+    log = MetricsLog(os.path.join(args.workdir, "metrics.jsonl") if main_host else os.devnull)
     test_x = data.normalize(dataset.test_images, dataset.mean, dataset.std)
     eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000_003)
 
@@ -224,12 +245,13 @@ def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
     def intermediate_eval(s, it):
         result = evaluate_state(s, dataset, config, jax.random.fold_in(eval_key, it), test_x)
         log.write({"event": "eval", "iteration": it, **result})
-        save_grid(os.path.join(args.workdir, f"synthetic_{it}.png"), images_01(s),
-                  real.num_classes)
+        if main_host:
+            save_grid(os.path.join(args.workdir, f"synthetic_{it}.png"), images_01(s),
+                      real.num_classes)
         print(f"[it {it}] {config.eval_model} accuracy {result['mean']:.2f} +- "
               f"{result['std']:.2f} % over {config.num_eval} models ({result['seconds']:.0f} s)")
 
-    step = condense.make_step(engine, real)
+    step = condense.make_step(engine, real, mesh=mesh)
     start_it = int(state.iteration)
     last_saved = latest if latest is not None and not args.restart else None
     condense_seconds = 0.0
@@ -280,11 +302,13 @@ def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
     # With the ImageNet quirk the stored images are already [0,1] pixels.
     mean, std = ((real.mean, real.std) if config.normalize_train
                  else (np.zeros_like(real.mean), np.ones_like(real.std)))
-    checkpoint.export_npz(os.path.join(args.workdir, "synthetic.npz"), np.asarray(state.images),
-                          labels, mean, std, partition_expand=config.partition_expand,
-                          partition_factor=config.partition_factor,
-                          normalized=config.normalize_train)
-    save_grid(os.path.join(args.workdir, "synthetic.png"), images_pixels, real.num_classes)
+    if main_host:
+        checkpoint.export_npz(os.path.join(args.workdir, "synthetic.npz"),
+                              np.asarray(state.images), labels, mean, std,
+                              partition_expand=config.partition_expand,
+                              partition_factor=config.partition_factor,
+                              normalized=config.normalize_train)
+        save_grid(os.path.join(args.workdir, "synthetic.png"), images_pixels, real.num_classes)
     result = evaluate_state(state, dataset, config, jax.random.fold_in(eval_key, it), test_x)
     log.write({"event": "eval", "iteration": it, **result})
     log.close()
@@ -296,7 +320,8 @@ def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
         "resumed_from_iteration": start_it, "eval_seconds": result["seconds"],
         "device": device_description(), "jax_version": jax.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config.to_dict()}
-    checkpoint.dump_json(os.path.join(args.workdir, "results.json"), results)
+    if main_host:
+        checkpoint.dump_json(os.path.join(args.workdir, "results.json"), results)
     print(f"[it {it}] final {config.eval_model} accuracy {result['mean']:.2f} +- "
           f"{result['std']:.2f} % over {config.num_eval} models; outputs in {args.workdir}")
     return results
