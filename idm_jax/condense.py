@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from idm_jax import augment, losses, models, partition
+from idm_jax import data as data_lib
 from idm_jax import queue as queue_lib
 from idm_jax import sharding as sharding_lib
 from idm_jax._callable_module import make_module_callable
@@ -80,21 +81,11 @@ def prepare_real(images: np.ndarray, labels: np.ndarray, mean, std,
     if labels.shape != (images.shape[0],):
         raise ValueError(f"labels must have shape ({images.shape[0]},), got {labels.shape}")
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels must lie in 0..{num_classes - 1}, found {labels.min()}.."
-                         f"{labels.max()}")
-    counts = np.bincount(labels, minlength=num_classes)
-    if (counts == 0).any():
-        raise ValueError(f"classes {np.flatnonzero(counts == 0).tolist()} have no images")
     if len(mean) != images.shape[-1] or len(std) != images.shape[-1]:
         raise ValueError(f"mean/std need {images.shape[-1]} channels, got {len(mean)}/{len(std)}")
-    nmax = int(counts.max())
-    per_class = np.zeros((num_classes, nmax) + images.shape[1:], np.uint8)
-    flat = []
-    for k in range(num_classes):
-        rows = np.flatnonzero(labels == k)
-        per_class[k, :len(rows)] = images[rows]
-        flat.append(k * nmax + np.arange(len(rows)))
+    per_class, counts = data_lib.class_arrays(images, labels, num_classes)
+    nmax = per_class.shape[1]
+    flat = [k * nmax + np.arange(n) for k, n in enumerate(counts)]
     if mesh is not None:
         return sharding_lib.shard_real(RealData(
             per_class=per_class, counts=counts.astype(np.int32),

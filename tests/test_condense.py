@@ -94,7 +94,7 @@ def test_prepare_real_layout_and_errors():
         condense.prepare_real(images.astype(np.float32), labels, MEAN, STD)
     with pytest.raises(ValueError, match="no images"):
         condense.prepare_real(images, np.where(labels == 1, 0, labels), MEAN, STD, num_classes=3)
-    with pytest.raises(ValueError, match="lie in"):
+    with pytest.raises(ValueError, match="must lie in"):
         condense.prepare_real(images, labels, MEAN, STD, num_classes=2)
 
 
