@@ -4,12 +4,16 @@ Tests run on CPU with float32; they must never touch an accelerator or the netwo
 build the same programs through different closures; a session-wide persistent compilation cache
 lets XLA reuse them instead of recompiling (the largest cost of this suite on 2 cores).
 """
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_CACHE = os.environ.setdefault("IDM_JAX_COMPILATION_CACHE",
-                               tempfile.mkdtemp(prefix="idm-jax-test-xla-"))
+if "IDM_JAX_COMPILATION_CACHE" not in os.environ:
+    os.environ["IDM_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="idm-jax-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["IDM_JAX_COMPILATION_CACHE"], True)
+_CACHE = os.environ["IDM_JAX_COMPILATION_CACHE"]
 
 import jax  # noqa: E402  (after the environment is set)
 
