@@ -143,3 +143,14 @@ def test_dataset_npy_directory_loads_for_the_cli(tmp_path):
     write_npy_cifar(data_dir)
     loaded = data.load_dataset("cifar10", source="npy", data_dir=data_dir)
     assert loaded.train_images.shape == (60, 32, 32, 3)
+
+
+def test_digits_experiment_at_reduced_budget_beats_random_selection(tmp_path):
+    from experiments import digits
+
+    comparison = digits.main(["--ipcs", "1", "--workdir", str(tmp_path), "--iterations", "20",
+                              "--epoch_eval_train", "50", "--num_eval", "2", "--quiet"])
+    row = comparison[1]
+    # Condensed IPC 1 (4 expanded views per class) against 1 random real image per class.
+    assert row["idm"] > row["random_real"] + 3.0, row
+    assert os.path.exists(os.path.join(str(tmp_path), "comparison.json"))
