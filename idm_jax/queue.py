@@ -12,7 +12,7 @@ queue is full: that is the FIFO pop.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import flax.struct
 import jax
@@ -123,13 +123,17 @@ def gather(tree: PyTree, slots: jax.Array) -> PyTree:
 def train_slots(queue: ModelQueue, key: jax.Array, slots: jax.Array, active: jax.Array,
                 logits_fn: LogitsFn, sample_batch: BatchFn,
                 optimizer: optax.GradientTransformation, steps: int,
-                vmap_trainees: bool = True) -> tuple[ModelQueue, jax.Array]:
+                vmap_trainees: Optional[bool] = None) -> tuple[ModelQueue, jax.Array]:
     """Train the models in ``slots`` for ``steps`` SGD steps each on real batches.
 
     Each step draws a fresh batch with ``sample_batch(key)`` (its own key per trainee and step),
     minimises mean cross-entropy, applies ``optimizer`` with the model's persistent state, and adds
-    the batch's correct predictions to the model's meter. Trainees are a vmapped axis (one batched
-    program) unless ``vmap_trainees`` is False, then ``lax.map`` runs them one after another.
+    the batch's correct predictions to the model's meter. With ``vmap_trainees`` True the trainees
+    are a vmapped axis (one batched program); with False ``lax.map`` runs them one after another.
+    The default (None) picks by backend: ``lax.map`` on CPU, where one trainee's batch already
+    fills the cores and the loop was measured faster (2 ConvNet-3 trainees, batch 256, forward
+    and backward on the 2-core development CPU: 3.2 s CPU time against 4.4 s vmapped), and vmap
+    on accelerators, which need the larger batched program to be busy. Values are the same.
 
     Returns the updated queue and the trainees' accuracy over these steps, in percent, (n,).
     """
@@ -158,6 +162,8 @@ def train_slots(queue: ModelQueue, key: jax.Array, slots: jax.Array, active: jax
 
     keys = jax.random.split(key, slots.shape[0])
     args = (gather(queue.params, slots), gather(queue.opt_state, slots), keys)
+    if vmap_trainees is None:
+        vmap_trainees = jax.default_backend() != "cpu"
     if vmap_trainees:
         params, opt_state, correct = jax.vmap(train_one)(*args)
     else:
