@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.iteration import load_average, machine_description, peak_memory, summary, \
-    time_calls
+from benchmarks.iteration import load_average, machine_description, peak_memory, progress, \
+    summary, time_calls
 from idm_jax import models, partition
 from idm_jax import evaluate as evaluate_lib
 
@@ -46,6 +46,7 @@ FULL_EPOCHS = 1000   # the official epoch_eval_train: epochs 0..1000, 1001 in al
 def _compile(fn, *args):
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
+    progress(f"  compiled in {time.perf_counter() - start:.1f} s")
     return compiled, time.perf_counter() - start
 
 
@@ -89,6 +90,7 @@ def run(ipc: int = 10, num_classes: int = 10, image_shape=(32, 32, 3), epochs: i
     for name, (build, arg, models_run) in programs.items():
         entry = {}
         for label, epoch_eval_train in (("one_epoch", 0), ("epochs", epochs)):
+            progress(f"{name}, {epoch_eval_train + 1} epoch(s): compiling")
             compiled, compile_s = _compile(build(epoch_eval_train), arg)
             jax.block_until_ready(compiled(arg))
             entry[label] = {"compile_s": compile_s,

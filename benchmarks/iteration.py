@@ -218,15 +218,22 @@ def profile_ops(call: Callable[[], object], log_dir: str, top: int = 25) -> list
     return [{"op": name, "ms": round(ms, 1), "count": count} for name, (ms, count) in ranked]
 
 
+def progress(message: str) -> None:
+    """A progress line on stderr (full-size CPU runs take minutes per program)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def _compile(jitted, *args):
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()
+    progress(f"  compiled in {time.perf_counter() - start:.1f} s")
     return compiled, time.perf_counter() - start
 
 
 def bench_step(config: Config, real, iters: int, seed: int = 0,
                profile_dir: Optional[str] = None) -> dict:
     """Compile and time the whole jitted iteration of ``config`` (and profile it if asked)."""
+    progress(f"step (model_train_steps={config.model_train_steps}): compiling")
     engine = condense.make_engine(config, real.num_classes, real.image_shape)
     state = condense.init_state(engine, real, seed)
     step = condense.make_step(engine, real)
@@ -239,6 +246,7 @@ def bench_step(config: Config, real, iters: int, seed: int = 0,
 
     time_calls(call, 1)   # warm-up: first-touch allocations
     times = time_calls(call, iters)
+    progress(f"  timed: {', '.join(f'{t:.2f}' for t in times[0])} s")
     metrics = {k: float(v) for k, v in jax.device_get(call()).items()}
     result = {"compile_s": compile_s, "seconds": summary(times),
               "xla_flops": _cost(compiled).get("flops"), "last_metrics": metrics}
@@ -256,6 +264,7 @@ def bench_queue_training(config: Config, real, iters: int, seed: int = 0,
     ``vmap_trainees``: None is the step's own (backend-dependent) choice; True/False force
     vmapped or looped trainees.
     """
+    progress(f"queue training alone (vmap_trainees={vmap_trainees}): compiling")
     engine = condense.make_engine(config, real.num_classes, real.image_shape)
     state = condense.init_state(engine, real, seed)
 
@@ -283,6 +292,7 @@ def bench_queue_training(config: Config, real, iters: int, seed: int = 0,
 
     time_calls(call, 1)
     times = time_calls(call, iters)
+    progress(f"  timed: {', '.join(f'{t:.2f}' for t in times[0])} s")
     return {"compile_s": compile_s, "seconds": summary(times),
             "xla_flops": _cost(compiled).get("flops")}
 
