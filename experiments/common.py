@@ -265,13 +265,15 @@ def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
             it = int(state.iteration)
             condense_seconds += metrics["seconds"]
             log.write(metrics)
-            if not np.isfinite(metrics["loss"]):
+            if not np.isfinite(metrics["loss"]) or metrics.get("images_finite", 1.0) != 1.0:
                 where = (f"the last good checkpoint is iteration {last_saved} in "
                          f"{checkpointer.directory}" if last_saved is not None
                          else "no checkpoint was written yet")
-                raise UserError(f"the loss became {metrics['loss']} at iteration "
-                                f"{metrics['iteration']}; {where}. Lower lr_img or check the "
-                                f"data; re-running resumes from that checkpoint.")
+                what = (f"the loss became {metrics['loss']}" if not np.isfinite(metrics["loss"])
+                        else "the synthetic images became NaN or Inf")
+                raise UserError(f"{what} at iteration {metrics['iteration']}; {where}. Lower "
+                                f"lr_img or check the data; re-running resumes from that "
+                                f"checkpoint.")
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics['loss']:.3g}",

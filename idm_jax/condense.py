@@ -431,8 +431,11 @@ def make_step(engine: Engine, real: RealData, jit: bool = True,
         queue, trainee_acc = queue_lib.train_slots(
             queue, k_train, slots, active, logits_fn, trainee_batch, engine.optimizer,
             config.model_train_steps)
+        # The loss is taken before the update, so a blow-up shows in the images one iteration
+        # before it shows in the loss (or never, on the last iteration): report both.
         metrics = dict(metrics, trainee_acc=jnp.mean(trainee_acc) if trainee_acc.size else 0.0,
-                       queue_size=queue_lib.size(queue))
+                       queue_size=queue_lib.size(queue),
+                       images_finite=jnp.all(jnp.isfinite(images)).astype(jnp.float32))
         new_state = CondenseState(images=images, momentum=momentum, queue=queue, key=key,
                                   iteration=it + 1)
         return new_state, metrics

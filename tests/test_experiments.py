@@ -138,6 +138,32 @@ def test_ctrl_c_saves_a_checkpoint_and_rerun_resumes_to_the_same_result(tmp_path
     assert other.returncode == 2 and "different run" in other.stderr
 
 
+def test_nan_loss_stops_with_the_iteration_and_the_last_good_checkpoint(tmp_path, capsys):
+    data_dir = str(tmp_path / "npy")
+    write_npy_cifar(data_dir)
+    workdir = str(tmp_path / "run")
+    # An absurd image learning rate drives the images to Inf within a few updates (the loss,
+    # instance-normalised, can stay finite a while: the images are checked too).
+    argv = ["--ipc", "1", "--source", "npy", "--data_dir", data_dir, "--workdir", workdir] + \
+        TINY + ["--checkpoint_every", "1", "--lr_img", "1e38"]
+    with pytest.raises(SystemExit) as exit_info:
+        common.main("cifar10", argv=argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    bad = [r["iteration"] for r in lines
+           if "loss" in r and (not np.isfinite(r["loss"]) or r["images_finite"] != 1.0)]
+    assert bad, "the override should have produced a non-finite loss"
+    first_bad = bad[0]
+    assert bad == [lines[-1]["iteration"]]             # the run stopped at the first one
+    assert f"at iteration {first_bad}" in err, err
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    last_good = ckpt.latest_step()
+    assert last_good is not None and last_good <= first_bad
+    assert f"last good checkpoint is iteration {last_good}" in err, err
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
 def test_dataset_npy_directory_loads_for_the_cli(tmp_path):
     data_dir = str(tmp_path / "npy")
     write_npy_cifar(data_dir)
