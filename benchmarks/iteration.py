@@ -279,7 +279,7 @@ def bench_queue_training(config: Config, real, iters: int, seed: int = 0,
         slots, active = queue_lib.sample_slots(queue, k_pick, config.fetch_net_num)
         return queue_lib.train_slots(queue, k_train, slots, active, logits_fn, trainee_batch,
                                      engine.optimizer, config.model_train_steps,
-                                     vmap_trainees=vmap_trainees)
+                                     vmap_trainees=vmap_trainees, chunk=engine.chunk)
 
     compiled, compile_s = _compile(jax.jit(train, donate_argnums=0), state.queue, state.key,
                                    real)

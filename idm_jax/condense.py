@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from idm_jax import augment, losses, models, partition
+from idm_jax import augment, losses, microbatch, models, partition
 from idm_jax import data as data_lib
 from idm_jax import queue as queue_lib
 from idm_jax import sharding as sharding_lib
@@ -153,6 +153,7 @@ class Engine(NamedTuple):
     optimizer: Any
     init_params: Callable
     apply: Callable          # (params, images) -> (embedding, logits)
+    chunk: int = 0           # images per network call on a single device (0: whole batch)
 
 
 def make_engine(config: Config, num_classes: int, image_shape) -> Engine:
@@ -179,7 +180,8 @@ def make_engine(config: Config, num_classes: int, image_shape) -> Engine:
 
     optimizer = queue_lib.net_optimizer(config.lr_net, config.net_momentum,
                                         config.net_weight_decay)
-    return Engine(config, model, optimizer, init_params, apply)
+    return Engine(config, model, optimizer, init_params, apply,
+                  chunk=microbatch.resolve(config.microbatch))
 
 
 def init_synthetic(key: jax.Array, config: Config, real: RealData) -> jax.Array:
@@ -300,7 +302,11 @@ def class_losses(engine: Engine, params, syn, real_features, real_mask, dsa_keys
     shard = lambda x: sharding_lib.constrain(x, mesh)
     views = shard(jax.vmap(expand_and_augment)(syn, dsa_keys))   # (K, P*ipc, H, W, C)
     per_class = views.shape[1]
-    embedding, logits = engine.apply(params, views.reshape((-1,) + views.shape[2:]))
+    # Chunked on a single device (a cache-sized batch per call, see idm_jax.microbatch); on a
+    # mesh the sharded batch is already split.
+    chunk = engine.chunk if mesh is None else 0
+    embedding, logits = microbatch.apply_in_chunks(
+        lambda x: engine.apply(params, x), views.reshape((-1,) + views.shape[2:]), chunk)
     embedding = shard(embedding.reshape(num_classes, per_class, -1))
     logits = shard(logits.reshape(num_classes, per_class, -1))
     mmd = losses.class_mmd(real_features, embedding, real_mask)
@@ -373,7 +379,9 @@ def make_step(engine: Engine, real: RealData, jit: bool = True,
         real_views = shard(jax.vmap(
             lambda k, x: augment.dsa(k, x, config.dsa_strategy, siamese=True))(dsa_keys,
                                                                               real_images))
-        real_features, _ = engine.apply(params, real_views.reshape((-1,) + r.image_shape))
+        real_features, _ = microbatch.apply_in_chunks(
+            lambda x: engine.apply(params, x), real_views.reshape((-1,) + r.image_shape),
+            engine.chunk if mesh is None else 0)
         real_features = shard(jax.lax.stop_gradient(real_features.reshape(padded, batch, -1)))
 
         def total_loss(syn):
@@ -430,7 +438,7 @@ def make_step(engine: Engine, real: RealData, jit: bool = True,
         slots, active = queue_lib.sample_slots(queue, k_trainees, config.fetch_net_num)
         queue, trainee_acc = queue_lib.train_slots(
             queue, k_train, slots, active, logits_fn, trainee_batch, engine.optimizer,
-            config.model_train_steps)
+            config.model_train_steps, chunk=engine.chunk if mesh is None else 0)
         # The loss is taken before the update, so a blow-up shows in the images one iteration
         # before it shows in the loss (or never, on the last iteration): report both.
         metrics = dict(metrics, trainee_acc=jnp.mean(trainee_acc) if trainee_acc.size else 0.0,

@@ -70,6 +70,8 @@ class Config:
 
     # --- run mechanics (ours)
     compute_dtype: str = "float32"      # "bfloat16": mixed precision; images/optimisers stay f32
+    microbatch: int = -1                # images per network call chunk: -1 auto (16 on CPU, whole
+                                        # batch on accelerators), 0 whole batch; same values
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
 
@@ -90,6 +92,8 @@ class Config:
         need(self.compute_dtype in DTYPES,
              f"compute_dtype must be one of {DTYPES}, got {self.compute_dtype!r}")
         need(self.partition_factor >= 1, "partition_factor must be >= 1")
+        need(self.microbatch >= -1, f"microbatch must be -1 (automatic), 0 (whole batches) or "
+             f"a chunk size >= 1, got {self.microbatch}")
         for name in ("batch_real", "trained_bs", "batch_train", "net_num", "initial_models",
                      "net_generate_interval", "train_net_num", "eval_interval", "num_eval",
                      "checkpoint_every", "keep_checkpoints"):
