@@ -37,7 +37,7 @@ import numpy as np
 
 from benchmarks.iteration import load_average, machine_description, peak_memory, progress, \
     summary, time_calls
-from idm_jax import models, partition
+from idm_jax import microbatch, models, partition
 from idm_jax import evaluate as evaluate_lib
 
 FULL_EPOCHS = 1000   # the official epoch_eval_train: epochs 0..1000, 1001 in all
@@ -53,7 +53,7 @@ def _compile(fn, *args):
 def run(ipc: int = 10, num_classes: int = 10, image_shape=(32, 32, 3), epochs: int = 4,
         num_eval: int = 5, model: str = "ConvNet", batch_size: int = 256, factor: int = 2,
         test_images: int = 10000, iters: int = 2, sequential_calls: bool = True,
-        seed: int = 0) -> dict:
+        seed: int = 0, microbatch_size: int = -1) -> dict:
     """All measurements; returns the record (seconds are wall, min over ``iters`` calls).
 
     Every program is compiled twice, for ``epoch_eval_train`` = 0 (one epoch) and ``epochs``
@@ -71,16 +71,17 @@ def run(ipc: int = 10, num_classes: int = 10, image_shape=(32, 32, 3), epochs: i
     test_x = jnp.asarray(rng.normal(size=(test_batch,) + tuple(image_shape)), jnp.float32)
     test_y = jnp.asarray(rng.integers(0, num_classes, test_batch), jnp.int32)
     net = models.get_model(model, num_classes, in_channels=image_shape[-1])
+    chunk = microbatch.resolve(microbatch_size)
 
     def one(key, epoch_eval_train):
         return evaluate_lib.train_and_test(key, net, train_x, train_y, test_x, test_y,
                                            epochs=epoch_eval_train, batch_size=batch_size,
-                                           test_batch=test_batch)
+                                           test_batch=test_batch, chunk=chunk)
 
     keys = jax.random.split(jax.random.PRNGKey(seed), num_eval)
     record = {"train_images": int(train_x.shape[0]), "epochs_run": epochs + 1,
               "steps_per_epoch": evaluate_lib._batch_plan(int(train_x.shape[0]), batch_size)[0],
-              "load_before": load_average()}
+              "chunk": chunk, "load_before": load_average()}
     programs = {
         "parallel_vmap": (lambda e: jax.vmap(lambda k: one(k, e)), keys, num_eval),
         "sequential_map": (lambda e: lambda ks: jax.lax.map(lambda k: one(k, e), ks), keys,
@@ -106,10 +107,11 @@ def run(ipc: int = 10, num_classes: int = 10, image_shape=(32, 32, 3), epochs: i
     full_test = jnp.asarray(rng.normal(size=(test_images,) + tuple(image_shape)), jnp.float32)
 
     def test_pass(v, x):
-        def chunk(correct, xb):
-            _, logits = net.apply(v, xb)
+        def test_part(correct, xb):   # as train_and_test's test pass
+            _, logits = microbatch.apply_in_chunks(lambda c: net.apply(v, c), xb, chunk)
             return correct + jnp.sum(jnp.argmax(logits, -1) == 0), None
-        return jax.lax.scan(chunk, jnp.int32(0), x.reshape((-1, test_batch) + x.shape[1:]))[0]
+        return jax.lax.scan(test_part, jnp.int32(0),
+                            x.reshape((-1, test_batch) + x.shape[1:]))[0]
 
     compiled, _ = _compile(test_pass, variables, full_test)
     jax.block_until_ready(compiled(variables, full_test))
@@ -158,6 +160,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         help="test-set size of the projection (a multiple of 500)")
     parser.add_argument("--no_sequential_calls", action="store_true",
                         help="skip the one-model program")
+    parser.add_argument("--microbatch", type=int, default=-1,
+                        help="images per gradient chunk: -1 automatic (16 on CPU), 0 whole "
+                             "batches (the config field of the same name)")
     parser.add_argument("--json", default=None, help="also append the JSON record to this file")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.num_eval < 1 or args.iters < 1 or args.ipc < 1:
@@ -166,7 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         parser.error("--test_images must be a positive multiple of 500")
     record = run(ipc=args.ipc, num_classes=args.num_classes, epochs=args.epochs,
                  num_eval=args.num_eval, model=args.model, iters=args.iters,
-                 test_images=args.test_images, sequential_calls=not args.no_sequential_calls)
+                 test_images=args.test_images, sequential_calls=not args.no_sequential_calls,
+                 microbatch_size=args.microbatch)
     record = {"date": datetime.date.today().isoformat(), "ipc": args.ipc,
               "num_eval": args.num_eval, "model": args.model,
               "command": "python -m benchmarks.evaluate " + " ".join(

@@ -167,7 +167,8 @@ def evaluate_state(state, dataset: data.Dataset, config: Config, key, test_x) ->
         num_models=config.num_eval, epochs=config.epoch_eval_train,
         batch_size=config.batch_train, lr=config.lr_net, momentum=config.net_momentum,
         weight_decay=config.net_weight_decay, dsa_strategy=config.dsa_strategy,
-        expand=config.partition_expand, partition_factor=config.partition_factor)
+        expand=config.partition_expand, partition_factor=config.partition_factor,
+        microbatch_size=config.microbatch)
 
 
 class _Interrupt:

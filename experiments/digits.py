@@ -33,7 +33,7 @@ def random_real_baseline(dataset: data.Dataset, config, key) -> dict:
         model=config.eval_model, num_classes=dataset.num_classes, num_models=config.num_eval,
         epochs=config.epoch_eval_train, batch_size=config.batch_train, lr=config.lr_net,
         momentum=config.net_momentum, weight_decay=config.net_weight_decay,
-        dsa_strategy=config.dsa_strategy, expand=False)
+        dsa_strategy=config.dsa_strategy, expand=False, microbatch_size=config.microbatch)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -4,8 +4,8 @@ Reference section 6: expand the set with partition-and-expand, train a fresh net
 ``epochs + 1`` epochs with SGD (lr 0.01, momentum 0.9, coupled weight decay 5e-4), multiply the lr
 by 0.1 and rebuild the optimiser (momentum reset) after epoch ``epochs // 2 + 1``, batch 256 with a
 reshuffle every epoch and the last partial batch kept, per-image DSA on every batch; score the
-final model on the test set. ``num_models`` networks are trained at once as a vmapped axis of one
-compiled program. BatchNorm models (ResNet18BN, ...) carry their running statistics and use them
+final model on the test set. ``num_models`` networks are trained in one compiled program (a
+vmapped axis on accelerators, one after another on CPU). BatchNorm models (ResNet18BN, ...) carry their running statistics and use them
 at test time; the padded rows of the last partial batch are masked out of the batch statistics.
 """
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from idm_jax import augment, models, partition
+from idm_jax import augment, microbatch, models, partition
 from idm_jax import queue as queue_lib
 from idm_jax._callable_module import make_module_callable
 
@@ -44,7 +44,7 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
                    test_x: jax.Array, test_y: jax.Array, *, epochs: int = 1000,
                    batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9,
                    weight_decay: float = 5e-4, dsa_strategy: str = augment.DEFAULT_STRATEGY,
-                   test_batch: int = 500) -> jax.Array:
+                   test_batch: int = 500, chunk: int = 0) -> jax.Array:
     """Train one fresh ``model`` on (train_x, train_y) and return its test accuracy in [0, 1].
 
     Pure and vmappable over ``key`` (that is how several models train at once).
@@ -54,6 +54,9 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
       test_x: (M, H, W, C) float test images, M a multiple of ``test_batch`` after padding with
         labels -1 (``evaluate_synset`` does it); test_y: (M,) ints, -1 for padding.
       epochs: the official ``epoch_eval_train``; epochs 0..epochs run (epochs + 1 in all).
+      chunk: > 0 computes each step's gradient over chunks of that many images, skipping the
+        chunks of the last partial batch that hold only padding (``idm_jax.microbatch``; same
+        values, faster on CPU). Ignored for BatchNorm models, whose statistics need the batch.
     """
     n = train_x.shape[0]
     steps, padded = _batch_plan(n, batch_size)
@@ -89,8 +92,21 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
                 params, stats, opt_state = carry
                 idx, mask, aug_key = inputs
                 x = augment.dsa(aug_key, train_x[idx], dsa_strategy, siamese=False)
-                grads, stats = jax.grad(loss_fn, has_aux=True)(params, stats, x, train_y[idx],
-                                                                mask)
+                if has_stats or chunk <= 0:
+                    grads, stats = jax.grad(loss_fn, has_aux=True)(params, stats, x,
+                                                                    train_y[idx], mask)
+                else:
+                    valid_rows = jnp.sum(mask.astype(jnp.float32))
+
+                    def chunk_loss(p, part):   # this chunk's share of the batch mean
+                        cx, cy, cmask = part
+                        _, logits = model.apply({"params": p}, cx, train=True)
+                        ce = optax.softmax_cross_entropy_with_integer_labels(
+                            logits.astype(jnp.float32), cy)
+                        return jnp.sum(ce * cmask.astype(jnp.float32)) / valid_rows, ()
+
+                    _, grads = microbatch.value_and_grad_in_chunks(
+                        chunk_loss, params, (x, train_y[idx], mask), chunk, row_valid=mask)
                 updates, opt_state = optimizer.update(grads, opt_state, params)
                 return (optax.apply_updates(params, updates), stats, opt_state), None
 
@@ -113,10 +129,14 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
                           queue_lib.net_optimizer(lr * 0.1, momentum, weight_decay))
     params, stats = carry
 
-    def test_chunk(correct, chunk):
-        x, y = chunk
+    def test_chunk(correct, test_part):
+        x, y = test_part
         variables = {"params": params, "batch_stats": stats} if has_stats else {"params": params}
-        _, logits = model.apply(variables, x, train=False)
+        if has_stats or chunk <= 0:
+            _, logits = model.apply(variables, x, train=False)
+        else:
+            _, logits = microbatch.apply_in_chunks(
+                lambda c: model.apply(variables, c, train=False), x, chunk)
         return correct + jnp.sum((jnp.argmax(logits, -1) == y) & (y >= 0)), None
 
     chunks = test_x.shape[0] // test_batch
@@ -133,7 +153,8 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
                     lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
                     dsa_strategy: str = augment.DEFAULT_STRATEGY, expand: bool = True,
                     partition_factor: int = 2, test_batch: int = 500,
-                    compute_dtype=jnp.float32) -> dict:
+                    compute_dtype=jnp.float32, microbatch_size: int = -1,
+                    parallel: Optional[bool] = None) -> dict:
     """Evaluate a condensed set with the official protocol; the library entry point.
 
     Args:
@@ -143,6 +164,11 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
       test_images: (M, H, W, C) float normalised test images; test_labels: (M,) ints.
       model: architecture name (``idm_jax.models.get_model``), e.g. "ConvNet", "ResNet18BN".
       expand: apply partition-and-expand to the set first (IDM's --aug); labels are tiled.
+      microbatch_size: the config's ``microbatch`` (-1 automatic: chunks of 16 on CPU).
+      parallel: train the models as a vmapped axis (True) or one after another in the same
+        program (``lax.map``, False). None: vmapped on accelerators, one after another on CPU,
+        where one model's chunks already fill the cores and a vmapped model axis turns the
+        skipped padding chunks into computed ones (measured, BENCHMARKS.md). Same values.
 
     Returns a dict: ``accuracies`` (list of num_models floats, %), ``mean`` and ``std``
     (population std, %), ``seconds`` (wall time including compilation), ``model``.
@@ -165,14 +191,19 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
     test_x = jnp.concatenate([test_x, jnp.zeros((pad,) + test_x.shape[1:], test_x.dtype)])
     test_y = jnp.concatenate([test_y, -jnp.ones(pad, jnp.int32)])
 
+    chunk = microbatch.resolve(microbatch_size)
+
     def one(k):
         return train_and_test(k, net, images, labels, test_x, test_y, epochs=epochs,
                               batch_size=batch_size, lr=lr, momentum=momentum,
                               weight_decay=weight_decay, dsa_strategy=dsa_strategy,
-                              test_batch=test_batch)
+                              test_batch=test_batch, chunk=chunk)
 
     start = time.perf_counter()
-    accuracies = jax.jit(jax.vmap(one))(jax.random.split(key, num_models))
+    if parallel is None:
+        parallel = jax.default_backend() != "cpu"
+    many = jax.vmap(one) if parallel else (lambda keys: jax.lax.map(one, keys))
+    accuracies = jax.jit(many)(jax.random.split(key, num_models))
     accuracies = 100.0 * np.asarray(jax.device_get(accuracies), np.float64)
     return {"model": model, "accuracies": accuracies.tolist(), "mean": float(accuracies.mean()),
             "std": float(accuracies.std()), "seconds": time.perf_counter() - start}

@@ -56,7 +56,8 @@ def apply_in_chunks(fn: Callable[[jax.Array], Any], images: jax.Array, chunk: in
     return jax.tree.map(lambda y: y.reshape((batch,) + y.shape[2:]), out)
 
 
-def value_and_grad_in_chunks(loss_fn: Callable, params: Any, inputs: Any, chunk: int):
+def value_and_grad_in_chunks(loss_fn: Callable, params: Any, inputs: Any, chunk: int,
+                             row_valid: jax.Array | None = None):
     """``jax.value_and_grad(loss_fn, has_aux=True)(params, inputs)`` for a loss that sums over
     rows, accumulated chunk by chunk with ``lax.scan``.
 
@@ -65,6 +66,8 @@ def value_and_grad_in_chunks(loss_fn: Callable, params: Any, inputs: Any, chunk:
         rows of ``inputs`` and ``aux`` a pytree of per-row arrays (n, ...).
       inputs: a pytree of arrays sharing the leading (row) axis n.
       chunk: rows per chunk (the largest divisor of n not above it; 0: all at once).
+      row_valid: optional (n,) bool. A chunk with no valid row is skipped (``lax.cond``): it
+        must contribute zero loss and gradient (padding rows weighted 0), and its aux is zeros.
 
     Returns ``((loss, aux), grads)`` as ``jax.value_and_grad`` would: the summed loss, the rows'
     aux in order, and the summed gradient. Each chunk's forward and backward pass run back to
@@ -77,12 +80,22 @@ def value_and_grad_in_chunks(loss_fn: Callable, params: Any, inputs: Any, chunk:
         return grad_fn(params, inputs)
     chunks = jax.tree.map(lambda x: x.reshape((batch // size, size) + x.shape[1:]), inputs)
 
+    zeros = jax.tree.map(jnp.zeros_like, params)
+
     def body(carry, part):
         total, grads = carry
-        (loss, aux), part_grads = grad_fn(params, part)
+        if row_valid is None:
+            (loss, aux), part_grads = grad_fn(params, part)
+        else:
+            part, valid = part
+            out_shape = jax.eval_shape(grad_fn, params, part)
+            skipped = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+            (loss, aux), part_grads = jax.lax.cond(
+                jnp.any(valid), lambda q: grad_fn(params, q), lambda q: skipped, part)
         return (total + loss, jax.tree.map(jnp.add, grads, part_grads)), aux
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    if row_valid is not None:
+        chunks = (chunks, row_valid.reshape(batch // size, size))
     (loss, grads), aux = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), chunks)
     aux = jax.tree.map(lambda y: y.reshape((batch,) + y.shape[2:]), aux)
     return (loss, aux), grads

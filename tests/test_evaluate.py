@@ -61,16 +61,21 @@ def test_real_subset_beats_chance_by_a_wide_margin_on_digits():
 def test_vmapped_models_equal_one_at_a_time():
     train_x, train_y, test_x, test_y = digits_split(per_class_train=3)
     key = jax.random.PRNGKey(1)
-    together = idm_jax.evaluate(key, train_x, train_y, test_x[:200], test_y[:200],
-                                model="ConvNetW32", num_models=2, epochs=2, expand=True,
-                                num_classes=10, test_batch=100)
+    # Vmapped (accelerator default) and looped (CPU default) models, in chunks (CPU default)
+    # or whole batches, against one plain whole-batch program per model.
+    runs = [idm_jax.evaluate(key, train_x, train_y, test_x[:200], test_y[:200],
+                             model="ConvNetW32", num_models=2, epochs=2, expand=True,
+                             num_classes=10, test_batch=100, parallel=parallel,
+                             microbatch_size=size)
+            for parallel, size in ((True, 0), (False, -1), (True, 16))]
     net = idm_jax.get_model("ConvNetW32", 10, in_channels=1)
     ex = idm_jax.partition_expand(jnp.asarray(train_x))
     ey = idm_jax.partition_expand_labels(jnp.asarray(train_y))
     alone = [100.0 * float(jax.jit(lambda k: evaluate.train_and_test(
         k, net, ex, ey, jnp.asarray(test_x[:200]), jnp.asarray(test_y[:200]), epochs=2,
         test_batch=100))(k)) for k in jax.random.split(key, 2)]
-    np.testing.assert_allclose(together["accuracies"], alone, atol=1e-3)
+    for together in runs:
+        np.testing.assert_allclose(together["accuracies"], alone, atol=1e-3)
 
 
 def test_batchnorm_model_trains_and_tests_with_running_stats():
