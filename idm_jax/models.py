@@ -430,7 +430,28 @@ def _outputs(features: jnp.ndarray, num_classes: int, dtype: Dtype):
 # ConvNet family
 # --------------------------------------------------------------------------------------------
 
-class ConvNet(nn.Module):
+class _ChoosesNorm:
+    """Shared by the networks with a ``norm`` field: checks it at construction (before any
+    tracing, so a typo fails at once) and tells whether the network keeps running statistics.
+
+    A subclass adds checks of its own fields in ``_check_fields``.
+    """
+
+    def __post_init__(self):
+        _check_choice("norm", self.norm, NORMS)
+        self._check_fields()
+        super().__post_init__()
+
+    def _check_fields(self) -> None:
+        pass
+
+    @property
+    def uses_batch_stats(self) -> bool:
+        return self.norm == "batchnorm"
+
+
+
+class ConvNet(_ChoosesNorm, nn.Module):
     """DC ConvNet: ``depth`` x [conv3x3(width) -> norm -> act -> pool2], flatten, linear.
 
     The default (width 128, depth 3, instance norm, ReLU, avg-pool) is IDM's 'ConvNet'; depth 6
@@ -447,19 +468,13 @@ class ConvNet(nn.Module):
     pool: str = "avgpool"
     dtype: Dtype = jnp.float32
 
-    def __post_init__(self):
-        _check_choice("norm", self.norm, NORMS)
+    def _check_fields(self) -> None:
         _check_choice("activation", self.act, ACTIVATIONS)
         _check_choice("pooling", self.pool, POOLINGS)
         if self.depth < 1 or self.width < 1 or self.num_classes < 1:
             raise ValueError("ConvNet needs depth >= 1, width >= 1 and num_classes >= 1, got "
                              f"depth={self.depth}, width={self.width}, "
                              f"num_classes={self.num_classes}")
-        super().__post_init__()
-
-    @property
-    def uses_batch_stats(self) -> bool:
-        return self.norm == "batchnorm"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, mask: Optional[jnp.ndarray] = None):
@@ -487,7 +502,7 @@ _ALEXNET_LAYERS = ((128, 5, 2, True), (192, 5, 2, True), (256, 3, 1, False),
                    (192, 3, 1, False), (192, 3, 1, True))
 
 
-class AlexNet(nn.Module):
+class AlexNet(_ChoosesNorm, nn.Module):
     """DC AlexNet: five convs (128-192-256-192-192) with ReLU and three max-pools, then linear.
 
     ``norm='batchnorm'`` gives DC's 'AlexNetBN' (BatchNorm after every conv). Embedding is
@@ -497,14 +512,6 @@ class AlexNet(nn.Module):
     num_classes: int
     norm: str = "none"
     dtype: Dtype = jnp.float32
-
-    def __post_init__(self):
-        _check_choice("norm", self.norm, NORMS)
-        super().__post_init__()
-
-    @property
-    def uses_batch_stats(self) -> bool:
-        return self.norm == "batchnorm"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, mask: Optional[jnp.ndarray] = None):
@@ -526,7 +533,7 @@ class AlexNet(nn.Module):
 _VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-class VGG11(nn.Module):
+class VGG11(_ChoosesNorm, nn.Module):
     """DC VGG11: cfg 64,M,128,M,256,256,M,512,512,M,512,512,M; conv3x3 -> norm -> ReLU.
 
     ``norm`` is instance norm by default ('VGG11'); ``'batchnorm'`` gives 'VGG11BN'. DC's trailing
@@ -536,14 +543,6 @@ class VGG11(nn.Module):
     num_classes: int
     norm: str = "instancenorm"
     dtype: Dtype = jnp.float32
-
-    def __post_init__(self):
-        _check_choice("norm", self.norm, NORMS)
-        super().__post_init__()
-
-    @property
-    def uses_batch_stats(self) -> bool:
-        return self.norm == "batchnorm"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, mask: Optional[jnp.ndarray] = None):
@@ -601,7 +600,7 @@ class BasicBlock(nn.Module):
         return nn.relu(y + s)
 
 
-class ResNet18(nn.Module):
+class ResNet18(_ChoosesNorm, nn.Module):
     """DC ResNet18 for small images: stem conv3x3(64, no bias)-norm-ReLU (no max-pool), four
     stages of two BasicBlocks (64/128/256/512, strides 1/2/2/2), then linear.
 
@@ -619,14 +618,8 @@ class ResNet18(nn.Module):
     downsample: str = "stride"
     dtype: Dtype = jnp.float32
 
-    def __post_init__(self):
-        _check_choice("norm", self.norm, NORMS)
+    def _check_fields(self) -> None:
         _check_choice("downsample", self.downsample, ("stride", "avgpool"))
-        super().__post_init__()
-
-    @property
-    def uses_batch_stats(self) -> bool:
-        return self.norm == "batchnorm"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, mask: Optional[jnp.ndarray] = None):
