@@ -403,7 +403,13 @@ def _pool2(kind: str, x: jnp.ndarray) -> jnp.ndarray:
         raise ValueError(f"feature map {x.shape[1]}x{x.shape[2]} is too small for 2x2 pooling; "
                          "use a larger input image or a shallower network")
     if kind == "avgpool":
-        return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+        # The mean of each 2x2 block through a reshape: its gradient is a broadcast that fuses
+        # with its neighbours, where reduce_window's is a padded scatter. On CPU, forward and
+        # backward of the first ConvNet pooling (256 images, chunks of 16): 38 ms against 54.
+        # Odd sizes drop the last row/column first, as PyTorch does.
+        n, h, w, c = x.shape
+        x = x[:, : h - h % 2, : w - w % 2]
+        return jnp.mean(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
     if kind == "maxpool":
         return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
     raise ValueError(f"unknown pooling {kind!r}; use one of {POOLINGS}")
