@@ -25,9 +25,6 @@ Prints one table row (markdown) and one JSON line; ``--json FILE`` also appends 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import sys
 import time
 from typing import Optional, Sequence
 
@@ -35,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.iteration import load_average, machine_description, peak_memory, progress, \
-    summary, time_calls
+from benchmarks.iteration import load_average, peak_memory, progress, report, summary, \
+    time_calls
 from idm_jax import microbatch, models, partition
 from idm_jax import evaluate as evaluate_lib
 
@@ -173,19 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                  num_eval=args.num_eval, model=args.model, iters=args.iters,
                  test_images=args.test_images, sequential_calls=not args.no_sequential_calls,
                  microbatch_size=args.microbatch)
-    record = {"date": datetime.date.today().isoformat(), "ipc": args.ipc,
-              "num_eval": args.num_eval, "model": args.model,
-              "command": "python -m benchmarks.evaluate " + " ".join(
-                  argv if argv is not None else sys.argv[1:]),
-              "machine": machine_description(), **record}
-    line = json.dumps(record, default=float)
-    print(TABLE_HEADER)
-    print(table_row(record))
-    print(line)
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(line + "\n")
-    return record
+    record = {"ipc": args.ipc, "num_eval": args.num_eval, "model": args.model, **record}
+    return report(record, "benchmarks.evaluate", argv, TABLE_HEADER, table_row, args.json)
 
 
 if __name__ == "__main__":

@@ -218,6 +218,23 @@ def profile_ops(call: Callable[[], object], log_dir: str, top: int = 25) -> list
     return [{"op": name, "ms": round(ms, 1), "count": count} for name, (ms, count) in ranked]
 
 
+def report(record: dict, module: str, argv: Optional[Sequence[str]], header: str, row: str,
+           json_path: Optional[str]) -> dict:
+    """Stamp ``record`` with date, command and machine; print the table row and the JSON line;
+    append the JSON line to ``json_path`` if given. Returns the stamped record."""
+    command = f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
+    record = {"date": datetime.date.today().isoformat(), "command": command,
+              "machine": machine_description(), **record}
+    line = json.dumps(record, default=float)
+    print(header)
+    print(row(record))
+    print(line)
+    if json_path:
+        with open(json_path, "a") as f:
+            f.write(line + "\n")
+    return record
+
+
 def progress(message: str) -> None:
     """A progress line on stderr (full-size CPU runs take minutes per program)."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -383,23 +400,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         parser.error(str(err))
     record = run(config, real, args.iters, parts=not args.no_parts, trainees=args.trainees,
                  profile_dir=args.profile)
-    record = {"date": datetime.date.today().isoformat(), "preset": args.preset,
-              "smoke": args.smoke, "data": source, "overrides": overrides,
-              "command": "python -m benchmarks.iteration " + " ".join(
-                  argv if argv is not None else sys.argv[1:]),
-              "machine": machine_description(), **record}
-    line = json.dumps(record, default=float)
     if "profile_top_ops" in record["full"]:
         print(f"most expensive ops of one iteration (trace in {args.profile}):")
         for row in record["full"]["profile_top_ops"]:
             print(f"  {row['ms']:9.1f} ms  x{row['count']:<5d} {row['op']}")
-    print(TABLE_HEADER)
-    print(table_row(record))
-    print(line)
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(line + "\n")
-    return record
+    record = {"preset": args.preset, "smoke": args.smoke, "data": source,
+              "overrides": overrides, **record}
+    return report(record, "benchmarks.iteration", argv, TABLE_HEADER, table_row, args.json)
 
 
 if __name__ == "__main__":

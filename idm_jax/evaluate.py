@@ -5,8 +5,9 @@ Reference section 6: expand the set with partition-and-expand, train a fresh net
 by 0.1 and rebuild the optimiser (momentum reset) after epoch ``epochs // 2 + 1``, batch 256 with a
 reshuffle every epoch and the last partial batch kept, per-image DSA on every batch; score the
 final model on the test set. ``num_models`` networks are trained in one compiled program (a
-vmapped axis on accelerators, one after another on CPU). BatchNorm models (ResNet18BN, ...) carry their running statistics and use them
-at test time; the padded rows of the last partial batch are masked out of the batch statistics.
+vmapped axis on accelerators, one after another on CPU). BatchNorm models (ResNet18BN, ...) carry
+their running statistics and use them at test time; the padded rows of the last partial batch are
+masked out of the batch statistics.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
     stats = variables.get("batch_stats", {})
     has_stats = bool(stats)
 
-    def loss_fn(p, s, x, y, mask):
+    def loss_fn(p, s, x, y, mask, valid_rows=None):
+        """Mean CE over the valid rows; over ``valid_rows`` instead when ``x`` is one chunk."""
         if has_stats:
             (_, logits), updated = model.apply({"params": p, "batch_stats": s}, x, train=True,
                                                mask=mask, mutable=["batch_stats"])
@@ -75,7 +77,7 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
             _, logits = model.apply({"params": p}, x, train=True)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
         weights = mask.astype(jnp.float32)
-        return jnp.sum(ce * weights) / jnp.sum(weights), s
+        return jnp.sum(ce * weights) / (jnp.sum(weights) if valid_rows is None else valid_rows), s
 
     def run_phase(carry, phase_key, num_epochs, optimizer):
         params, stats = carry
@@ -99,11 +101,7 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
                     valid_rows = jnp.sum(mask.astype(jnp.float32))
 
                     def chunk_loss(p, part):   # this chunk's share of the batch mean
-                        cx, cy, cmask = part
-                        _, logits = model.apply({"params": p}, cx, train=True)
-                        ce = optax.softmax_cross_entropy_with_integer_labels(
-                            logits.astype(jnp.float32), cy)
-                        return jnp.sum(ce * cmask.astype(jnp.float32)) / valid_rows, ()
+                        return loss_fn(p, stats, *part, valid_rows=valid_rows)[0], ()
 
                     _, grads = microbatch.value_and_grad_in_chunks(
                         chunk_loss, params, (x, train_y[idx], mask), chunk, row_valid=mask)
