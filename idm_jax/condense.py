@@ -340,6 +340,8 @@ def make_step(engine: Engine, real: RealData, jit: bool = True,
                          f"{sharding_lib.mesh_size(mesh)}-device mesh does not divide; place it "
                          f"with idm_jax.sharding.shard_real(real, mesh) (it pads the class axis)")
     shard = lambda x: sharding_lib.constrain(x, mesh)   # identity without a mesh
+    # Chunked network calls on a single device (idm_jax.microbatch); a mesh splits the batch.
+    chunk = engine.chunk if mesh is None else 0
     # On a mesh whose size does not divide K, the real data carries padding classes up to the
     # next multiple (sharding.shard_real); per-class arrays are padded the same way inside the
     # step so that every device holds whole classes, and the padding is dropped before use.
@@ -380,8 +382,7 @@ def make_step(engine: Engine, real: RealData, jit: bool = True,
             lambda k, x: augment.dsa(k, x, config.dsa_strategy, siamese=True))(dsa_keys,
                                                                               real_images))
         real_features, _ = microbatch.apply_in_chunks(
-            lambda x: engine.apply(params, x), real_views.reshape((-1,) + r.image_shape),
-            engine.chunk if mesh is None else 0)
+            lambda x: engine.apply(params, x), real_views.reshape((-1,) + r.image_shape), chunk)
         real_features = shard(jax.lax.stop_gradient(real_features.reshape(padded, batch, -1)))
 
         def total_loss(syn):
@@ -438,7 +439,7 @@ def make_step(engine: Engine, real: RealData, jit: bool = True,
         slots, active = queue_lib.sample_slots(queue, k_trainees, config.fetch_net_num)
         queue, trainee_acc = queue_lib.train_slots(
             queue, k_train, slots, active, logits_fn, trainee_batch, engine.optimizer,
-            config.model_train_steps, chunk=engine.chunk if mesh is None else 0)
+            config.model_train_steps, chunk=chunk)
         # The loss is taken before the update, so a blow-up shows in the images one iteration
         # before it shows in the loss (or never, on the last iteration): report both.
         metrics = dict(metrics, trainee_acc=jnp.mean(trainee_acc) if trainee_acc.size else 0.0,

@@ -39,7 +39,8 @@ class Config:
     img_momentum: float = 0.5
     image_update: str = "per_class"     # official: one SGD step per class, shared momentum
     batch_real: int = 256               # real images per class per iteration (whole class if fewer)
-    real_sampling: str = "random"       # "first": ImageNet-script quirk, first batch_real every time
+    real_sampling: str = "random"       # "first": ImageNet-script quirk, the first batch_real
+                                        # images of each class every time
     normalize_train: bool = True        # False: ImageNet-script quirk, real train images in [0,1]
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
 
@@ -220,9 +221,10 @@ PRESETS: dict[str, Config] = {
     # Offline default (ours, not a paper setting): scikit-learn digits at 16x16x1, sized to
     # finish in under 3 minutes on 2 CPU cores (IPC 1 and 10 with their baselines). The
     # class-aware CE term is off: digits' queue models pass 90% accuracy within a few dozen
-    # iterations, so its weight (ce_weight x accuracy%) nears 50 and it swamps the MMD term. Measured (3 eval models each): IPC 10 fell
-    # from 96.3% at the mosaic initialisation to 92.1% with CE, 95.4% with ce_weight 0.05, and
-    # rose to 97.6% without CE; IPC 1 reached 88.8% with CE and 95.5% without (BENCHMARKS.md).
+    # iterations, so its weight (ce_weight x accuracy%) nears 50 and it swamps the MMD term.
+    # Measured (3 eval models each): IPC 10 fell from 96.3% at the mosaic initialisation to
+    # 92.1% with CE, 95.4% with ce_weight 0.05, and rose to 97.6% without CE; IPC 1 reached
+    # 88.8% with CE and 95.5% without (BENCHMARKS.md).
     "digits-ipc1": Config(dataset="digits", ipc=1, model="ConvNetW32", eval_model="ConvNetW32",
                           iterations=100, batch_real=64, trained_bs=64, net_num=20,
                           net_generate_interval=5, eval_interval=50, syn_ce=False, num_eval=3,

@@ -66,6 +66,8 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
     params = variables["params"]
     stats = variables.get("batch_stats", {})
     has_stats = bool(stats)
+    # BatchNorm statistics need the whole batch; per-sample networks may run in chunks.
+    chunked = chunk > 0 and not has_stats
 
     def loss_fn(p, s, x, y, mask, valid_rows=None):
         """Mean CE over the valid rows; over ``valid_rows`` instead when ``x`` is one chunk."""
@@ -94,7 +96,7 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
                 params, stats, opt_state = carry
                 idx, mask, aug_key = inputs
                 x = augment.dsa(aug_key, train_x[idx], dsa_strategy, siamese=False)
-                if has_stats or chunk <= 0:
+                if not chunked:
                     grads, stats = jax.grad(loss_fn, has_aux=True)(params, stats, x,
                                                                     train_y[idx], mask)
                 else:
@@ -130,7 +132,7 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
     def test_chunk(correct, test_part):
         x, y = test_part
         variables = {"params": params, "batch_stats": stats} if has_stats else {"params": params}
-        if has_stats or chunk <= 0:
+        if not chunked:
             _, logits = model.apply(variables, x, train=False)
         else:
             _, logits = microbatch.apply_in_chunks(
