@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.iteration import load_average, peak_memory, progress, report, summary, \
-    time_calls
+from benchmarks.common import load_average, progress, report
+from benchmarks.iteration import peak_memory, summary, time_calls
 from idm_jax import microbatch, models, partition
 from idm_jax import evaluate as evaluate_lib
 

@@ -26,13 +26,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
-import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -40,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import load_average, progress, report
 from idm_jax import condense, models
 from idm_jax import config as config_lib
 from idm_jax import queue as queue_lib
@@ -54,36 +52,6 @@ _SHAPES = {"cifar10": ((32, 32, 3), 10, 5000), "cifar100": ((32, 32, 3), 100, 50
 
 
 # ----------------------------------------------------------------------------- environment
-def machine_description() -> dict:
-    """CPU model, core count, memory and the JAX device, for the benchmark record."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        mem_gb = float("nan")
-    device = jax.devices()[0]
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1),
-            "backend": jax.default_backend(), "device": f"{len(jax.devices())} x "
-            f"{device.device_kind}", "jax": jax.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
-
-
-def load_average() -> Optional[float]:
-    """One-minute load average (other processes share the cores: timings are noisy)."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 def peak_memory() -> dict:
     """Peak device memory when the backend reports it, else the process's max RSS (CPU)."""
     stats = jax.devices()[0].memory_stats()
@@ -218,26 +186,8 @@ def profile_ops(call: Callable[[], object], log_dir: str, top: int = 25) -> list
     return [{"op": name, "ms": round(ms, 1), "count": count} for name, (ms, count) in ranked]
 
 
-def report(record: dict, module: str, argv: Optional[Sequence[str]], header: str, row: str,
-           json_path: Optional[str]) -> dict:
-    """Stamp ``record`` with date, command and machine; print the table row and the JSON line;
-    append the JSON line to ``json_path`` if given. Returns the stamped record."""
-    command = f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
-    record = {"date": datetime.date.today().isoformat(), "command": command,
-              "machine": machine_description(), **record}
-    line = json.dumps(record, default=float)
-    print(header)
-    print(row(record))
-    print(line)
-    if json_path:
-        with open(json_path, "a") as f:
-            f.write(line + "\n")
-    return record
 
 
-def progress(message: str) -> None:
-    """A progress line on stderr (full-size CPU runs take minutes per program)."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def _compile(jitted, *args):

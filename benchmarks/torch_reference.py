@@ -1,0 +1,185 @@
+"""The official code's network work in PyTorch, timed on this machine, as a baseline.
+
+The issue's CPU goal compares our iteration with the official PyTorch code on the same machine.
+That code is not installable here (no network beyond package registries), so this module
+rebuilds the part of it that does the work: the same ConvNet-3 (conv 3x3 / GroupNorm(C, C) /
+ReLU / AvgPool2d(2) x 3, linear classifier, PyTorch default init, NCHW) with the same
+optimisers, batch sizes and passes per iteration (reference sections 2.5-2.7 and 6):
+
+* matching, per class: a forward of 256 real images without gradient; partition-and-expand of
+  the class's ``ipc`` synthetic images to ``4 * ipc`` (quadrants, bilinear upsampling); an
+  embedding forward *and* a separate logits forward of the expanded images, as the official
+  code does; the MMD + CE loss; backward; one SGD step (momentum 0.5) on the images;
+* queue training: ``fetch_net_num`` models x ``model_train_steps`` SGD steps (lr 0.01, momentum
+  0.9, weight decay 5e-4) on 256 images gathered at random from a 50,000-image tensor;
+* evaluation: one epoch of the evaluation trainer over ``4 * ipc * classes`` images in batches
+  of 256.
+
+Not rebuilt: DSA augmentation (the official code applies it to the real and synthetic batches
+in matching and to every evaluation batch), the data loader and logging. They only add time to
+PyTorch's side, so the figures here are lower bounds of the official code's time. Inputs are
+random tensors of CIFAR-10's shapes (speed does not depend on the values).
+
+Usage (PyTorch is not a dependency of idm-jax; install it into the same environment)::
+
+    pip install torch --index-url https://download.pytorch.org/whl/cpu
+    python -m benchmarks.torch_reference [--iters 2] [--channels_last]
+
+Prints one table row (markdown) and one JSON line; ``--json FILE`` also appends the JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Optional, Sequence
+
+from benchmarks.common import load_average, progress, report
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        sys.exit("benchmarks.torch_reference needs PyTorch, which idm-jax does not install: "
+                 "pip install torch --index-url https://download.pytorch.org/whl/cpu")
+    return torch
+
+
+def convnet3(torch, channels: int = 3, width: int = 128, num_classes: int = 10, hw: int = 32):
+    """ConvNet-3 of the official ``networks.py`` (instancenorm = GroupNorm(width, width))."""
+    nn = torch.nn
+    layers = []
+    for d in range(3):
+        layers += [nn.Conv2d(channels if d == 0 else width, width, 3, padding=1),
+                   nn.GroupNorm(width, width, affine=True), nn.ReLU(inplace=True),
+                   nn.AvgPool2d(2, 2)]
+    features = nn.Sequential(*layers, nn.Flatten())
+    return features, nn.Linear(width * (hw // 8) ** 2, num_classes)
+
+
+def partition_expand(torch, images):
+    """(n, C, H, W) -> (4n, C, H, W): 2x2 quadrants, each bilinearly upsampled to H x W."""
+    n, c, h, w = images.shape
+    parts = [images[:, :, i * h // 2:(i + 1) * h // 2, j * w // 2:(j + 1) * w // 2]
+             for i in range(2) for j in range(2)]
+    return torch.nn.functional.interpolate(torch.cat(parts), size=(h, w), mode="bilinear",
+                                           align_corners=False)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iters", type=int, default=2, help="timed iterations (min reported)")
+    parser.add_argument("--ipc", type=int, default=10)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch_real", type=int, default=256)
+    parser.add_argument("--trainees", type=int, default=2, help="fetch_net_num")
+    parser.add_argument("--train_steps", type=int, default=10, help="model_train_steps")
+    parser.add_argument("--channels_last", action="store_true",
+                        help="NHWC memory format (not what the official code does)")
+    parser.add_argument("--threads", type=int, default=0, help="0: one per core")
+    parser.add_argument("--json", default=None, help="append the JSON record to this file")
+    args = parser.parse_args(argv)
+
+    torch = _import_torch()
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads or os.cpu_count())
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    def model():
+        features, head = convnet3(torch, num_classes=args.classes)
+        return features.to(memory_format=fmt), head
+
+    def sgd(params):
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    pool = torch.randn(50000, 3, 32, 32).contiguous(memory_format=fmt)
+    pool_labels = torch.randint(0, args.classes, (50000,))
+    syn = torch.randn(args.classes * args.ipc, 3, 32, 32, requires_grad=True)
+    syn_opt = torch.optim.SGD([syn], lr=0.2, momentum=0.5)
+    extractor = model()
+    trainees = [model() for _ in range(args.trainees)]
+    trainee_opts = [sgd(list(f.parameters()) + list(h.parameters())) for f, h in trainees]
+
+    def matching():
+        features, head = extractor
+        for c in range(args.classes):
+            real = pool[torch.randint(0, 50000, (args.batch_real,))]
+            with torch.no_grad():
+                real_mean = features(real).mean(0)
+            expanded = partition_expand(torch, syn[c * args.ipc:(c + 1) * args.ipc])
+            expanded = expanded.contiguous(memory_format=fmt)
+            syn_mean = features(expanded).mean(0)
+            logits = head(features(expanded))      # the official code's second forward
+            target = torch.full((expanded.shape[0],), c)
+            loss = ((real_mean - syn_mean) ** 2).sum() + 0.5 * F.cross_entropy(logits, target)
+            syn_opt.zero_grad()
+            loss.backward()
+            syn_opt.step()
+
+    def queue_training():
+        for (features, head), opt in zip(trainees, trainee_opts):
+            for _ in range(args.train_steps):
+                idx = torch.randint(0, 50000, (args.batch_real,))
+                loss = F.cross_entropy(head(features(pool[idx])), pool_labels[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+    eval_features, eval_head = model()
+    eval_opt = sgd(list(eval_features.parameters()) + list(eval_head.parameters()))
+    eval_images = torch.randn(4 * args.ipc * args.classes, 3, 32, 32).contiguous(
+        memory_format=fmt)
+    eval_labels = torch.arange(args.classes).repeat_interleave(4 * args.ipc)
+
+    def eval_epoch():
+        order = torch.randperm(eval_images.shape[0])
+        for start in range(0, order.numel(), 256):
+            idx = order[start:start + 256]
+            loss = F.cross_entropy(eval_head(eval_features(eval_images[idx])), eval_labels[idx])
+            eval_opt.zero_grad()
+            loss.backward()
+            eval_opt.step()
+
+    def timed(fn, name):
+        fn()   # warm-up: oneDNN picks and caches its kernels on the first call
+        times = []
+        for i in range(args.iters):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+            progress(f"{name} {i + 1}/{args.iters}: {times[-1]:.2f} s")
+        return min(times), statistics.median(times)
+
+    load_before = load_average()
+    match_s, match_med = timed(matching, "matching")
+    queue_s, queue_med = timed(queue_training, "queue training")
+    eval_s, _ = timed(eval_epoch, "evaluation epoch")
+    steps = args.trainees * args.train_steps
+    record = {
+        "benchmark": "torch_reference", "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "channels_last": args.channels_last,
+        "ipc": args.ipc, "classes": args.classes, "iters": args.iters,
+        "matching_s": match_s, "matching_median_s": match_med,
+        "queue_s": queue_s, "queue_median_s": queue_med, "queue_step_s": queue_s / steps,
+        "iteration_s": match_s + queue_s, "eval_epoch_s": eval_s,
+        "load_before": load_before, "load_after": load_average(),
+    }
+    header = ("| date | torch | format | iteration | matching | queue (per step) | eval epoch "
+              "| load |\n|---|---|---|---|---|---|---|---|")
+
+    def row(r):
+        return (f"| {r['date']} | {r['torch']} | "
+                f"{'NHWC' if r['channels_last'] else 'NCHW'} | {r['iteration_s']:.2f} s | "
+                f"{r['matching_s']:.2f} s | {r['queue_s']:.2f} s ({r['queue_step_s']:.3f} s) | "
+                f"{r['eval_epoch_s']:.2f} s | {r['load_before']} |")
+
+    return report(record, "benchmarks.torch_reference", argv, header, row, args.json)
+
+
+if __name__ == "__main__":
+    main()
