@@ -160,9 +160,10 @@ def load_data(config: Config, args) -> data.Dataset:
     return dataset
 
 
-def evaluate_state(state, dataset: data.Dataset, config: Config, key, test_x) -> dict:
+def evaluate_state(images, dataset: data.Dataset, config: Config, key, test_x) -> dict:
+    """Evaluate stored synthetic ``images`` (K*ipc, H, W, C), normalised, host or device array."""
     return evaluate.evaluate_synset(
-        key, state.images, condense.synthetic_labels(dataset.num_classes, config.ipc),
+        key, images, condense.synthetic_labels(dataset.num_classes, config.ipc),
         test_x, dataset.test_labels, model=config.eval_model, num_classes=dataset.num_classes,
         num_models=config.num_eval, epochs=config.epoch_eval_train,
         batch_size=config.batch_train, lr=config.lr_net, momentum=config.net_momentum,
@@ -201,7 +202,28 @@ def build_mesh(args):
     count = getattr(args, "devices", 0) or jax.device_count()
     if count > jax.device_count():
         raise UserError(f"--devices {count} but only {jax.device_count()} are available")
+    if jax.process_count() > 1 and count != jax.device_count():
+        raise UserError(f"with {jax.process_count()} hosts the run uses every device of every "
+                        f"host ({jax.device_count()}); drop --devices {count}")
     return sharding.make_mesh(count) if count > 1 else None
+
+
+def place_real(dataset: data.Dataset, mesh) -> condense.RealData:
+    """The real training set on the run's devices.
+
+    With several hosts each host places only the classes its devices hold
+    (``sharding.real_from_host_shard``), so no device and no host's device memory receives the
+    whole train set. (The loaders still read the whole set into each host's RAM first.)
+    """
+    if jax.process_count() == 1:
+        return condense.prepare_real(dataset.train_images, dataset.train_labels, dataset.mean,
+                                     dataset.std, dataset.num_classes, mesh=mesh)
+    labels = dataset.train_labels
+    own = sharding.host_class_slice(dataset.num_classes, mesh)
+    keep = (labels >= own.start) & (labels < own.stop)
+    counts = np.bincount(labels, minlength=dataset.num_classes)
+    return sharding.real_from_host_shard(dataset.train_images[keep], labels[keep], counts,
+                                         dataset.mean, dataset.std, mesh)
 
 
 def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
@@ -209,8 +231,10 @@ def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
     os.makedirs(args.workdir, exist_ok=True)
     mesh = build_mesh(args)
     dataset = load_data(config, args) if dataset is None else dataset
-    real = condense.prepare_real(dataset.train_images, dataset.train_labels, dataset.mean,
-                                 dataset.std, dataset.num_classes, mesh=mesh)
+    real = place_real(dataset, mesh)
+    # With several hosts every host runs this function; only host 0 writes the shared outputs,
+    # and every host makes the same collective calls (checkpoints, to_host, any_host).
+    main_host = jax.process_index() == 0
     engine = condense.make_engine(config, real.num_classes, real.image_shape)
     meta = checkpoint.data_meta(real)
     checkpointer = checkpoint.Checkpointer(os.path.join(args.workdir, "checkpoints"),
@@ -228,26 +252,32 @@ def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
     elif latest is not None:
         import shutil
         checkpointer.close()
-        shutil.rmtree(checkpointer.directory)
+        if main_host:
+            shutil.rmtree(checkpointer.directory)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("idm_jax: old checkpoints removed")
         checkpointer = checkpoint.Checkpointer(os.path.join(args.workdir, "checkpoints"),
                                                keep=config.keep_checkpoints)
-    checkpoint.dump_json(os.path.join(args.workdir, "config.json"),
-                         dict(config.to_dict(), **{"data": meta}))
-    # With several hosts every host runs this function; only host 0 writes the shared outputs.
-    main_host = jax.process_index() == 0
+    if main_host:
+        checkpoint.dump_json(os.path.join(args.workdir, "config.json"),
+                             dict(config.to_dict(), **{"data": meta}))
     log = MetricsLog(os.path.join(args.workdir, "metrics.jsonl") if main_host else os.devnull)
     test_x = data.normalize(dataset.test_images, dataset.mean, dataset.std)
     eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000_003)
 
-    def images_01(s):
-        return np.clip(np.asarray(s.images) * np.asarray(real.std) + np.asarray(real.mean), 0,
-                       1) if config.normalize_train else np.clip(np.asarray(s.images), 0, 1)
+    def images_01(images):
+        return np.clip(images * np.asarray(real.std) + np.asarray(real.mean), 0,
+                       1) if config.normalize_train else np.clip(images, 0, 1)
 
     def intermediate_eval(s, it):
-        result = evaluate_state(s, dataset, config, jax.random.fold_in(eval_key, it), test_x)
+        # Every host gathers the images and evaluates them the same way (same key); host 0 writes.
+        images = sharding.to_host(s.images)
+        result = evaluate_state(images, dataset, config, jax.random.fold_in(eval_key, it),
+                                test_x)
         log.write({"event": "eval", "iteration": it, **result})
         if main_host:
-            save_grid(os.path.join(args.workdir, f"synthetic_{it}.png"), images_01(s),
+            save_grid(os.path.join(args.workdir, f"synthetic_{it}.png"), images_01(images),
                       real.num_classes)
         print(f"[it {it}] {config.eval_model} accuracy {result['mean']:.2f} +- "
               f"{result['std']:.2f} % over {config.num_eval} models ({result['seconds']:.0f} s)")
@@ -257,7 +287,7 @@ def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
     last_saved = latest if latest is not None and not args.restart else None
     condense_seconds = 0.0
     progress = None
-    if not args.quiet:
+    if not args.quiet and main_host:
         from tqdm import tqdm
         progress = tqdm(total=config.iterations, initial=start_it, unit="it",
                         dynamic_ncols=True, desc=f"{config.dataset} ipc{config.ipc}")
@@ -280,9 +310,11 @@ def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
                 progress.set_postfix(loss=f"{metrics['loss']:.3g}",
                                      acc=f"{metrics['extractor_acc']:.0f}%")
             done = it >= config.iterations
-            if interrupt.requested or done or it % config.checkpoint_every == 0:
+            # All hosts stop at the same iteration even if Ctrl-C reached only some of them.
+            stop = sharding.any_host(interrupt.requested)
+            if stop or done or it % config.checkpoint_every == 0:
                 last_saved = checkpointer.save(state, config, meta)
-            if interrupt.requested:
+            if stop:
                 if progress is not None:
                     progress.close()
                 print(f"stopped at iteration {it}; checkpoint saved in {checkpointer.directory}. "
@@ -300,19 +332,20 @@ def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
 
     # Final outputs: the reported evaluation is of the set after `iterations` updates.
     it = int(state.iteration)
-    images_pixels = images_01(state)
+    images = sharding.to_host(state.images)
+    images_pixels = images_01(images)
     labels = np.asarray(condense.synthetic_labels(real.num_classes, config.ipc))
     # With the ImageNet quirk the stored images are already [0,1] pixels.
     mean, std = ((real.mean, real.std) if config.normalize_train
                  else (np.zeros_like(real.mean), np.ones_like(real.std)))
     if main_host:
         checkpoint.export_npz(os.path.join(args.workdir, "synthetic.npz"),
-                              np.asarray(state.images), labels, mean, std,
+                              images, labels, mean, std,
                               partition_expand=config.partition_expand,
                               partition_factor=config.partition_factor,
                               normalized=config.normalize_train)
         save_grid(os.path.join(args.workdir, "synthetic.png"), images_pixels, real.num_classes)
-    result = evaluate_state(state, dataset, config, jax.random.fold_in(eval_key, it), test_x)
+    result = evaluate_state(images, dataset, config, jax.random.fold_in(eval_key, it), test_x)
     log.write({"event": "eval", "iteration": it, **result})
     log.close()
     results = {

@@ -53,8 +53,10 @@ host (same seed) and placed with ``shard_state``; the step, ``condense.iterate``
 checkpointer then work unchanged (orbax writes each host's shards in parallel; use a shared file
 system for the work directory). To resume, pass ``shard_state(fresh_state, mesh)`` as the
 restore template: orbax reads each device's slice straight into that layout. Only host 0
-should print and export results. The multi-host path is untested here (single process only);
-the single-process path is the same code.
+should print and export results; ``to_host`` gathers a split array onto every host (a
+collective: all hosts call it). ``tests/test_multihost.py`` runs the experiments CLI as two
+processes with two CPU devices each over localhost and checks it against one device; separate
+machines and accelerators are not tested.
 """
 
 from __future__ import annotations
@@ -318,6 +320,37 @@ def real_from_host_shard(images: np.ndarray, labels: np.ndarray, counts, mean, s
                     std=_put(np.asarray(std, np.float32), rep))
 
 
+def to_host(tree):
+    """Every array of ``tree`` as a whole NumPy array on this host.
+
+    Arrays split over several hosts' devices are gathered from the other hosts
+    (``multihost_utils.process_allgather``), which is a collective: with several hosts, every
+    host must make the same ``to_host`` calls in the same order. Arrays this process can read in
+    full (single host, or replicated) are copied without communication.
+    """
+    from jax.experimental import multihost_utils
+
+    def fetch(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(fetch, tree)
+
+
+def any_host(flag: bool) -> bool:
+    """True if ``flag`` is True on any host (every host must call it; no-op with one host).
+
+    Lets all hosts take the same branch, e.g. all stop and checkpoint at the same iteration when
+    only some of them received Ctrl-C.
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.bool_))))
+
+
 __all__ = ["DATA_AXIS", "make_mesh", "mesh_size", "padded_classes", "split", "replicated", "rows",
            "constrain", "data_parallel", "real_shardings", "state_shardings", "shard_real",
-           "shard_state", "initialize_distributed", "host_class_slice", "real_from_host_shard"]
+           "shard_state", "initialize_distributed", "host_class_slice", "real_from_host_shard",
+           "to_host", "any_host"]

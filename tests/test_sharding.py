@@ -320,3 +320,17 @@ def test_mesh_and_distributed_arguments_are_checked():
     with pytest.raises(ValueError, match="process_id"):
         sharding.initialize_distributed("localhost:1", 2, 5)
     assert sharding.host_class_slice(7, sharding.make_mesh(1)) == slice(0, 7)
+
+
+def test_to_host_and_any_host_on_one_process():
+    # (Across processes both are exercised by tests/test_multihost.py.)
+    import jax
+    import jax.numpy as jnp
+    tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": (jnp.int32(4), np.ones(2))}
+    host = sharding.to_host(tree)
+    assert isinstance(host["a"], np.ndarray) and isinstance(host["b"][0], np.ndarray)
+    np.testing.assert_array_equal(host["a"], np.arange(6.0).reshape(2, 3))
+    assert host["b"][0] == 4 and host["b"][1].tolist() == [1.0, 1.0]
+    placed = jax.device_put(np.arange(4.0), sharding.split(sharding.make_mesh(1)))
+    np.testing.assert_array_equal(sharding.to_host(placed), np.arange(4.0))
+    assert sharding.any_host(True) is True and sharding.any_host(False) is False
