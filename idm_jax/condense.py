@@ -121,8 +121,16 @@ def class_batch_indices(key: jax.Array, counts: jax.Array, nmax: int, batch: int
 
 
 def sample_all_classes(real: RealData, key: jax.Array, batch: int, normalize: bool = True):
-    """A batch drawn without replacement from the whole train set: (images, labels)."""
-    picks = jax.random.choice(key, real.flat_index, (batch,), replace=False)
+    """A batch drawn without replacement from the whole train set: (images, labels).
+
+    The ``batch`` images with the largest of iid uniform scores: a uniform random subset in
+    random order, like the official ``randperm(N)[:batch]``. ``jax.random.choice(...,
+    replace=False)`` draws the same distribution by shuffling all N indices, two sorts of N
+    pairs: with N = 50,000 that was 20 ms per draw on the 2-core CPU, 0.4 s of each CIFAR-10
+    iteration's 20 queue steps (profiled), against 0.4 ms for this ``top_k``.
+    """
+    scores = jax.random.uniform(key, real.flat_index.shape)
+    picks = real.flat_index[jax.lax.top_k(scores, batch)[1]]
     nmax = real.per_class.shape[1]
     flat = real.per_class.reshape((-1,) + real.image_shape)
     return _to_float(real, flat[picks], normalize), (picks // nmax).astype(jnp.int32)

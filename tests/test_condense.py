@@ -113,6 +113,23 @@ def test_class_batches_are_distinct_valid_and_cover_small_classes():
     np.testing.assert_array_equal(np.asarray(first), np.tile(np.arange(4), (3, 1)))
 
 
+def test_whole_set_batches_are_distinct_labelled_and_uniform():
+    # Uneven classes (padding rows in per_class): 4 + 9 + 7 = 20 images, batches of 5.
+    labels = np.repeat(np.arange(3), [4, 9, 7])
+    images = np.arange(20, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
+    real = condense.prepare_real(images, labels, [0.0], [1.0 / 255.0])
+    draw = jax.jit(jax.vmap(lambda k: condense.sample_all_classes(real, k, 5)))
+    x, y = draw(jax.random.split(jax.random.PRNGKey(0), 4000))
+    ids = np.asarray(x)[:, :, 0, 0, 0].round().astype(int)     # pixel value = image id
+    assert all(len(set(row)) == 5 for row in ids.tolist())       # without replacement
+    np.testing.assert_array_equal(np.asarray(y), labels[ids])    # labels of those images
+    # Uniform subsets in random order: every image is drawn with probability 5/20 and is the
+    # first of a batch with probability 1/20 (binomial standard errors about 0.007 and 0.0034).
+    included = np.bincount(ids.ravel(), minlength=20) / 4000
+    first = np.bincount(ids[:, 0], minlength=20) / 4000
+    assert np.abs(included - 0.25).max() < 0.03, included
+    assert np.abs(first - 0.05).max() < 0.015, first
+
 def test_mosaic_init_tiles_pooled_real_images_of_the_class():
     images, labels = tiny_data()
     real = condense.prepare_real(images, labels, MEAN, STD)
