@@ -132,3 +132,36 @@ def test_two_host_checkpoint_resumes_on_one_device(runs):
     np.testing.assert_allclose(_images(hosts), _images(single), atol=2e-5, rtol=1e-5)
     # Two more iterations changed the images.
     assert np.abs(_images(hosts) - _images(runs["it4"]["hosts"])).max() > 1e-4
+
+
+def test_ctrl_c_on_one_host_stops_both_at_the_same_checkpoint(tmp_path):
+    import re
+    import signal
+    import time
+
+    workdir, port = tmp_path / "run", _free_port()
+    argv = ["--workdir", str(workdir), *TINY, "--iterations", "150", "--checkpoint_every",
+            "1000", "--eval_every", "0", "--distributed", "--coordinator_address",
+            f"localhost:{port}", "--num_processes", "2", "--process_id"]
+    procs = {rank: _start(argv + [str(rank)], 2, tmp_path / "xla_cache") for rank in (0, 1)}
+    metrics, deadline = workdir / "metrics.jsonl", time.time() + 240
+    while time.time() < deadline and all(p.poll() is None for p in procs.values()):
+        if metrics.exists() and sum(1 for _ in open(metrics)) >= 3:
+            break
+        time.sleep(0.2)
+    try:
+        assert all(p.poll() is None for p in procs.values()), "a host ended before the signal"
+        procs[1].send_signal(signal.SIGINT)          # only the host that writes no outputs
+        logs = {rank: proc.communicate(timeout=120)[0] for rank, proc in procs.items()}
+    finally:   # hosts that disagree wait for each other forever: never leave them behind
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    for rank, proc in procs.items():
+        assert proc.returncode == 130, f"host {rank}:\n{logs[rank][-3000:]}"
+    stopped = [re.search(r"stopped at iteration (\d+)", logs[r]) for r in (0, 1)]
+    assert all(stopped), logs
+    it = int(stopped[0].group(1))
+    assert int(stopped[1].group(1)) == it and 3 <= it < 150
+    assert sorted(os.listdir(workdir / "checkpoints")) == [str(it)]
+    assert not (workdir / "results.json").exists()
