@@ -40,7 +40,6 @@ def machine_description() -> dict:
     return machine
 
 
-
 def load_average() -> Optional[float]:
     """One-minute load average (other processes share the cores: timings are noisy)."""
     try:
@@ -49,11 +48,9 @@ def load_average() -> Optional[float]:
         return None
 
 
-
 def progress(message: str) -> None:
     """A progress line on stderr (full-size CPU runs take minutes per program)."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
 
 
 def report(record: dict, module: str, argv: Optional[Sequence[str]], header: str, row: Callable[[dict], str],

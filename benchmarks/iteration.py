@@ -186,10 +186,6 @@ def profile_ops(call: Callable[[], object], log_dir: str, top: int = 25) -> list
     return [{"op": name, "ms": round(ms, 1), "count": count} for name, (ms, count) in ranked]
 
 
-
-
-
-
 def _compile(jitted, *args):
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()

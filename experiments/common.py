@@ -30,7 +30,6 @@ from idm_jax import checkpoint, condense, config as config_lib, data, evaluate, 
 from idm_jax.config import Config
 
 
-
 class UserError(Exception):
     """A problem the user can fix; printed without a traceback."""
 
@@ -254,9 +253,7 @@ def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
         checkpointer.close()
         if main_host:
             shutil.rmtree(checkpointer.directory)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("idm_jax: old checkpoints removed")
+        sharding.sync_hosts("idm_jax: old checkpoints removed")   # others wait for host 0
         checkpointer = checkpoint.Checkpointer(os.path.join(args.workdir, "checkpoints"),
                                                keep=config.keep_checkpoints)
     if main_host:

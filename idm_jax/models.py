@@ -456,7 +456,6 @@ class _ChoosesNorm:
         return self.norm == "batchnorm"
 
 
-
 class ConvNet(_ChoosesNorm, nn.Module):
     """DC ConvNet: ``depth`` x [conv3x3(width) -> norm -> act -> pool2], flatten, linear.
 

@@ -338,6 +338,13 @@ def to_host(tree):
     return jax.tree.map(fetch, tree)
 
 
+def sync_hosts(name: str) -> None:
+    """Wait until every host reaches the barrier ``name`` (no-op with one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def any_host(flag: bool) -> bool:
     """True if ``flag`` is True on any host (every host must call it; no-op with one host).
 
@@ -353,4 +360,4 @@ def any_host(flag: bool) -> bool:
 __all__ = ["DATA_AXIS", "make_mesh", "mesh_size", "padded_classes", "split", "replicated", "rows",
            "constrain", "data_parallel", "real_shardings", "state_shardings", "shard_real",
            "shard_state", "initialize_distributed", "host_class_slice", "real_from_host_shard",
-           "to_host", "any_host"]
+           "to_host", "any_host", "sync_hosts"]

@@ -326,7 +326,6 @@ class InstanceNormTest(chex.TestCase):
         np.testing.assert_allclose(np.asarray(emb), want.reshape(2, -1), rtol=1e-4, atol=1e-5)
 
 
-
 def test_instance_norm_gradient_equals_autodiff_of_the_formula():
     # The hand-written VJP against JAX's derivative of the plain two-pass formula, on planes
     # with an offset mean (as conv outputs have), non-trivial scale/bias and a random cotangent.

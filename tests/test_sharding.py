@@ -334,3 +334,4 @@ def test_to_host_and_any_host_on_one_process():
     placed = jax.device_put(np.arange(4.0), sharding.split(sharding.make_mesh(1)))
     np.testing.assert_array_equal(sharding.to_host(placed), np.arange(4.0))
     assert sharding.any_host(True) is True and sharding.any_host(False) is False
+    sharding.sync_hosts("one process: returns at once")
