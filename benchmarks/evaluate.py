@@ -34,8 +34,8 @@ import numpy as np
 
 from benchmarks.common import load_average, progress, report
 from benchmarks.iteration import peak_memory, summary, time_calls
-from idm_jax import microbatch, models, partition
-from idm_jax import evaluate as evaluate_lib
+from idm_jax import backend, microbatch, models, partition
+from idm_jax import evaluation as evaluate_lib
 
 FULL_EPOCHS = 1000   # the official epoch_eval_train: epochs 0..1000, 1001 in all
 
@@ -68,7 +68,7 @@ def run(ipc: int = 10, num_classes: int = 10, image_shape=(32, 32, 3), epochs: i
     test_x = jnp.asarray(rng.normal(size=(test_batch,) + tuple(image_shape)), jnp.float32)
     test_y = jnp.asarray(rng.integers(0, num_classes, test_batch), jnp.int32)
     net = models.get_model(model, num_classes, in_channels=image_shape[-1])
-    chunk = microbatch.resolve(microbatch_size)
+    chunk = backend.resolve(microbatch_size).chunk
 
     def one(key, epoch_eval_train):
         return evaluate_lib.train_and_test(key, net, train_x, train_y, test_x, test_y,

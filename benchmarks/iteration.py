@@ -1,6 +1,6 @@
 """Benchmark of one IDM outer iteration: compile time, iteration time and its split.
 
-The iteration is the jitted ``idm_jax.condense.make_step`` program. Its two parts are timed as
+The iteration is the jitted ``idm_jax.engine_lib.make_step`` program. Its two parts are timed as
 programs of their own:
 
 * matching: the same step built from the config with ``model_train_steps=0`` (extractor forward
@@ -38,7 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import load_average, progress, report
-from idm_jax import condense, models
+from idm_jax import models
+from idm_jax import engine as engine_lib
+from idm_jax import real as real_lib
 from idm_jax import config as config_lib
 from idm_jax import queue as queue_lib
 from idm_jax.config import Config
@@ -70,7 +72,7 @@ def load_real(config: Config, data_dir: Optional[str], seed: int = 0):
     if data_dir:
         from idm_jax import data
         dataset = data.load_dataset(config.dataset, source="npy", data_dir=data_dir)
-        return (condense.prepare_real(dataset.train_images, dataset.train_labels, dataset.mean,
+        return (real_lib.prepare_real(dataset.train_images, dataset.train_labels, dataset.mean,
                                       dataset.std, dataset.num_classes),
                 f"npy:{data_dir}")
     if config.dataset not in _SHAPES:
@@ -80,7 +82,7 @@ def load_real(config: Config, data_dir: Optional[str], seed: int = 0):
     labels = np.repeat(np.arange(num_classes), per_class)
     images = rng.integers(0, 256, (labels.size,) + shape, dtype=np.uint8)
     channels = shape[-1]
-    return (condense.prepare_real(images, labels, [0.5] * channels, [0.25] * channels,
+    return (real_lib.prepare_real(images, labels, [0.5] * channels, [0.25] * channels,
                                   num_classes),
             "random-uint8")
 
@@ -197,9 +199,9 @@ def bench_step(config: Config, real, iters: int, seed: int = 0,
                profile_dir: Optional[str] = None) -> dict:
     """Compile and time the whole jitted iteration of ``config`` (and profile it if asked)."""
     progress(f"step (model_train_steps={config.model_train_steps}): compiling")
-    engine = condense.make_engine(config, real.num_classes, real.image_shape)
-    state = condense.init_state(engine, real, seed)
-    step = condense.make_step(engine, real)
+    engine = engine_lib.make_engine(config, real.num_classes, real.image_shape)
+    state = engine_lib.init_state(engine, real, seed)
+    step = engine_lib.make_step(engine, real)
     compiled, compile_s = _compile(step, state, real)
     holder = {"state": state}
 
@@ -228,21 +230,21 @@ def bench_queue_training(config: Config, real, iters: int, seed: int = 0,
     vmapped or looped trainees.
     """
     progress(f"queue training alone (vmap_trainees={vmap_trainees}): compiling")
-    engine = condense.make_engine(config, real.num_classes, real.image_shape)
-    state = condense.init_state(engine, real, seed)
+    engine = engine_lib.make_engine(config, real.num_classes, real.image_shape)
+    state = engine_lib.init_state(engine, real, seed)
 
     def logits_fn(params, images):
         return engine.apply(params, images)[1]
 
     def train(queue, key, r):
         def trainee_batch(k):
-            return condense.sample_all_classes(r, k, config.trained_bs, config.normalize_train)
+            return real_lib.sample_all_classes(r, k, config.trained_bs, config.normalize_train)
 
         k_pick, k_train = jax.random.split(key)
         slots, active = queue_lib.sample_slots(queue, k_pick, config.fetch_net_num)
         return queue_lib.train_slots(queue, k_train, slots, active, logits_fn, trainee_batch,
                                      engine.optimizer, config.model_train_steps,
-                                     vmap_trainees=vmap_trainees, chunk=engine.chunk)
+                                     vmap_trainees=vmap_trainees, chunk=engine.policy.chunk)
 
     compiled, compile_s = _compile(jax.jit(train, donate_argnums=0), state.queue, state.key,
                                    real)

@@ -17,8 +17,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from experiments import common
-from idm_jax import checkpoint, data, evaluate
+from idm_jax import checkpoint, cli, data, evaluation
 
 
 def random_real_baseline(dataset: data.Dataset, config, key) -> dict:
@@ -28,7 +27,7 @@ def random_real_baseline(dataset: data.Dataset, config, key) -> dict:
                                       replace=False) for k in range(dataset.num_classes)])
     images = data.normalize(dataset.train_images[rows], dataset.mean, dataset.std)
     test_x = data.normalize(dataset.test_images, dataset.mean, dataset.std)
-    return evaluate.evaluate_synset(
+    return evaluation.evaluate_synset(
         key, images, dataset.train_labels[rows], test_x, dataset.test_labels,
         model=config.eval_model, num_classes=dataset.num_classes, num_models=config.num_eval,
         epochs=config.epoch_eval_train, batch_size=config.batch_train, lr=config.lr_net,
@@ -42,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--workdir", default=os.path.join("runs", "digits"))
     parser.add_argument("-h", "--help", action="store_true")
     own, rest = parser.parse_known_args(argv)
-    common.enable_compilation_cache()
+    cli.enable_compilation_cache()
     if own.help:
         parser.print_help()
         print("\nOther flags as every experiment (python -m experiments.cifar10 --help); any "
@@ -53,18 +52,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         dataset = data.load_dataset("digits")
         comparison = {}
         for ipc in ipcs:
-            args, config = common.parse(["--ipc", str(ipc)] + list(rest), "digits", ipc)
+            args, config = cli.parse(["--ipc", str(ipc)] + list(rest), "digits", ipc)
             args.workdir = os.path.join(own.workdir, f"ipc{ipc}")
             print(f"== digits ipc {ipc}: condensing {config.iterations} iterations")
-            idm = common.run(config, args, dataset)
+            idm = cli.run(config, args, dataset)
             key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 7)
             random = random_real_baseline(dataset, config, key)
             comparison[ipc] = {"idm": idm["mean"], "idm_std": idm["std"],
                                "random_real": random["mean"], "random_real_std": random["std"],
                                "num_eval": config.num_eval}
-    except common.UserError as err:
+    except cli.UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except cli.run_lib.Interrupted as stop:
+        print(stop)
+        raise SystemExit(130) from None
     print("\n  ipc | IDM condensed (%)  | random real (%)")
     for ipc, row in comparison.items():
         print(f"  {ipc:>3} | {row['idm']:6.2f} +- {row['idm_std']:5.2f} | "

@@ -1,6 +1,6 @@
 """Condense imagenet_subset with IDM: `python -m experiments.imagenet_subset --ipc 10 [--FIELD VALUE ...]`."""
 
-from experiments.common import main
+from idm_jax.cli import main
 
 if __name__ == "__main__":
     main("imagenet_subset", default_ipc=10)

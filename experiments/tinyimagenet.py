@@ -1,6 +1,6 @@
 """Condense tinyimagenet with IDM: `python -m experiments.tinyimagenet --ipc 10 [--FIELD VALUE ...]`."""
 
-from experiments.common import main
+from idm_jax.cli import main
 
 if __name__ == "__main__":
     main("tinyimagenet", default_ipc=10)

@@ -6,7 +6,7 @@ into those images. "Siamese" means that two batches (a real batch and a syntheti
 batch of the same class) receive the *same* random transform, so the matching loss
 compares like with like.
 
-One call of :func:`dsa` does the following (reference section 3):
+One call of :func:`dsa` does the following (docs/FAITHFULNESS.md, "DSA"):
 
 1. The strategy string, e.g. ``"color_crop_cutout_flip_scale_rotate"``, is split on
    ``'_'`` into groups. One group is chosen uniformly at random per call.
@@ -20,56 +20,18 @@ One call of :func:`dsa` does the following (reference section 3):
    With ``siamese=False`` (evaluation training) the group is still one per call, but
    the parameters are drawn independently per image.
 
-Images are NHWC, normalised (so 0 is roughly the dataset-mean colour; every "zero
-fill" below fills with that colour). The per-op functions take explicit parameters.
-Each parameter has shape ``(N,)`` (one value per image) or ``()`` (one value shared
-by the batch), so tests and other modules can call them with known values.
+The transforms themselves, with explicit parameters, are in ``idm_jax.transforms`` (re-exported
+here).
 
-Exact semantics of the official code that matter when reading this module:
-
-* crop and cutout sizes are per axis: the row shift range and cutout height come
-  from H, the column ones from W (``x.size(2)`` and ``x.size(3)`` in the PyTorch
-  code). All datasets used are square, so this only matters for non-square inputs.
-* ``tx`` moves the rows (H axis), ``ty`` moves the columns. Output pixel ``(i, j)``
-  is input pixel ``(i + tx, j + ty)``, or 0 when that lies outside the image.
-* The cutout hole is clamped to the image: rows
-  ``clip(ox - L//2, 0, H-1) .. clip(ox - L//2 + L - 1, 0, H-1)``, and columns the
-  same way with ``oy``.
-* scale/rotate resample like ``F.affine_grid`` + ``F.grid_sample`` with bilinear
-  interpolation, zero padding and ``align_corners=False`` (PyTorch's default, which
-  the official code relies on).
-
-Randomness. ``dsa`` splits its key into a group-choice key and a parameter key. The
+Randomness: ``dsa`` splits its key into a group-choice key and a parameter key. The
 parameter key gives one block of uniforms in [0, 1), of shape (3,) (Siamese) or
 (N, 3) (per image), and the chosen group maps it to its parameters (integers via
 ``floor(u * n)``). The ranges and distributions are those of the official code. The
 random streams cannot match PyTorch's wall-clock-seeded ones, and need not.
-
-Performance notes. Under ``vmap`` a ``lax.switch`` on a batched index runs every
-branch, so each op is kept cheap, and the RNG is drawn once, outside the branches.
-Forward / forward+backward at (256, 32, 32, 3) in ms, measured on the shared
-2-core development CPU (noisy, for comparison only):
-
-* translate: pad + ``dynamic_slice`` 0.2 / 1.5; one-hot matmul 1.8 / 3.3.
-* scale: the same 4-tap gather as rotate. Two separable interpolation-matrix
-  matmuls gave 1.4 / 2.3 (shared) and 1.9 / 3.2 (per image). Their backward is
-  faster, but side by side their forward was 2x slower at 32 x 32 and 10x slower
-  at 224 x 224, and most calls (real batches, evaluation) are forward-only.
-* rotate with a shared theta: gather of pixel rows laid out as (H*W, N*C), about
-  1.4 / 4.3; dense (HW x HW) interpolation matmul about 9 / 17.
-* rotate per image: gather from a flat (N*H*W, C) array 1.3 / 10.5;
-  ``take_along_axis`` 2.3 / 29. The backward pass is a scatter-add. Per-image
-  mode is for evaluation training, which needs no gradient with respect to the
-  images.
-
-Each op uses the fastest exact formulation measured. translate and flip are exact
-slicing. Interpolation weights are computed in float32 from exact pixel-centre
-offsets, so an identity theta reproduces the input exactly.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Mapping
@@ -78,52 +40,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from idm_jax import backend, ops
+from idm_jax.transforms import (DSAParams, affine_sample, brightness, contrast, crop_shift,
+                                cutout, cutout_size, flip, rotate, rotate_theta, saturation,
+                                scale, scale_theta, translate)
+from idm_jax.transforms import _check_images  # the input check dsa shares with the ops
+
 Array = jax.Array
 
 VALID_OPS: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 _IDENTITY_STRATEGIES = ("", "none", "None")
-
-
-@dataclasses.dataclass(frozen=True)
-class DSAParams:
-    """Ranges of the random DSA parameters (``ParamDiffAug`` defaults).
-
-    Frozen and hashable, so it can be a static argument of ``jax.jit``.
-
-    Attributes:
-      prob_flip: probability of reversing the width axis.
-      ratio_scale: ``sx, sy ~ U[1/ratio_scale, ratio_scale)``, drawn independently.
-      ratio_rotate: rotation angle ``~ U[-ratio_rotate, ratio_rotate)`` in degrees.
-      ratio_crop_pad: maximum shift is ``int(ratio_crop_pad * size + 0.5)`` pixels.
-      ratio_cutout: hole side is ``int(ratio_cutout * size + 0.5)`` pixels.
-      brightness: adds ``(u - 0.5) * brightness``, ``u ~ U[0, 1)``.
-      saturation: multiplies the chroma by ``u * saturation``.
-      contrast: multiplies the contrast by ``u + contrast``.
-    """
-
-    prob_flip: float = 0.5
-    ratio_scale: float = 1.2
-    ratio_rotate: float = 15.0
-    ratio_crop_pad: float = 0.125
-    ratio_cutout: float = 0.5
-    brightness: float = 1.0
-    saturation: float = 2.0
-    contrast: float = 0.5
-
-    def __post_init__(self):
-        if not 0.0 <= self.prob_flip <= 1.0:
-            raise ValueError(f"prob_flip must lie in [0, 1], got {self.prob_flip}.")
-        if self.ratio_scale <= 0.0:
-            raise ValueError(f"ratio_scale must be positive, got {self.ratio_scale}.")
-        if self.ratio_crop_pad < 0.0 or self.ratio_cutout < 0.0:
-            raise ValueError(
-                "ratio_crop_pad and ratio_cutout must be non-negative, got "
-                f"{self.ratio_crop_pad} and {self.ratio_cutout}."
-            )
-
-
-# --------------------------------------------------------------------------- helpers
 
 
 def parse_strategy(strategy: str | None) -> tuple[str, ...]:
@@ -152,365 +79,6 @@ def parse_strategy(strategy: str | None) -> tuple[str, ...]:
             f"{list(VALID_OPS)}, joined with '_' (or 'none' for no augmentation)."
         )
     return groups
-
-
-def crop_shift(size: int, ratio: float = DSAParams.ratio_crop_pad) -> int:
-    """Maximum integer translation (pixels) for an axis of ``size`` pixels."""
-    return int(size * ratio + 0.5)
-
-
-def cutout_size(size: int, ratio: float = DSAParams.ratio_cutout) -> int:
-    """Cutout hole side (pixels) along an axis of ``size`` pixels."""
-    return int(size * ratio + 0.5)
-
-
-def _check_images(x: Array) -> None:
-    if x.ndim != 4:
-        raise ValueError(f"Expected NHWC images of rank 4, got shape {tuple(x.shape)}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(
-            f"Expected floating-point (normalised) images, got dtype {x.dtype}; "
-            "convert and normalise them first."
-        )
-
-
-def _param(p, x: Array, name: str, dtype=None) -> Array:
-    """Validates a per-image parameter: shape () (shared) or (N,) (per image)."""
-    p = jnp.asarray(p, dtype=dtype)
-    n = x.shape[0]
-    if p.ndim > 1 or (p.ndim == 1 and p.shape[0] != n):
-        raise ValueError(
-            f"Parameter {name!r} must have shape () or ({n},) for a batch of {n} "
-            f"images, got {tuple(p.shape)}."
-        )
-    return p
-
-
-def _bcast(p: Array, x: Array) -> Array:
-    """Reshapes a () or (N,) parameter so it broadcasts against NHWC ``x``."""
-    return p.reshape(p.shape + (1,) * (x.ndim - p.ndim))
-
-
-def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"{name} must be an int or a pair (rows, cols), got {v!r}.")
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
-
-
-def _tent(d: Array) -> Array:
-    """Bilinear (hat) kernel: weight of a sample at signed distance ``d`` pixels."""
-    return jnp.maximum(0.0, 1.0 - jnp.abs(d))
-
-
-def _centred_pixels(size: int) -> Array:
-    """Pixel-centre positions relative to the image centre: ``k + 0.5 - size/2``.
-
-    This is ``x_n * size / 2`` for the normalised centre ``x_n = (2k+1)/size - 1``,
-    but exact in float32, so an identity transform reproduces the input exactly.
-    """
-    return jnp.arange(size, dtype=jnp.float32) + (0.5 - size / 2.0)
-
-
-# ------------------------------------------------------------------------ colour ops
-
-
-def brightness(x: Array, u, strength: float = DSAParams.brightness) -> Array:
-    """Adds ``(u - 0.5) * strength`` to every pixel of each image.
-
-    Args:
-      x: (N, H, W, C) float images.
-      u: (N,) or () uniform draws in [0, 1).
-      strength: ``DSAParams.brightness``.
-
-    Returns:
-      (N, H, W, C), same dtype as ``x``.
-    """
-    _check_images(x)
-    u = _param(u, x, "u", jnp.float32)
-    return x + _bcast((u - 0.5) * strength, x).astype(x.dtype)
-
-
-def saturation(x: Array, u, strength: float = DSAParams.saturation) -> Array:
-    """Scales each pixel's deviation from its channel mean by ``u * strength``.
-
-    ``m`` is the per-pixel mean over the C channels, and ``x <- (x - m) * u * s + m``.
-
-    Args:
-      x: (N, H, W, C) float images.
-      u: (N,) or () uniform draws in [0, 1).
-      strength: ``DSAParams.saturation``.
-
-    Returns:
-      (N, H, W, C), same dtype as ``x``.
-    """
-    _check_images(x)
-    u = _param(u, x, "u", jnp.float32)
-    # Sum of channel slices, not jnp.mean(axis=-1): XLA:CPU reduces a size-3 minor
-    # axis about 20x slower than this (measured at (2560, 32, 32, 3)).
-    c = x.shape[-1]
-    m = sum(x[..., k : k + 1] for k in range(c)) / c
-    return (x - m) * _bcast(u * strength, x).astype(x.dtype) + m
-
-
-def contrast(x: Array, u, strength: float = DSAParams.contrast) -> Array:
-    """Scales each image's deviation from its mean by ``u + strength``.
-
-    ``m`` is the per-image mean over H, W and C, and ``x <- (x - m) * (u + s) + m``.
-
-    Args:
-      x: (N, H, W, C) float images.
-      u: (N,) or () uniform draws in [0, 1).
-      strength: ``DSAParams.contrast``.
-
-    Returns:
-      (N, H, W, C), same dtype as ``x``.
-    """
-    _check_images(x)
-    u = _param(u, x, "u", jnp.float32)
-    m = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
-    return (x - m) * _bcast(u + strength, x).astype(x.dtype) + m
-
-
-# --------------------------------------------------------------------- geometric ops
-
-
-def translate(x: Array, tx, ty, max_shift: int | tuple[int, int] | None = None) -> Array:
-    """Integer translation with zero fill: ``out[i, j] = x[i + tx, j + ty]``.
-
-    ``tx`` moves along the rows (H axis) and ``ty`` along the columns (W axis).
-    Source pixels outside the image read as 0.
-
-    Args:
-      x: (N, H, W, C) float images.
-      tx: (N,) or () integer row offsets.
-      ty: (N,) or () integer column offsets.
-      max_shift: static bound on ``|tx|`` and ``|ty|`` (an int, or a (rows, cols)
-        pair), used to pad the image only as much as needed. Larger offsets are
-        clamped to the bound, so pass a true bound. The default (None) pads by the
-        full image size, which is exact for any offset.
-
-    Returns:
-      (N, H, W, C), same dtype as ``x``.
-    """
-    _check_images(x)
-    n, h, w, c = x.shape
-    tx = _param(tx, x, "tx", jnp.int32)
-    ty = _param(ty, x, "ty", jnp.int32)
-    if max_shift is None:
-        ph, pw = h, w
-    else:
-        mh, mw = _pair(max_shift, "max_shift")
-        ph, pw = min(max(mh, 0), h), min(max(mw, 0), w)
-    # With the default padding (the full size) this clamp is exact: any offset of
-    # the full size or more gives an empty image. With a bound it enforces the bound.
-    tx = jnp.clip(tx, -ph, ph)
-    ty = jnp.clip(ty, -pw, pw)
-    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    zero = jnp.zeros((), jnp.int32)
-    if tx.ndim == 0 and ty.ndim == 0:
-        return lax.dynamic_slice(xp, (zero, ph + tx, pw + ty, zero), (n, h, w, c))
-    tx = jnp.broadcast_to(tx, (n,))
-    ty = jnp.broadcast_to(ty, (n,))
-
-    def one(img, a, b):
-        return lax.dynamic_slice(img, (ph + a, pw + b, zero), (h, w, c))
-
-    return jax.vmap(one)(xp, tx, ty)
-
-
-def cutout(x: Array, ox, oy, size: int | tuple[int, int]) -> Array:
-    """Zeros a square (or rectangular) hole centred at ``(ox, oy)``, clipped to the image.
-
-    With side ``L`` (per axis), the zeroed rows are
-    ``clip(ox - L//2, 0, H-1) .. clip(ox - L//2 + L - 1, 0, H-1)`` inclusive, and
-    the columns follow the same rule with ``oy`` and W. This reproduces the official
-    code, which clamps each index of the L x L window into the image.
-
-    Args:
-      x: (N, H, W, C) float images.
-      ox: (N,) or () integer row centres.
-      oy: (N,) or () integer column centres.
-      size: hole side in pixels, an int or a (rows, cols) pair. ``dsa`` uses
-        ``(cutout_size(H), cutout_size(W))``.
-
-    Returns:
-      (N, H, W, C), same dtype as ``x``. The hole is applied by multiplying with a 0/1
-      mask, so its gradient is zero inside the hole and one outside.
-    """
-    _check_images(x)
-    _, h, w, _ = x.shape
-    lh, lw = _pair(size, "size")
-    ox = _param(ox, x, "ox", jnp.int32)
-    oy = _param(oy, x, "oy", jnp.int32)
-    if lh <= 0 or lw <= 0:
-        return x
-
-    def covered(centre, side, extent):
-        lo = jnp.clip(centre - side // 2, 0, extent - 1)[..., None]
-        hi = jnp.clip(centre - side // 2 + side - 1, 0, extent - 1)[..., None]
-        idx = jnp.arange(extent)
-        return (idx >= lo) & (idx <= hi)  # (..., extent)
-
-    rows = covered(ox, lh, h)
-    cols = covered(oy, lw, w)
-    hole = rows[..., :, None] & cols[..., None, :]  # (H, W) or (N, H, W)
-    return x * jnp.logical_not(hole)[..., None].astype(x.dtype)
-
-
-def flip(x: Array, do_flip) -> Array:
-    """Reverses the width axis of the images where ``do_flip`` is true.
-
-    Args:
-      x: (N, H, W, C) float images.
-      do_flip: (N,) or () booleans.
-
-    Returns:
-      (N, H, W, C), same dtype as ``x``.
-    """
-    _check_images(x)
-    do_flip = _param(do_flip, x, "do_flip", jnp.bool_)
-    return jnp.where(_bcast(do_flip, x), x[:, :, ::-1, :], x)
-
-
-def scale_theta(sx, sy) -> Array:
-    """Affine matrices ``[[sx, 0, 0], [0, sy, 0]]``, shape ``sx.shape + (2, 3)``."""
-    sx, sy = jnp.broadcast_arrays(jnp.asarray(sx, jnp.float32), jnp.asarray(sy, jnp.float32))
-    z = jnp.zeros_like(sx)
-    return jnp.stack([jnp.stack([sx, z, z], -1), jnp.stack([z, sy, z], -1)], -2)
-
-
-def rotate_theta(angle) -> Array:
-    """Affine matrices ``[[cos a, -sin a, 0], [sin a, cos a, 0]]`` (``a`` in radians)."""
-    a = jnp.asarray(angle, jnp.float32)
-    c, s, z = jnp.cos(a), jnp.sin(a), jnp.zeros_like(a)
-    return jnp.stack([jnp.stack([c, -s, z], -1), jnp.stack([s, c, z], -1)], -2)
-
-
-def scale(x: Array, sx, sy) -> Array:
-    """Affine scaling by ``theta = [[sx, 0, 0], [0, sy, 0]]`` with bilinear resampling.
-
-    Same as ``affine_sample(x, scale_theta(sx, sy))``. ``sx > 1`` samples a wider
-    region, so the content shrinks (zoom out). The map is separable and could be two
-    small interpolation-matrix products. The 4-tap gather measured as fast or faster
-    forward (much faster at 224 x 224), and most calls are forward-only (real
-    batches, evaluation), so the gather is used.
-
-    Args:
-      x: (N, H, W, C) float images.
-      sx: (N,) or () column (x) scale factors.
-      sy: (N,) or () row (y) scale factors.
-
-    Returns:
-      (N, H, W, C), same dtype as ``x``.
-    """
-    _check_images(x)
-    sx = _param(sx, x, "sx", jnp.float32)
-    sy = _param(sy, x, "sy", jnp.float32)
-    return affine_sample(x, scale_theta(sx, sy))
-
-
-def _bilinear_taps(theta: Array, h: int, w: int):
-    """The 4 bilinear taps of every output pixel for affine matrices ``theta``.
-
-    Args:
-      theta: (..., 2, 3) float32.
-
-    Returns:
-      A list of 4 ``(flat_index, weight)`` pairs, each of shape (..., H*W). The
-      index is ``row * W + col`` clamped into the image. The weight is 0 for a tap
-      outside the image (zero padding).
-    """
-    # ix = ((x_s + 1) W - 1) / 2 with x_s = theta . (x_n, y_n, 1), rewritten with
-    # u = x_n W / 2 and v = y_n H / 2 (exact pixel-centre offsets) for accuracy:
-    # ix = t00 u + t01 (W/H) v + t02 W/2 + (W-1)/2, and likewise for iy.
-    u = _centred_pixels(w)[None, :]  # (1, W)
-    v = _centred_pixels(h)[:, None]  # (H, 1)
-    t = theta[..., None, None]  # (..., 2, 3, 1, 1)
-    t00, t01, t02 = t[..., 0, 0, :, :], t[..., 0, 1, :, :], t[..., 0, 2, :, :]
-    t10, t11, t12 = t[..., 1, 0, :, :], t[..., 1, 1, :, :], t[..., 1, 2, :, :]
-    ix = t00 * u + (t01 * (w / h)) * v + (t02 * (w / 2.0) + (w - 1) / 2.0)
-    iy = (t10 * (h / w)) * u + t11 * v + (t12 * (h / 2.0) + (h - 1) / 2.0)
-    ix = ix.reshape(ix.shape[:-2] + (h * w,))
-    iy = iy.reshape(iy.shape[:-2] + (h * w,))
-    x0 = jnp.floor(ix)
-    y0 = jnp.floor(iy)
-    fx = ix - x0
-    fy = iy - y0
-    taps = []
-    for dy, wy in ((0.0, 1.0 - fy), (1.0, fy)):
-        for dx, wx in ((0.0, 1.0 - fx), (1.0, fx)):
-            col = x0 + dx
-            row = y0 + dy
-            inside = (col >= 0) & (col <= w - 1) & (row >= 0) & (row <= h - 1)
-            idx = (jnp.clip(row, 0, h - 1) * w + jnp.clip(col, 0, w - 1)).astype(jnp.int32)
-            taps.append((idx, jnp.where(inside, wy * wx, 0.0)))
-    return taps
-
-
-def affine_sample(x: Array, theta) -> Array:
-    """Bilinear affine resampling, equal to ``grid_sample(x, affine_grid(theta))``.
-
-    Uses zero padding and ``align_corners=False``. For output pixel ``(i, j)`` of an
-    H x W image: ``x_n = (2j+1)/W - 1`` and ``y_n = (2i+1)/H - 1``, then
-    ``(x_s, y_s) = theta @ (x_n, y_n, 1)``, and the source position is
-    ``ix = ((x_s+1) W - 1)/2`` (column), ``iy = ((y_s+1) H - 1)/2`` (row). The 4
-    neighbours are interpolated bilinearly; a neighbour outside the image counts 0.
-
-    Args:
-      x: (N, H, W, C) float images.
-      theta: (2, 3) or (1, 2, 3), shared by all images; or (N, 2, 3), per image.
-
-    Returns:
-      (N, H, W, C), same dtype as ``x``. Differentiable in ``x`` (and in ``theta``
-      almost everywhere).
-    """
-    _check_images(x)
-    n, h, w, c = x.shape
-    theta = jnp.asarray(theta, jnp.float32)
-    if theta.shape == (1, 2, 3):
-        theta = theta[0]
-    if theta.shape not in ((2, 3), (n, 2, 3)):
-        raise ValueError(
-            f"theta must have shape (2, 3), (1, 2, 3) or ({n}, 2, 3), got {tuple(theta.shape)}."
-        )
-    taps = _bilinear_taps(theta, h, w)
-    if theta.ndim == 2:
-        # Shared transform: gather whole pixel rows of an (H*W, N*C) layout. Few,
-        # long rows make both the gather and its transpose (scatter-add) cheap.
-        rows = jnp.transpose(x.reshape(n, h * w, c), (1, 0, 2)).reshape(h * w, n * c)
-        out = sum(
-            wt.astype(x.dtype)[:, None] * rows.at[idx].get(mode="promise_in_bounds")
-            for idx, wt in taps
-        )
-        return jnp.transpose(out.reshape(h * w, n, c), (1, 0, 2)).reshape(n, h, w, c)
-    # Per-image transform: gather C-vectors from a flat (N*H*W, C) array.
-    flat = x.reshape(n * h * w, c)
-    base = (jnp.arange(n, dtype=jnp.int32) * (h * w))[:, None]
-    out = sum(
-        wt.astype(x.dtype).reshape(-1, 1)
-        * flat.at[(base + idx).reshape(-1)].get(mode="promise_in_bounds")
-        for idx, wt in taps
-    )
-    return out.reshape(n, h, w, c)
-
-
-def rotate(x: Array, angle) -> Array:
-    """Rotation about the image centre by ``angle`` radians (bilinear, zero fill).
-
-    Same as ``affine_sample(x, rotate_theta(angle))``.
-
-    Args:
-      x: (N, H, W, C) float images.
-      angle: (N,) or () angles in radians.
-
-    Returns:
-      (N, H, W, C), same dtype as ``x``.
-    """
-    _check_images(x)
-    angle = _param(angle, x, "angle", jnp.float32)
-    return affine_sample(x, rotate_theta(angle))
 
 
 # ------------------------------------------------------------------ random sampling
@@ -665,72 +233,21 @@ def _dsa_plain(key: Array, images: Array, strategy: str, siamese: bool,
     return lax.switch(index, [branch(g) for g in groups], images)
 
 
-def _loop_over_keys() -> bool:
-    """Whether a vmap over keys runs as a loop (one chosen group each) instead of all groups.
-
-    On CPU the loop is much cheaper: measured on the 2-core development CPU at CIFAR-10 IPC10
-    (10 keys), 2,560 real images 104 ms -> 12 ms, and forward + backward of 400 synthetic
-    images 327 ms -> 14 ms. Accelerators keep the vmapped form: it stays one parallel program,
-    and a class axis split over devices is not walked one class at a time.
-    """
-    return jax.default_backend() == "cpu"
-
-
 @functools.lru_cache(maxsize=None)
-def _dsa_transformable(strategy: str, siamese: bool, params: DSAParams):
-    """``_dsa_plain`` with a vmap rule that loops over batched keys, and its matching VJP.
-
-    Under ``vmap`` with batched keys the group index is batched, and ``lax.switch`` would then
-    run every group and select per key. The rule instead maps over the keys (each step runs only
-    its own group). The loop bodies call the rule-carrying function again, so nested vmaps loop
-    too. Values are those of the plain function.
-    """
-    plain = functools.partial(_dsa_plain, strategy=strategy, siamese=siamese, params=params)
-
-    def pullback(key, images, cotangent):
-        return jax.vjp(lambda x: plain(key, x), images)[1](cotangent)[0]
-
-    def looped(fn, default):
-        wrapped = jax.custom_batching.custom_vmap(fn)
-
-        @wrapped.def_vmap
-        def rule(axis_size, in_batched, key, *arrays):
-            if not in_batched[0] or not _loop_over_keys():
-                # One key for the whole stack (or an accelerator): the ordinary batching.
-                axes = tuple(0 if b else None for b in in_batched)
-                return jax.vmap(default, in_axes=axes)(key, *arrays), True
-            arrays = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
-                      for a, b in zip(arrays, in_batched[1:])]
-            return lax.map(lambda args: wrapped(*args), (key, *arrays)), True
-
-        return wrapped
-
-    forward = looped(plain, plain)
-    backward = looped(pullback, pullback)
-
-    @jax.custom_vjp
-    def transform(key, images):
-        return forward(key, images)
-
-    def transform_fwd(key, images):
-        return forward(key, images), (key, images)
-
-    def transform_bwd(residuals, cotangent):
-        key, images = residuals
-        # Recomputes the (cheap) chosen transform; a key has no cotangent.
-        return None, backward(key, images, cotangent)
-
-    transform.defvjp(transform_fwd, transform_bwd)
-    return transform
+def _dsa_looped(strategy: str, siamese: bool, params: DSAParams):
+    """``_dsa_plain`` whose vmap over keys runs one key at a time (``ops``; same values)."""
+    return ops.loop_over_batched_keys(
+        functools.partial(_dsa_plain, strategy=strategy, siamese=siamese, params=params))
 
 
-@functools.partial(jax.jit, static_argnames=("strategy", "siamese", "params"))
+@functools.partial(jax.jit, static_argnames=("strategy", "siamese", "params", "loop_over_keys"))
 def dsa(
     key: Array,
     images: Array,
     strategy: str = DEFAULT_STRATEGY,
     siamese: bool = True,
     params: DSAParams = DSAParams(),
+    loop_over_keys: bool | None = None,
 ) -> Array:
     """Differentiable (Siamese) augmentation of a batch: one random group per call.
 
@@ -743,6 +260,10 @@ def dsa(
         by all images. So two batches augmented with the same key get the same
         transform. False (evaluation training): independent parameters per image.
       params: static :class:`DSAParams`.
+      loop_over_keys: static; under ``vmap`` with batched keys, run the keys one after another,
+        each running only its own group (``ops.loop_over_batched_keys``, the backend policy's
+        ``cpu_kernels``: much cheaper on CPU), instead of ``lax.switch`` evaluating every group
+        and selecting per key. None takes ``backend.resolve().cpu_kernels``. Same values.
 
     Returns:
       (N, H, W, C), same dtype as ``images``; differentiable (reverse mode) with
@@ -754,18 +275,19 @@ def dsa(
     The function is jitted with ``strategy``, ``siamese`` and ``params`` static, so
     eager calls compile once per shape and setting (an un-jitted ``lax.switch`` would
     re-trace and re-compile its branches on every call). Inside an outer ``jit``,
-    ``vmap`` or ``grad`` it composes as usual. Under ``jax.vmap`` with batched keys
-    the group index is batched: on CPU the keys are then processed in a loop, each
-    running only its own group (custom vmap rule; values unchanged); elsewhere
-    ``lax.switch`` evaluates every group and selects the result per key. A custom
-    VJP carries the same rule into the backward pass, so forward-mode ``jax.jvp``
-    through ``dsa`` is not supported (nothing in the method needs it).
+    ``vmap`` or ``grad`` it composes as usual. With ``loop_over_keys`` a custom VJP
+    carries the loop into the backward pass, so forward-mode ``jax.jvp`` through
+    ``dsa`` is then not supported (nothing in the method needs it).
     """
     groups = parse_strategy(strategy)
     _check_images(images)
     if not groups:
         return images
-    return _dsa_transformable(strategy, siamese, params)(key, images)
+    if loop_over_keys is None:
+        loop_over_keys = backend.resolve().cpu_kernels
+    if not loop_over_keys:
+        return _dsa_plain(key, images, strategy, siamese, params)
+    return _dsa_looped(strategy, siamese, params)(key, images)
 
 
 __all__ = (

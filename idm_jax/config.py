@@ -1,8 +1,9 @@
 """Typed configuration of a condensation run, and every paper setting as a named preset.
 
-Field names follow the official IDM flags where one exists (reference section 8), so a preset can
-be checked line by line against ``command.txt``. Choices where the official code has a quirk carry
-the faithful behaviour as the default; the fix is an explicit option (reference section 10).
+Field names follow the official IDM flags where one exists (docs/FAITHFULNESS.md, "presets"), so
+a preset can be checked line by line against ``command.txt``. Choices where the official code has
+a quirk carry the faithful behaviour as the default; the fix is an explicit option
+(docs/FAITHFULNESS.md, "quirks and options").
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Config:
     model: str = "ConvNet"              # matching / queue architecture (official name string)
     seed: int = 0
 
-    # --- synthetic set and its optimiser (reference 2.2, 2.3)
+    # --- synthetic set and its optimiser (docs/FAITHFULNESS.md, "init", "image update")
     iterations: int = 20000             # outer iterations; the loop runs it = 0..iterations
     init: str = "mosaic"                # mosaic | mosaic_repeat | real | noise
     partition_expand: bool = True       # the official --aug: PE in matching and evaluation
@@ -44,11 +45,11 @@ class Config:
     normalize_train: bool = True        # False: ImageNet-script quirk, real train images in [0,1]
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
 
-    # --- loss (reference 2.6)
+    # --- loss (docs/FAITHFULNESS.md, "matching", "class-aware CE")
     syn_ce: bool = True
     ce_weight: float = 0.5              # multiplied by the extractor's training accuracy in %
 
-    # --- model queue (reference 2.4, 2.5, 2.7)
+    # --- model queue (docs/FAITHFULNESS.md, "model queue")
     net_num: int = 100                  # queue capacity
     initial_models: int = 3
     net_generate_interval: int = 30
@@ -62,7 +63,7 @@ class Config:
     net_weight_decay: float = 5e-4
     eval_interval: int = 100            # meters reset every eval_interval iterations
 
-    # --- evaluation protocol (reference 6)
+    # --- evaluation protocol (docs/FAITHFULNESS.md, "evaluation")
     eval_model: str = "ConvNet"
     num_eval: int = 5
     epoch_eval_train: int = 1000        # the loop runs epochs 0..epoch_eval_train (1001 epochs)
@@ -75,6 +76,8 @@ class Config:
                                         # batch on accelerators), 0 whole batch; same values
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    log_every: int = -1                 # fetch metrics from the device every N iterations:
+                                        # -1 auto (1 on CPU, 100 on accelerators); same result
 
     def __post_init__(self):
         def need(cond, message):
@@ -93,6 +96,8 @@ class Config:
         need(self.compute_dtype in DTYPES,
              f"compute_dtype must be one of {DTYPES}, got {self.compute_dtype!r}")
         need(self.partition_factor >= 1, "partition_factor must be >= 1")
+        need(self.log_every == -1 or self.log_every >= 1,
+             f"log_every must be -1 (automatic) or >= 1, got {self.log_every}")
         need(self.microbatch >= -1, f"microbatch must be -1 (automatic), 0 (whole batches) or "
              f"a chunk size >= 1, got {self.microbatch}")
         for name in ("batch_real", "trained_bs", "batch_train", "net_num", "initial_models",
@@ -174,7 +179,8 @@ def override(config: Config, overrides: Mapping[str, Any]) -> Config:
     return dataclasses.replace(config, **parsed)
 
 
-# --- presets: reference table 8.3, flags of command.txt on top of the parser defaults (8.2).
+# --- presets (docs/FAITHFULNESS.md, "presets"): the flags of command.txt on top of the parser
+# defaults.
 def _cifar(dataset, ipc, **flags):
     return Config(dataset=dataset, ipc=ipc, **flags)
 
@@ -190,16 +196,18 @@ PRESETS: dict[str, Config] = {
                              eval_interval=100),
     "cifar100-ipc50": _cifar("cifar100", 50, ce_weight=0.1, eval_interval=500),
     # TinyImageNet: the official --aug initialises each image with ONE full real image (the
-    # mosaic condition is inverted in IDM_tiny.py, reference 10.5); PE is still applied.
+    # mosaic condition is inverted in IDM_tiny.py; docs/FAITHFULNESS.md, "quirks and options");
+    # PE is still applied.
     "tinyimagenet-ipc1": _cifar("tinyimagenet", 1, init="real", ce_weight=0.5,
                                 eval_interval=100),
     "tinyimagenet-ipc10": _cifar("tinyimagenet", 10, init="real", ce_weight=0.5,
                                  eval_interval=500),
     "tinyimagenet-ipc50": _cifar("tinyimagenet", 50, init="real", ce_weight=0.8,
                                  model_train_steps=50, eval_interval=1000),
-    # ImageNet subset (ConvNet_6, 224 px): the script's quirks are the defaults (reference 10.6):
-    # unnormalised real train images, the first batch_real images of a class every time, and a
-    # mosaic of the same ipc images in every quadrant. Queue training uses batches of batch_real.
+    # ImageNet subset (ConvNet_6, 224 px): the script's quirks are the defaults
+    # (docs/FAITHFULNESS.md, "quirks and options"): unnormalised real train images, the first
+    # batch_real images of a class every time, and a mosaic of the same ipc images in every
+    # quadrant. Queue training uses batches of batch_real.
     "imagenet_subset-ipc1": Config(
         dataset="imagenet_subset", ipc=1, model="ConvNet_6", eval_model="ConvNet_6",
         ce_weight=3.0, batch_real=128, net_generate_interval=50, net_num=50, eval_interval=200,
@@ -211,8 +219,8 @@ PRESETS: dict[str, Config] = {
         batch_train=128, trained_bs=128, real_sampling="first", normalize_train=False,
         init="mosaic_repeat"),
     # IPC50 runs without --aug (no PE, single-image init). The official command expects
-    # pretrained queue models that no released code loads (reference 10.6d); we start from
-    # random models and say so in the README.
+    # pretrained queue models that no released code loads (docs/FAITHFULNESS.md,
+    # "known differences"); we start from random models and say so in the README.
     "imagenet_subset-ipc50": Config(
         dataset="imagenet_subset", ipc=50, model="ConvNet_6", eval_model="ConvNet_6",
         ce_weight=3.0, batch_real=128, net_generate_interval=50, net_num=100, eval_interval=500,
@@ -259,11 +267,11 @@ def smoke(config: Config) -> Config:
 
 
 def dm_ablation(config: Config) -> Config:
-    """IDM without its three components: no PE, no queue training, no CE (reference 11.3).
+    """IDM without its three components: no PE, no queue training, no CE.
 
-    A fresh random extractor every iteration (queue of one model, pushed every iteration, never
-    trained) and the single-image init; the image optimiser stays IDM's so that only the three
-    components change.
+    The ablation of docs/FAITHFULNESS.md, "presets". A fresh random extractor every iteration
+    (queue of one model, pushed every iteration, never trained) and the single-image init; the
+    image optimiser stays IDM's so that only the three components change.
     """
     return dataclasses.replace(
         config, partition_expand=False, init="real", syn_ce=False, model_train_steps=0,

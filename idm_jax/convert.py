@@ -10,8 +10,8 @@ tensorflow_datasets.
 
 ``--tfds`` takes our name (cifar10, cifar100, mnist, fashion_mnist, svhn) or any TFDS builder name
 with a fixed-size uint8 image feature and a class label (``--image_key``/``--label_key``). Known
-datasets keep the official mean/std of reference section 7; for any other dataset the per-channel
-mean and (population) std of the train split are computed and written to meta.json.
+datasets keep the official mean/std (docs/FAITHFULNESS.md, "data"); for any other dataset the
+per-channel mean and (population) std of the train split are computed and written to meta.json.
 ``--cifar_pickle`` reads the official CIFAR-10/100 python folders; ``--dataset`` converts whatever
 ``load_dataset`` can load (e.g. TinyImageNet from its folder, to skip JPEG decoding later).
 """
@@ -54,7 +54,7 @@ def _from_tfds(name: str, tfds_data_dir: Optional[str], args) -> tuple[data.Data
     if name in data.DATASET_INFO:
         ds = data.load_dataset(name, source="tfds", tfds_data_dir=tfds_data_dir)
         return ds, {"converted_from": f"tfds:{data.DATASET_INFO[name].tfds_name}",
-                    "mean_std": "official constants (reference section 7)"}
+                    "mean_std": "the official IDM code's constants"}
     arrays, names = tfds_source.load_tfds_arrays(
         name, tfds_data_dir, (args.train_split, args.test_split), args.image_key, args.label_key)
     (train_x, train_y), (test_x, test_y) = arrays[args.train_split], arrays[args.test_split]
@@ -105,7 +105,7 @@ def _convert(args) -> int:
     elif args.cifar_pickle:
         ds = data.load_cifar_pickle(args.cifar_pickle)
         meta = {"converted_from": "cifar python pickle",
-                "mean_std": "official constants (reference section 7)"}
+                "mean_std": "the official IDM code's constants"}
     else:
         folder_opts = {k: getattr(args, k) for k in ("image_size", "class_list")
                        if getattr(args, k) is not None}

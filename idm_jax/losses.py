@@ -1,10 +1,10 @@
 """Losses of IDM: distribution matching (linear-kernel MMD) and the class-aware regulariser.
 
-Reference sections 2.6 and 12.6. For one class the matching term is the squared Euclidean
-distance between the mean embedding of a real batch and the mean embedding of the (expanded,
-augmented) synthetic images, summed over feature dimensions. Real features are constants: no
-gradient flows into them. The regulariser is a cross-entropy on the synthetic logits, scaled by a
-weight that IDM sets to ``ce_weight * accuracy%`` of the feature extractor.
+See docs/FAITHFULNESS.md, "matching" and "class-aware CE". For one class the matching term is
+the squared Euclidean distance between the mean embedding of a real batch and the mean embedding
+of the (expanded, augmented) synthetic images, summed over feature dimensions. Real features are
+constants: no gradient flows into them. The regulariser is a cross-entropy on the synthetic
+logits, scaled by a weight that IDM sets to ``ce_weight * accuracy%`` of the feature extractor.
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ of float32 additions changes.
 
 Why chunk: on CPU the activations of a whole batch (ConvNet-3, 256 images at 32x32: 128 MiB per
 first-layer tensor) stream through main memory between every convolution, normalisation and
-pooling, while a chunk of 8 to 32 images stays in cache. Measured on the 2-core development CPU
-(BENCHMARKS.md): one ConvNet-3 SGD gradient at batch 256 takes 0.86 s whole and 0.59 s in chunks
-of 16; the forward pass over 2560 real images 2.0 s whole and 1.4 s in chunks of 32.
-Accelerators want the opposite (large batches keep them busy), so chunking is for CPU.
+pooling, while a chunk of 8 to 32 images stays in cache (timings: BENCHMARKS.md, "Where the time
+goes").
+Accelerators want the opposite (large batches keep them busy), so chunking is for CPU; the
+backend policy (``idm_jax.backend``) decides the chunk size.
 """
 
 from __future__ import annotations
@@ -19,17 +19,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-
-# Chunk size used on CPU when a config asks for the automatic choice (measured best of 8-32).
-CPU_CHUNK = 16
-
-
-def resolve(chunk: int, backend: str | None = None) -> int:
-    """The chunk size a config value ``chunk`` means: -1 automatic (``CPU_CHUNK`` on CPU, 0
-    elsewhere), 0 whole batches, n > 0 chunks of at most n."""
-    if chunk < 0:
-        return CPU_CHUNK if (backend or jax.default_backend()) == "cpu" else 0
-    return chunk
 
 
 def chunk_size(batch: int, chunk: int) -> int:
@@ -99,3 +88,6 @@ def value_and_grad_in_chunks(loss_fn: Callable, params: Any, inputs: Any, chunk:
     (loss, grads), aux = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), chunks)
     aux = jax.tree.map(lambda y: y.reshape((batch,) + y.shape[2:]), aux)
     return (loss, aux), grads
+
+
+__all__ = ["chunk_size", "apply_in_chunks", "value_and_grad_in_chunks"]

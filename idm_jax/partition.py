@@ -3,10 +3,10 @@
 A stored synthetic image is cut into a ``factor x factor`` grid of equal pieces and every piece is
 resized back to the full image size with bilinear interpolation at half-pixel centres (PyTorch's
 ``align_corners=False``). With the default ``factor=2`` one stored image yields four training
-images, in matching and in evaluation (reference section 4).
+images, in matching and in evaluation (docs/FAITHFULNESS.md, "partition-and-expand").
 
 ``mosaic`` is the inverse used to initialise the synthetic set: it tiles ``factor**2`` real images,
-each downscaled by an average pool, into one image (reference section 2.2).
+each downscaled by an average pool, into one image (docs/FAITHFULNESS.md, "init").
 
 Piece order is column-major over the grid, as the official code: for ``factor=2`` the pieces are
 top-left, bottom-left, top-right, bottom-right. Outputs are piece-major (all images' piece 0, then

@@ -1,10 +1,11 @@
 """IDM's model queue: a FIFO of semi-trained feature extractors as one stacked pytree.
 
-The official code keeps a Python list of networks, optimisers and accuracy meters (reference
-2.4-2.7). Here the queue is a fixed-capacity ring buffer: every leaf of the parameters and of the
-optimiser states has a leading axis of size ``capacity``; a validity mask says which slots hold a
-model, ``birth`` numbers the models in push order, and per-slot meters count correct predictions
-and seen examples since the last reset. Shapes never change, so every operation compiles once.
+The official code keeps a Python list of networks, optimisers and accuracy meters
+(docs/FAITHFULNESS.md, "model queue"). Here the queue is a fixed-capacity ring buffer: every leaf of
+the parameters and of the optimiser states has a leading axis of size ``capacity``; a validity mask
+says which slots hold a model, ``birth`` numbers the models in push order, and per-slot meters count
+correct predictions and seen examples since the last reset. Shapes never change, so every operation
+compiles once.
 
 Slots are filled in ring order, so the slot a push writes to is always the oldest model once the
 queue is full: that is the FIFO pop.
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from idm_jax import microbatch
+from idm_jax import backend, microbatch
 
 PyTree = object
 InitFn = Callable[[jax.Array], PyTree]        # key -> params of a fresh model
@@ -46,7 +47,7 @@ class ModelQueue:
 
 
 def net_optimizer(lr: float, momentum: float, weight_decay: float) -> optax.GradientTransformation:
-    """PyTorch SGD with coupled L2: decay is added to the gradient before momentum (ref. 10.14)."""
+    """PyTorch SGD with coupled L2: decay is added to the gradient before momentum."""
     return optax.chain(optax.add_decayed_weights(weight_decay),
                        optax.sgd(lr, momentum=momentum if momentum > 0 else None))
 
@@ -60,7 +61,8 @@ def init_queue(key: jax.Array, init_fn: InitFn, optimizer: optax.GradientTransfo
                capacity: int, initial_models: int) -> ModelQueue:
     """A queue of ``capacity`` slots, the first ``initial_models`` holding fresh models."""
     if not 1 <= initial_models <= capacity:
-        raise ValueError(f"initial_models must be in 1..capacity ({capacity}), got {initial_models}")
+        raise ValueError(f"initial_models must be in 1..capacity ({capacity}), "
+                         f"got {initial_models}")
     keys = jax.random.split(key, capacity)
     params, opt_state = jax.vmap(lambda k: _fresh_model(k, init_fn, optimizer))(keys)
     slots = jnp.arange(capacity)
@@ -133,10 +135,8 @@ def train_slots(queue: ModelQueue, key: jax.Array, slots: jax.Array, active: jax
     minimises mean cross-entropy, applies ``optimizer`` with the model's persistent state, and adds
     the batch's correct predictions to the model's meter. With ``vmap_trainees`` True the trainees
     are a vmapped axis (one batched program); with False ``lax.map`` runs them one after another.
-    The default (None) picks by backend: ``lax.map`` on CPU, where one trainee's batch already
-    fills the cores and the loop was measured faster (2 ConvNet-3 trainees, batch 256, forward
-    and backward on the 2-core development CPU: 3.2 s CPU time against 4.4 s vmapped), and vmap
-    on accelerators, which need the larger batched program to be busy. Values are the same.
+    None takes the backend policy's ``vmap_models`` (``idm_jax.backend``: one after another on
+    CPU, vmapped on accelerators). Values are the same.
 
     ``chunk`` > 0 computes each step's gradient over chunks of that many images, accumulated
     (``microbatch.value_and_grad_in_chunks``: same values, faster on CPU); 0 uses the whole batch.
@@ -173,7 +173,7 @@ def train_slots(queue: ModelQueue, key: jax.Array, slots: jax.Array, active: jax
     keys = jax.random.split(key, slots.shape[0])
     args = (gather(queue.params, slots), gather(queue.opt_state, slots), keys)
     if vmap_trainees is None:
-        vmap_trainees = jax.default_backend() != "cpu"
+        vmap_trainees = backend.resolve().vmap_models
     if vmap_trainees:
         params, opt_state, correct = jax.vmap(train_one)(*args)
     else:

@@ -1,69 +1,60 @@
-"""Spreading one condensation run over several devices (and hosts) with ``jax.sharding``.
+"""Generic mesh code: a 1-D device mesh, placing pytrees on it, and several hosts.
 
-IDM's work splits along the class axis: each class matches its own real batch against its own
-synthetic images, and no class needs another's data (reference 2.6, 9.2). So the engine uses a
-1-D device mesh with one axis, ``"data"``, and places
+This module knows nothing of the engine. State types say how they are laid out
+(``RealData.layout(mesh)``, ``CondenseState.layout(mesh, rows)``) and ``place`` puts any pytree
+on the mesh by such a sharding prefix; ``ClassLayout`` hides the class-axis padding and sharding
+constraints from the maths of a step.
 
-- the real images ``RealData.per_class`` (K, Nmax, H, W, C) with the class axis split over the
-  mesh: each device stores, augments and embeds only its own classes' real data;
-- the synthetic images and their momentum (K*ipc, H, W, C) split on their class rows, and inside
-  the step every per-class array (real batches (K, B, ...), synthetic views (K, P*ipc, ...),
-  features (K, B, D)) split on K, so matching runs without cross-device traffic;
-- the model queue, the PRNG key and the counters replicated (a ConvNet is a few MB), while the
-  two queue trainees train data-parallel (``data_parallel``): their 256-image batch is split
-  over the mesh axis and the devices' weight gradients are summed.
-
-There is one code path: ``condense.make_step(engine, real, mesh=mesh)`` jits the same function
-with these shardings; ``mesh=None`` is the plain single-device program, and a 1-device mesh is
-the same maths. Results agree with the single-device run to float rounding (the order of a few
+How a condensation run is spread (``idm_jax.engine.make_step(engine, real, mesh=mesh)``): IDM's
+work splits along the class axis, since each class matches its own real batch against its own
+synthetic images. So the real images (K, Nmax, H, W, C) are split on K (each device stores,
+augments and embeds only its own classes), the synthetic images and their momentum are split on
+their class rows, and inside the step every per-class array is split on K, so matching runs
+without cross-device traffic. The model queue, the PRNG key and the counters are replicated (a
+ConvNet is a few MB), while the two queue trainees train data-parallel (``data_parallel``): their
+batch is split over the mesh axis and the devices' weight gradients are summed. ``mesh=None`` is
+the plain single-device program; results agree with it to float rounding (the order of a few
 sums changes), not bit for bit.
 
-A class axis that the device count does not divide (CIFAR-10 on 4 devices) is padded in the
-stored real data with empty classes up to the next multiple (``shard_real``); ``RealData.counts``
-keeps the true K. Inside the step the per-class arrays are padded the same way, so each device
-holds whole classes, and the padding classes' results are dropped (the closed-form image update
-still sees exactly K classes). Synthetic rows whose count the device count does not divide are
-stored replicated (they are small). ``shard_state`` places a restored checkpoint on any mesh:
-checkpoints hold global arrays, so a run saved on 4 devices resumes on 2 or 1.
+A class axis that the device count does not divide (CIFAR-10 on 4 devices) is padded with empty
+classes up to the next multiple (``padded_size``; ``real.shard_real`` pads the stored data,
+``ClassLayout`` the arrays built inside the step). Synthetic rows whose count the device count
+does not divide are stored replicated (they are small). Checkpoints hold global arrays, so a run
+saved on 4 devices resumes on 2 or 1 (``engine.shard_state``).
 
 Several hosts
 -------------
 Every host runs the same program (JAX's multi-controller model). On each host, before any other
 JAX call::
 
-    from idm_jax import sharding
+    from idm_jax import real, sharding
     sharding.initialize_distributed("10.0.0.1:1234", num_processes=2, process_id=RANK)
     mesh = sharding.make_mesh()          # all devices of all hosts, grouped host by host
 
 (``coordinator_address`` is host 0's address and a free port, the same on every host; on Cloud
-TPU, SLURM or Open MPI all three arguments may be left out and are detected.) The experiments
-CLI makes this call when given ``--distributed``; start the same command on every host.
+TPU, SLURM or Open MPI all three arguments may be left out and are detected.) The CLI makes this
+call when given ``--distributed``; start the same command on every host. Each host then loads
+only the classes its devices hold::
 
-Each host then loads only the classes its devices hold, and the pieces are assembled into one
-global array without any host seeing the whole train set::
-
-    counts = ...                          # (K,) images per class, known on every host (cheap)
     own = sharding.host_class_slice(len(counts), mesh)      # e.g. slice(0, 50) on host 0 of 2
     images, labels = load_classes(own)   # uint8 (n, H, W, C) and labels in own.start..stop-1
-    real = sharding.real_from_host_shard(images, labels, counts, mean, std, mesh)
+    data = real.real_from_host_shard(images, labels, counts, mean, std, mesh)
 
-``real_from_host_shard`` builds ``RealData.per_class`` with
-``jax.make_array_from_process_local_data``. The synthetic state is created identically on every
-host (same seed) and placed with ``shard_state``; the step, ``condense.iterate`` and the orbax
-checkpointer then work unchanged (orbax writes each host's shards in parallel; use a shared file
-system for the work directory). To resume, pass ``shard_state(fresh_state, mesh)`` as the
-restore template: orbax reads each device's slice straight into that layout. Only host 0
-should print and export results; ``to_host`` gathers a split array onto every host (a
-collective: all hosts call it). ``tests/test_multihost.py`` runs the experiments CLI as two
-processes with two CPU devices each over localhost and checks it against one device; separate
-machines and accelerators are not tested.
+The synthetic state is created identically on every host (same seed) and placed with
+``engine.shard_state``; orbax writes each host's shards in parallel (use a shared file system for
+the work directory). Only host 0 should print and export results; ``to_host`` gathers a split
+array onto every host (a collective: all hosts call it). ``tests/test_multihost.py`` runs the
+CLI as two processes with two CPU devices each over localhost and checks it against one device;
+separate machines and accelerators are not tested.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -110,10 +101,10 @@ def _axis(mesh: Mesh) -> str:
     return mesh.axis_names[0]
 
 
-def padded_classes(num_classes: int, mesh: Mesh) -> int:
-    """The class count rounded up to a multiple of the mesh size (the real data's class axis)."""
+def padded_size(size: int, mesh: Mesh) -> int:
+    """``size`` rounded up to a multiple of the mesh size (e.g. the real data's class axis)."""
     n = mesh_size(mesh)
-    return -(-num_classes // n) * n
+    return -(-size // n) * n
 
 
 def split(mesh: Mesh) -> NamedSharding:
@@ -159,22 +150,7 @@ def data_parallel(fn, mesh: Optional[Mesh]):
 
 
 # --------------------------------------------------------------------------- placement
-def real_shardings(mesh: Mesh):
-    """Sharding prefix of a ``RealData`` placed by ``shard_real``: per_class split, rest whole."""
-    from idm_jax.condense import RealData   # condense imports this module
-    rep = replicated(mesh)
-    return RealData(per_class=split(mesh), counts=rep, flat_index=rep, mean=rep, std=rep)
-
-
-def state_shardings(mesh: Mesh, num_rows: int):
-    """Sharding prefix of a ``CondenseState`` with ``num_rows`` (= K*ipc) synthetic rows."""
-    from idm_jax.condense import CondenseState
-    rep = replicated(mesh)
-    row = rows(mesh, num_rows)
-    return CondenseState(images=row, momentum=row, queue=rep, key=rep, iteration=rep)
-
-
-def _expand_prefix(prefix, tree):
+def expand_prefix(prefix, tree):
     """A full tree of shardings from a prefix tree (one sharding per leaf of ``tree``)."""
     return jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), prefix, tree)
 
@@ -188,37 +164,45 @@ def _put(value, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def shard_real(real, mesh: Mesh):
-    """``RealData`` placed on ``mesh``: the class axis of ``per_class`` split over the devices.
+def place(tree, layout):
+    """Every array of ``tree`` placed by the sharding prefix ``layout`` (host or device arrays).
 
-    When the mesh size does not divide K, ``per_class`` gets empty (all-zero) classes appended up
-    to ``padded_classes(K, mesh)``; ``counts`` and ``flat_index`` are unchanged, so nothing ever
-    samples them. Accepts host (NumPy) or device arrays; idempotent.
+    State types say how they are laid out (``RealData.layout(mesh)``,
+    ``CondenseState.layout(mesh, rows)``); this module knows nothing of them.
     """
-    num_classes = int(real.counts.shape[0])
-    target = padded_classes(num_classes, mesh)
-    per_class = real.per_class
-    have = per_class.shape[0]
-    if have not in (num_classes, target):
-        raise ValueError(f"per_class has {have} classes but counts says {num_classes}; build the "
-                         f"data with condense.prepare_real")
-    if have < target:
-        pad = np.zeros((target - have,) + tuple(per_class.shape[1:]), per_class.dtype)
-        per_class = np.concatenate([np.asarray(per_class), pad])
-    rep = replicated(mesh)
-    return real.replace(per_class=_put(per_class, split(mesh)), counts=_put(real.counts, rep),
-                        flat_index=_put(real.flat_index, rep), mean=_put(real.mean, rep),
-                        std=_put(real.std, rep))
+    return jax.tree.map(_put, tree, expand_prefix(layout, tree))
 
 
-def shard_state(state, mesh: Mesh):
-    """A ``CondenseState`` (fresh, or restored from any checkpoint) placed on ``mesh``.
+@dataclasses.dataclass(frozen=True)
+class ClassLayout:
+    """Where the class axis of per-class arrays lives inside a jitted step.
 
-    Synthetic images and momentum are split on their rows (replicated if the mesh size does not
-    divide K*ipc); the queue, key and iteration are replicated on every device.
+    Without a mesh every method is the identity, so the single-device program is untouched. On a
+    mesh the class axis is padded from ``num_classes`` to ``padded`` (a multiple of the device
+    count, the class axis of the sharded real data) so that every device holds whole classes, and
+    split over the devices. The maths stays unaware of either: it pads what it builds per class,
+    constrains it, and unpads before anything that must see exactly K classes.
     """
-    prefix = state_shardings(mesh, state.images.shape[0])
-    return jax.tree.map(_put, state, _expand_prefix(prefix, state))
+
+    num_classes: int
+    mesh: Optional[Mesh] = None
+
+    @property
+    def padded(self) -> int:
+        return self.num_classes if self.mesh is None else padded_size(self.num_classes, self.mesh)
+
+    def pad(self, x: jax.Array) -> jax.Array:
+        """(K, ...) -> (padded, ...) with zero rows appended."""
+        extra = self.padded - self.num_classes
+        return x if not extra else jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
+
+    def unpad(self, x: jax.Array) -> jax.Array:
+        """(padded, ...) -> (K, ...)."""
+        return x if self.padded == self.num_classes else x[:self.num_classes]
+
+    def constrain(self, x: jax.Array) -> jax.Array:
+        """Ask for the leading axis (classes, or a batch) split over the mesh."""
+        return constrain(x, self.mesh)
 
 
 # --------------------------------------------------------------------------- several hosts
@@ -257,16 +241,16 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 def host_class_slice(num_classes: int, mesh: Optional[Mesh] = None) -> slice:
     """The classes whose real data this process must load: ``slice(start, stop)`` in 0..K.
 
-    They are the classes that ``shard_real`` puts on this process's devices (a contiguous block,
-    as ``make_mesh`` orders devices host by host). With one process it is ``slice(0, K)``.
+    They are the classes that ``real.shard_real`` puts on this process's devices (a contiguous
+    block, as ``make_mesh`` orders devices host by host). With one process it is ``slice(0, K)``.
     """
-    block = _host_block(num_classes, mesh if mesh is not None else make_mesh())
+    block = host_block(num_classes, mesh if mesh is not None else make_mesh())
     return slice(min(block.start, num_classes), min(block.stop, num_classes))
 
 
-def _host_block(num_classes: int, mesh: Mesh) -> slice:
-    """This process's contiguous block of the padded class axis."""
-    shape = (padded_classes(num_classes, mesh),)
+def host_block(num_classes: int, mesh: Mesh) -> slice:
+    """This process's contiguous block of the padded class axis (padding classes included)."""
+    shape = (padded_size(num_classes, mesh),)
     spans = sorted((idx[0].start or 0, shape[0] if idx[0].stop is None else idx[0].stop)
                    for idx in split(mesh).addressable_devices_indices_map(shape).values())
     for (_, stop), (start, _) in zip(spans, spans[1:]):
@@ -274,50 +258,6 @@ def _host_block(num_classes: int, mesh: Mesh) -> slice:
             raise ValueError("this process's devices are not contiguous in the mesh, so its "
                              "classes are not one block; build the mesh with make_mesh()")
     return slice(spans[0][0], spans[-1][1])
-
-
-def real_from_host_shard(images: np.ndarray, labels: np.ndarray, counts, mean, std,
-                         mesh: Mesh):
-    """Global ``RealData`` built from the classes this process loaded (``host_class_slice``).
-
-    Args:
-      images: (n, H, W, C) uint8 real images of this process's classes only.
-      labels: (n,) their global class ids, all inside ``host_class_slice(len(counts), mesh)``.
-      counts: (K,) images per class of the whole train set (every host passes the same).
-      mean, std: (C,) normalisation constants, [0,1] pixel units.
-
-    Returns the same ``RealData`` as ``shard_real(condense.prepare_real(all images), mesh)``.
-    """
-    from idm_jax.condense import RealData
-    images, labels = np.asarray(images), np.asarray(labels)
-    counts = np.asarray(counts, np.int64)
-    num_classes = len(counts)
-    if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(f"images must be a uint8 (n, H, W, C) array, got {images.dtype} "
-                         f"{images.shape}")
-    if (counts <= 0).any():
-        raise ValueError(f"classes {np.flatnonzero(counts <= 0).tolist()} have no images")
-    own, block = host_class_slice(num_classes, mesh), _host_block(num_classes, mesh)
-    if labels.shape != (len(images),):
-        raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
-    if len(labels) and (labels.min() < own.start or labels.max() >= own.stop):
-        raise ValueError(f"this process owns classes {own.start}..{own.stop - 1} but got labels "
-                         f"{labels.min()}..{labels.max()}; load host_class_slice(K, mesh) only")
-    nmax = int(counts.max())
-    local = np.zeros((block.stop - block.start, nmax) + images.shape[1:], np.uint8)
-    for k in range(own.start, own.stop):
-        picked = images[labels == k]
-        if len(picked) != counts[k]:
-            raise ValueError(f"class {k}: {len(picked)} images loaded but counts says {counts[k]}")
-        local[k - block.start, :len(picked)] = picked
-    global_shape = (padded_classes(num_classes, mesh), nmax) + images.shape[1:]
-    per_class = jax.make_array_from_process_local_data(split(mesh), local, global_shape)
-    flat = np.concatenate([k * nmax + np.arange(n) for k, n in enumerate(counts)])
-    rep = replicated(mesh)
-    return RealData(per_class=per_class, counts=_put(counts.astype(np.int32), rep),
-                    flat_index=_put(flat.astype(np.int32), rep),
-                    mean=_put(np.asarray(mean, np.float32), rep),
-                    std=_put(np.asarray(std, np.float32), rep))
 
 
 def to_host(tree):
@@ -357,7 +297,7 @@ def any_host(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.bool_))))
 
 
-__all__ = ["DATA_AXIS", "make_mesh", "mesh_size", "padded_classes", "split", "replicated", "rows",
-           "constrain", "data_parallel", "real_shardings", "state_shardings", "shard_real",
-           "shard_state", "initialize_distributed", "host_class_slice", "real_from_host_shard",
-           "to_host", "any_host", "sync_hosts"]
+__all__ = ["DATA_AXIS", "make_mesh", "mesh_size", "padded_size", "split", "replicated", "rows",
+           "constrain", "data_parallel", "expand_prefix", "place", "ClassLayout",
+           "initialize_distributed", "host_class_slice", "host_block", "to_host", "any_host",
+           "sync_hosts"]

@@ -7,19 +7,21 @@ import jax
 import numpy as np
 import pytest
 
-from idm_jax import checkpoint, condense
+from idm_jax import checkpoint
+from idm_jax import engine as engine_lib
+from idm_jax import real as real_lib
 from tests.test_condense import MEAN, STD, tiny_config, tiny_data
 
 
 def build(config):
     images, labels = tiny_data()
-    real = condense.prepare_real(images, labels, MEAN, STD)
-    engine = condense.make_engine(config, real.num_classes, real.image_shape)
+    real = real_lib.prepare_real(images, labels, MEAN, STD)
+    engine = engine_lib.make_engine(config, real.num_classes, real.image_shape)
     return engine, real
 
 
 def run(engine, real, state, until, step):
-    for state, _ in condense.iterate(engine, real, state, until=until, step=step):
+    for _, state, _ in engine_lib.iterate(engine, real, state, until=until, step=step):
         pass
     return state
 
@@ -27,12 +29,12 @@ def run(engine, real, state, until, step):
 def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path):
     config = tiny_config(iterations=30, net_generate_interval=4, eval_interval=7)
     engine, real = build(config)
-    step = condense.make_step(engine, real)
+    step = engine_lib.make_step(engine, real)
     meta = checkpoint.data_meta(real)
 
-    straight = run(engine, real, condense.init_state(engine, real, config.seed), 30, step)
+    straight = run(engine, real, engine_lib.init_state(engine, real, config.seed), 30, step)
 
-    first = run(engine, real, condense.init_state(engine, real, config.seed), 15, step)
+    first = run(engine, real, engine_lib.init_state(engine, real, config.seed), 15, step)
     ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
     assert ckpt.save(first, config, meta) == 15
     ckpt.close()
@@ -42,10 +44,10 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path):
     engine2, real2 = build(config)
     reopened = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
     assert reopened.latest_step() == 15
-    template = condense.init_state(engine2, real2, config.seed + 99)
+    template = engine_lib.init_state(engine2, real2, config.seed + 99)
     restored = reopened.restore(template, config, meta)
     assert int(restored.iteration) == 15
-    resumed = run(engine2, real2, restored, 30, condense.make_step(engine2, real2))
+    resumed = run(engine2, real2, restored, 30, engine_lib.make_step(engine2, real2))
 
     leaves_a, tree_a = jax.tree.flatten(straight)
     leaves_b, tree_b = jax.tree.flatten(resumed)
@@ -57,7 +59,7 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path):
 def test_checkpoint_of_another_config_is_refused(tmp_path):
     config = tiny_config()
     engine, real = build(config)
-    state = condense.init_state(engine, real, 0)
+    state = engine_lib.init_state(engine, real, 0)
     ckpt = checkpoint.Checkpointer(str(tmp_path))
     ckpt.save(state, config, checkpoint.data_meta(real))
     other = dataclasses.replace(config, ipc=3)
@@ -73,7 +75,7 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
 def test_damaged_checkpoint_gives_a_clear_error(tmp_path):
     config = tiny_config()
     engine, real = build(config)
-    state = condense.init_state(engine, real, 0)
+    state = engine_lib.init_state(engine, real, 0)
     ckpt = checkpoint.Checkpointer(str(tmp_path))
     ckpt.save(state, config, checkpoint.data_meta(real))
     state_dir = tmp_path / "0" / "state"

@@ -1,4 +1,4 @@
-"""The condensation engine: optimiser closed form, sampling, init, one-step descent, compile once."""
+"""The condensation engine: image updates, sampling, init, descent, compile once."""
 
 import dataclasses
 
@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 import idm_jax
-from idm_jax import condense, config as config_lib
+from idm_jax import backend, image_update, matching
+from idm_jax import config as config_lib
+from idm_jax import engine as engine_lib
+from idm_jax import real as real_lib
 
 
 def tiny_config(**overrides):
@@ -54,13 +57,13 @@ def test_closed_form_per_class_update_equals_sequential_scan(num_classes, mu):
     buf = jnp.asarray(rng.normal(size=(num_classes, ipc) + shape), jnp.float32)
 
     class_grad = lambda c, xc: jax.grad(loss, argnums=1)(c, xc)
-    want_x, want_buf = jax.jit(lambda x, b: condense.sequential_image_update(
+    want_x, want_buf = jax.jit(lambda x, b: image_update.sequential_image_update(
         x, b, class_grad, lr, mu))(x, buf)
 
     def grad_at(xs):
         return jax.vmap(class_grad)(jnp.arange(num_classes), xs), None
 
-    got_x, got_buf, _ = jax.jit(lambda x, b: condense.per_class_image_update(
+    got_x, got_buf, _ = jax.jit(lambda x, b: image_update.per_class_image_update(
         x, b, grad_at, lr, mu))(x, buf)
     np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), atol=1e-5)
     np.testing.assert_allclose(np.asarray(got_buf), np.asarray(want_buf), atol=1e-5)
@@ -73,7 +76,7 @@ def test_per_class_update_differs_from_summed_step():
     x = jnp.ones((num_classes, ipc) + shape)
     buf = jnp.ones_like(x)
     class_grad = lambda c, xc: jax.grad(loss, argnums=1)(c, xc)
-    seq_x, _ = condense.sequential_image_update(x, buf, class_grad, lr, mu)
+    seq_x, _ = image_update.sequential_image_update(x, buf, class_grad, lr, mu)
     grads = jax.vmap(class_grad)(jnp.arange(num_classes), x)
     summed_x = x - lr * (mu * buf + grads)
     assert float(jnp.max(jnp.abs(seq_x - summed_x))) > 1e-3
@@ -83,7 +86,7 @@ def test_per_class_update_differs_from_summed_step():
 def test_prepare_real_layout_and_errors():
     images, labels = tiny_data(num_classes=3, per_class=5)
     labels[:2] = 0  # unequal class sizes
-    real = condense.prepare_real(images, labels, MEAN, STD)
+    real = real_lib.prepare_real(images, labels, MEAN, STD)
     counts = np.bincount(labels, minlength=3)
     np.testing.assert_array_equal(np.asarray(real.counts), counts)
     per_class = np.asarray(real.per_class)
@@ -91,16 +94,16 @@ def test_prepare_real_layout_and_errors():
         np.testing.assert_array_equal(per_class[k, :counts[k]], images[labels == k])
     assert len(real.flat_index) == len(labels)
     with pytest.raises(ValueError, match="uint8"):
-        condense.prepare_real(images.astype(np.float32), labels, MEAN, STD)
+        real_lib.prepare_real(images.astype(np.float32), labels, MEAN, STD)
     with pytest.raises(ValueError, match="no images"):
-        condense.prepare_real(images, np.where(labels == 1, 0, labels), MEAN, STD, num_classes=3)
+        real_lib.prepare_real(images, np.where(labels == 1, 0, labels), MEAN, STD, num_classes=3)
     with pytest.raises(ValueError, match="must lie in"):
-        condense.prepare_real(images, labels, MEAN, STD, num_classes=2)
+        real_lib.prepare_real(images, labels, MEAN, STD, num_classes=2)
 
 
 def test_class_batches_are_distinct_valid_and_cover_small_classes():
     counts = jnp.array([7, 3, 12])
-    idx, mask = jax.jit(condense.class_batch_indices, static_argnums=(2, 3))(
+    idx, mask = jax.jit(real_lib.class_batch_indices, static_argnums=(2, 3))(
         jax.random.PRNGKey(0), counts, 12, 5)
     idx, mask = np.asarray(idx), np.asarray(mask)
     for k, n in enumerate([7, 3, 12]):
@@ -109,7 +112,7 @@ def test_class_batches_are_distinct_valid_and_cover_small_classes():
         assert len(set(chosen.tolist())) == len(chosen)     # without replacement
         assert (chosen < n).all()                           # never padding rows
     assert sorted(idx[1][mask[1]].tolist()) == [0, 1, 2]    # whole class when it is small
-    first, _ = condense.class_batch_indices(None, counts, 12, 4, "first")
+    first, _ = real_lib.class_batch_indices(None, counts, 12, 4, "first")
     np.testing.assert_array_equal(np.asarray(first), np.tile(np.arange(4), (3, 1)))
 
 
@@ -117,8 +120,8 @@ def test_whole_set_batches_are_distinct_labelled_and_uniform():
     # Uneven classes (padding rows in per_class): 4 + 9 + 7 = 20 images, batches of 5.
     labels = np.repeat(np.arange(3), [4, 9, 7])
     images = np.arange(20, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
-    real = condense.prepare_real(images, labels, [0.0], [1.0 / 255.0])
-    draw = jax.jit(jax.vmap(lambda k: condense.sample_all_classes(real, k, 5)))
+    real = real_lib.prepare_real(images, labels, [0.0], [1.0 / 255.0])
+    draw = jax.jit(jax.vmap(lambda k: real_lib.sample_all_classes(real, k, 5)))
     x, y = draw(jax.random.split(jax.random.PRNGKey(0), 4000))
     ids = np.asarray(x)[:, :, 0, 0, 0].round().astype(int)     # pixel value = image id
     assert all(len(set(row)) == 5 for row in ids.tolist())       # without replacement
@@ -132,9 +135,9 @@ def test_whole_set_batches_are_distinct_labelled_and_uniform():
 
 def test_mosaic_init_tiles_pooled_real_images_of_the_class():
     images, labels = tiny_data()
-    real = condense.prepare_real(images, labels, MEAN, STD)
+    real = real_lib.prepare_real(images, labels, MEAN, STD)
     config = tiny_config(ipc=2)
-    syn = np.asarray(condense.init_synthetic(jax.random.PRNGKey(3), config, real))
+    syn = np.asarray(engine_lib.init_synthetic(jax.random.PRNGKey(3), config, real))
     assert syn.shape == (3 * 2, 8, 8, 3)
     normalised = (images / 255.0 - np.array(MEAN)) / np.array(STD)
     for row in range(6):
@@ -145,18 +148,18 @@ def test_mosaic_init_tiles_pooled_real_images_of_the_class():
             err = np.abs(candidates - quadrant).max(axis=(1, 2, 3)).min()
             assert err < 1e-5, (row, r, c)  # every quadrant is a pooled image of its class
     with pytest.raises(ValueError, match="only"):
-        condense.init_synthetic(jax.random.PRNGKey(0), tiny_config(ipc=11), real)
+        engine_lib.init_synthetic(jax.random.PRNGKey(0), tiny_config(ipc=11), real)
 
 
 # ------------------------------------------------------------------ the iteration
 def make(config, seed=0):
     images, labels = tiny_data()
-    real = condense.prepare_real(images, labels, MEAN, STD)
-    engine = condense.make_engine(config, real.num_classes, real.image_shape)
-    return engine, real, condense.init_state(engine, real, seed)
+    real = real_lib.prepare_real(images, labels, MEAN, STD)
+    engine = engine_lib.make_engine(config, real.num_classes, real.image_shape)
+    return engine, real, engine_lib.init_state(engine, real, seed)
 
 
-def test_step_decreases_matching_loss_of_a_fixed_model():
+def test_a_gradient_step_on_the_class_objectives_lowers_them():
     config = tiny_config(dsa_strategy="none", syn_ce=False, model_train_steps=0, lr_img=0.05)
     engine, real, state = make(config)
     params = jax.tree.map(lambda x: x[0], state.queue.params)
@@ -165,10 +168,12 @@ def test_step_decreases_matching_loss_of_a_fixed_model():
     feats = jax.vmap(lambda x: engine.apply(params, x)[0])(jnp.asarray(real_x, jnp.float32))
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     shape = (3, config.ipc) + real.image_shape
+    layout = idm_jax.sharding.ClassLayout(3)
+    mask = jnp.ones((3, 8), bool)
 
     def loss(images):
-        per_class, _ = condense.class_losses(engine, params, images.reshape(shape), feats, None,
-                                             keys, 0.0)
+        per_class, _ = matching.class_objectives(engine, params, images.reshape(shape), feats,
+                                                 mask, keys, 0.0, layout)
         return jnp.sum(per_class)
 
     x0 = state.images
@@ -178,10 +183,28 @@ def test_step_decreases_matching_loss_of_a_fixed_model():
     assert after < before
 
 
+def test_steps_with_a_fixed_extractor_decrease_the_matching_loss():
+    # One queue model that never trains or changes, the same real batch every iteration
+    # (the first 8 images of each class, all of them) and no augmentation: the loss each step
+    # reports is the loss at the images the previous step produced, so it must go down.
+    config = tiny_config(dsa_strategy="none", syn_ce=False, model_train_steps=0, lr_img=0.3,
+                         net_num=1, initial_models=1, net_push_num=0, fetch_net_num=1,
+                         real_sampling="first",
+                         iterations=6)
+    engine, real, state = make(config)
+    step = engine_lib.make_step(engine, real)
+    losses = []
+    for _ in range(6):
+        state, metrics = step(state, real)
+        losses.append(float(metrics["loss"]))
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.95 * losses[0], losses
+
+
 def test_iteration_runs_compiles_once_and_keeps_shapes():
     config = tiny_config(iterations=5)
     engine, real, state = make(config)
-    raw = condense.make_step(engine, real, jit=False)
+    raw = engine_lib.make_step(engine, real, jit=False)
     step = jax.jit(chex.assert_max_traces(raw, n=1), donate_argnums=0)
     shapes = jax.tree.map(lambda x: (x.shape, x.dtype), state)
     for _ in range(5):
@@ -197,7 +220,7 @@ def test_iteration_runs_compiles_once_and_keeps_shapes():
 def test_meters_reset_every_eval_interval():
     config = tiny_config(eval_interval=3, net_generate_interval=100, iterations=4)
     engine, real, state = make(config)
-    step = condense.make_step(engine, real)
+    step = engine_lib.make_step(engine, real)
     seen = []
     for _ in range(4):
         state, _ = step(state, real)
@@ -213,8 +236,8 @@ def test_microbatched_step_equals_the_whole_batch_step():
     states = {}
     for chunk in (0, 3):
         engine, real, state = make(tiny_config(iterations=3, microbatch=chunk))
-        assert engine.chunk == chunk
-        step = condense.make_step(engine, real)
+        assert engine.policy.chunk == chunk
+        step = engine_lib.make_step(engine, real)
         for _ in range(3):
             state, _ = step(state, real)
         states[chunk] = state
@@ -224,12 +247,38 @@ def test_microbatched_step_equals_the_whole_batch_step():
     np.testing.assert_array_equal(states[3].queue.seen, states[0].queue.seen)
 
 
-def test_summed_update_option_runs():
+def test_summed_update_equals_per_class_for_one_class_and_the_sgd_formula():
+    # With one class the official per-class loop is a single step on the whole tensor, so the
+    # two updates must coincide, and both must be PyTorch's SGD-momentum written by hand:
+    # buf <- mu * buf + g, x <- x - lr * buf.
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(1, 2, 4, 4, 3)), jnp.float32)
+    buf = jnp.asarray(rng.normal(size=(1, 2, 4, 4, 3)), jnp.float32)
+    target = jnp.asarray(rng.normal(size=(1, 2, 4, 4, 3)), jnp.float32)
+    loss = lambda v: jnp.sum((v - target) ** 2) + jnp.sum(jnp.sin(3 * v))
+    grad_at = lambda v: (jax.grad(loss)(v), ())
+    lr, mu = 0.2, 0.5
+    g = np.asarray(jax.grad(loss)(x))
+    want_buf = mu * np.asarray(buf) + g
+    want_x = np.asarray(x) - lr * want_buf
+    for update in (image_update.summed_image_update, image_update.per_class_image_update):
+        got_x, got_buf, _ = update(x, buf, grad_at, lr, mu)
+        np.testing.assert_allclose(got_x, want_x, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got_buf, want_buf, rtol=1e-6, atol=1e-6)
+
+
+def test_summed_update_option_steps_the_images_like_dm():
+    # Through the engine, from zero momentum: the buffer after one summed step is the gradient
+    # and the images moved by exactly -lr times it (the per-class closed form would move a
+    # class's rows on by momentum after its step, so its buffer is not this).
     config = tiny_config(image_update="summed", iterations=2)
     engine, real, state = make(config)
-    step = condense.make_step(engine, real)
-    state, metrics = step(state, real)
+    start = np.asarray(state.images)
+    state, metrics = engine_lib.make_step(engine, real)(state, real)
     assert np.isfinite(float(metrics["loss"]))
+    moved = (start - np.asarray(state.images)) / config.lr_img
+    assert np.abs(moved).max() > 0
+    np.testing.assert_allclose(np.asarray(state.momentum), moved, rtol=1e-3, atol=1e-5)
 
 
 def test_condense_entry_point_is_reproducible_from_the_seed():

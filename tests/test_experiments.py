@@ -12,9 +12,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from experiments import common
 from experiments import evaluate as evaluate_cli
-from idm_jax import checkpoint, data
+from idm_jax import checkpoint, cli, data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A few iterations of a small network: what matters here is the plumbing, not accuracy.
@@ -26,7 +25,7 @@ TINY = ["--smoke", "--iterations", "4", "--checkpoint_every", "2", "--num_eval",
 def test_cifar10_end_to_end_under_tfds_mock_data(tmp_path):
     workdir = str(tmp_path / "run")
     with tfds.testing.mock_data(num_examples=200, policy=tfds.testing.MockPolicy.USE_CODE):
-        results = common.main("cifar10", argv=["--ipc", "1", "--workdir", workdir] + TINY)
+        results = cli.main("cifar10", argv=["--ipc", "1", "--workdir", workdir] + TINY)
         # The saved set evaluates with another architecture through its own CLI.
         out = str(tmp_path / "eval.json")
         evaluated = evaluate_cli.main(["--set", os.path.join(workdir, "synthetic.npz"),
@@ -66,14 +65,14 @@ def test_cifar10_end_to_end_under_tfds_mock_data(tmp_path):
 ])
 def test_bad_overrides_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        common.main("cifar10", argv=argv + ["--workdir", "/nonexistent/never-written"])
+        cli.main("cifar10", argv=argv + ["--workdir", "/nonexistent/never-written"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        common.main("cifar10", argv=["--source", "npy", "--data_dir", str(tmp_path / "none"),
+        cli.main("cifar10", argv=["--source", "npy", "--data_dir", str(tmp_path / "none"),
                                      "--workdir", str(tmp_path / "run")])
     assert "error:" in capsys.readouterr().err
 
@@ -89,7 +88,7 @@ def write_npy_cifar(path, per_class=6):
     np.save(os.path.join(path, "test_y.npy"), labels[:20])
 
 
-def cli(workdir, data_dir, extra=()):
+def cli_command(workdir, data_dir, extra=()):
     return [sys.executable, "-m", "experiments.cifar10", "--ipc", "1", "--source", "npy",
             "--data_dir", data_dir, "--workdir", workdir] + TINY + [
             "--iterations", "150", "--checkpoint_every", "1000"] + list(extra)
@@ -100,7 +99,7 @@ def test_ctrl_c_saves_a_checkpoint_and_rerun_resumes_to_the_same_result(tmp_path
     write_npy_cifar(data_dir)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     interrupted = str(tmp_path / "interrupted")
-    proc = subprocess.Popen(cli(interrupted, data_dir), cwd=REPO, env=env,
+    proc = subprocess.Popen(cli_command(interrupted, data_dir), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = os.path.join(interrupted, "metrics.jsonl")
     deadline = time.time() + 300
@@ -117,13 +116,13 @@ def test_ctrl_c_saves_a_checkpoint_and_rerun_resumes_to_the_same_result(tmp_path
     assert 3 <= stopped_at < 150
     assert not os.path.exists(os.path.join(interrupted, "results.json"))
 
-    resumed = subprocess.run(cli(interrupted, data_dir), cwd=REPO, env=env,
+    resumed = subprocess.run(cli_command(interrupted, data_dir), cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming from iteration {stopped_at}" in resumed.stdout
 
     straight = str(tmp_path / "straight")
-    done = subprocess.run(cli(straight, data_dir), cwd=REPO, env=env, capture_output=True,
+    done = subprocess.run(cli_command(straight, data_dir), cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     a = checkpoint.load_npz(os.path.join(interrupted, "synthetic.npz"))
@@ -133,7 +132,7 @@ def test_ctrl_c_saves_a_checkpoint_and_rerun_resumes_to_the_same_result(tmp_path
         assert json.load(f)["resumed_from_iteration"] == stopped_at
 
     # A different ipc in the same workdir is refused, not mixed.
-    other = subprocess.run(cli(interrupted, data_dir, ["--ipc", "2"]), cwd=REPO, env=env,
+    other = subprocess.run(cli_command(interrupted, data_dir, ["--ipc", "2"]), cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "different run" in other.stderr
 
@@ -147,7 +146,7 @@ def test_nan_loss_stops_with_the_iteration_and_the_last_good_checkpoint(tmp_path
     argv = ["--ipc", "1", "--source", "npy", "--data_dir", data_dir, "--workdir", workdir] + \
         TINY + ["--checkpoint_every", "1", "--lr_img", "1e38"]
     with pytest.raises(SystemExit) as exit_info:
-        common.main("cifar10", argv=argv)
+        cli.main("cifar10", argv=argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]

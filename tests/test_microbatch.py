@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from idm_jax import microbatch, models
+from idm_jax import backend, microbatch, models
 
 
 def test_chunk_size_is_the_largest_divisor_not_above_the_request():
@@ -23,9 +23,9 @@ def test_chunk_size_is_the_largest_divisor_not_above_the_request():
 
 
 def test_resolve_automatic_choice_by_backend():
-    assert microbatch.resolve(-1, "cpu") == microbatch.CPU_CHUNK
-    assert microbatch.resolve(-1, "gpu") == 0
-    assert microbatch.resolve(0, "cpu") == 0 and microbatch.resolve(12, "gpu") == 12
+    assert backend.resolve(-1, "cpu").chunk == backend.CPU_CHUNK
+    assert backend.resolve(-1, "gpu").chunk == 0
+    assert backend.resolve(0, "cpu").chunk == 0 and backend.resolve(12, "gpu").chunk == 12
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_chunks_of_padding_only_are_skipped(convnet):
 
 
 def test_chunked_evaluation_trains_the_same_models():
-    from idm_jax import evaluate
+    from idm_jax import evaluation
     rng = np.random.default_rng(0)
     train_x = jnp.asarray(rng.normal(size=(20, 16, 16, 1)), jnp.float32)   # 2 steps: 16 + 4
     train_y = jnp.asarray(np.arange(20) % 4, jnp.int32)
@@ -105,7 +105,7 @@ def test_chunked_evaluation_trains_the_same_models():
     test_x = test_x + 0.5 * test_y[:, None, None, None]
     train_x = train_x + 0.5 * train_y[:, None, None, None]
     net = models.get_model("ConvNetW32", 4, in_channels=1)
-    run = jax.jit(lambda k, chunk: evaluate.train_and_test(
+    run = jax.jit(lambda k, chunk: evaluation.train_and_test(
         k, net, train_x, train_y, test_x, test_y, epochs=6, batch_size=16, test_batch=20,
         chunk=chunk), static_argnums=1)
     for seed in range(3):

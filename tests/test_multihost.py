@@ -31,8 +31,8 @@ TINY = ["--smoke", "--ipc", "2", "--source", "digits", "--checkpoint_every", "2"
 
 WORKER = r'''
 import sys
-from experiments import common
-common.main("digits", argv=sys.argv[1:])
+from idm_jax import cli
+cli.main("digits", argv=sys.argv[1:])
 '''
 
 

@@ -39,7 +39,9 @@ import numpy as np
 jax.config.update("jax_compilation_cache_dir", os.path.join(out, "..", "xla_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-from idm_jax import checkpoint, condense
+from idm_jax import checkpoint
+from idm_jax import engine as engine_lib
+from idm_jax import real as real_lib
 from tests.test_condense import MEAN, STD, tiny_config, tiny_data
 
 CONFIG = tiny_config(iterations=4, model="ConvNetD1", dsa_strategy="color_crop",
@@ -59,31 +61,31 @@ def spec(x):
 def setup(k):
     images, labels = tiny_data(num_classes=k)
     config = CONFIG if k == 4 else dataclasses.replace(CONFIG, iterations=3)
-    real = condense.prepare_real(images, labels, MEAN, STD)
-    return config, images, labels, condense.make_engine(config, k, real.image_shape), real
+    real = real_lib.prepare_real(images, labels, MEAN, STD)
+    return config, images, labels, engine_lib.make_engine(config, k, real.image_shape), real
 
 def run(engine, real, state, until, **kw):
-    for state, _ in condense.iterate(engine, real, state, until=until, **kw):
+    for _, state, _ in engine_lib.iterate(engine, real, state, until=until, **kw):
         pass
     return state
 
 if mode == "reference":  # one device, no mesh: today's program
     config, _, _, engine, real = setup(4)
-    step = condense.make_step(engine, real)
-    state = run(engine, real, condense.init_state(engine, real, config.seed), 2, step=step)
+    step = engine_lib.make_step(engine, real)
+    state = run(engine, real, engine_lib.init_state(engine, real, config.seed), 2, step=step)
     dump("k4_it2", state)
     dump("k4_it4", run(engine, real, state, 4, step=step))
 
 elif mode == "four":  # K=4 on 4 devices; checkpoint at iteration 2
     mesh = sharding.make_mesh()
     config, images, labels, engine, _ = setup(4)
-    real = condense.prepare_real(images, labels, MEAN, STD, mesh=mesh)
-    state = sharding.shard_state(condense.init_state(engine, real, config.seed), mesh)
-    step = condense.make_step(engine, real, mesh=mesh)
+    real = real_lib.prepare_real(images, labels, MEAN, STD, mesh=mesh)
+    state = engine_lib.shard_state(engine_lib.init_state(engine, real, config.seed), mesh)
+    step = engine_lib.make_step(engine, real, mesh=mesh)
     first, _ = step(state, real)
     facts["donated"] = bool(state.images.is_deleted())
     ckpt = checkpoint.Checkpointer(CKPT)
-    for state, _ in condense.iterate(engine, real, first, until=4, step=step, mesh=mesh):
+    for _, state, _ in engine_lib.iterate(engine, real, first, until=4, step=step, mesh=mesh):
         if int(state.iteration) == 2:
             ckpt.save(state, config, checkpoint.data_meta(real))
     ckpt.close()
@@ -91,11 +93,11 @@ elif mode == "four":  # K=4 on 4 devices; checkpoint at iteration 2
     facts.update(per_class=spec(real.per_class), images=spec(state.images),
                  momentum=spec(state.momentum), counts=spec(real.counts),
                  queue_leaf=spec(jax.tree.leaves(state.queue.params)[0]),
-                 padded={f"{k},4": sharding.padded_classes(k, mesh) for k in (1, 4, 10, 13)})
+                 padded={f"{k},4": sharding.padded_size(k, mesh) for k in (1, 4, 10, 13)})
     # K=3 on 4 devices: one device holds only a padding class, and the 6 synthetic rows are
     # stored replicated.
     config3, images3, labels3, _, _ = setup(3)
-    _, state3 = condense.condense(config3, images3, labels3, mean=MEAN, std=STD, mesh=mesh)
+    _, state3 = engine_lib.condense(config3, images3, labels3, mean=MEAN, std=STD, mesh=mesh)
     dump("k3_it3", state3)
     facts["images3"] = spec(state3.images)
 
@@ -103,16 +105,16 @@ elif mode == "two":
     mesh = sharding.make_mesh()
     config3, images3, labels3, engine3, real_plain = setup(3)
     try:
-        condense.make_step(engine3, real_plain, mesh=mesh)
+        engine_lib.make_step(engine3, real_plain, mesh=mesh)
         facts["unpadded_error"] = None
     except ValueError as err:
         facts["unpadded_error"] = str(err)
     # Three ways to place the uneven K=3 data on 2 devices must agree.
     counts = np.bincount(labels3, minlength=3)
     own = sharding.host_class_slice(3, mesh)
-    placed = {"prepare_real": condense.prepare_real(images3, labels3, MEAN, STD, mesh=mesh),
-              "shard_real": sharding.shard_real(real_plain, mesh),
-              "host_shard": sharding.real_from_host_shard(images3, labels3, counts, MEAN, STD,
+    placed = {"prepare_real": real_lib.prepare_real(images3, labels3, MEAN, STD, mesh=mesh),
+              "shard_real": real_lib.shard_real(real_plain, mesh),
+              "host_shard": real_lib.real_from_host_shard(images3, labels3, counts, MEAN, STD,
                                                           mesh)}
     facts["host_slice"] = [own.start, own.stop]
     facts["placements"] = {name: [spec(r.per_class), r.num_classes] for name, r in placed.items()}
@@ -121,35 +123,35 @@ elif mode == "two":
                 for field in ("per_class", "counts", "flat_index", "mean", "std")},
              plain_per_class=np.asarray(real_plain.per_class))
     # The library entry point on the mesh (uneven classes).
-    _, state3 = condense.condense(config3, images3, labels3, mean=MEAN, std=STD, mesh=mesh)
+    _, state3 = engine_lib.condense(config3, images3, labels3, mean=MEAN, std=STD, mesh=mesh)
     dump("k3_it3", state3)
     facts.update(images3=spec(state3.images), per_class3=spec(placed["prepare_real"].per_class),
-                 padded={f"{k},2": sharding.padded_classes(k, mesh) for k in (1, 3, 4, 10)})
+                 padded={f"{k},2": sharding.padded_size(k, mesh) for k in (1, 3, 4, 10)})
     # Resume the 4-device checkpoint on 2 devices.
     config, images, labels, engine, _ = setup(4)
-    real = condense.prepare_real(images, labels, MEAN, STD, mesh=mesh)
-    template = sharding.shard_state(condense.init_state(engine, real, config.seed + 99), mesh)
+    real = real_lib.prepare_real(images, labels, MEAN, STD, mesh=mesh)
+    template = engine_lib.shard_state(engine_lib.init_state(engine, real, config.seed + 99), mesh)
     ckpt = checkpoint.Checkpointer(CKPT)
     restored = ckpt.restore(template, config, checkpoint.data_meta(real))
     facts["restored_images"] = spec(restored.images)
     dump("restored", restored)
-    dump("resumed", run(engine, real, restored, 4, step=condense.make_step(engine, real,
+    dump("resumed", run(engine, real, restored, 4, step=engine_lib.make_step(engine, real,
                                                                              mesh=mesh)))
 
 elif mode == "one":  # resume the 4-device checkpoint on one device, without and with a mesh
     facts["joined"], facts["processes"] = joined, jax.process_count()
     # (Also the plain K=3 reference: this process has the least to compile.)
     config3, images3, labels3, _, _ = setup(3)
-    _, state3 = condense.condense(config3, images3, labels3, mean=MEAN, std=STD)
+    _, state3 = engine_lib.condense(config3, images3, labels3, mean=MEAN, std=STD)
     dump("k3_it3", state3)
     config, images, labels, engine, real = setup(4)
     ckpt = checkpoint.Checkpointer(CKPT)
-    template = condense.init_state(engine, real, config.seed + 99)
+    template = engine_lib.init_state(engine, real, config.seed + 99)
     restored = ckpt.restore(template, config, checkpoint.data_meta(real))
     dump("restored", restored)
     dump("resumed", run(engine, real, restored, 4))
     mesh = sharding.make_mesh(1)
-    again = sharding.shard_state(ckpt.restore(template, config, checkpoint.data_meta(real)), mesh)
+    again = engine_lib.shard_state(ckpt.restore(template, config, checkpoint.data_meta(real)), mesh)
     dump("resumed_mesh1", run(engine, real, again, 4, mesh=mesh))
 
 facts["seconds"] = time.perf_counter() - start

@@ -7,8 +7,8 @@ transform. Normalisation is applied later (on device), so the record stays
 lossless and 4x smaller than float32.
 
 `DATASET_INFO` holds the fixed facts per supported dataset (image shape,
-number of classes, mean/std in [0,1] pixel units as in the reference
-section 7, class names, where it can be loaded from).
+number of classes, mean/std in [0,1] pixel units as in the official code
+(docs/FAITHFULNESS.md, "data"), class names, where it can be loaded from).
 
 `class_arrays` turns a labelled set into the per-class layout the engine keeps
 on device: (K, Nmax, H, W, C) with zero padding for classes smaller than the
@@ -115,8 +115,9 @@ DATASET_INFO: dict[str, DatasetSpec] = {
         "tinyimagenet", (64, 64, 3), 200, IMAGENET_MEAN, IMAGENET_STD, None,
         ("folder",)),
     # The official ImageNet script feeds *unnormalised* [0,1] train images to
-    # condensation and normalises only the test set (reference section 10);
-    # that choice belongs to the engine, the constants here are ImageNet's.
+    # condensation and normalises only the test set (docs/FAITHFULNESS.md,
+    # "quirks and options"); that choice belongs to the engine, the constants
+    # here are ImageNet's.
     "imagenet_subset": DatasetSpec(
         "imagenet_subset", (224, 224, 3), 100, IMAGENET_MEAN, IMAGENET_STD,
         None, ("folder",)),

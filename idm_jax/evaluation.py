@@ -1,13 +1,13 @@
 """The official evaluation protocol: train fresh networks on a condensed set, test them.
 
-Reference section 6: expand the set with partition-and-expand, train a fresh network for
-``epochs + 1`` epochs with SGD (lr 0.01, momentum 0.9, coupled weight decay 5e-4), multiply the lr
-by 0.1 and rebuild the optimiser (momentum reset) after epoch ``epochs // 2 + 1``, batch 256 with a
-reshuffle every epoch and the last partial batch kept, per-image DSA on every batch; score the
-final model on the test set. ``num_models`` networks are trained in one compiled program (a
-vmapped axis on accelerators, one after another on CPU). BatchNorm models (ResNet18BN, ...) carry
-their running statistics and use them at test time; the padded rows of the last partial batch are
-masked out of the batch statistics.
+The protocol (docs/FAITHFULNESS.md, "evaluation"): expand the set with partition-and-expand, train a
+fresh network for ``epochs + 1`` epochs with SGD (lr 0.01, momentum 0.9, coupled weight decay 5e-4),
+multiply the lr by 0.1 and rebuild the optimiser (momentum reset) after epoch ``epochs // 2 + 1``,
+batch 256 with a reshuffle every epoch and the last partial batch kept, per-image DSA on every
+batch; score the final model on the test set. ``num_models`` networks are trained in one compiled
+program (a vmapped axis or one after another, as the backend policy says). BatchNorm models
+(ResNet18BN, ...) carry their running statistics and use them at test time; the padded rows of the
+last partial batch are masked out of the batch statistics.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from idm_jax import augment, microbatch, models, partition
+from idm_jax import augment, backend, microbatch, models, partition
 from idm_jax import queue as queue_lib
-from idm_jax._callable_module import make_module_callable
 
 
 def _batch_plan(num_images: int, batch_size: int) -> tuple[int, int]:
@@ -45,7 +44,8 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
                    test_x: jax.Array, test_y: jax.Array, *, epochs: int = 1000,
                    batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9,
                    weight_decay: float = 5e-4, dsa_strategy: str = augment.DEFAULT_STRATEGY,
-                   test_batch: int = 500, chunk: int = 0) -> jax.Array:
+                   test_batch: int = 500, chunk: int = 0,
+                   loop_over_keys: Optional[bool] = None, return_variables: bool = False):
     """Train one fresh ``model`` on (train_x, train_y) and return its test accuracy in [0, 1].
 
     Pure and vmappable over ``key`` (that is how several models train at once).
@@ -58,6 +58,8 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
       chunk: > 0 computes each step's gradient over chunks of that many images, skipping the
         chunks of the last partial batch that hold only padding (``idm_jax.microbatch``; same
         values, faster on CPU). Ignored for BatchNorm models, whose statistics need the batch.
+      loop_over_keys: DSA's choice for keys batched by a vmap over models (``augment.dsa``).
+      return_variables: also return the trained ``{"params", "batch_stats"}`` (to inspect).
     """
     n = train_x.shape[0]
     steps, padded = _batch_plan(n, batch_size)
@@ -95,7 +97,8 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
             def step(carry, inputs):
                 params, stats, opt_state = carry
                 idx, mask, aug_key = inputs
-                x = augment.dsa(aug_key, train_x[idx], dsa_strategy, siamese=False)
+                x = augment.dsa(aug_key, train_x[idx], dsa_strategy, siamese=False,
+                                loop_over_keys=loop_over_keys)
                 if not chunked:
                     grads, stats = jax.grad(loss_fn, has_aux=True)(params, stats, x,
                                                                     train_y[idx], mask)
@@ -144,7 +147,10 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
         test_chunk, jnp.int32(0),
         (test_x.reshape((chunks, test_batch) + test_x.shape[1:]),
          test_y.reshape(chunks, test_batch)))
-    return correct / jnp.sum(test_y >= 0)
+    accuracy = correct / jnp.sum(test_y >= 0)
+    if return_variables:
+        return accuracy, {"params": params, "batch_stats": stats}
+    return accuracy
 
 
 def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
@@ -154,7 +160,8 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
                     dsa_strategy: str = augment.DEFAULT_STRATEGY, expand: bool = True,
                     partition_factor: int = 2, test_batch: int = 500,
                     compute_dtype=jnp.float32, microbatch_size: int = -1,
-                    parallel: Optional[bool] = None) -> dict:
+                    parallel: Optional[bool] = None,
+                    policy: Optional[backend.Policy] = None) -> dict:
     """Evaluate a condensed set with the official protocol; the library entry point.
 
     Args:
@@ -166,9 +173,9 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
       expand: apply partition-and-expand to the set first (IDM's --aug); labels are tiled.
       microbatch_size: the config's ``microbatch`` (-1 automatic: chunks of 16 on CPU).
       parallel: train the models as a vmapped axis (True) or one after another in the same
-        program (``lax.map``, False). None: vmapped on accelerators, one after another on CPU,
-        where one model's chunks already fill the cores and a vmapped model axis turns the
-        skipped padding chunks into computed ones (measured, BENCHMARKS.md). Same values.
+        program (``lax.map``, False). None: the policy's ``vmap_models``. Same values.
+      policy: the backend policy (``idm_jax.backend``); None resolves it from
+        ``microbatch_size``. The engine passes its own.
 
     Returns a dict: ``accuracies`` (list of num_models floats, %), ``mean`` and ``std``
     (population std, %), ``seconds`` (wall time including compilation), ``model``.
@@ -182,7 +189,9 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
     if expand:
         images = partition.partition_expand(images, partition_factor)
         labels = partition.partition_expand_labels(labels, partition_factor)
-    net = models.get_model(model, num_classes, in_channels=images.shape[-1], dtype=compute_dtype)
+    policy = backend.resolve(microbatch_size) if policy is None else policy
+    net = models.get_model(model, num_classes, in_channels=images.shape[-1], dtype=compute_dtype,
+                           cpu_kernels=policy.cpu_kernels)
 
     test_x = jnp.asarray(test_images, jnp.float32)
     test_y = jnp.asarray(test_labels, jnp.int32)
@@ -191,17 +200,17 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
     test_x = jnp.concatenate([test_x, jnp.zeros((pad,) + test_x.shape[1:], test_x.dtype)])
     test_y = jnp.concatenate([test_y, -jnp.ones(pad, jnp.int32)])
 
-    chunk = microbatch.resolve(microbatch_size)
 
     def one(k):
         return train_and_test(k, net, images, labels, test_x, test_y, epochs=epochs,
                               batch_size=batch_size, lr=lr, momentum=momentum,
                               weight_decay=weight_decay, dsa_strategy=dsa_strategy,
-                              test_batch=test_batch, chunk=chunk)
+                              test_batch=test_batch, chunk=policy.chunk,
+                              loop_over_keys=policy.cpu_kernels)
 
     start = time.perf_counter()
     if parallel is None:
-        parallel = jax.default_backend() != "cpu"
+        parallel = policy.vmap_models
     many = jax.vmap(one) if parallel else (lambda keys: jax.lax.map(one, keys))
     accuracies = jax.jit(many)(jax.random.split(key, num_models))
     accuracies = 100.0 * np.asarray(jax.device_get(accuracies), np.float64)
@@ -209,6 +218,6 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
             "std": float(accuracies.std()), "seconds": time.perf_counter() - start}
 
 
-make_module_callable(__name__, evaluate_synset)
+evaluate = evaluate_synset   # the library entry point, exported as idm_jax.evaluate
 
-__all__ = ["lr_phases", "train_and_test", "evaluate_synset"]
+__all__ = ["lr_phases", "train_and_test", "evaluate_synset", "evaluate"]

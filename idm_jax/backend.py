@@ -1,0 +1,58 @@
+"""The backend policy: the few choices that depend on the kind of device, made in one place.
+
+Every choice here changes speed, never values (each is tested against its alternative):
+
+- ``chunk``: images per network call. On CPU a batch's activations stream through main memory
+  between every layer while a chunk of 16 stays in cache, so networks run over chunks
+  (``idm_jax.microbatch``); accelerators want whole batches to stay busy.
+- ``cpu_kernels``: the rewrites of ``idm_jax.ops`` (convolution gradients as matrix products,
+  vmap over stacked kernels as a loop, DSA vmapped over keys as a loop). They win on CPU only.
+- ``vmap_models``: several models trained at once (the two queue trainees, the evaluation
+  models) as one vmapped program (accelerators) or one after another (CPU, where one model
+  already fills the cores and vmapping turns skipped padding chunks into computed ones).
+
+The engine resolves the policy once from the config (``make_engine``) and passes it down; the
+library functions that can run on their own (``evaluate``, ``queue.train_slots``,
+``models.get_model``, ``augment.dsa``) take the decision as an argument and fall back to
+``resolve()`` when it is not given. BENCHMARKS.md has the measurements behind each choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+
+# Images per network call on CPU when the config asks for the automatic choice (best of 8-32).
+CPU_CHUNK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How one run uses its device kind. Frozen and hashable (usable as a static argument)."""
+
+    platform: str          # jax.default_backend() it was resolved for: "cpu", "gpu", "tpu"
+    chunk: int             # images per network call; 0: whole batches
+    cpu_kernels: bool      # use the CPU rewrites of idm_jax.ops
+    vmap_models: bool      # train several models as one vmapped axis
+
+
+def resolve(microbatch: int = -1, platform: Optional[str] = None) -> Policy:
+    """The policy for ``platform`` (default: JAX's default backend).
+
+    Args:
+      microbatch: the config field: -1 automatic (``CPU_CHUNK`` on CPU, whole batches
+        elsewhere), 0 whole batches, n > 0 chunks of at most n images.
+      platform: "cpu", "gpu", "tpu", ...; None asks JAX.
+    """
+    if microbatch < -1:
+        raise ValueError(f"microbatch must be -1 (automatic), 0 (whole batches) or a chunk size "
+                         f">= 1, got {microbatch}")
+    platform = platform or jax.default_backend()
+    on_cpu = platform == "cpu"
+    chunk = (CPU_CHUNK if on_cpu else 0) if microbatch < 0 else microbatch
+    return Policy(platform=platform, chunk=chunk, cpu_kernels=on_cpu, vmap_models=not on_cpu)
+
+
+__all__ = ["CPU_CHUNK", "Policy", "resolve"]

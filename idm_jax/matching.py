@@ -1,0 +1,181 @@
+"""Matching: one extractor from the queue, every class at once, one update of the images.
+
+One matching pass of IDM (docs/FAITHFULNESS.md, "matching"):
+
+1. draw an extractor from the queue; its running accuracy scales the CE term;
+2. draw each class's real batch, augment it with the class's Siamese DSA key and embed it
+   (``real_features``: constants, no gradient);
+3. expand each class's synthetic images (partition-and-expand), augment them with the *same*
+   key, embed them (``synthetic_outputs``);
+4. score every class with the objective (``class_objectives``), and step the images with the
+   image optimiser (``idm_jax.image_update``).
+
+The objective is one replaceable function (``Objective``): IDM's is ``idm_objective`` with the
+linear-kernel MMD as its distance. Classes are a vmapped axis; ``sharding.ClassLayout`` pads and
+splits that axis on a device mesh, so nothing here branches on the mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Callable
+
+import jax
+import jax.numpy as jnp
+
+from idm_jax import augment, image_update, losses, microbatch, partition
+from idm_jax import queue as queue_lib
+from idm_jax import real as real_lib
+from idm_jax.sharding import ClassLayout
+
+if TYPE_CHECKING:
+    from idm_jax.engine import Engine
+
+# distance(real_features (B, D), syn_features (P, D), real_mask (B,)) -> scalar; real is constant.
+Distance = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# objective(real_features (B, D), real_mask (B,), syn_features (P, D), syn_logits (P, L),
+#           label (), ce_scale (), key) -> (loss (), {term name: ()}), for one class.
+Objective = Callable[..., tuple[jax.Array, dict]]
+
+
+def idm_objective(real_features, real_mask, syn_features, syn_logits, label, ce_scale, key,
+                  *, distance: Distance = losses.mmd):
+    """One class's IDM objective: ``distance(real, syn) + ce_scale * CE(syn_logits, label)``.
+
+    Args:
+      real_features: (B, D) embeddings of the class's augmented real batch (constants).
+      real_mask: (B,) valid real rows (a class with fewer than B images pads its batch).
+      syn_features: (P, D) embeddings of the class's expanded, augmented synthetic images.
+      syn_logits: (P, L) their logits.
+      label: () int, the class.
+      ce_scale: () the CE weight, ``ce_weight * extractor accuracy %`` (a constant).
+      key: the class's Siamese DSA key; IDM's objective draws nothing from it (a distance that
+        needs randomness derives its own key from it with ``jax.random.fold_in``).
+      distance: the matching distance; IDM's is ``losses.mmd`` (linear-kernel MMD).
+
+    Returns (loss, {"mmd": distance term, "ce": unscaled cross-entropy}).
+    """
+    del key
+    match = distance(real_features, syn_features, real_mask)
+    labels = jnp.broadcast_to(label, syn_logits.shape[:1])
+    ce = losses.class_aware_ce(syn_logits, labels, 1.0)
+    return match + ce_scale * ce, {"mmd": match, "ce": ce}
+
+
+def make_objective(config) -> Objective:
+    """The objective a config asks for (today IDM's; the seam for other distances)."""
+    return functools.partial(idm_objective, distance=losses.mmd)
+
+
+def draw_extractor(engine: "Engine", queue: queue_lib.ModelQueue, key: jax.Array):
+    """One model from the queue: (its params, its running accuracy %, the CE scale)."""
+    slot = queue_lib.sample_slots(queue, key, 1)[0][0]
+    params = jax.tree.map(lambda leaf: leaf[slot], queue.params)
+    accuracy = queue_lib.accuracy_percent(queue, slot)
+    config = engine.config
+    ce_scale = config.ce_weight * accuracy if config.syn_ce else jnp.float32(0.0)
+    return params, accuracy, ce_scale
+
+
+def _augment(engine: "Engine", key: jax.Array, images: jax.Array) -> jax.Array:
+    return augment.dsa(key, images, engine.config.dsa_strategy, siamese=True,
+                       loop_over_keys=engine.policy.cpu_kernels)
+
+
+def _embed(engine: "Engine", params, images: jax.Array, layout: ClassLayout):
+    """(n, H, W, C) -> (embedding, logits), in chunks on one device (a mesh splits the batch)."""
+    chunk = engine.policy.chunk if layout.mesh is None else 0
+    return microbatch.apply_in_chunks(lambda x: engine.apply(params, x), images, chunk)
+
+
+def real_features(engine: "Engine", params, real: real_lib.RealData, idx: jax.Array,
+                  dsa_keys: jax.Array, layout: ClassLayout) -> jax.Array:
+    """Embeddings of every class's augmented real batch: (K_padded, B, D), no gradient.
+
+    ``idx`` (K_padded, B) are rows into each class's images; ``dsa_keys`` (K_padded, 2).
+    """
+    images = layout.constrain(real_lib.gather_class_batches(real, idx,
+                                                            engine.config.normalize_train))
+    views = layout.constrain(jax.vmap(functools.partial(_augment, engine))(dsa_keys, images))
+    features, _ = _embed(engine, params, views.reshape((-1,) + real.image_shape), layout)
+    return layout.constrain(jax.lax.stop_gradient(features.reshape(idx.shape + (-1,))))
+
+
+def synthetic_outputs(engine: "Engine", params, syn: jax.Array, dsa_keys: jax.Array,
+                      layout: ClassLayout):
+    """Expand, augment and embed every class's synthetic images.
+
+    ``syn`` (K_padded, ipc, H, W, C) -> embeddings (K_padded, P*ipc, D) and logits
+    (K_padded, P*ipc, L), with P pieces per stored image.
+    """
+    config = engine.config
+
+    def expand_and_augment(images, key):
+        if config.partition_expand:
+            images = partition.partition_expand(images, config.partition_factor)
+        return _augment(engine, key, images)
+
+    views = layout.constrain(jax.vmap(expand_and_augment)(syn, dsa_keys))
+    num_classes, per_class = views.shape[:2]
+    embedding, logits = _embed(engine, params, views.reshape((-1,) + views.shape[2:]), layout)
+    return (layout.constrain(embedding.reshape(num_classes, per_class, -1)),
+            layout.constrain(logits.reshape(num_classes, per_class, -1)))
+
+
+def class_objectives(engine: "Engine", params, syn, features, real_mask, dsa_keys, ce_scale,
+                     layout: ClassLayout):
+    """Every class's objective at its synthetic images ``syn`` (K_padded, ipc, H, W, C).
+
+    Returns (K,) losses and a dict of (K,) terms; padding classes are dropped.
+    """
+    embedding, logits = synthetic_outputs(engine, params, syn, dsa_keys, layout)
+    # Padding classes of a sharded run (past the model's classes) borrow the last label; their
+    # losses are dropped below.
+    labels = jnp.minimum(jnp.arange(syn.shape[0]), logits.shape[-1] - 1)
+    loss, terms = jax.vmap(engine.objective, in_axes=(0, 0, 0, 0, 0, None, 0))(
+        features, real_mask, embedding, logits, labels, ce_scale, dsa_keys)
+    return layout.unpad(loss), jax.tree.map(layout.unpad, terms)
+
+
+def match(engine: "Engine", real: real_lib.RealData, images: jax.Array, momentum: jax.Array,
+          queue: queue_lib.ModelQueue, key: jax.Array, layout: ClassLayout):
+    """One matching pass over all classes with one extractor drawn from the queue.
+
+    Args:
+      images, momentum: (K*ipc, H, W, C) the synthetic set and its optimiser buffer.
+      key: this pass's key (extractor, real batches, DSA).
+
+    Returns (images, momentum, metrics): the updated set and buffer, and scalar metrics.
+    """
+    config = engine.config
+    num_classes = real.num_classes
+    k_slot, k_real, k_dsa = jax.random.split(key, 3)
+    params, accuracy, ce_scale = draw_extractor(engine, queue, k_slot)
+
+    batch = min(config.batch_real, real.max_per_class)
+    idx, mask = real_lib.class_batch_indices(k_real, real.counts, real.max_per_class, batch,
+                                             config.real_sampling)
+    idx, mask = layout.constrain(layout.pad(idx)), layout.constrain(layout.pad(mask))
+    dsa_keys = layout.pad(jax.random.split(k_dsa, num_classes))     # one per class, Siamese
+    features = real_features(engine, params, real, idx, dsa_keys, layout)
+
+    def total_loss(syn):
+        loss, terms = class_objectives(engine, params, syn, features, mask, dsa_keys, ce_scale,
+                                       layout)
+        return jnp.sum(loss), (loss, terms)
+
+    def grad_at(syn):
+        grads, aux = jax.grad(total_loss, has_aux=True)(layout.constrain(layout.pad(syn)))
+        return layout.unpad(grads), aux
+
+    shape = (num_classes, config.ipc) + real.image_shape
+    x, buf = layout.constrain(images.reshape(shape)), layout.constrain(momentum.reshape(shape))
+    update = image_update.UPDATES[config.image_update]
+    x, buf, (loss, terms) = update(x, buf, grad_at, config.lr_img, config.img_momentum)
+    metrics = {"loss": jnp.mean(loss), **{k: jnp.mean(v) for k, v in terms.items()},
+               "ce_scale": ce_scale, "extractor_acc": accuracy}
+    return x.reshape(images.shape), buf.reshape(images.shape), metrics
+
+
+__all__ = ["Distance", "Objective", "idm_objective", "make_objective", "draw_extractor",
+           "real_features", "synthetic_outputs", "class_objectives", "match"]

@@ -1,0 +1,258 @@
+"""A whole condensation run: checkpoints and resuming, evaluations, the outputs of a work folder.
+
+``condense_and_evaluate(config, dataset, workdir)`` is what the command line runs; it can be
+called from a notebook or a sweep the same way. Everything of a run lives in ``workdir``:
+
+  config.json        the resolved configuration and the data's shape
+  checkpoints/       orbax checkpoints; calling again with the same workdir resumes the latest
+  metrics.jsonl      one JSON line per iteration (loss terms, queue accuracy, seconds) and per eval
+  synthetic.png      the synthetic images, one row per class (also synthetic_<it>.png per eval)
+  synthetic.npz      the condensed set in [0,1] pixels with labels and normalisation constants
+  results.json       final per-model accuracies, mean and population std, wall times, device
+
+The loop never waits for the device on every iteration: metrics are fetched every
+``log_every`` iterations (and before every checkpoint and evaluation), so an accelerator keeps
+running ahead. Before a checkpoint is written, the fetched metrics of every iteration up to it
+have passed the NaN/Inf policy (``engine.check_finite``), so every checkpoint holds finite images.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+
+from idm_jax import backend, checkpoint, data, engine, evaluation, outputs, sharding
+from idm_jax import real as real_lib
+from idm_jax.config import Config
+
+
+class Interrupted(Exception):
+    """The run stopped on Ctrl-C after saving a checkpoint; calling again resumes it."""
+
+    def __init__(self, iteration: int, directory: str):
+        super().__init__(f"stopped at iteration {iteration}; checkpoint saved in {directory}. "
+                         f"Re-run the same command to resume.")
+        self.iteration, self.directory = iteration, directory
+
+
+class _Interrupt:
+    """First Ctrl-C asks the loop to checkpoint and stop; a second one aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():   # signals reach only it
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            signal.signal(signal.SIGINT, self._previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: saving a checkpoint after this iteration (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def place_real(dataset: data.Dataset, mesh) -> real_lib.RealData:
+    """The real training set on the run's devices.
+
+    With several hosts each host places only the classes its devices hold
+    (``real.real_from_host_shard``), so no device receives the whole train set. (The loaders
+    still read the whole set into each host's RAM first.)
+    """
+    if jax.process_count() == 1:
+        return real_lib.prepare_real(dataset.train_images, dataset.train_labels, dataset.mean,
+                                     dataset.std, dataset.num_classes, mesh=mesh)
+    labels = dataset.train_labels
+    own = sharding.host_class_slice(dataset.num_classes, mesh)
+    keep = (labels >= own.start) & (labels < own.stop)
+    counts = np.bincount(labels, minlength=dataset.num_classes)
+    return real_lib.real_from_host_shard(dataset.train_images[keep], labels[keep], counts,
+                                         dataset.mean, dataset.std, mesh)
+
+
+def evaluate_images(images, dataset: data.Dataset, config: Config, key, test_x,
+                    policy: Optional[backend.Policy] = None) -> dict:
+    """Evaluate stored synthetic ``images`` (K*ipc, H, W, C), normalised, with the config's
+    protocol (``evaluation.evaluate_synset``)."""
+    return evaluation.evaluate_synset(
+        key, images, engine.synthetic_labels(dataset.num_classes, config.ipc),
+        test_x, dataset.test_labels, model=config.eval_model, num_classes=dataset.num_classes,
+        num_models=config.num_eval, epochs=config.epoch_eval_train,
+        batch_size=config.batch_train, lr=config.lr_net, momentum=config.net_momentum,
+        weight_decay=config.net_weight_decay, dsa_strategy=config.dsa_strategy,
+        expand=config.partition_expand, partition_factor=config.partition_factor,
+        microbatch_size=config.microbatch, policy=policy)
+
+
+def _open_checkpoints(workdir: str, config: Config, restart: bool, main_host: bool):
+    directory = os.path.join(workdir, "checkpoints")
+    checkpointer = checkpoint.Checkpointer(directory, keep=config.keep_checkpoints)
+    if restart and checkpointer.latest_step() is not None:
+        checkpointer.close()
+        if main_host:
+            shutil.rmtree(checkpointer.directory)
+        sharding.sync_hosts("idm_jax: old checkpoints removed")   # others wait for host 0
+        checkpointer = checkpoint.Checkpointer(directory, keep=config.keep_checkpoints)
+    return checkpointer
+
+
+def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *,
+                          mesh=None, restart: bool = False, quiet: bool = False) -> dict:
+    """Condense ``dataset`` with ``config``, evaluate the result and write every output.
+
+    Args:
+      config: the run's configuration (``idm_jax.config``).
+      dataset: the loaded data (``idm_jax.data.load_dataset``).
+      workdir: the run folder; an existing checkpoint there is resumed.
+      mesh: spread the run over this device mesh (``sharding.make_mesh``); None: one device.
+      restart: remove the workdir's checkpoints first and start over.
+      quiet: no progress bar.
+
+    Returns the contents of ``results.json``.
+    Raises:
+      checkpoint.CheckpointMismatchError: the workdir holds another run's checkpoint.
+      engine.NonFiniteError: the loss or images stopped being finite (the message names the last
+        good checkpoint).
+      Interrupted: Ctrl-C; a checkpoint was saved.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    real = place_real(dataset, mesh)
+    # With several hosts every host runs this function; only host 0 writes the shared outputs,
+    # and every host makes the same collective calls (checkpoints, to_host, any_host).
+    main_host = jax.process_index() == 0
+    eng = engine.make_engine(config, real.num_classes, real.image_shape)
+    log_every = config.log_every if config.log_every > 0 else (
+        1 if eng.policy.platform == "cpu" else 100)
+    meta = checkpoint.data_meta(real)
+    checkpointer = _open_checkpoints(workdir, config, restart, main_host)
+    state = engine.init_state(eng, real, config.seed)
+    if mesh is not None:  # also the restore template: checkpoints restore straight sharded
+        state = engine.shard_state(state, mesh)
+    last_saved = checkpointer.latest_step()
+    if last_saved is not None:
+        state = checkpointer.restore(state, config, meta)
+        print(f"resuming from iteration {last_saved} ({checkpointer.directory})")
+    if main_host:
+        checkpoint.dump_json(os.path.join(workdir, "config.json"),
+                             dict(config.to_dict(), **{"data": meta}))
+    log = outputs.MetricsLog(os.path.join(workdir, "metrics.jsonl") if main_host else os.devnull)
+    test_x = data.normalize(dataset.test_images, dataset.mean, dataset.std)
+    eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000_003)
+    to_pixels = outputs.pixel_converter(config, np.asarray(real.mean), np.asarray(real.std))
+
+    def evaluate_at(s, it, final=False):
+        # Every host gathers the images and evaluates them the same way (same key); host 0 writes.
+        images = sharding.to_host(s.images)
+        result = evaluate_images(images, dataset, config, jax.random.fold_in(eval_key, it),
+                                 test_x, eng.policy)
+        log.write({"event": "eval", "iteration": it, **result})
+        if main_host and not final:
+            outputs.save_grid(os.path.join(workdir, f"synthetic_{it}.png"), to_pixels(images),
+                              real.num_classes)
+            print(f"[it {it}] {config.eval_model} accuracy {result['mean']:.2f} +- "
+                  f"{result['std']:.2f} % over {config.num_eval} models "
+                  f"({result['seconds']:.0f} s)")
+        return images, result
+
+    step = engine.make_step(eng, real, mesh=mesh)
+    start_it = int(state.iteration)
+    condense_seconds = 0.0
+    progress = outputs.progress_bar(config, start_it, quiet or not main_host)
+    pending: list = []                 # (iterations done, device metrics) not yet fetched
+    window_start = time.perf_counter()
+
+    def flush():
+        """Fetch the pending metrics, log them and apply the NaN/Inf policy."""
+        nonlocal window_start, condense_seconds
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        seconds = (time.perf_counter() - window_start) / len(pending)
+        condense_seconds += seconds * len(pending)
+        for (done, _), values in zip(pending, fetched):
+            record = {k: float(v) for k, v in values.items()}
+            record.update(iteration=done - 1, seconds=seconds)
+            log.write(record)
+            try:
+                engine.check_finite(record, done - 1)
+            except engine.NonFiniteError as err:
+                where = (f"the last good checkpoint is iteration {last_saved} in "
+                         f"{checkpointer.directory}; re-running resumes from it"
+                         if last_saved is not None else "no checkpoint was written yet")
+                raise engine.NonFiniteError(f"{err}; {where}. Lower lr_img or check the "
+                                            f"data.") from None
+        if progress is not None:
+            progress.update(len(pending))
+            progress.set_postfix(loss=f"{record['loss']:.3g}",
+                                 acc=f"{record['extractor_acc']:.0f}%")
+        pending.clear()
+        window_start = time.perf_counter()
+
+    try:
+        with _Interrupt() as interrupt:
+            for it, state, metrics in engine.iterate(eng, real, state, step=step):
+                pending.append((it, metrics))
+                done = it >= config.iterations
+                save = done or it % config.checkpoint_every == 0
+                evaluate_now = bool(config.eval_every) and it % config.eval_every == 0 and not done
+                if not (save or evaluate_now or done or len(pending) >= log_every
+                        or interrupt.requested):
+                    continue
+                flush()
+                # All hosts stop at the same iteration even if Ctrl-C reached only some of them.
+                stop = sharding.any_host(interrupt.requested)
+                if stop or save:
+                    last_saved = checkpointer.save(state, config, meta)
+                if stop:
+                    raise Interrupted(it, checkpointer.directory)
+                if evaluate_now:
+                    evaluate_at(state, it)
+        if last_saved != int(state.iteration):    # e.g. iterations already reached on resume
+            checkpointer.save(state, config, meta)
+    except BaseException:
+        log.close()
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+        checkpointer.close()
+
+    # Final outputs: the reported evaluation is of the set after `iterations` updates.
+    it = int(state.iteration)
+    images = sharding.to_host(state.images)
+    if main_host:
+        outputs.export_set(workdir, images, real, config, to_pixels)
+    _, result = evaluate_at(state, it, final=True)
+    log.close()
+    results = {
+        "dataset": config.dataset, "ipc": config.ipc, "iterations": it,
+        "eval_model": config.eval_model, "accuracies": result["accuracies"],
+        "mean": result["mean"], "std": result["std"], "num_eval": config.num_eval,
+        "condense_seconds_this_session": condense_seconds,
+        "resumed_from_iteration": start_it, "eval_seconds": result["seconds"],
+        "device": outputs.device_description(), "jax_version": jax.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config.to_dict()}
+    if main_host:
+        checkpoint.dump_json(os.path.join(workdir, "results.json"), results)
+    print(f"[it {it}] final {config.eval_model} accuracy {result['mean']:.2f} +- "
+          f"{result['std']:.2f} % over {config.num_eval} models; outputs in {workdir}")
+    return results
+
+
+__all__ = ["Interrupted", "place_real", "evaluate_images", "condense_and_evaluate"]
