@@ -1,0 +1,59 @@
+"""The installable package: entry points resolve, every subpackage ships, the API is plain."""
+
+import ast
+import importlib
+import inspect
+import os
+import tomllib
+import types
+
+import idm_jax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pyproject():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def test_console_entry_points_name_callables():
+    scripts = pyproject()["project"]["scripts"]
+    assert set(scripts) == {"idm-condense", "idm-evaluate"}
+    for target in scripts.values():
+        module, _, name = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), name)), target
+
+
+def test_every_subpackage_is_included_by_the_package_finder():
+    from setuptools import find_packages
+    found = set(find_packages(ROOT, **pyproject()["tool"]["setuptools"]["packages"]["find"]))
+    on_disk = {os.path.relpath(d, ROOT).replace(os.sep, ".")
+               for d, _, files in os.walk(os.path.join(ROOT, "idm_jax"))
+               if "__init__.py" in files}
+    assert on_disk and on_disk == found
+
+
+def test_entry_functions_are_plain_functions_next_to_their_modules():
+    # No callable-module trick: condense and evaluate are functions with real signatures,
+    # and the modules they live in are ordinary modules.
+    for fn, module in ((idm_jax.condense, idm_jax.engine),
+                       (idm_jax.evaluate, idm_jax.evaluation),
+                       (idm_jax.condense_and_evaluate, importlib.import_module("idm_jax.run"))):
+        assert inspect.isfunction(fn)
+        assert type(module) is types.ModuleType
+        assert fn.__module__ == module.__name__
+    assert "train_images" in inspect.signature(idm_jax.condense).parameters
+    for name in idm_jax.__all__:
+        assert hasattr(idm_jax, name), name
+
+
+def test_sharding_never_imports_the_engine():
+    # The mesh code is generic: it must not import the engine, its state types or the trainer.
+    with open(os.path.join(ROOT, "idm_jax", "sharding.py")) as f:
+        tree = ast.parse(f.read())
+    imported = [node.module if isinstance(node, ast.ImportFrom) else alias.name
+                for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names]
+    assert "jax" in imported
+    assert not [name for name in imported if name and name.startswith("idm_jax")], imported
