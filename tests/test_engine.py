@@ -1,4 +1,4 @@
-"""The condensation engine: image updates, sampling, init, descent, compile once."""
+"""The engine: image updates, real-data sampling, init, descent, compile once."""
 
 import dataclasses
 
