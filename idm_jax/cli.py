@@ -174,8 +174,11 @@ def main(dataset: str, default_ipc: int = 10, argv: Optional[Sequence[str]] = No
         raise SystemExit(130) from None
 
 
-def condense_main(argv: Optional[Sequence[str]] = None) -> dict:
-    """The ``idm-condense`` entry point: ``--dataset NAME`` (default cifar10), then as ``main``."""
+def condense_main(argv: Optional[Sequence[str]] = None) -> None:
+    """The ``idm-condense`` entry point: ``--dataset NAME`` (default cifar10), then as ``main``.
+
+    Returns None, so the console script exits with status 0 (errors exit 2, Ctrl-C 130).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     chooser = argparse.ArgumentParser(add_help=False)
     chooser.add_argument("--dataset", default="cifar10")
@@ -188,8 +191,9 @@ def condense_main(argv: Optional[Sequence[str]] = None) -> dict:
         build_parser(known.dataset, 10, prog="idm-condense").print_help()
         print("\n  --dataset NAME        dataset to condense (default cifar10); one of "
               f"{', '.join(config_lib.DATASETS)}")
-        return {}
-    return main(known.dataset, 10, rest)
+        return None
+    main(known.dataset, 10, rest)
+    return None
 
 
 def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -251,3 +255,8 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"{args.arch}: {result['mean']:.2f} +- {result['std']:.2f} % "
           f"({', '.join(f'{a:.2f}' for a in result['accuracies'])}); written to {out}")
     return result
+
+
+def evaluate_entry() -> None:
+    """The ``idm-evaluate`` entry point (``evaluate_main`` returning None: exit status 0)."""
+    evaluate_main()

@@ -25,6 +25,15 @@ def test_console_entry_points_name_callables():
         assert callable(getattr(importlib.import_module(module), name)), target
 
 
+def test_idm_condense_help_exits_zero(capsys):
+    # A console script exits with the entry function's return value: it must be None (0), or
+    # sys.exit prints it and exits 1.
+    from idm_jax import cli
+    assert cli.condense_main(["--dataset", "digits", "--help"]) is None
+    out = capsys.readouterr().out
+    assert "idm-condense" in out and "--dataset NAME" in out
+
+
 def test_every_subpackage_is_included_by_the_package_finder():
     from setuptools import find_packages
     found = set(find_packages(ROOT, **pyproject()["tool"]["setuptools"]["packages"]["find"]))
