@@ -10,7 +10,7 @@ import pytest
 from idm_jax import checkpoint
 from idm_jax import engine as engine_lib
 from idm_jax import real as real_lib
-from tests.test_condense import MEAN, STD, tiny_config, tiny_data
+from tests.test_engine import MEAN, STD, tiny_config, tiny_data
 
 
 def build(config):

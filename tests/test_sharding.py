@@ -42,7 +42,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 from idm_jax import checkpoint
 from idm_jax import engine as engine_lib
 from idm_jax import real as real_lib
-from tests.test_condense import MEAN, STD, tiny_config, tiny_data
+from tests.test_engine import MEAN, STD, tiny_config, tiny_data
 
 CONFIG = tiny_config(iterations=4, model="ConvNetD1", dsa_strategy="color_crop",
                      net_generate_interval=2, eval_interval=3)
