@@ -118,16 +118,21 @@ def reference_iteration(config, model, optimizer, real, state):
     return new, scales
 
 
+def setup(config, seed):
+    """The real data, the engine, a plain-convolution model of the same architecture, a state."""
+    images, labels = uneven_data()
+    real = real_lib.prepare_real(images, labels, MEAN, STD)
+    engine = engine_lib.make_engine(config, real.num_classes, real.image_shape)
+    plain_model = models.get_model(config.model, real.num_classes, cpu_kernels=False)
+    return real, engine, plain_model, engine_lib.init_state(engine, real, seed)
+
+
 def test_jitted_iterations_equal_the_plain_reference_loop():
     config = config_lib.Config(
         dataset="cifar10", ipc=2, model="ConvNetW32", iterations=4, batch_real=8,
         trained_bs=8, model_train_steps=2, net_num=4, initial_models=2, net_generate_interval=2,
         eval_interval=3, fetch_net_num=2, ce_weight=0.01, lr_img=0.5, eval_every=0)
-    images, labels = uneven_data()
-    real = real_lib.prepare_real(images, labels, MEAN, STD)
-    engine = engine_lib.make_engine(config, real.num_classes, real.image_shape)
-    plain_model = models.get_model(config.model, real.num_classes, cpu_kernels=False)
-    state = engine_lib.init_state(engine, real, 3)
+    real, engine, plain_model, state = setup(config, 3)
     step = engine_lib.make_step(engine, real)
     ref_state = jax.tree.map(jnp.array, state)              # the step donates its input
     scales = []
@@ -157,11 +162,7 @@ def test_the_reference_notices_a_miswired_step():
     config = config_lib.Config(
         dataset="cifar10", ipc=2, model="ConvNetW32", iterations=1, batch_real=8,
         trained_bs=8, model_train_steps=1, net_num=3, initial_models=2, eval_every=0)
-    images, labels = uneven_data()
-    real = real_lib.prepare_real(images, labels, MEAN, STD)
-    engine = engine_lib.make_engine(config, real.num_classes, real.image_shape)
-    plain_model = models.get_model(config.model, real.num_classes, cpu_kernels=False)
-    state = engine_lib.init_state(engine, real, 0)
+    real, engine, plain_model, state = setup(config, 0)
     ref_state, _ = reference_iteration(config, plain_model, engine.optimizer, real,
                                        jax.tree.map(jnp.array, state))
 
