@@ -47,7 +47,11 @@ def build_parser(dataset: str, default_ipc: int,
     parser.add_argument("--workdir", default=None, help="run folder (default runs/<preset>)")
     parser.add_argument("--smoke", action="store_true", help="tiny variant that runs in seconds")
     parser.add_argument("--dm", action="store_true",
-                        help="DM ablation: no partition-expand, no queue training, no CE")
+                        help="DM itself on this budget: its optimiser (lr 1, one summed step), a "
+                             "fresh random extractor each iteration, real init, no PE, no CE")
+    parser.add_argument("--no_components", action="store_true",
+                        help="ablation: IDM without partition-expand, queue training and CE "
+                             "(IDM's optimiser kept)")
     parser.add_argument("--source", default=None,
                         help="data source: tfds (default for TFDS datasets), npy, pickle, "
                              "digits, folder")
@@ -92,8 +96,12 @@ def parse(argv: Optional[Sequence[str]], dataset: str, default_ipc: int,
         else:  # an ipc without a paper preset: the ipc10 setting with this ipc
             base = config_lib.get_preset(f"{dataset}-ipc10")
             config = dataclasses.replace(base, ipc=args.ipc)
+        if args.dm and args.no_components:
+            raise UserError("--dm and --no_components are two different baselines; pass one")
         if args.dm:
-            config = config_lib.dm_ablation(config)
+            config = config_lib.dm(config)
+        if args.no_components:
+            config = config_lib.without_components(config)
         if args.smoke:
             config = config_lib.smoke(config)
         if args.preset is None:
@@ -104,7 +112,8 @@ def parse(argv: Optional[Sequence[str]], dataset: str, default_ipc: int,
     if config.dataset != dataset and args.preset is None:
         raise UserError(f"preset {preset} is for {config.dataset}, not {dataset}")
     if args.workdir is None:
-        suffix = ("-dm" if args.dm else "") + ("-smoke" if args.smoke else "")
+        suffix = (("-dm" if args.dm else "") + ("-no-components" if args.no_components else "")
+                  + ("-smoke" if args.smoke else ""))
         args.workdir = os.path.join("runs", f"{dataset}-ipc{config.ipc}{suffix}")
     return args, config
 
@@ -234,6 +243,8 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
         if expand is None:
             expand = bool(saved.get("partition_expand", False))
         factor = int(saved.get("partition_factor", 2))
+        scheme = str(saved.get("partition_scheme", "uniform"))
+        ratio = float(saved.get("partition_ratio", 0.4))
         test_x = data.normalize(dataset.test_images, dataset.mean, dataset.std)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -247,7 +258,7 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
         jax.random.PRNGKey(args.seed), images, saved["labels"], test_x, dataset.test_labels,
         model=args.arch, num_classes=dataset.num_classes, num_models=args.num_eval,
         epochs=args.epochs, batch_size=args.batch_train, lr=args.lr, expand=expand,
-        partition_factor=factor)
+        partition_factor=factor, partition_scheme=scheme, partition_ratio=ratio)
     result.update(set=os.path.abspath(args.set), dataset=args.dataset, expand=expand,
                   device=outputs.device_description(), jax_version=jax.__version__)
     out = args.out or os.path.splitext(args.set)[0] + f"_eval_{args.arch}.json"

@@ -88,6 +88,9 @@ def make_engine(config: Config, num_classes: int, image_shape, *,
             raise ValueError(f"image size {height}x{width} is not divisible by partition_factor "
                              f"{config.partition_factor}; set partition_expand=False and "
                              f"init='real', or resize the data")
+    if config.partition_expand and config.partition == "nonuniform":
+        partition.nonuniform_cuts(height, config.partition_ratio)   # raises for empty pieces
+        partition.nonuniform_cuts(width, config.partition_ratio)
     policy = backend.resolve(config.microbatch) if policy is None else policy
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
     model = models.get_model(config.model, num_classes, in_channels=channels, dtype=dtype,

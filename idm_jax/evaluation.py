@@ -158,7 +158,8 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
                     num_models: int = 5, epochs: int = 1000, batch_size: int = 256,
                     lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
                     dsa_strategy: str = augment.DEFAULT_STRATEGY, expand: bool = True,
-                    partition_factor: int = 2, test_batch: int = 500,
+                    partition_factor: int = 2, partition_scheme: str = "uniform",
+                    partition_ratio: float = 0.4, test_batch: int = 500,
                     compute_dtype=jnp.float32, microbatch_size: int = -1,
                     parallel: Optional[bool] = None,
                     policy: Optional[backend.Policy] = None) -> dict:
@@ -171,6 +172,8 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
       test_images: (M, H, W, C) float normalised test images; test_labels: (M,) ints.
       model: architecture name (``idm_jax.models.get_model``), e.g. "ConvNet", "ResNet18BN".
       expand: apply partition-and-expand to the set first (IDM's --aug); labels are tiled.
+      partition_factor, partition_scheme, partition_ratio: how (``partition.expand``); IDM's is
+        the uniform 2 x 2 grid. Use what the set was condensed with (its export records it).
       microbatch_size: the config's ``microbatch`` (-1 automatic: chunks of 16 on CPU).
       parallel: train the models as a vmapped axis (True) or one after another in the same
         program (``lax.map``, False). None: the policy's ``vmap_models``. Same values.
@@ -187,8 +190,8 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
                          f"{labels.shape}")
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     if expand:
-        images = partition.partition_expand(images, partition_factor)
-        labels = partition.partition_expand_labels(labels, partition_factor)
+        images = partition.expand(images, partition_scheme, partition_factor, partition_ratio)
+        labels = partition.expand_labels(labels, partition_scheme, partition_factor)
     policy = backend.resolve(microbatch_size) if policy is None else policy
     net = models.get_model(model, num_classes, in_channels=images.shape[-1], dtype=compute_dtype,
                            cpu_kernels=policy.cpu_kernels)

@@ -67,4 +67,122 @@ def class_aware_ce(logits: jnp.ndarray, labels: jnp.ndarray, weight) -> jnp.ndar
     return weight * jnp.mean(ce)
 
 
-__all__ = ["mmd", "class_mmd", "class_aware_ce"]
+# --------------------------------------------------------------------------- beyond IDM
+# Options of the matching objective (idm_jax.matching.make_objective); the faithful default is
+# ``mmd`` above. Each takes one class's real features (Nr, D) with an optional mask and its
+# synthetic features (Ns, D), and treats the real features as constants.
+
+def _weights(n: int, mask: Optional[jnp.ndarray], dtype) -> jnp.ndarray:
+    return jnp.ones((n,), dtype) if mask is None else mask.astype(dtype)
+
+
+def _squared_distances(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """(Na, D), (Nb, D) -> (Na, Nb) squared Euclidean distances (clamped at 0)."""
+    d2 = (jnp.sum(a * a, axis=1)[:, None] + jnp.sum(b * b, axis=1)[None, :] - 2.0 * a @ b.T)
+    return jnp.maximum(d2, 0.0)
+
+
+def _kernel_mean(d2, wa, wb, bandwidths, exclude_diagonal: bool):
+    """Weighted mean of the multi-bandwidth Gaussian kernel over pairs; the diagonal left out
+    (an unbiased within-set term) when ``exclude_diagonal``."""
+    k = sum(jnp.exp(-d2 / (2.0 * jnp.square(bw))) for bw in bandwidths)
+    pair = wa[:, None] * wb[None, :]
+    if exclude_diagonal:
+        pair = pair * (1.0 - jnp.eye(d2.shape[0], dtype=d2.dtype))
+    return jnp.sum(pair * k) / jnp.maximum(jnp.sum(pair), 1e-12)
+
+
+def median_bandwidth(real_features, syn_features, real_mask=None) -> jnp.ndarray:
+    """The median heuristic: sigma with 2 sigma^2 = median squared real-synthetic distance
+    (valid real rows only), a constant for differentiation."""
+    d2 = _squared_distances(jax.lax.stop_gradient(real_features),
+                            jax.lax.stop_gradient(syn_features))
+    if real_mask is not None:
+        d2 = jnp.where(real_mask[:, None], d2, jnp.nan)
+    return jnp.sqrt(jnp.maximum(jnp.nanmedian(d2), 1e-12) / 2.0)
+
+
+def gaussian_mmd(real_features, syn_features, real_mask=None, bandwidths=None,
+                 unbiased: bool = False, real_term: bool = True) -> jnp.ndarray:
+    """Squared MMD with a sum of Gaussian kernels ``k(x, y) = sum_s exp(-|x-y|^2 / (2 s^2))``.
+
+    ``E k(r, r') + E k(s, s') - 2 E k(r, s)`` over the real and synthetic features (M3D's
+    distance). Biased (V-statistic) by default; ``unbiased`` leaves the diagonal out of the two
+    within-set terms. ``bandwidths``: a sequence of sigmas in feature units; None takes one from
+    the median heuristic (``median_bandwidth``). The real-real term carries no gradient; it is
+    kept so that the value is the MMD^2 itself (``real_term=False`` drops it and its Nr^2
+    kernel evaluations; the gradient is unchanged).
+
+    Returns a scalar in kernel units (0 for identical sets in the biased form).
+    """
+    real = jax.lax.stop_gradient(real_features)
+    wr = _weights(real.shape[0], real_mask, real.dtype)
+    ws = _weights(syn_features.shape[0], None, syn_features.dtype)
+    if bandwidths is None:
+        bandwidths = (median_bandwidth(real, syn_features, real_mask),)
+    value = (_kernel_mean(_squared_distances(syn_features, syn_features), ws, ws, bandwidths,
+                          unbiased)
+             - 2.0 * _kernel_mean(_squared_distances(real, syn_features), wr, ws, bandwidths,
+                                  False))
+    if real_term:
+        value = value + _kernel_mean(_squared_distances(real, real), wr, wr, bandwidths, unbiased)
+    return value
+
+
+def characteristic_distance(real_features, syn_features, real_mask=None, *, key,
+                            num_frequencies: int = 1024, scale: float = 1.0) -> jnp.ndarray:
+    """Mean squared gap of the empirical characteristic functions at random frequencies.
+
+    ``mean_w |phi_real(w) - phi_syn(w)|^2`` with ``phi(w) = mean_j exp(i w . x_j)`` and
+    ``num_frequencies`` frequencies ``w ~ N(0, (scale^2 / D) I)`` drawn from ``key`` (so that
+    ``w . x`` has variance ``scale^2`` times the mean squared feature). This is NCFM's distance
+    without its learned frequency sampler, or equivalently the MMD of random Fourier features.
+
+    Returns a scalar in [0, 4].
+    """
+    real = jax.lax.stop_gradient(real_features)
+    dim = real.shape[1]
+    freqs = jax.random.normal(key, (num_frequencies, dim), real.dtype) * (scale / dim ** 0.5)
+
+    def phi(features, weights):
+        angles = features @ freqs.T                             # (N, F)
+        total = jnp.maximum(jnp.sum(weights), 1.0)
+        return weights @ jnp.cos(angles) / total, weights @ jnp.sin(angles) / total
+
+    cos_r, sin_r = phi(real, _weights(real.shape[0], real_mask, real.dtype))
+    cos_s, sin_s = phi(syn_features, _weights(syn_features.shape[0], None, real.dtype))
+    return jnp.mean(jnp.square(cos_r - cos_s) + jnp.square(sin_r - sin_s))
+
+
+def _centred(features, weights):
+    mean = weights @ features / jnp.maximum(jnp.sum(weights), 1.0)
+    return (features - mean) * weights[:, None]
+
+
+def covariance_gap(real_features, syn_features, real_mask=None) -> jnp.ndarray:
+    """``|C_real - C_syn|_F^2`` of the (biased) feature covariances (IID's moment term).
+
+    Computed from Gram matrices, ``|C_a|^2 = |A A^T|^2 / n_a^2`` and
+    ``tr(C_a C_b) = |A B^T|^2 / (n_a n_b)`` with centred rows A, B, so no D x D matrix is
+    formed. Real features are constants.
+    """
+    real = jax.lax.stop_gradient(real_features)
+    wr = _weights(real.shape[0], real_mask, real.dtype)
+    ws = _weights(syn_features.shape[0], None, real.dtype)
+    a, b = _centred(real, wr), _centred(syn_features, ws)
+    na, nb = jnp.maximum(jnp.sum(wr), 1.0), jnp.maximum(jnp.sum(ws), 1.0)
+    frob = lambda m: jnp.sum(jnp.square(m))
+    return frob(a @ a.T) / na ** 2 + frob(b @ b.T) / nb ** 2 - 2.0 * frob(a @ b.T) / (na * nb)
+
+
+def variance_gap(real_features, syn_features, real_mask=None) -> jnp.ndarray:
+    """``sum_d (var_real[d] - var_syn[d])^2`` of the per-feature (biased) variances."""
+    real = jax.lax.stop_gradient(real_features)
+    wr = _weights(real.shape[0], real_mask, real.dtype)
+    ws = _weights(syn_features.shape[0], None, real.dtype)
+    var = lambda x, w: jnp.sum(jnp.square(_centred(x, w)), axis=0) / jnp.maximum(jnp.sum(w), 1.0)
+    return jnp.sum(jnp.square(var(real, wr) - var(syn_features, ws)))
+
+
+__all__ = ["mmd", "class_mmd", "class_aware_ce", "median_bandwidth", "gaussian_mmd",
+           "characteristic_distance", "covariance_gap", "variance_gap"]

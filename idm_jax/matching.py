@@ -31,16 +31,27 @@ from idm_jax.sharding import ClassLayout
 if TYPE_CHECKING:
     from idm_jax.engine import Engine
 
-# distance(real_features (B, D), syn_features (P, D), real_mask (B,)) -> scalar; real is constant.
-Distance = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# distance(real_features (B, D), syn_features (P, D), real_mask (B,), key) -> scalar, with the
+# real features constants; the key is the class's own (for distances that draw at random).
+Distance = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+# moment(real_features (B, D), syn_features (P, D), real_mask (B,)) -> scalar.
+Moment = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 # objective(real_features (B, D), real_mask (B,), syn_features (P, D), syn_logits (P, L),
 #           label (), ce_scale (), key) -> (loss (), {term name: ()}), for one class.
 Objective = Callable[..., tuple[jax.Array, dict]]
 
 
+def linear_distance(real_features, syn_features, real_mask, key):
+    """IDM's distance: the linear-kernel MMD of mean embeddings (``losses.mmd``)."""
+    del key
+    return losses.mmd(real_features, syn_features, real_mask)
+
+
 def idm_objective(real_features, real_mask, syn_features, syn_logits, label, ce_scale, key,
-                  *, distance: Distance = losses.mmd):
-    """One class's IDM objective: ``distance(real, syn) + ce_scale * CE(syn_logits, label)``.
+                  *, distance: Distance = linear_distance, moment: Moment | None = None,
+                  moment_weight: float = 0.0):
+    """One class's IDM objective: ``distance(real, syn) + ce_scale * CE(syn_logits, label)``,
+    plus ``moment_weight * moment(real, syn)`` when a moment term is given.
 
     Args:
       real_features: (B, D) embeddings of the class's augmented real batch (constants).
@@ -49,22 +60,51 @@ def idm_objective(real_features, real_mask, syn_features, syn_logits, label, ce_
       syn_logits: (P, L) their logits.
       label: () int, the class.
       ce_scale: () the CE weight, ``ce_weight * extractor accuracy %`` (a constant).
-      key: the class's Siamese DSA key; IDM's objective draws nothing from it (a distance that
-        needs randomness derives its own key from it with ``jax.random.fold_in``).
-      distance: the matching distance; IDM's is ``losses.mmd`` (linear-kernel MMD).
+      key: the class's Siamese DSA key; IDM's distance draws nothing from it. A distance that
+        draws at random gets ``fold_in(key, 1)``, a stream the augmentation does not use.
+      distance: the matching distance; IDM's is the linear-kernel MMD (``linear_distance``).
+      moment, moment_weight: an optional moment term (``losses.covariance_gap``, ...) and its
+        weight; None (IDM) leaves it out of the program.
 
-    Returns (loss, {"mmd": distance term, "ce": unscaled cross-entropy}).
+    Returns (loss, terms): "mmd" the distance term, "ce" the unscaled cross-entropy, and
+    "moment" when there is a moment term.
     """
-    del key
-    match = distance(real_features, syn_features, real_mask)
+    match = distance(real_features, syn_features, real_mask, jax.random.fold_in(key, 1))
     labels = jnp.broadcast_to(label, syn_logits.shape[:1])
     ce = losses.class_aware_ce(syn_logits, labels, 1.0)
-    return match + ce_scale * ce, {"mmd": match, "ce": ce}
+    loss, terms = match + ce_scale * ce, {"mmd": match, "ce": ce}
+    if moment is not None:
+        terms["moment"] = moment(real_features, syn_features, real_mask)
+        loss = loss + moment_weight * terms["moment"]
+    return loss, terms
+
+
+def make_distance(config) -> Distance:
+    """The config's matching distance (``config.distance``)."""
+    if config.distance == "linear":
+        return linear_distance
+    if config.distance == "gaussian":
+        bandwidths, unbiased = config.bandwidths, config.mmd_unbiased
+        return lambda r, s, m, key: losses.gaussian_mmd(r, s, m, bandwidths, unbiased)
+    if config.distance == "characteristic":
+        return functools.partial(_characteristic, frequencies=config.cf_frequencies,
+                                 scale=config.cf_scale)
+    raise ValueError(f"unknown distance {config.distance!r}")
+
+
+def _characteristic(real, syn, mask, key, *, frequencies, scale):
+    return losses.characteristic_distance(real, syn, mask, key=key,
+                                          num_frequencies=frequencies, scale=scale)
 
 
 def make_objective(config) -> Objective:
-    """The objective a config asks for (today IDM's; the seam for other distances)."""
-    return functools.partial(idm_objective, distance=losses.mmd)
+    """The objective a config asks for: its distance, CE, and the moment term if weighted."""
+    moment = None
+    if config.moment_weight > 0:
+        moment = {"covariance": losses.covariance_gap, "variance": losses.variance_gap}[
+            config.moment]
+    return functools.partial(idm_objective, distance=make_distance(config), moment=moment,
+                             moment_weight=config.moment_weight)
 
 
 def draw_extractor(engine: "Engine", queue: queue_lib.ModelQueue, key: jax.Array):
@@ -112,7 +152,8 @@ def synthetic_outputs(engine: "Engine", params, syn: jax.Array, dsa_keys: jax.Ar
 
     def expand_and_augment(images, key):
         if config.partition_expand:
-            images = partition.partition_expand(images, config.partition_factor)
+            images = partition.expand(images, config.partition, config.partition_factor,
+                                      config.partition_ratio)
         return _augment(engine, key, images)
 
     views = layout.constrain(jax.vmap(expand_and_augment)(syn, dsa_keys))
@@ -177,5 +218,6 @@ def match(engine: "Engine", real: real_lib.RealData, images: jax.Array, momentum
     return x.reshape(images.shape), buf.reshape(images.shape), metrics
 
 
-__all__ = ["Distance", "Objective", "idm_objective", "make_objective", "draw_extractor",
+__all__ = ["Distance", "Moment", "Objective", "linear_distance", "idm_objective",
+           "make_distance", "make_objective", "draw_extractor",
            "real_features", "synthetic_outputs", "class_objectives", "match"]

@@ -79,6 +79,8 @@ def export_set(workdir: str, images: np.ndarray, real, config: Config,
     checkpoint.export_npz(os.path.join(workdir, "synthetic.npz"), images, labels, mean, std,
                           partition_expand=config.partition_expand,
                           partition_factor=config.partition_factor,
+                          partition_scheme=config.partition,
+                          partition_ratio=config.partition_ratio,
                           normalized=config.normalize_train)
     save_grid(os.path.join(workdir, "synthetic.png"), to_pixels(images), real.num_classes)
 

@@ -101,4 +101,74 @@ def mosaic(images: jnp.ndarray, factor: int = 2) -> jnp.ndarray:
     return grid.reshape(n, height, width, channels)
 
 
-__all__ = ["partition_expand", "partition_expand_labels", "mosaic"]
+# --------------------------------------------------------------------------- other partitions
+# Options (the paper's open question 2); "uniform" with factor 2 is IDM.
+SCHEMES = ("uniform", "multiscale", "nonuniform")
+
+
+def pieces_per_image(scheme: str = "uniform", factor: int = 2) -> int:
+    """Training images one stored image gives under ``scheme``."""
+    if scheme == "uniform":
+        return factor * factor
+    if scheme == "multiscale":
+        return 1 + factor * factor
+    if scheme == "nonuniform":
+        return 4
+    raise ValueError(f"unknown partition scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
+
+
+def nonuniform_cuts(size: int, ratio: float) -> int:
+    """Where a side of ``size`` pixels is cut for the non-uniform grid: ``round(ratio * size)``,
+    which must leave at least one pixel on each side."""
+    cut = int(round(ratio * size))
+    if not 1 <= cut <= size - 1:
+        raise ValueError(f"partition_ratio {ratio} cuts a side of {size} pixels at {cut}, "
+                         f"leaving an empty piece; choose a ratio in ({1 / size:.3f}, "
+                         f"{1 - 1 / size:.3f})")
+    return cut
+
+
+def nonuniform_expand(images: jnp.ndarray, ratio: float = 0.4) -> jnp.ndarray:
+    """A 2x2 grid with unequal pieces: rows cut at ``round(ratio * H)``, columns at
+    ``round(ratio * W)``; each piece resized back to H x W as in ``partition_expand``.
+
+    (N, H, W, C) -> (4N, H, W, C), piece-major, column-major grid order (TL, BL, TR, BR): for
+    ratio 0.4 the pieces are 0.4 x 0.4, 0.6 x 0.4, 0.4 x 0.6 and 0.6 x 0.6 of the image.
+    """
+    n, height, width, channels = images.shape
+    h0, w0 = nonuniform_cuts(height, ratio), nonuniform_cuts(width, ratio)
+    pieces = []
+    for c0, c1 in ((0, w0), (w0, width)):          # column-major: columns outer
+        for r0, r1 in ((0, h0), (h0, height)):
+            rows = _upsample_matrix(height, r1 - r0).astype(images.dtype)
+            cols = _upsample_matrix(width, c1 - c0).astype(images.dtype)
+            pieces.append(jnp.einsum("hp,bpqc,wq->bhwc", rows, images[:, r0:r1, c0:c1], cols))
+    return jnp.concatenate(pieces)
+
+
+def expand(images: jnp.ndarray, scheme: str = "uniform", factor: int = 2,
+           ratio: float = 0.4) -> jnp.ndarray:
+    """The training images of stored ``images`` (N, H, W, C) under a partition scheme.
+
+    - ``uniform``: ``partition_expand(images, factor)`` (IDM), factor**2 per image;
+    - ``multiscale``: each image whole, then its factor x factor pieces: 1 + factor**2;
+    - ``nonuniform``: ``nonuniform_expand(images, ratio)``, 4 unequal pieces.
+
+    Piece-major throughout, so the labels are ``tile(labels, pieces_per_image(...))``.
+    """
+    if scheme == "uniform":
+        return partition_expand(images, factor)
+    if scheme == "multiscale":
+        return jnp.concatenate([images, partition_expand(images, factor)])
+    if scheme == "nonuniform":
+        return nonuniform_expand(images, ratio)
+    raise ValueError(f"unknown partition scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
+
+
+def expand_labels(labels: jnp.ndarray, scheme: str = "uniform", factor: int = 2) -> jnp.ndarray:
+    """Labels of ``expand(images, scheme, factor)``: (N,) -> (pieces * N,)."""
+    return jnp.tile(labels, pieces_per_image(scheme, factor))
+
+
+__all__ = ["partition_expand", "partition_expand_labels", "mosaic", "SCHEMES",
+           "pieces_per_image", "nonuniform_cuts", "nonuniform_expand", "expand", "expand_labels"]

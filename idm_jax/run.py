@@ -97,6 +97,7 @@ def evaluate_images(images, dataset: data.Dataset, config: Config, key, test_x,
         batch_size=config.batch_train, lr=config.lr_net, momentum=config.net_momentum,
         weight_decay=config.net_weight_decay, dsa_strategy=config.dsa_strategy,
         expand=config.partition_expand, partition_factor=config.partition_factor,
+        partition_scheme=config.partition, partition_ratio=config.partition_ratio,
         microbatch_size=config.microbatch, policy=policy)
 
 

@@ -67,7 +67,13 @@ def test_smoke_and_dm_variants():
     dm = config_lib.get_preset("cifar10-ipc10-dm")
     assert not dm.partition_expand and not dm.syn_ce and dm.model_train_steps == 0
     assert dm.net_num == 1 and dm.net_generate_interval == 1 and dm.init == "real"
+    # DM's own optimiser: one step of lr 1 on the loss summed over classes.
+    assert dm.image_update == "summed" and dm.lr_img == 1.0 and dm.img_momentum == 0.5
     assert config_lib.get_preset("cifar10-ipc10-dm-smoke").iterations <= 20
+    # The old ablation keeps IDM's optimiser and says what it is.
+    ablation = config_lib.get_preset("cifar10-ipc10-no-components")
+    assert ablation.image_update == "per_class" and ablation.lr_img == 0.2
+    assert not ablation.partition_expand and not ablation.syn_ce and ablation.fetch_net_num == 0
 
 
 def test_unknown_preset_lists_valid_names():

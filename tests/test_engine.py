@@ -281,6 +281,21 @@ def test_summed_update_option_steps_the_images_like_dm():
     np.testing.assert_allclose(np.asarray(state.momentum), moved, rtol=1e-3, atol=1e-5)
 
 
+def test_dm_draws_a_fresh_untrained_extractor_every_iteration():
+    config = config_lib.dm(tiny_config(iterations=3))
+    engine, real, state = make(config)
+    step = engine_lib.make_step(engine, real)
+    extractors = []
+    for it in range(3):
+        state, metrics = step(state, real)
+        assert float(metrics["ce_scale"]) == 0.0
+        extractors.append(np.asarray(jax.tree.leaves(state.queue.params)[0][0]))
+        assert int(state.queue.pushed) == it + 2            # the initial model, then one per it
+    assert float(jnp.sum(state.queue.seen)) == 0.0         # never trained
+    assert not np.array_equal(extractors[0], extractors[1])
+    assert not np.array_equal(extractors[1], extractors[2])
+
+
 def test_condense_entry_point_is_reproducible_from_the_seed():
     images, labels = tiny_data()
     config = tiny_config(iterations=3)

@@ -179,3 +179,25 @@ def test_digits_experiment_at_reduced_budget_beats_random_selection(tmp_path):
     # Condensed IPC 1 (4 expanded views per class) against 1 random real image per class.
     assert row["idm"] > row["random_real"] + 3.0, row
     assert os.path.exists(os.path.join(str(tmp_path), "comparison.json"))
+
+
+def test_a_set_condensed_with_another_partition_is_evaluated_with_it(tmp_path, monkeypatch):
+    # The export records the scheme; experiments.evaluate expands the set the same way.
+    from idm_jax import evaluation
+    workdir = str(tmp_path / "run")
+    cli.main("digits", argv=["--ipc", "1", "--workdir", workdir, "--partition", "multiscale",
+                             "--source", "digits"] + TINY)
+    exported = checkpoint.load_npz(os.path.join(workdir, "synthetic.npz"))
+    assert str(exported["partition_scheme"]) == "multiscale"
+    seen = {}
+    original = evaluation.evaluate_synset
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_synset", spy)
+    evaluate_cli.main(["--set", os.path.join(workdir, "synthetic.npz"), "--dataset", "digits",
+                       "--source", "digits", "--arch", "ConvNetW32", "--epochs", "1",
+                       "--num_eval", "1", "--out", str(tmp_path / "eval.json")])
+    assert seen["partition_scheme"] == "multiscale" and seen["expand"] is True

@@ -122,3 +122,62 @@ class MosaicTest(chex.TestCase):
     def test_wrong_piece_count_raises(self):
         with pytest.raises(ValueError, match="needs 4"):
             idm_jax.mosaic(jnp.zeros((3, 1, 8, 8, 3)))
+
+
+# ------------------------------------------------------------------ other partition schemes
+def np_resize(piece, out_h, out_w):
+    """Bilinear resize at half-pixel centres (PyTorch align_corners=False), one loop per pixel."""
+    in_h, in_w = piece.shape[:2]
+
+    def taps(o, out_size, in_size):
+        src = max((o + 0.5) * in_size / out_size - 0.5, 0.0)
+        lo = int(np.floor(src))
+        hi = min(lo + 1, in_size - 1)
+        return lo, hi, src - lo
+
+    out = np.zeros((out_h, out_w) + piece.shape[2:], np.float64)
+    for i in range(out_h):
+        r0, r1, fr = taps(i, out_h, in_h)
+        for j in range(out_w):
+            c0, c1, fc = taps(j, out_w, in_w)
+            out[i, j] = ((1 - fr) * (1 - fc) * piece[r0, c0] + (1 - fr) * fc * piece[r0, c1]
+                         + fr * (1 - fc) * piece[r1, c0] + fr * fc * piece[r1, c1])
+    return out
+
+
+def test_nonuniform_pieces_equal_a_numpy_crop_and_resize():
+    from idm_jax import partition
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 10, 15, 3)).astype(np.float32)
+    got = np.asarray(partition.nonuniform_expand(images, 0.4))
+    h0, w0 = 4, 6                                             # round(0.4 * 10), round(0.4 * 15)
+    crops = [(slice(0, h0), slice(0, w0)), (slice(h0, 10), slice(0, w0)),     # TL, BL
+             (slice(0, h0), slice(w0, 15)), (slice(h0, 10), slice(w0, 15))]   # TR, BR
+    assert got.shape == (8, 10, 15, 3)
+    for k, (rows, cols) in enumerate(crops):
+        for n in range(2):
+            np.testing.assert_allclose(got[k * 2 + n], np_resize(images[n, rows, cols], 10, 15),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_nonuniform_at_one_half_is_the_uniform_grid_and_empty_pieces_are_refused():
+    from idm_jax import partition
+    images = np.random.default_rng(1).normal(size=(3, 8, 8, 2)).astype(np.float32)
+    np.testing.assert_allclose(partition.nonuniform_expand(images, 0.5),
+                               partition.partition_expand(images, 2), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="empty piece"):
+        partition.nonuniform_expand(images, 0.05)
+
+
+def test_multiscale_is_the_whole_images_then_their_pieces_with_tiled_labels():
+    from idm_jax import partition
+    images = np.random.default_rng(2).normal(size=(4, 8, 8, 3)).astype(np.float32)
+    labels = np.array([0, 0, 1, 2])
+    got = np.asarray(partition.expand(images, "multiscale", 2))
+    assert got.shape == (20, 8, 8, 3) and partition.pieces_per_image("multiscale", 2) == 5
+    np.testing.assert_array_equal(got[:4], images)
+    np.testing.assert_allclose(got[4:], partition.partition_expand(images, 2), rtol=1e-6)
+    np.testing.assert_array_equal(partition.expand_labels(labels, "multiscale", 2),
+                                  np.tile(labels, 5))
+    np.testing.assert_array_equal(partition.expand(images, "uniform", 2),
+                                  partition.partition_expand(images, 2))

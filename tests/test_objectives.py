@@ -1,0 +1,152 @@
+"""The matching objectives beyond IDM against NumPy formulas, and their wiring into the engine."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from idm_jax import config as config_lib
+from idm_jax import engine as engine_lib
+from idm_jax import losses, matching
+from idm_jax import real as real_lib
+
+
+def features(seed, n, d=6, shift=0.0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, d)) + shift).astype(np.float32)
+
+
+def np_gaussian_mmd(real, syn, sigmas, unbiased=False):
+    def k(a, b):
+        d2 = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+        return sum(np.exp(-d2 / (2 * s * s)) for s in sigmas)
+
+    def within(a):
+        m = k(a, a)
+        if unbiased:
+            n = len(a)
+            return (m.sum() - np.trace(m)) / (n * (n - 1))
+        return m.mean()
+
+    return within(real) + within(syn) - 2 * k(real, syn).mean()
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_gaussian_mmd_equals_the_numpy_formula(unbiased):
+    real, syn = features(0, 9), features(1, 5, shift=0.7)
+    got = losses.gaussian_mmd(real, syn, bandwidths=(0.5, 1.0, 3.0), unbiased=unbiased)
+    np.testing.assert_allclose(got, np_gaussian_mmd(real, syn, (0.5, 1.0, 3.0), unbiased),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_gaussian_mmd_mask_drops_real_rows_and_identical_sets_give_zero():
+    real, syn = features(2, 8), features(3, 4, shift=0.3)
+    mask = np.array([1, 1, 0, 1, 0, 1, 1, 1], bool)
+    got = losses.gaussian_mmd(real, syn, mask, bandwidths=(1.5,))
+    np.testing.assert_allclose(got, np_gaussian_mmd(real[mask], syn, (1.5,)), rtol=1e-4)
+    np.testing.assert_allclose(losses.gaussian_mmd(syn, syn, bandwidths=(1.0, 2.0)), 0.0,
+                               atol=1e-5)
+    # Dropping the constant real-real term changes the value, not the gradient.
+    grad = lambda term: jax.grad(lambda s: losses.gaussian_mmd(real, s, bandwidths=(1.5,),
+                                                               real_term=term))(syn)
+    np.testing.assert_allclose(grad(False), grad(True), rtol=1e-5, atol=1e-7)
+
+
+def test_median_heuristic_and_no_gradient_into_real():
+    real, syn = features(4, 7), features(5, 3, shift=1.0)
+    d2 = ((real[:, None] - syn[None]) ** 2).sum(-1)
+    sigma = np.sqrt(np.median(d2) / 2)
+    np.testing.assert_allclose(losses.median_bandwidth(real, syn), sigma, rtol=1e-5)
+    np.testing.assert_allclose(losses.gaussian_mmd(real, syn),
+                               np_gaussian_mmd(real, syn, (sigma,)), rtol=1e-4)
+    g = jax.grad(lambda r: losses.gaussian_mmd(r, syn))(jnp.asarray(real))
+    np.testing.assert_array_equal(g, 0.0)
+
+
+def test_characteristic_distance_equals_complex_exponentials_at_its_frequencies():
+    real, syn = features(6, 10), features(7, 4, shift=0.5)
+    mask = np.array([1] * 8 + [0] * 2, bool)
+    key, f, scale = jax.random.PRNGKey(3), 64, 2.0
+    got = losses.characteristic_distance(real, syn, mask, key=key, num_frequencies=f,
+                                         scale=scale)
+    # The documented draw: w ~ N(0, scale^2 / D), F rows.
+    w = np.asarray(jax.random.normal(key, (f, real.shape[1]))) * scale / np.sqrt(real.shape[1])
+    phi = lambda x: np.exp(1j * x @ w.T).mean(axis=0)
+    want = np.mean(np.abs(phi(real[mask]) - phi(syn)) ** 2)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_characteristic_distance_approaches_the_gaussian_mmd_of_its_kernel():
+    # Random Fourier features: over many frequencies w ~ N(0, s^2/D I), the mean squared gap of
+    # the characteristic functions is the biased Gaussian-kernel MMD^2 with sigma = sqrt(D)/s.
+    real, syn = features(8, 12, d=4), features(9, 6, d=4, shift=0.8)
+    scale = 1.5
+    got = losses.characteristic_distance(real, syn, key=jax.random.PRNGKey(0),
+                                         num_frequencies=200_000, scale=scale)
+    want = np_gaussian_mmd(real, syn, (np.sqrt(4) / scale,))
+    np.testing.assert_allclose(got, want, rtol=0.03)
+
+
+def test_covariance_and_variance_gaps_equal_numpy():
+    real, syn = features(10, 9, d=5), features(11, 4, d=5, shift=0.2) * 1.7
+    mask = np.array([1, 0, 1, 1, 1, 0, 1, 1, 1], bool)
+    cov = lambda x: np.cov(x, rowvar=False, bias=True)
+    np.testing.assert_allclose(losses.covariance_gap(real, syn, mask),
+                               ((cov(real[mask]) - cov(syn)) ** 2).sum(), rtol=1e-4)
+    np.testing.assert_allclose(losses.variance_gap(real, syn, mask),
+                               ((real[mask].var(0) - syn.var(0)) ** 2).sum(), rtol=1e-4)
+    np.testing.assert_allclose(losses.covariance_gap(syn, syn), 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"distance": "cosine"}, "unknown distance"),
+    ({"mmd_bandwidths": "1,-2"}, "finite and > 0"),
+    ({"mmd_bandwidths": "1,x"}, "comma-separated"),
+    ({"cf_scale": 0.0}, "cf_scale"),
+    ({"cf_frequencies": 0}, "cf_frequencies"),
+    ({"moment": "kurtosis"}, "unknown moment"),
+    ({"moment_weight": float("inf")}, "moment_weight"),
+])
+def test_objective_settings_are_validated(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(config_lib.Config(), **overrides)
+
+
+def test_faithful_presets_keep_the_linear_objective():
+    for name in ("cifar10-ipc1", "cifar10-ipc10", "cifar10-ipc50", "digits-ipc10"):
+        config = config_lib.get_preset(name)
+        assert config.distance == "linear" and config.moment_weight == 0.0
+        objective = matching.make_objective(config)
+        assert objective.keywords["distance"] is matching.linear_distance
+        assert objective.keywords["moment"] is None
+
+
+@pytest.mark.parametrize("overrides", [
+    {"distance": "gaussian"}, {"distance": "gaussian", "mmd_bandwidths": "1,4"},
+    {"distance": "characteristic", "cf_frequencies": 32},
+    {"moment_weight": 0.1}, {"moment_weight": 0.1, "moment": "variance"},
+])
+def test_each_objective_runs_in_the_engine_and_lowers_its_loss(overrides):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 10)
+    images = (rng.integers(0, 120, (30, 8, 8, 3)) + 60 * labels[:, None, None, None]).astype(
+        np.uint8)
+    config = config_lib.Config(dataset="cifar10", ipc=2, model="ConvNetW32", batch_real=10,
+                               trained_bs=8, model_train_steps=0, net_num=1, initial_models=1,
+                               fetch_net_num=1,
+                               net_push_num=0, dsa_strategy="none", syn_ce=False,
+                               real_sampling="first", lr_img=0.1, eval_every=0, **overrides)
+    real = real_lib.prepare_real(images, labels, (0.5,) * 3, (0.25,) * 3)
+    engine = engine_lib.make_engine(config, 3, real.image_shape)
+    state = engine_lib.init_state(engine, real, 0)
+    step = engine_lib.make_step(engine, real)
+    history = []
+    for _ in range(4):
+        state, metrics = step(state, real)
+        history.append({k: float(v) for k, v in metrics.items()})
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert ("moment" in history[0]) == (config.moment_weight > 0)
+    if config.distance != "characteristic":     # fresh frequencies each pass: not monotone
+        assert history[-1]["loss"] < history[0]["loss"], history
