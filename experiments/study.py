@@ -1,0 +1,81 @@
+"""A study: named variants x seeds, one after another, aggregated (``idm_jax.study``).
+
+``python -m experiments.study --source npy --data_dir ../shared/data/cifar10`` runs the CPU
+protocol's priority-1 grid (idm, random-real, dm; seeds 0,1,2) into ``runs/study``; re-running
+skips finished runs and resumes an interrupted one. ``--variants`` and ``--seeds`` choose the
+grid, ``--budget paper`` uses the preset's own settings (accelerators).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Optional, Sequence
+
+from idm_jax import cli, study
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__)
+    parser.add_argument("--variants", default="idm,random-real,dm",
+                        help=f"comma-separated, of: {', '.join(study.VARIANTS)}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--ipc", type=int, default=1)
+    parser.add_argument("--budget", default="cpu", choices=("cpu", "paper"))
+    parser.add_argument("--workdir", default="runs/study")
+    parser.add_argument("--source", default=None)
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--tfds_data_dir", default=None)
+    parser.add_argument("--devices", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a config field of the budget for every run (repeatable)")
+    args = parser.parse_args(argv)
+    cli.enable_compilation_cache()
+    try:
+        variants = [v for v in args.variants.split(",") if v]
+        unknown = [v for v in variants if v not in study.VARIANTS]
+        if unknown or not variants:
+            raise cli.UserError(f"--variants: unknown {unknown or 'empty list'}; valid: "
+                                f"{', '.join(study.VARIANTS)}")
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s]
+        except ValueError:
+            raise cli.UserError(f"--seeds must be comma-separated integers, got "
+                                f"{args.seeds!r}") from None
+        if not seeds:
+            raise cli.UserError("--seeds is empty")
+        overrides = {}
+        for item in args.set:
+            field, sep, value = item.partition("=")
+            if not sep:
+                raise cli.UserError(f"--set takes FIELD=VALUE, got {item!r}")
+            overrides[field] = value
+        try:
+            base = study.budget_config(args.dataset, args.budget, args.ipc, overrides)
+            for v in variants:
+                study.variant_config(base, v, seeds[0])
+        except ValueError as err:
+            raise cli.UserError(str(err)) from None
+        args.class_list = None
+        dataset = cli.load_data(base, args)
+        mesh = cli.build_mesh(args)
+        command = "python -m experiments.study " + " ".join(shlex.quote(a) for a in argv)
+        table = study.run_study(dataset, variants, seeds, args.workdir, budget=args.budget,
+                                ipc=args.ipc, overrides=overrides, mesh=mesh, quiet=args.quiet,
+                                command=command)
+    except cli.UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except cli.run_lib.Interrupted as stop:
+        print(f"{stop} Re-run the same study command to continue.")
+        raise SystemExit(130) from None
+    print(open(f"{args.workdir}/study.md").read())
+    return table
+
+
+if __name__ == "__main__":
+    main()

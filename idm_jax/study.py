@@ -1,0 +1,210 @@
+"""Studies: named variants x seeds on one dataset and budget, run one after another, aggregated.
+
+Every run has its own work folder ``<workdir>/<variant>/seed<k>``, so a study resumes like a run:
+a finished run (its ``results.json`` written with the same config) is skipped, an interrupted
+one continues from its checkpoint. The aggregate is one table, mean +- population std over all
+evaluation models of all seeds of a variant, written as ``study.md``, ``study.json`` and a bar
+chart ``study.png`` with error bars.
+
+Budgets: ``cpu`` is the CPU protocol (CIFAR-10 IPC 1, batch_real 256, 100 iterations, meters
+reset every 100, 3 ConvNet-3 evaluation models x 301 epochs, no intermediate evaluation);
+``paper`` keeps the preset's own settings (accelerators).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from idm_jax import config as config_lib
+from idm_jax.config import Config
+
+Transform = Callable[[Config], Config]
+
+
+def _set(**fields) -> Transform:
+    return lambda config: dataclasses.replace(config, **fields)
+
+
+# The variants of README "Beyond IDM", in the order of the table. Each maps the budget's config
+# to the variant's; none is tuned on the test set.
+VARIANTS: dict[str, tuple[str, Transform]] = {
+    "idm": ("faithful IDM", lambda c: c),
+    "random-real": ("the initial mosaic of random real images (0 iterations)",
+                    _set(iterations=0)),
+    "dm": ("DM: its optimiser and a fresh random extractor per iteration", config_lib.dm),
+    "no-pe": ("IDM without partition-and-expand (single-image init)",
+              _set(partition_expand=False, init="real")),
+    "no-queue-training": ("IDM without training the queue models", _set(model_train_steps=0)),
+    "no-ce": ("IDM without the class-aware CE term", _set(syn_ce=False)),
+    "gaussian": ("Gaussian-kernel MMD, median-heuristic bandwidth", _set(distance="gaussian")),
+    "characteristic": ("characteristic-function distance, 1024 frequencies",
+                       _set(distance="characteristic")),
+    "covariance": ("IDM + covariance matching (weight 1)", _set(moment_weight=1.0)),
+    "pf1": ("partition factor 1 (no pieces, same optimiser)", _set(partition_factor=1)),
+    "pf4": ("partition factor 4", _set(partition_factor=4)),
+    "multiscale": ("each stored image whole and as its 2 x 2 pieces (5 per image)",
+                   _set(partition="multiscale")),
+    "nonuniform": ("a 2 x 2 grid cut at 0.4 of each side", _set(partition="nonuniform")),
+}
+
+CPU_PROTOCOL = dict(ipc=1, batch_real=256, iterations=100, eval_interval=100, num_eval=3,
+                    epoch_eval_train=300, eval_every=0, model="ConvNet", eval_model="ConvNet")
+
+
+def budget_config(dataset: str, budget: str, ipc: int = 1,
+                  overrides: Optional[dict] = None) -> Config:
+    """The base config of a study: ``cpu`` (the CPU protocol) or ``paper`` (the preset), with
+    ``overrides`` (field -> value or string) on top."""
+    if budget == "cpu":
+        base = dataclasses.replace(config_lib.get_preset(f"{dataset}-ipc10"),
+                                   **dict(CPU_PROTOCOL, ipc=ipc))
+    elif budget == "paper":
+        base = config_lib.get_preset(f"{dataset}-ipc{ipc}")
+    else:
+        raise ValueError(f"unknown budget {budget!r}; use cpu or paper")
+    return config_lib.override(base, overrides or {})
+
+
+def variant_config(base: Config, variant: str, seed: int) -> Config:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    return dataclasses.replace(VARIANTS[variant][1](base), seed=seed)
+
+
+def run_dir(workdir: str, variant: str, seed: int) -> str:
+    return os.path.join(workdir, variant, f"seed{seed}")
+
+
+def finished(directory: str, config: Config) -> Optional[dict]:
+    """The results of a finished run with this config, else None."""
+    path = os.path.join(directory, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    return results if results.get("config") == config.to_dict() else None
+
+
+def machine() -> dict:
+    """The processor and the flags that change CPU speed, the commit, the date."""
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and cpu in ("", platform.machine()):
+                    cpu = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    flags = sorted(present & {"avx2", "avx512f", "avx512_bf16", "amx_tile"})
+                    break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "commit": commit or "?",
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def aggregate(rows: dict[str, list[dict]]) -> list[dict]:
+    """One line per variant: mean +- population std over every model of every seed."""
+    table = []
+    for variant, results in rows.items():
+        accuracies = np.array([a for r in results for a in r["accuracies"]], np.float64)
+        table.append({
+            "variant": variant, "what": VARIANTS[variant][0], "seeds": len(results),
+            "models": int(accuracies.size), "mean": float(accuracies.mean()),
+            "std": float(accuracies.std()),
+            "seed_means": [float(np.mean(r["accuracies"])) for r in results],
+            "wall_seconds": float(sum(r.get("condense_seconds_this_session", 0.0)
+                                      + r.get("eval_seconds", 0.0) for r in results)),
+            "device": results[0].get("device", "?")})
+    return table
+
+
+def markdown(table: list[dict], header: dict) -> str:
+    lines = [f"Study on {header['dataset']}, budget `{header['budget']}`, {header['date']}, "
+             f"commit `{header['commit']}`, {header['cpu']} ({', '.join(header['cpu_flags'])}; "
+             f"{header['cores']} cores), {table[0]['device'] if table else ''}.",
+             f"Command: `{header['command']}`", "",
+             "| variant | what | accuracy (%) | seeds x models | per-seed means | wall time |",
+             "|---|---|---|---|---|---|"]
+    for row in table:
+        lines.append(f"| `{row['variant']}` | {row['what']} | {row['mean']:.2f} +- "
+                     f"{row['std']:.2f} | {row['seeds']} x {row['models'] // row['seeds']} | "
+                     f"{', '.join(f'{m:.1f}' for m in row['seed_means'])} | "
+                     f"{row['wall_seconds'] / 60:.0f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(table: list[dict], path: str, title: str) -> None:
+    """A PNG bar chart of the table's means with population-std error bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(table) + 1.5), 3.6), dpi=120)
+    names = [row["variant"] for row in table]
+    ax.bar(names, [row["mean"] for row in table], yerr=[row["std"] for row in table],
+           capsize=4, color="#4c72b0")
+    for i, row in enumerate(table):
+        ax.text(i, row["mean"] + row["std"] + 0.3, f"{row['mean']:.1f}", ha="center",
+                fontsize=8)
+    low = min(row["mean"] - row["std"] for row in table)
+    ax.set_ylim(max(0.0, low - 5.0), max(row["mean"] + row["std"] for row in table) + 3.0)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_study(dataset, variants: Sequence[str], seeds: Sequence[int], workdir: str, *,
+              budget: str = "cpu", ipc: int = 1, overrides: Optional[dict] = None, mesh=None,
+              quiet: bool = False, command: str = "") -> list[dict]:
+    """Run every (variant, seed) not yet finished, then write the aggregate; returns the table.
+
+    ``dataset`` is a loaded ``idm_jax.data.Dataset``.
+    """
+    from idm_jax import run as run_lib
+
+    base = budget_config(dataset.name, budget, ipc, overrides)
+    configs = {(v, s): variant_config(base, v, s) for v in variants for s in seeds}  # validates
+    rows: dict[str, list[dict]] = {v: [] for v in variants}
+    for number, ((variant, seed), config) in enumerate(configs.items(), 1):
+        directory = run_dir(workdir, variant, seed)
+        results = finished(directory, config)
+        if results is None:
+            print(f"== study run {number}/{len(configs)}: {variant} seed {seed} -> {directory}")
+            results = run_lib.condense_and_evaluate(config, dataset, directory, mesh=mesh,
+                                                    quiet=quiet)
+        else:
+            print(f"== study run {number}/{len(configs)}: {variant} seed {seed} done "
+                  f"({results['mean']:.2f} %), skipped")
+        rows[variant].append(results)
+    table = aggregate(rows)
+    header = dict(machine(), dataset=dataset.name, budget=budget, ipc=ipc, command=command,
+                  overrides=dict(overrides or {}))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "study.md"), "w") as f:
+        f.write(markdown(table, header))
+    with open(os.path.join(workdir, "study.json"), "w") as f:
+        json.dump({"header": header, "table": table}, f, indent=2)
+    bar_chart(table, os.path.join(workdir, "study.png"),
+              f"{dataset.name} IPC {ipc}, budget {budget}: mean +- std over seeds x models")
+    return table
+
+
+__all__ = ["VARIANTS", "CPU_PROTOCOL", "budget_config", "variant_config", "run_dir", "finished",
+           "machine", "aggregate", "markdown", "bar_chart", "run_study"]

@@ -1,0 +1,69 @@
+"""The study harness: a grid of variants x seeds that resumes, skips, and aggregates correctly."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import study as study_cli
+from idm_jax import config as config_lib
+from idm_jax import study
+
+TINY = ["--dataset", "digits", "--source", "digits", "--quiet",
+        "--set", "iterations=2", "--set", "num_eval=2", "--set", "epoch_eval_train=1",
+        "--set", "batch_real=16", "--set", "trained_bs=16", "--set", "model_train_steps=1",
+        "--set", "model=ConvNetW32", "--set", "eval_model=ConvNetW32", "--set", "net_num=4"]
+
+
+def test_cpu_budget_is_the_written_protocol():
+    config = study.budget_config("cifar10", "cpu")
+    assert (config.dataset, config.ipc, config.batch_real, config.iterations) == (
+        "cifar10", 1, 256, 100)
+    assert (config.eval_interval, config.num_eval, config.epoch_eval_train,
+            config.eval_every) == (100, 3, 300, 0)
+    assert config.model == config.eval_model == "ConvNet"
+    # Every variant builds a valid config, and the faithful one is the budget itself.
+    for name in study.VARIANTS:
+        study.variant_config(config, name, 0)
+    assert study.variant_config(config, "idm", 4) == config_lib.override(config, {"seed": 4})
+
+
+def test_study_runs_skips_finished_runs_and_aggregates_every_model(tmp_path, capsys):
+    workdir = str(tmp_path / "study")
+    argv = TINY + ["--variants", "idm,random-real", "--seeds", "0,1", "--workdir", workdir]
+    table = study_cli.main(argv)
+    # The aggregate against the per-run results.json files, computed here by hand.
+    for row in table:
+        accs = []
+        for seed in (0, 1):
+            with open(os.path.join(workdir, row["variant"], f"seed{seed}", "results.json")) as f:
+                accs += json.load(f)["accuracies"]
+        assert row["models"] == 4 and row["seeds"] == 2
+        np.testing.assert_allclose(row["mean"], np.mean(accs))
+        np.testing.assert_allclose(row["std"], np.std(accs))
+    with open(os.path.join(workdir, "random-real", "seed0", "results.json")) as f:
+        assert json.load(f)["iterations"] == 0
+    for name in ("study.md", "study.json", "study.png"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0
+    with open(os.path.join(workdir, "study.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    again = study_cli.main(argv)                      # everything finished: all skipped
+    assert capsys.readouterr().out.count("skipped") == 4
+    assert [r["mean"] for r in again] == [r["mean"] for r in table]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--variants", "idm,nope"], "--variants"),
+    (["--seeds", "0,x"], "--seeds"),
+    (["--set", "lr_img"], "FIELD=VALUE"),
+    (["--set", "distance=cosine"], "unknown distance"),
+])
+def test_bad_study_flags_are_one_error_line(extra, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        study_cli.main(TINY + ["--workdir", str(tmp_path / "w")] + extra)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "w")
