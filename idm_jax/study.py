@@ -180,7 +180,8 @@ def run_study(dataset, variants: Sequence[str], seeds: Sequence[int], workdir: s
     from idm_jax import run as run_lib
 
     base = budget_config(dataset.name, budget, ipc, overrides)
-    configs = {(v, s): variant_config(base, v, s) for v in variants for s in seeds}  # validates
+    # Seed by seed, so that an interrupted study already holds every variant at the first seeds.
+    configs = {(v, s): variant_config(base, v, s) for s in seeds for v in variants}  # validates
     rows: dict[str, list[dict]] = {v: [] for v in variants}
     for number, ((variant, seed), config) in enumerate(configs.items(), 1):
         directory = run_dir(workdir, variant, seed)
