@@ -55,8 +55,10 @@ VARIANTS: dict[str, tuple[str, Transform]] = {
     "nonuniform": ("a 2 x 2 grid cut at 0.4 of each side", _set(partition="nonuniform")),
 }
 
+# checkpoint_every changes no result: a run killed with its session resumes from the last 25.
 CPU_PROTOCOL = dict(ipc=1, batch_real=256, iterations=100, eval_interval=100, num_eval=3,
-                    epoch_eval_train=300, eval_every=0, model="ConvNet", eval_model="ConvNet")
+                    epoch_eval_train=300, eval_every=0, model="ConvNet", eval_model="ConvNet",
+                    checkpoint_every=25)
 
 
 def budget_config(dataset: str, budget: str, ipc: int = 1,
