@@ -183,11 +183,15 @@ def test_digits_experiment_at_reduced_budget_beats_random_selection(tmp_path):
 
 def test_a_set_condensed_with_another_partition_is_evaluated_with_it(tmp_path, monkeypatch):
     # The export records the scheme; experiments.evaluate expands the set the same way.
-    from idm_jax import evaluation
-    workdir = str(tmp_path / "run")
-    cli.main("digits", argv=["--ipc", "1", "--workdir", workdir, "--partition", "multiscale",
-                             "--source", "digits"] + TINY)
-    exported = checkpoint.load_npz(os.path.join(workdir, "synthetic.npz"))
+    from idm_jax import config as config_lib
+    from idm_jax import evaluation, outputs
+    from idm_jax import real as real_lib
+    ds = data.load_dataset("digits")
+    real = real_lib.prepare_real(ds.train_images, ds.train_labels, ds.mean, ds.std)
+    config = config_lib.Config(dataset="digits", ipc=1, partition="multiscale")
+    images = np.zeros((10, 16, 16, 1), np.float32)
+    outputs.export_set(str(tmp_path), images, real, config, lambda x: np.clip(x, 0, 1))
+    exported = checkpoint.load_npz(os.path.join(tmp_path, "synthetic.npz"))
     assert str(exported["partition_scheme"]) == "multiscale"
     seen = {}
     original = evaluation.evaluate_synset
@@ -197,7 +201,7 @@ def test_a_set_condensed_with_another_partition_is_evaluated_with_it(tmp_path, m
         return original(*args, **kwargs)
 
     monkeypatch.setattr(evaluation, "evaluate_synset", spy)
-    evaluate_cli.main(["--set", os.path.join(workdir, "synthetic.npz"), "--dataset", "digits",
-                       "--source", "digits", "--arch", "ConvNetW32", "--epochs", "1",
+    evaluate_cli.main(["--set", os.path.join(tmp_path, "synthetic.npz"), "--dataset", "digits",
+                       "--source", "digits", "--arch", "ConvNetW32", "--epochs", "0",
                        "--num_eval", "1", "--out", str(tmp_path / "eval.json")])
     assert seen["partition_scheme"] == "multiscale" and seen["expand"] is True
