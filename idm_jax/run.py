@@ -212,8 +212,10 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
                 done = it >= config.iterations
                 save = done or it % config.checkpoint_every == 0
                 evaluate_now = bool(config.eval_every) and it % config.eval_every == 0 and not done
-                if not (save or evaluate_now or done or len(pending) >= log_every
-                        or interrupt.requested):
+                # Where to flush must not depend on this host alone (any_host below is a
+                # collective): with several hosts a Ctrl-C waits for the next regular flush.
+                stop_here = interrupt.requested and jax.process_count() == 1
+                if not (save or evaluate_now or done or len(pending) >= log_every or stop_here):
                     continue
                 flush()
                 # All hosts stop at the same iteration even if Ctrl-C reached only some of them.
