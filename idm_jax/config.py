@@ -21,6 +21,7 @@ DTYPES = ("float32", "bfloat16")
 DISTANCES = ("linear", "gaussian", "characteristic")
 PARTITIONS = ("uniform", "multiscale", "nonuniform")
 MOMENTS = ("covariance", "variance")
+EXPORT_FORMATS = ("npz", "expanded", "png", "torch")   # idm_jax.export.FORMATS
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits", "tinyimagenet",
             "imagenet_subset")
 
@@ -93,6 +94,7 @@ class Config:
     keep_checkpoints: int = 3
     log_every: int = -1                 # fetch metrics from the device every N iterations:
                                         # -1 auto (1 on CPU, 100 on accelerators); same result
+    exports: str = "npz,expanded,png,torch"   # layouts of the final set (idm_jax.export)
 
     def __post_init__(self):
         def need(cond, message):
@@ -123,7 +125,12 @@ class Config:
              f"cf_scale must be a finite number > 0, got {self.cf_scale}")
         need(math.isfinite(self.moment_weight) and self.moment_weight >= 0,
              f"moment_weight must be a finite number >= 0, got {self.moment_weight}")
+        for f in dataclasses.fields(self):    # inf or nan in any rate or weight is a typo
+            value = getattr(self, f.name)
+            need(not isinstance(value, float) or math.isfinite(value),
+                 f"{f.name} must be a finite number, got {value}")
         self.bandwidths  # parses and checks mmd_bandwidths
+        self.export_formats  # parses and checks exports
         need(self.log_every == -1 or self.log_every >= 1,
              f"log_every must be -1 (automatic) or >= 1, got {self.log_every}")
         need(self.microbatch >= -1, f"microbatch must be -1 (automatic), 0 (whole batches) or "
@@ -159,6 +166,16 @@ class Config:
         return values
 
     @property
+    def export_formats(self) -> tuple[str, ...]:
+        """``exports`` as a tuple of layout names (see ``idm_jax.export``)."""
+        formats = tuple(f.strip() for f in self.exports.split(",") if f.strip())
+        unknown = sorted(set(formats) - set(EXPORT_FORMATS))
+        if unknown:
+            raise ValueError(f"exports: unknown layouts {unknown}; valid: "
+                             f"{', '.join(EXPORT_FORMATS)} (comma-separated)")
+        return formats
+
+    @property
     def pieces(self) -> int:
         """Training images per stored image: factor**2 with IDM's partition-and-expand (1 + f**2
         multi-scale, 4 non-uniform), 1 without."""
@@ -188,6 +205,32 @@ class Config:
 
 def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Config))
+
+
+# Fields a run may be resumed with a different value of: the resumed run then ends exactly as an
+# uninterrupted run with the new value would (run mechanics, the iteration target, and the
+# evaluation protocol, which reads the set but never changes it; microbatch changes only the
+# float summation order, and a run moved to another kind of device needs it). Every other field
+# changes the condensed set, so a checkpoint made with another value is refused.
+RESUMABLE_FIELDS = ("iterations", "checkpoint_every", "keep_checkpoints", "log_every",
+                    "eval_every", "exports", "microbatch", "eval_model", "num_eval",
+                    "epoch_eval_train", "batch_train")
+
+
+def result_differences(saved: Mapping[str, Any], config: Config) -> list[str]:
+    """The result-changing fields where ``config`` differs from ``saved`` (a config dict), as
+    ``"field: saved -> now"`` lines. Fields absent from ``saved`` (an older version) count as
+    their default."""
+    defaults = Config()
+    lines = []
+    for name in field_names():
+        if name in RESUMABLE_FIELDS:
+            continue
+        before = saved.get(name, getattr(defaults, name))
+        now = getattr(config, name)
+        if before != now:
+            lines.append(f"{name}: {before!r} -> {now!r}")
+    return lines
 
 
 def _parse_value(name: str, kind: type, raw: Any) -> Any:
@@ -341,4 +384,5 @@ def dm(config: Config) -> Config:
 
 
 __all__ = ["DISTANCES", "PARTITIONS", "MOMENTS", "Config", "PRESETS", "get_preset", "override",
-           "smoke", "without_components", "dm", "field_names"]
+           "smoke", "without_components", "dm", "field_names", "RESUMABLE_FIELDS",
+           "result_differences"]

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from idm_jax import backend, matching, models, partition
 from idm_jax import queue as queue_lib
 from idm_jax import real as real_lib
-from idm_jax import sharding
+from idm_jax import sharding, validate
 from idm_jax.config import Config
 from idm_jax.real import RealData, prepare_real
 
@@ -82,23 +82,12 @@ def make_engine(config: Config, num_classes: int, image_shape, *,
     ``policy`` defaults to ``backend.resolve(config.microbatch)``; ``objective`` to the config's
     (``matching.make_objective``).
     """
-    height, width, channels = image_shape
-    if height % config.partition_factor or width % config.partition_factor:
-        if config.partition_expand or config.init.startswith("mosaic"):
-            raise ValueError(f"image size {height}x{width} is not divisible by partition_factor "
-                             f"{config.partition_factor}; set partition_expand=False and "
-                             f"init='real', or resize the data")
-    if config.partition_expand and config.partition == "nonuniform":
-        partition.nonuniform_cuts(height, config.partition_ratio)   # raises for empty pieces
-        partition.nonuniform_cuts(width, config.partition_ratio)
+    validate.check_config(config, image_shape)    # architectures and partition geometry
+    channels = image_shape[2]
     policy = backend.resolve(config.microbatch) if policy is None else policy
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
     model = models.get_model(config.model, num_classes, in_channels=channels, dtype=dtype,
                              cpu_kernels=policy.cpu_kernels)
-    if models.uses_batch_stats(config.model):
-        raise ValueError(f"model {config.model!r} uses BatchNorm, whose running statistics the "
-                         f"queue does not track; condense with an instance-norm model such as "
-                         f"'ConvNet' (BatchNorm models are fine for evaluation)")
     dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
 
     def init_params(key):

@@ -97,6 +97,9 @@ def test_override_parses_by_type():
     ({"ipc": "0"}, "ipc must be >= 1"),
     ({"dataset": "cifar11"}, "unknown dataset"),
     ({"image_update": "adam"}, "image_update must be one of"),
+    ({"lr_img": "inf"}, "lr_img must be a finite number"),
+    ({"ce_weight": "nan"}, "ce_weight must be a finite number"),
+    ({"exports": "npz,tiff"}, r"exports: unknown layouts \['tiff'\]"),
 ])
 def test_bad_overrides_fail_with_a_message(bad, match):
     with pytest.raises(ValueError, match=match):

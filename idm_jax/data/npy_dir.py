@@ -58,12 +58,23 @@ def _chunk_files(directory: str, prefix: str) -> list[str]:
     return [os.path.join(directory, numbered[k]) for k in keys]
 
 
+def _read(path: str, mmap_mode: Optional[str] = None) -> np.ndarray:
+    """``np.load`` of one array file, with errors that name the file."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        # NumPy calls any file without its header "pickled data".
+        reason = ("no .npy header" if "pickle" in str(e) else f"{type(e).__name__}: {e}")
+        raise ValueError(f"{path} is not a readable .npy array ({reason}); it may be truncated "
+                         f"or of another format") from None
+
+
 def _load_images(directory: str, prefix: str) -> np.ndarray:
     """Joins the image chunks into one in-memory (N, H, W, C) uint8 array."""
     paths = _chunk_files(directory, prefix)
     parts = []
     for p in paths:
-        a = np.load(p, mmap_mode="r", allow_pickle=False)
+        a = _read(p, mmap_mode="r")
         if a.dtype != np.uint8 or a.ndim != 4:
             raise ValueError(f"{p}: expected a (n, H, W, C) uint8 array (NHWC, raw "
                              f"0..255 pixels), got shape {a.shape} dtype {a.dtype}")
@@ -78,7 +89,7 @@ def _load_images(directory: str, prefix: str) -> np.ndarray:
 def _load_labels(path: str, n: int) -> np.ndarray:
     if not os.path.exists(path):
         raise ValueError(f"missing label file {path} (expected ({n},) integers)")
-    y = np.load(path, allow_pickle=False)
+    y = _read(path)
     if not np.issubdtype(y.dtype, np.integer) or y.shape != (n,):
         raise ValueError(f"{path}: expected ({n},) integer labels to match the "
                          f"images, got shape {y.shape} dtype {y.dtype}")

@@ -1,0 +1,93 @@
+"""Everything about a run that can be checked before any work, with messages that name the flag.
+
+A condensation at the paper budget runs for hours; a setting that cannot work must fail before
+the first iteration (and, where it depends only on the config and the image shape, before a big
+dataset is loaded), not after it. ``check_config`` needs only the config and, optionally, the
+image shape; ``check_data`` adds what the loaded training set must hold. Both raise
+``InvalidRun`` with one sentence that starts with the flag (``--FIELD``) or the file at fault;
+``engine.make_engine`` calls ``check_config`` too, so library callers get the same messages.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from idm_jax import models, partition
+from idm_jax.config import Config
+
+
+class InvalidRun(ValueError):
+    """The config or the data cannot make a run; the message names the flag or file to change."""
+
+
+def _need(condition: bool, message: str) -> None:
+    if not condition:
+        raise InvalidRun(message)
+
+
+def check_config(config: Config, image_shape: Optional[Sequence[int]] = None) -> None:
+    """Raise ``InvalidRun`` for a config that cannot run (on images of ``image_shape``, H W C).
+
+    Checks the two architectures (known, and no BatchNorm in the condensation model, whose
+    running statistics the queue does not carry) and, with ``image_shape``, the partition
+    geometry that the init, matching and evaluation all use.
+    """
+    for flag, name in (("model", config.model), ("eval_model", config.eval_model)):
+        _need(name in models.MODEL_NAMES,
+              f"--{flag} {name!r} is not a known architecture; valid: "
+              f"{', '.join(models.MODEL_NAMES)}")
+    _need(not models.uses_batch_stats(config.model),
+          f"--model {config.model!r} uses BatchNorm, whose running statistics the model queue "
+          f"does not carry; condense with an instance-norm model such as 'ConvNet' (BatchNorm "
+          f"models are fine as --eval_model)")
+    if image_shape is None:
+        return
+    height, width = int(image_shape[0]), int(image_shape[1])
+    factor = config.partition_factor
+    splits = config.partition_expand and config.partition in ("uniform", "multiscale")
+    if splits or config.init.startswith("mosaic"):
+        _need(height % factor == 0 and width % factor == 0,
+              f"--partition_factor {factor} does not divide the {height}x{width} images "
+              f"(used by {'partition-and-expand' if splits else 'the mosaic init'}); choose a "
+              f"factor that divides {height}, or set --partition_expand false --init real")
+    if config.partition_expand and config.partition == "nonuniform":
+        for size in {height, width}:
+            try:
+                partition.nonuniform_cuts(size, config.partition_ratio)
+            except ValueError as err:
+                raise InvalidRun(f"--partition_ratio: {err}") from None
+
+
+def check_data(config: Config, class_counts: Sequence[int], image_shape: Sequence[int],
+               source: str = "the training set") -> None:
+    """Raise ``InvalidRun`` when the training set (``class_counts`` images per class, images of
+    ``image_shape``) cannot feed a run of ``config``; ``source`` names the data in the message.
+    """
+    counts = np.asarray(class_counts)
+    _need(counts.size > 0 and counts.sum() > 0, f"{source} holds no training images")
+    empty = np.flatnonzero(counts == 0)
+    _need(empty.size == 0,
+          f"{source}: classes {empty[:10].tolist()} have no training images; every class needs "
+          f"real images to match (even with --init noise)")
+    if config.init != "noise":    # every init draw takes ipc distinct images of each class
+        low = int(np.argmin(counts))
+        _need(counts[low] >= config.ipc,
+              f"--ipc {config.ipc} with --init {config.init}: class {low} of {source} has only "
+              f"{int(counts[low])} training images; lower --ipc or use --init noise")
+    check_config(config, image_shape)
+
+
+def check_devices(requested: int, available: int, hosts: int = 1) -> int:
+    """The number of devices a run uses for ``--devices requested`` (0: all ``available``)."""
+    _need(requested >= 0, f"--devices must be 0 (all) or a positive count, got {requested}")
+    count = requested or available
+    _need(count <= available, f"--devices {count} but only {available} are available")
+    _need(hosts == 1 or count == available,
+          f"with {hosts} hosts the run uses every device of every host ({available}); drop "
+          f"--devices {requested}")
+    return count
+
+
+__all__ = ["InvalidRun", "check_config", "check_data", "check_devices"]
