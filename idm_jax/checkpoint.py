@@ -1,30 +1,75 @@
-"""Checkpoints of a condensation run (orbax) and the portable export of a condensed set (.npz).
+"""Checkpoints of a condensation run (orbax), verified on restore.
 
 A checkpoint holds the whole ``CondenseState`` (images, momentum, the queue with its optimiser
-states and meters, the PRNG key, the iteration) plus the run's config and data shape as JSON, so
-a restarted run continues bit for bit. A checkpoint written for another dataset, ipc, model or
-image size is refused with a message, never silently mixed into the current run.
+states and meters, the PRNG key, the iteration) plus, as JSON, the run's config, the data's shape
+and a SHA-256 digest of every saved array, so a restarted run continues bit for bit and a
+damaged checkpoint cannot pass for a good one:
+
+- ``restore`` reads one checkpoint and raises ``CheckpointDamagedError`` when it is unreadable,
+  fails its digest or holds non-finite images;
+- ``restore_latest`` resumes from the newest checkpoint that passes, moving each damaged newer
+  one into ``<directory>-damaged/`` with one warning line (intact checkpoints are never removed);
+- a checkpoint written with settings that change the result (``config.result_differences``) is
+  refused with ``CheckpointMismatchError``, never silently continued.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
-import warnings
-from typing import Optional
+import shutil
+import sys
+from typing import Callable, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from idm_jax.config import Config
-
-# Fields that decide what the state *is*; any difference makes a checkpoint unusable.
-IDENTITY_FIELDS = ("dataset", "ipc", "model", "net_num", "partition_factor", "compute_dtype")
+from idm_jax import sharding
+from idm_jax.config import Config, result_differences
 
 
 class CheckpointMismatchError(ValueError):
-    """The checkpoint on disk belongs to a different run configuration."""
+    """The checkpoint on disk was made by a run with other result-changing settings or data."""
+
+
+class CheckpointDamagedError(ValueError):
+    """The checkpoint cannot be read, fails its digest, or holds non-finite images."""
+
+
+def state_digest(state) -> dict[str, str]:
+    """SHA-256 of each array of ``state`` (dtype, shape and bytes), keyed by its tree path.
+
+    Independent of the device layout: arrays are gathered whole to the host first (a collective
+    with several hosts, so every host calls it).
+    """
+    leaves, _ = jax.tree_util.tree_flatten_with_path(sharding.to_host(state))
+    digest = {}
+    for path, leaf in leaves:
+        array = np.asarray(leaf, order="C")
+        h = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+        h.update(array.tobytes())
+        digest[jax.tree_util.keystr(path)] = h.hexdigest()
+    return digest
+
+
+class _QuietDamagedReads(logging.Filter):
+    """Drop asyncio's "Future exception was never retrieved" dumps of a failed TensorStore read
+    (dozens of lines of spec per array): ``restore`` reports the damage in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("Future exception was never retrieved" in message
+                    and ("tensorstore" in message or "OCDBT" in message))
+
+
+logging.getLogger("asyncio").addFilter(_QuietDamagedReads())
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 class Checkpointer:
@@ -32,16 +77,27 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 3):
         self.directory = os.path.abspath(directory)
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.keep = keep
+        self._manager = self._open()
+
+    def _open(self):
+        return ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=self.keep,
+                                                                 create=True))
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
     def save(self, state, config: Config, data_meta: dict, wait: bool = True) -> int:
-        """Save ``state`` at its iteration; returns that iteration number."""
+        """Save ``state`` at its iteration with its digest; returns that iteration number."""
         step = int(state.iteration)
-        meta = {"config": config.to_dict(), "data": data_meta}
+        meta = {"config": config.to_dict(), "data": data_meta, "digest": state_digest(state)}
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         if wait:
@@ -49,92 +105,101 @@ class Checkpointer:
         return step
 
     def check_compatible(self, step: int, config: Config, data_meta: dict) -> None:
-        """Raise ``CheckpointMismatchError`` if checkpoint ``step`` is from another run."""
+        """Raise ``CheckpointMismatchError`` if checkpoint ``step`` was made with result-changing
+        settings (``config.result_differences``) or data other than these."""
         meta = self._read_meta(step)
-        saved, problems = meta.get("config", {}), []
-        for field in IDENTITY_FIELDS:
-            if saved.get(field) != getattr(config, field):
-                problems.append(f"{field}: checkpoint {saved.get(field)!r}, "
-                                f"now {getattr(config, field)!r}")
-        for field, value in data_meta.items():
-            if meta.get("data", {}).get(field) != value:
-                problems.append(f"{field}: checkpoint {meta.get('data', {}).get(field)!r}, "
-                                f"now {value!r}")
+        problems = result_differences(meta.get("config", {}), config)
+        saved_data = meta.get("data", {})
+        problems += [f"{field}: {saved_data.get(field)!r} -> {value!r}"
+                     for field, value in data_meta.items() if saved_data.get(field) != value]
         if problems:
             raise CheckpointMismatchError(
-                f"the checkpoint in {self.directory} (iteration {step}) was written by a different "
-                f"run ({'; '.join(problems)}). Use another --workdir, or delete that folder to "
-                f"start over.")
-        changed = [f for f, v in config.to_dict().items() if f in saved and saved[f] != v]
-        if changed:
-            warnings.warn(f"resuming with changed settings {changed}; the continued run is not "
-                          f"the same as an uninterrupted one")
+                f"the checkpoint in {self.directory} (iteration {step}) was made with settings "
+                f"or data that change the result ({'; '.join(problems)}). Resume with the "
+                f"checkpoint's settings, use another --workdir, or pass --restart to set the "
+                f"old run aside and start over")
 
     def restore(self, template, config: Config, data_meta: dict, step: Optional[int] = None):
-        """Restore the state at ``step`` (default: latest) shaped like ``template``.
+        """Restore and verify the state at ``step`` (default: latest), shaped like ``template``.
 
-        ``template`` is a state of the current run (e.g. a fresh ``init_state``); only its
-        structure, shapes and dtypes are used.
+        ``template`` is a state of the current run (e.g. a fresh ``init_state``; sharded, to
+        restore straight onto a mesh); only its structure, shapes, dtypes and placement are used.
+        Raises ``CheckpointMismatchError`` (another run) or ``CheckpointDamagedError``.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         self.check_compatible(step, config, data_meta)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        problem = None
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract)))
+            state = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract))).state
         except Exception as err:  # orbax raises many types for damaged files
-            raise CheckpointMismatchError(
-                f"checkpoint {os.path.join(self.directory, str(step))} could not be read "
-                f"({type(err).__name__}: {err}). It may be damaged or from another version: "
-                f"delete that folder to fall back to an earlier one, or start over.") from err
-        return restored.state
+            first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            problem = f"{type(err).__name__}: {first_line}"
+        # Every host takes the same branch before the collectives below.
+        if sharding.any_host(problem is not None):
+            raise CheckpointDamagedError(f"checkpoint {self.path(step)} cannot be read "
+                                         f"({problem or 'on another host'})")
+        saved = self._read_meta(step).get("digest")
+        if saved is not None:       # checkpoints of older versions carry none
+            actual = state_digest(state)
+            bad = [k for k in sorted(set(saved) | set(actual)) if saved.get(k) != actual.get(k)]
+            if bad:
+                raise CheckpointDamagedError(
+                    f"checkpoint {self.path(step)} fails its digest (in {', '.join(bad[:3])})")
+        if not np.isfinite(sharding.to_host(state.images)).all():
+            raise CheckpointDamagedError(f"checkpoint {self.path(step)} holds non-finite images")
+        return state
+
+    def restore_latest(self, template, config: Config, data_meta: dict,
+                       warn: Callable[[str], None] = _warn):
+        """The newest checkpoint that passes ``restore``, as ``(state, step)``; ``(None, None)``
+        when there is none.
+
+        A damaged checkpoint is moved to ``<directory>-damaged/<step>`` (``warn`` says which and
+        why, in one line) and the next older one is tried. A checkpoint of another run raises
+        ``CheckpointMismatchError`` at once: falling back past it would mix two runs.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                return self.restore(template, config, data_meta, step), step
+            except CheckpointDamagedError as err:
+                moved = self._set_aside(step)
+                warn(f"{err}; moved to {moved}, trying the one before it")
+        return None, None
+
+    def _set_aside(self, step: int) -> str:
+        self._manager.wait_until_finished()
+        self._manager.close()
+        target = os.path.join(self.directory + "-damaged", str(step))
+        suffix = 1
+        while os.path.exists(target):
+            target = os.path.join(self.directory + "-damaged", f"{step}.{suffix}")
+            suffix += 1
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(self.path(step), target)
+        sharding.sync_hosts(f"idm_jax: checkpoint {step} set aside")
+        self._manager = self._open()
+        return target
 
     def _read_meta(self, step: int) -> dict:
         try:
-            return self._manager.restore(step, args=ocp.args.Composite(
+            meta = self._manager.restore(step, args=ocp.args.Composite(
                 meta=ocp.args.JsonRestore())).meta
         except Exception as err:
-            raise CheckpointMismatchError(
-                f"checkpoint {os.path.join(self.directory, str(step))} has no readable metadata "
-                f"({type(err).__name__}). Delete that folder or use another --workdir.") from err
+            meta = err
+        if not isinstance(meta, dict):
+            reason = type(meta).__name__ if isinstance(meta, Exception) else "empty"
+            raise CheckpointDamagedError(f"checkpoint {self.path(step)} has no readable "
+                                         f"metadata ({reason})")
+        return meta
 
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def export_npz(path: str, images, labels, mean, std, **extra) -> None:
-    """Write a condensed set for any framework: images in [0,1] (de-normalised), NHWC float32.
-
-    Keys: ``images`` (N, H, W, C) float32 in [0,1] pixel units (clipped), ``labels`` (N,) int32,
-    ``mean`` and ``std`` (C,) normalisation constants, ``images_normalized`` (the exact stored
-    values, which ``(images - mean) / std`` only reproduces up to clipping), plus ``extra``.
-    """
-    images = np.asarray(images, np.float32)
-    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-    pixels = np.clip(images * std + mean, 0.0, 1.0)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, images=pixels, images_normalized=images, labels=np.asarray(labels, np.int32),
-             mean=mean, std=std, **extra)
-    os.replace(tmp, path)  # never leave a half-written file under the final name
-
-
-def load_npz(path: str) -> dict:
-    """Read an exported set; returns a dict with at least images, labels, mean, std."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no condensed set at {path}")
-    with np.load(path) as data:
-        out = {k: data[k] for k in data.files}
-    missing = {"images", "labels"} - set(out)
-    if missing:
-        raise ValueError(f"{path} lacks {sorted(missing)}; expected the keys written by "
-                         f"idm_jax.checkpoint.export_npz (images in [0,1] NHWC, labels)")
-    if out["images"].ndim != 4 or out["labels"].shape != out["images"].shape[:1]:
-        raise ValueError(f"{path}: images must be (N, H, W, C) and labels (N,), got "
-                         f"{out['images'].shape} and {out['labels'].shape}")
-    return out
 
 
 def data_meta(real) -> dict:
@@ -149,5 +214,5 @@ def dump_json(path: str, value) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["Checkpointer", "CheckpointMismatchError", "export_npz", "load_npz", "data_meta",
-           "IDENTITY_FIELDS"]
+__all__ = ["Checkpointer", "CheckpointMismatchError", "CheckpointDamagedError", "state_digest",
+           "data_meta", "dump_json"]
