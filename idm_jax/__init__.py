@@ -11,12 +11,13 @@ the table of modules):
 - ``mmd``, ``class_mmd``, ``class_aware_ce``, ``idm_objective``: the matching objective.
 - ``dsa``, ``DSAParams``: differentiable Siamese augmentation.
 - ``get_model``: Flax ConvNet / AlexNet / VGG11 / ResNet18 by official name.
+- ``export.export_set`` / ``load_set``: the condensed set in the layouts other toolkits read.
 
 The data loaders (``idm_jax.data``) import tensorflow-datasets lazily, only for TFDS sources.
 """
 
-from idm_jax import (backend, checkpoint, config, engine, evaluation, image_update, matching,
-                     models, queue, real, sharding)
+from idm_jax import (backend, checkpoint, config, engine, evaluation, export, image_update,
+                     matching, models, queue, real, sharding, torch_format, validate, workdir)
 from idm_jax.augment import DSAParams, dsa
 from idm_jax.config import Config, get_preset
 from idm_jax.engine import condense
@@ -29,8 +30,9 @@ from idm_jax.run import condense_and_evaluate
 
 __version__ = "0.2.0"
 
-__all__ = ["backend", "checkpoint", "config", "engine", "evaluation", "image_update", "matching",
-           "models", "queue", "real", "sharding", "DSAParams", "dsa", "Config", "get_preset",
+__all__ = ["backend", "checkpoint", "config", "engine", "evaluation", "export", "image_update",
+           "matching", "models", "queue", "real", "sharding", "torch_format", "validate", "workdir",
+           "DSAParams", "dsa", "Config", "get_preset",
            "condense", "evaluate", "class_aware_ce", "class_mmd", "mmd", "idm_objective",
            "get_model", "mosaic", "partition_expand", "partition_expand_labels",
            "condense_and_evaluate"]

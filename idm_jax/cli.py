@@ -17,15 +17,20 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from idm_jax import checkpoint, config as config_lib, data, engine, evaluation, models, outputs
+from idm_jax import checkpoint, config as config_lib, data, engine, evaluation, export, models
+from idm_jax import outputs
 from idm_jax import run as run_lib
-from idm_jax import sharding
+from idm_jax import sharding, validate
+from idm_jax import workdir as workdir_lib
 from idm_jax.config import Config
 
-EVALUATE_HELP = ("Evaluate a saved condensed set (.npz with images in [0,1] NHWC and labels, as "
-                 "idm_jax.checkpoint.export_npz writes) with the official protocol. Images are "
-                 "normalised with the dataset's constants; partition-and-expand is applied when "
-                 "the file says the set was made with it, or as --expand / --no-expand says.")
+EVALUATE_HELP = ("Evaluate a condensed set with the official protocol: a .npz of images in [0,1] "
+                 "NHWC and labels (as idm_jax.export writes), a DC-BENCH res_*.pt file, or "
+                 "DD-Ranking's images.pt (labels.pt beside it; or their folder). .npz images are "
+                 "normalised with the dataset's constants, .pt tensors are taken as normalised "
+                 "already; partition-and-expand is applied when the file says the set was made "
+                 "with it (never for .pt sets, which hold the training set as is), or as "
+                 "--expand / --no-expand says.")
 
 
 class UserError(Exception):
@@ -59,7 +64,8 @@ def build_parser(dataset: str, default_ipc: int,
     parser.add_argument("--tfds_data_dir", default=None, help="TFDS data folder")
     parser.add_argument("--class_list", default=None, help="imagenet_subset: wnid list file")
     parser.add_argument("--restart", action="store_true",
-                        help="ignore existing checkpoints in the workdir and start over")
+                        help="start over: the workdir's previous run is moved to "
+                             "<workdir>/previous/<time>/ (nothing is deleted)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--devices", type=int, default=0,
                         help="devices to shard the class axis over (0: all available)")
@@ -89,6 +95,10 @@ def parse(argv: Optional[Sequence[str]], dataset: str, default_ipc: int,
             value, i = rest[i + 1], i + 1
         overrides[name] = value
         i += 1
+    if "dataset" in overrides and overrides["dataset"] != dataset:
+        raise UserError(f"--dataset {overrides['dataset']}: this command condenses {dataset}; "
+                        f"run python -m experiments.{overrides['dataset']} (or idm-condense "
+                        f"--dataset {overrides['dataset']}) instead")
     preset = args.preset or f"{dataset}-ipc{args.ipc}"
     try:
         if preset in config_lib.PRESETS or args.preset:
@@ -119,16 +129,31 @@ def parse(argv: Optional[Sequence[str]], dataset: str, default_ipc: int,
 
 
 def load_data(config: Config, args) -> data.Dataset:
+    """The dataset of the run, checked against the config (``validate.check_data``)."""
     try:
         dataset = data.load_dataset(config.dataset, source=args.source, data_dir=args.data_dir,
                                     tfds_data_dir=args.tfds_data_dir,
                                     class_list=getattr(args, "class_list", None))
-        if config.init != "noise":  # every init draw takes ipc distinct images of a class
-            data.check_enough_per_class(dataset, config.ipc,
-                                        f"for ipc={config.ipc} with init={config.init}")
+        where = args.data_dir or args.tfds_data_dir or args.source or "the default source"
+        validate.check_data(config, dataset.class_counts, dataset.image_shape,
+                            source=f"{config.dataset} from {where}")
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     return dataset
+
+
+def check_before_loading(config: Config, args) -> None:
+    """What can be checked before a (possibly big) dataset is read: the config against the
+    dataset's usual image shape, and the workdir."""
+    spec = data.DATASET_INFO.get(config.dataset)
+    # imagenet_subset can be loaded at another size; its shape is checked after loading.
+    shape = spec.image_shape if spec is not None and config.dataset != "imagenet_subset" else None
+    try:
+        validate.check_config(config, shape)
+    except validate.InvalidRun as err:
+        raise UserError(str(err)) from None
+    if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        raise UserError(f"--workdir {args.workdir} is a file; give a folder")
 
 
 def build_mesh(args):
@@ -136,25 +161,24 @@ def build_mesh(args):
     if getattr(args, "distributed", False):
         sharding.initialize_distributed(args.coordinator_address, args.num_processes,
                                         args.process_id)
-    count = getattr(args, "devices", 0) or jax.device_count()
-    if count > jax.device_count():
-        raise UserError(f"--devices {count} but only {jax.device_count()} are available")
-    if jax.process_count() > 1 and count != jax.device_count():
-        raise UserError(f"with {jax.process_count()} hosts the run uses every device of every "
-                        f"host ({jax.device_count()}); drop --devices {count}")
+    try:
+        count = validate.check_devices(getattr(args, "devices", 0), jax.device_count(),
+                                       jax.process_count())
+    except validate.InvalidRun as err:
+        raise UserError(str(err)) from None
     return sharding.make_mesh(count) if count > 1 else None
 
 
 def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
-    """The run of parsed flags: the mesh, the data, then ``condense_and_evaluate``."""
+    """The run of parsed flags: checks, the mesh, the data, then ``condense_and_evaluate``."""
+    check_before_loading(config, args)
     mesh = build_mesh(args)
     dataset = load_data(config, args) if dataset is None else dataset
     try:
         return run_lib.condense_and_evaluate(config, dataset, args.workdir, mesh=mesh,
                                              restart=args.restart, quiet=args.quiet)
-    except checkpoint.CheckpointMismatchError as err:
-        raise UserError(f"{err} (or pass --restart to overwrite it)") from None
-    except engine.NonFiniteError as err:
+    except (validate.InvalidRun, workdir_lib.WorkdirBusy, checkpoint.CheckpointMismatchError,
+            engine.NonFiniteError) as err:
         raise UserError(str(err)) from None
 
 
@@ -207,7 +231,9 @@ def condense_main(argv: Optional[Sequence[str]] = None) -> None:
 
 def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="idm-evaluate", description=EVALUATE_HELP)
-    parser.add_argument("--set", required=True, help="path of the condensed set (.npz)")
+    parser.add_argument("--set", required=True,
+                        help="the condensed set: .npz, DC-BENCH .pt, DD-Ranking images.pt or "
+                             "its folder")
     parser.add_argument("--arch", default="ConvNet",
                         help=f"architecture, one of {', '.join(models.MODEL_NAMES)}")
     parser.add_argument("--dataset", default="cifar10", help="dataset of the test split")
@@ -228,13 +254,23 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
         if args.arch not in models.MODEL_NAMES:
             raise UserError(f"unknown --arch {args.arch!r}; valid: "
                                    f"{', '.join(models.MODEL_NAMES)}")
-        saved = checkpoint.load_npz(args.set)
+        for flag in ("num_eval", "batch_train"):
+            if getattr(args, flag) < 1:
+                raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+        if args.epochs < 0 or not np.isfinite(args.lr) or args.lr < 0:
+            raise UserError("--epochs must be >= 0 and --lr a finite number >= 0")
+        saved = export.load_set(args.set)
         dataset = data.load_dataset(args.dataset, source=args.source, data_dir=args.data_dir,
                                     tfds_data_dir=args.tfds_data_dir)
-        if saved["images"].shape[1:] != dataset.image_shape:
-            raise UserError(f"the set's images are {saved['images'].shape[1:]} but "
-                                   f"{args.dataset} images are {dataset.image_shape}; pass the "
-                                   f"--dataset the set was condensed from")
+        shape = (saved["images_normalized"] if "images_normalized" in saved
+                 else saved["images"]).shape[1:]
+        if tuple(shape) != dataset.image_shape:
+            raise UserError(f"the set's images are {tuple(shape)} but {args.dataset} images "
+                            f"are {dataset.image_shape}; pass the --dataset the set was "
+                            f"condensed from")
+        if saved["labels"].min() < 0 or saved["labels"].max() >= dataset.num_classes:
+            raise UserError(f"{args.set}: labels outside 0..{dataset.num_classes - 1} of "
+                            f"{args.dataset}")
         if "images_normalized" in saved:      # exact stored values of our own sets
             images = saved["images_normalized"]
         else:
@@ -271,3 +307,41 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
 def evaluate_entry() -> None:
     """The ``idm-evaluate`` entry point (``evaluate_main`` returning None: exit status 0)."""
     evaluate_main()
+
+
+def report_main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+    """``python -m experiments.report WORKDIR...``: where each run stands, and its metrics.png."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.report",
+        description="Summarise run folders (iterations, checkpoints, time, accuracy) and draw "
+                    "each one's metrics.png. Reads the files only; safe beside a running run.")
+    parser.add_argument("workdirs", nargs="+", help="run folders")
+    args = parser.parse_args(argv)
+    missing = [w for w in args.workdirs if not os.path.isfile(os.path.join(w, "config.json"))]
+    if missing:
+        print(f"error: {missing[0]} is not a run folder (it has no config.json)", file=sys.stderr)
+        raise SystemExit(2)
+    summaries = []
+    for folder in args.workdirs:
+        s = outputs.summarize(folder)
+        plot = outputs.save_metrics_plot(folder)
+        minutes = s["condense_seconds"] / 60
+        state = ("finished" if s["final"] else f"running ({s['running']})" if s["running"]
+                 else "stopped")
+        line = (f"{folder}: {s['dataset']} ipc {s['ipc']}, iteration {s['logged_iterations']}/"
+                f"{s['target_iterations']}, {state}, {minutes:.1f} min condensing in "
+                f"{s['sessions']} session(s); checkpoints {s['checkpoints'] or 'none'}")
+        if s["damaged"]:
+            line += f", damaged set aside {s['damaged']}"
+        if s["final"]:
+            line += f"; final {s['final'][0]:.2f} +- {s['final'][1]:.2f} %"
+        elif s["evaluations"]:
+            it, mean, std = s["evaluations"][-1]
+            line += f"; at iteration {it} {mean:.2f} +- {std:.2f} %"
+        print(line + (f"; plot {plot}" if plot else ""))
+        summaries.append(s)
+    return summaries
+
+
+def report_entry() -> None:
+    report_main()

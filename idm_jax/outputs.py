@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from typing import Callable
 
 import jax
 import numpy as np
 
-from idm_jax import checkpoint, engine
+from idm_jax import engine, export
 from idm_jax.config import Config
 
 
@@ -69,21 +70,129 @@ def progress_bar(config: Config, start: int, hidden: bool):
                 desc=f"{config.dataset} ipc{config.ipc}")
 
 
-def export_set(workdir: str, images: np.ndarray, real, config: Config,
-               to_pixels: Callable) -> None:
-    """``synthetic.npz`` and ``synthetic.png`` of the stored set ``images`` (normalised)."""
+def export_set(workdir: str, images: np.ndarray, real, config: Config, to_pixels: Callable,
+               class_names, iteration: int) -> None:
+    """The final set ``images`` (normalised, as stored) in the layouts ``config.exports`` names
+    (``idm_jax.export``), and ``synthetic.png``."""
     labels = np.asarray(engine.synthetic_labels(real.num_classes, config.ipc))
-    # With the ImageNet quirk the stored images are already [0,1] pixels.
-    mean, std = ((real.mean, real.std) if config.normalize_train
-                 else (np.zeros_like(real.mean), np.ones_like(real.std)))
-    checkpoint.export_npz(os.path.join(workdir, "synthetic.npz"), images, labels, mean, std,
-                          partition_expand=config.partition_expand,
-                          partition_factor=config.partition_factor,
-                          partition_scheme=config.partition,
-                          partition_ratio=config.partition_ratio,
-                          normalized=config.normalize_train)
+    export.export_set(
+        workdir, images, labels, np.asarray(real.mean), np.asarray(real.std),
+        dataset=config.dataset, class_names=class_names, model=config.model, ipc=config.ipc,
+        partition_expand=config.partition_expand, partition_scheme=config.partition,
+        partition_factor=config.partition_factor, partition_ratio=config.partition_ratio,
+        normalized=config.normalize_train, iteration=iteration, code_version=code_version(),
+        formats=config.export_formats)
     save_grid(os.path.join(workdir, "synthetic.png"), to_pixels(images), real.num_classes)
 
 
+def code_version() -> str:
+    """The git commit of this checkout (``+dirty`` with uncommitted changes), else the installed
+    package version."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "idm_jax"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return commit.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from importlib import metadata
+        return "idm-jax " + metadata.version("idm-jax")
+    except Exception:
+        return "unknown"
+
+
+def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
+    """The iteration records and the evaluation records of ``workdir/metrics.jsonl``."""
+    steps, evals = [], []
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                (evals if record.get("event") == "eval" else steps).append(record)
+    return steps, evals
+
+
+def logged_seconds(workdir: str) -> float:
+    """Condensation seconds over every session of the run (each iteration is logged once)."""
+    steps, _ = read_metrics(workdir)
+    return float(sum(r.get("seconds", 0.0) for r in steps))
+
+
+def save_metrics_plot(workdir: str, path: str | None = None) -> str | None:
+    """``metrics.png``: the loss terms, the extractor's accuracy and the evaluations of a run
+    against the iteration. Returns the path, or None when nothing was logged."""
+    steps, evals = read_metrics(workdir)
+    if not steps:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = np.array([r["iteration"] for r in steps])
+    terms = [k for k in ("loss", "mmd", "ce", "moment") if k in steps[0]]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for key in terms:
+        axes[0].plot(it, [r[key] for r in steps], label=key, lw=1)
+    axes[0].set(xlabel="iteration", ylabel="loss (sum over classes)", title="matching loss")
+    if all(r.get("loss", 1) > 0 for r in steps):
+        axes[0].set_yscale("log")
+    axes[0].legend()
+    if "extractor_acc" in steps[0]:
+        axes[1].plot(it, [r["extractor_acc"] for r in steps], lw=1)
+    axes[1].set(xlabel="iteration", ylabel="%", title="extractor training accuracy")
+    if evals:
+        axes[2].errorbar([e["iteration"] for e in evals], [e["mean"] for e in evals],
+                         yerr=[e["std"] for e in evals], fmt="o-", capsize=3)
+    axes[2].set(xlabel="iteration", ylabel="test accuracy %", title="evaluations")
+    fig.suptitle(os.path.basename(os.path.abspath(workdir)))
+    fig.tight_layout()
+    path = path or os.path.join(workdir, "metrics.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def summarize(workdir: str) -> dict:
+    """Where a run stands, from its files alone (nothing is locked or changed): target and
+    logged iterations, who runs it now, its checkpoints (and damaged ones set aside), seconds
+    spent, the last loss and evaluations, and the final result if there is one."""
+    from idm_jax import workdir as workdir_lib
+
+    def read_json(name):
+        try:
+            with open(os.path.join(workdir, name)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def steps_in(folder):
+        path = os.path.join(workdir, folder)
+        return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(
+            path) else []
+
+    config, results = read_json("config.json") or {}, read_json("results.json")
+    steps, evals = read_metrics(workdir)
+    return {
+        "workdir": workdir, "dataset": config.get("dataset"), "ipc": config.get("ipc"),
+        "target_iterations": config.get("iterations"),
+        "logged_iterations": (steps[-1]["iteration"] + 1) if steps else 0,
+        "running": workdir_lib.holder(workdir),
+        "checkpoints": steps_in("checkpoints"), "damaged": steps_in("checkpoints-damaged"),
+        "sessions": len(workdir_lib.read_sessions(workdir)),
+        "condense_seconds": float(sum(r.get("seconds", 0.0) for r in steps)),
+        "last_loss": steps[-1].get("loss") if steps else None,
+        "evaluations": [(e["iteration"], e["mean"], e["std"]) for e in evals],
+        "final": None if results is None else (results["mean"], results["std"])}
+
+
 __all__ = ["save_grid", "MetricsLog", "device_description", "pixel_converter", "progress_bar",
-           "export_set"]
+           "export_set", "code_version", "read_metrics", "logged_seconds", "save_metrics_plot",
+           "summarize"]

@@ -4,11 +4,18 @@
 called from a notebook or a sweep the same way. Everything of a run lives in ``workdir``:
 
   config.json        the resolved configuration and the data's shape
-  checkpoints/       orbax checkpoints; calling again with the same workdir resumes the latest
-  metrics.jsonl      one JSON line per iteration (loss terms, queue accuracy, seconds) and per eval
+  checkpoints/       orbax checkpoints with digests; calling again with the same workdir resumes
+                     the newest intact one (``checkpoint.Checkpointer.restore_latest``)
+  metrics.jsonl      one JSON line per iteration (loss terms, queue accuracy, seconds) and per
+                     eval, each iteration once however often the run was interrupted
+  sessions.jsonl     every start of the run: time, host, iteration resumed from, config
   synthetic.png      the synthetic images, one row per class (also synthetic_<it>.png per eval)
-  synthetic.npz      the condensed set in [0,1] pixels with labels and normalisation constants
+  synthetic.npz ...  the condensed set in the layouts of ``idm_jax.export``
   results.json       final per-model accuracies, mean and population std, wall times, device
+
+One process at a time uses a workdir (``workdir.lock``); ``restart=True`` moves the previous run
+to ``previous/<time>/`` instead of deleting it. Every setting and the data are checked
+(``validate``) before the folder is created or anything runs.
 
 The loop never waits for the device on every iteration: metrics are fetched every
 ``log_every`` iterations (and before every checkpoint and evaluation), so an accelerator keeps
@@ -18,8 +25,8 @@ have passed the NaN/Inf policy (``engine.check_finite``), so every checkpoint ho
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -29,8 +36,9 @@ from typing import Optional
 import jax
 import numpy as np
 
-from idm_jax import backend, checkpoint, data, engine, evaluation, outputs, sharding
+from idm_jax import backend, checkpoint, data, engine, evaluation, outputs, sharding, validate
 from idm_jax import real as real_lib
+from idm_jax import workdir as workdir_lib
 from idm_jax.config import Config
 
 
@@ -101,18 +109,6 @@ def evaluate_images(images, dataset: data.Dataset, config: Config, key, test_x,
         microbatch_size=config.microbatch, policy=policy)
 
 
-def _open_checkpoints(workdir: str, config: Config, restart: bool, main_host: bool):
-    directory = os.path.join(workdir, "checkpoints")
-    checkpointer = checkpoint.Checkpointer(directory, keep=config.keep_checkpoints)
-    if restart and checkpointer.latest_step() is not None:
-        checkpointer.close()
-        if main_host:
-            shutil.rmtree(checkpointer.directory)
-        sharding.sync_hosts("idm_jax: old checkpoints removed")   # others wait for host 0
-        checkpointer = checkpoint.Checkpointer(directory, keep=config.keep_checkpoints)
-    return checkpointer
-
-
 def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *,
                           mesh=None, restart: bool = False, quiet: bool = False) -> dict:
     """Condense ``dataset`` with ``config``, evaluate the result and write every output.
@@ -120,36 +116,73 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
     Args:
       config: the run's configuration (``idm_jax.config``).
       dataset: the loaded data (``idm_jax.data.load_dataset``).
-      workdir: the run folder; an existing checkpoint there is resumed.
+      workdir: the run folder; the newest intact checkpoint there is resumed.
       mesh: spread the run over this device mesh (``sharding.make_mesh``); None: one device.
-      restart: remove the workdir's checkpoints first and start over.
+      restart: move the workdir's previous run to ``previous/<time>/`` and start over.
       quiet: no progress bar.
 
     Returns the contents of ``results.json``.
     Raises:
-      checkpoint.CheckpointMismatchError: the workdir holds another run's checkpoint.
-      engine.NonFiniteError: the loss or images stopped being finite (the message names the last
-        good checkpoint).
+      validate.InvalidRun: a setting or the data cannot make a run (before any work).
+      workdir.WorkdirBusy: another process is running in ``workdir``.
+      checkpoint.CheckpointMismatchError: the workdir's checkpoint was made with settings that
+        change the result.
+      engine.NonFiniteError: the loss or images stopped being finite (the message names the
+        newest intact checkpoint).
       Interrupted: Ctrl-C; a checkpoint was saved.
     """
-    os.makedirs(workdir, exist_ok=True)
-    real = place_real(dataset, mesh)
-    # With several hosts every host runs this function; only host 0 writes the shared outputs,
-    # and every host makes the same collective calls (checkpoints, to_host, any_host).
+    validate.check_data(config, dataset.class_counts, dataset.image_shape,
+                        source=f"dataset {dataset.name}")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise validate.InvalidRun(f"--workdir {workdir} is a file; give a folder")
+    # With several hosts every host runs this function; only host 0 writes the shared outputs
+    # (and holds the lock), and every host makes the same collective calls.
     main_host = jax.process_index() == 0
+    created = not os.path.isdir(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        with contextlib.ExitStack() as stack:
+            busy = None
+            try:
+                stack.enter_context(workdir_lib.lock(workdir, enabled=main_host))
+            except workdir_lib.WorkdirBusy as err:
+                busy = err
+            if sharding.any_host(busy is not None):    # every host stops, not only host 0
+                raise busy or workdir_lib.WorkdirBusy(f"--workdir {workdir} is in use (host 0 "
+                                                      f"could not lock it)")
+            return _condense_and_evaluate(config, dataset, workdir, mesh, restart, quiet,
+                                          main_host)
+    except BaseException:
+        if created and main_host and os.path.isdir(workdir):
+            workdir_lib.remove_if_unused(workdir)
+        raise
+
+
+def _condense_and_evaluate(config, dataset, workdir, mesh, restart, quiet, main_host):
+    real = place_real(dataset, mesh)
     eng = engine.make_engine(config, real.num_classes, real.image_shape)
+    if restart:       # only once everything that can fail before the first iteration passed
+        moved = workdir_lib.set_aside(workdir) if main_host else None
+        sharding.sync_hosts("idm_jax: previous run set aside")   # others wait for host 0
+        if moved:
+            print(f"restart: the previous run was moved to {moved}")
     log_every = config.log_every if config.log_every > 0 else (
         1 if eng.policy.platform == "cpu" else 100)
     meta = checkpoint.data_meta(real)
-    checkpointer = _open_checkpoints(workdir, config, restart, main_host)
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                           keep=config.keep_checkpoints)
     state = engine.init_state(eng, real, config.seed)
     if mesh is not None:  # also the restore template: checkpoints restore straight sharded
         state = engine.shard_state(state, mesh)
-    last_saved = checkpointer.latest_step()
-    if last_saved is not None:
-        state = checkpointer.restore(state, config, meta)
+    restored, last_saved = checkpointer.restore_latest(state, config, meta)
+    if restored is not None:
+        state = restored
         print(f"resuming from iteration {last_saved} ({checkpointer.directory})")
+    start_it = int(state.iteration)
+    sessions = []
     if main_host:
+        workdir_lib.trim_metrics(workdir, start_it)
+        sessions = workdir_lib.record_session(workdir, config.to_dict(), start_it)
         checkpoint.dump_json(os.path.join(workdir, "config.json"),
                              dict(config.to_dict(), **{"data": meta}))
     log = outputs.MetricsLog(os.path.join(workdir, "metrics.jsonl") if main_host else os.devnull)
@@ -172,7 +205,6 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
         return images, result
 
     step = engine.make_step(eng, real, mesh=mesh)
-    start_it = int(state.iteration)
     condense_seconds = 0.0
     progress = outputs.progress_bar(config, start_it, quiet or not main_host)
     pending: list = []                 # (iterations done, device metrics) not yet fetched
@@ -193,11 +225,14 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
             try:
                 engine.check_finite(record, done - 1)
             except engine.NonFiniteError as err:
-                where = (f"the last good checkpoint is iteration {last_saved} in "
-                         f"{checkpointer.directory}; re-running resumes from it"
-                         if last_saved is not None else "no checkpoint was written yet")
-                raise engine.NonFiniteError(f"{err}; {where}. Lower lr_img or check the "
-                                            f"data.") from None
+                # Every checkpoint holds images that passed this check, and the run is
+                # deterministic: resuming would repeat the failure with the same settings.
+                where = (f"the newest intact checkpoint is iteration {last_saved} in "
+                         f"{checkpointer.directory}" if last_saved is not None
+                         else "no checkpoint was written")
+                raise engine.NonFiniteError(
+                    f"{err}; {where}. Lower --lr_img or check the data, then start over with "
+                    f"--restart (or use another --workdir)") from None
         if progress is not None:
             progress.update(len(pending))
             progress.set_postfix(loss=f"{record['loss']:.3g}",
@@ -222,6 +257,8 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
                 stop = sharding.any_host(interrupt.requested)
                 if stop or save:
                     last_saved = checkpointer.save(state, config, meta)
+                    if main_host:        # a picture of the run so far, for long runs
+                        outputs.save_metrics_plot(workdir)
                 if stop:
                     raise Interrupted(it, checkpointer.directory)
                 if evaluate_now:
@@ -240,7 +277,7 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
     it = int(state.iteration)
     images = sharding.to_host(state.images)
     if main_host:
-        outputs.export_set(workdir, images, real, config, to_pixels)
+        outputs.export_set(workdir, images, real, config, to_pixels, dataset.class_names, it)
     _, result = evaluate_at(state, it, final=True)
     log.close()
     results = {
@@ -250,9 +287,13 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
         "condense_seconds_this_session": condense_seconds,
         "resumed_from_iteration": start_it, "eval_seconds": result["seconds"],
         "device": outputs.device_description(), "jax_version": jax.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config.to_dict()}
+        "code_version": outputs.code_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config.to_dict(),
+        "sessions": sessions}
     if main_host:
+        results["condense_seconds"] = outputs.logged_seconds(workdir)
         checkpoint.dump_json(os.path.join(workdir, "results.json"), results)
+        outputs.save_metrics_plot(workdir)
     print(f"[it {it}] final {config.eval_model} accuracy {result['mean']:.2f} +- "
           f"{result['std']:.2f} % over {config.num_eval} models; outputs in {workdir}")
     return results

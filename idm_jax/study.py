@@ -128,7 +128,9 @@ def aggregate(rows: dict[str, list[dict]]) -> list[dict]:
             "models": int(accuracies.size), "mean": float(accuracies.mean()),
             "std": float(accuracies.std()),
             "seed_means": [float(np.mean(r["accuracies"])) for r in results],
-            "wall_seconds": float(sum(r.get("condense_seconds_this_session", 0.0)
+            # condense_seconds sums every session of a resumed run (this-session for older runs)
+            "wall_seconds": float(sum(r.get("condense_seconds",
+                                            r.get("condense_seconds_this_session", 0.0))
                                       + r.get("eval_seconds", 0.0) for r in results)),
             "device": results[0].get("device", "?")})
     return table

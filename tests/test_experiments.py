@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from experiments import evaluate as evaluate_cli
-from idm_jax import checkpoint, cli, data
+from idm_jax import checkpoint, cli, data, export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A few iterations of a small network: what matters here is the plumbing, not accuracy.
@@ -45,7 +45,7 @@ def test_cifar10_end_to_end_under_tfds_mock_data(tmp_path):
     assert iterations == [0, 1, 2, 3]
     assert all(np.isfinite(r["loss"]) for r in lines if "event" not in r)
     assert lines[-1]["event"] == "eval"
-    exported = checkpoint.load_npz(os.path.join(workdir, "synthetic.npz"))
+    exported = export.load_npz(os.path.join(workdir, "synthetic.npz"))
     assert exported["images"].shape == (10, 32, 32, 3)
     assert exported["images"].min() >= 0 and exported["images"].max() <= 1
     np.testing.assert_array_equal(exported["labels"], np.arange(10))
@@ -94,7 +94,15 @@ def cli_command(workdir, data_dir, extra=()):
             "--iterations", "150", "--checkpoint_every", "1000"] + list(extra)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_rerun_resumes_to_the_same_result(tmp_path):
+def wait_for_lines(path, count, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= count:
+            return
+        time.sleep(0.2)
+
+
+def test_ctrl_c_and_kill_9_resume_to_the_same_result_with_each_iteration_logged_once(tmp_path):
     data_dir = str(tmp_path / "npy")
     write_npy_cifar(data_dir)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -102,12 +110,12 @@ def test_ctrl_c_saves_a_checkpoint_and_rerun_resumes_to_the_same_result(tmp_path
     proc = subprocess.Popen(cli_command(interrupted, data_dir), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = os.path.join(interrupted, "metrics.jsonl")
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
-            break
-        time.sleep(0.2)
+    wait_for_lines(metrics, 3, proc)
     assert proc.poll() is None, proc.communicate()[0]
+    # A second process on the same workdir is refused while the first one runs.
+    rival = subprocess.run(cli_command(interrupted, data_dir), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert rival.returncode == 2 and f"in use by PID {proc.pid}" in rival.stderr, rival.stderr
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, output
@@ -116,25 +124,42 @@ def test_ctrl_c_saves_a_checkpoint_and_rerun_resumes_to_the_same_result(tmp_path
     assert 3 <= stopped_at < 150
     assert not os.path.exists(os.path.join(interrupted, "results.json"))
 
+    # A result-changing setting is refused on resume, with the difference named.
+    changed = subprocess.run(cli_command(interrupted, data_dir, ["--lr_img", "0.5"]), cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2 and "lr_img: 0.2 -> 0.5" in changed.stderr, changed.stderr
+
+    # Resume, then kill -9 a few iterations later: those iterations run again on the next
+    # resume, and the log must not hold them twice.
+    killed = subprocess.Popen(cli_command(interrupted, data_dir), cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_lines(metrics, stopped_at + 3, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=60)
     resumed = subprocess.run(cli_command(interrupted, data_dir), cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming from iteration {stopped_at}" in resumed.stdout
+    steps = [json.loads(line)["iteration"] for line in open(metrics)
+             if "event" not in json.loads(line)]
+    assert steps == list(range(150))
 
     straight = str(tmp_path / "straight")
     done = subprocess.run(cli_command(straight, data_dir), cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    a = checkpoint.load_npz(os.path.join(interrupted, "synthetic.npz"))
-    b = checkpoint.load_npz(os.path.join(straight, "synthetic.npz"))
+    a = export.load_npz(os.path.join(interrupted, "synthetic.npz"))
+    b = export.load_npz(os.path.join(straight, "synthetic.npz"))
     np.testing.assert_array_equal(a["images_normalized"], b["images_normalized"])
     with open(os.path.join(interrupted, "results.json")) as f:
-        assert json.load(f)["resumed_from_iteration"] == stopped_at
+        results = json.load(f)
+    assert results["resumed_from_iteration"] == stopped_at
+    assert [s["from_iteration"] for s in results["sessions"]] == [0, stopped_at, stopped_at]
 
     # A different ipc in the same workdir is refused, not mixed.
     other = subprocess.run(cli_command(interrupted, data_dir, ["--ipc", "2"]), cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
-    assert other.returncode == 2 and "different run" in other.stderr
+    assert other.returncode == 2 and "ipc: 1 -> 2" in other.stderr, other.stderr
 
 
 def test_nan_loss_stops_with_the_iteration_and_the_last_good_checkpoint(tmp_path, capsys):
@@ -159,7 +184,7 @@ def test_nan_loss_stops_with_the_iteration_and_the_last_good_checkpoint(tmp_path
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     last_good = ckpt.latest_step()
     assert last_good is not None and last_good <= first_bad
-    assert f"last good checkpoint is iteration {last_good}" in err, err
+    assert f"newest intact checkpoint is iteration {last_good}" in err, err
     assert not os.path.exists(os.path.join(workdir, "results.json"))
 
 
@@ -190,8 +215,9 @@ def test_a_set_condensed_with_another_partition_is_evaluated_with_it(tmp_path, m
     real = real_lib.prepare_real(ds.train_images, ds.train_labels, ds.mean, ds.std)
     config = config_lib.Config(dataset="digits", ipc=1, partition="multiscale")
     images = np.zeros((10, 16, 16, 1), np.float32)
-    outputs.export_set(str(tmp_path), images, real, config, lambda x: np.clip(x, 0, 1))
-    exported = checkpoint.load_npz(os.path.join(tmp_path, "synthetic.npz"))
+    outputs.export_set(str(tmp_path), images, real, config, lambda x: np.clip(x, 0, 1),
+                       ds.class_names, 0)
+    exported = export.load_npz(os.path.join(tmp_path, "synthetic.npz"))
     assert str(exported["partition_scheme"]) == "multiscale"
     seen = {}
     original = evaluation.evaluate_synset

@@ -19,7 +19,7 @@ def pyproject():
 
 def test_console_entry_points_name_callables():
     scripts = pyproject()["project"]["scripts"]
-    assert set(scripts) == {"idm-condense", "idm-evaluate"}
+    assert set(scripts) == {"idm-condense", "idm-evaluate", "idm-report"}
     for target in scripts.values():
         module, _, name = target.partition(":")
         assert callable(getattr(importlib.import_module(module), name)), target

@@ -1,0 +1,97 @@
+"""Every bad input is one ``error:`` line naming the flag or file, exit 2, before any work.
+
+Each case runs the real command line in its own process (all at once, to share the start-up
+cost) and must exit 2 with the culprit named, print no traceback and leave no workdir behind.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_cifar(path, per_class=4, drop_class=None, empty=False):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), per_class)
+    if drop_class is not None:
+        labels = labels[labels != drop_class]
+    if empty:
+        labels = labels[:0]
+    images = rng.integers(0, 256, size=(len(labels), 32, 32, 3), dtype=np.uint8)
+    os.makedirs(path)
+    np.save(os.path.join(path, "train_x.npy"), images)
+    np.save(os.path.join(path, "train_y.npy"), labels)
+    test = rng.integers(0, 256, size=(10, 32, 32, 3), dtype=np.uint8)
+    np.save(os.path.join(path, "test_x.npy"), test)
+    np.save(os.path.join(path, "test_y.npy"), np.arange(10))
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    paths = {}
+    for name, kwargs in {"good": {}, "no_class_9": {"drop_class": 9},
+                         "empty": {"empty": True}}.items():
+        paths[name] = str(root / name)
+        write_cifar(paths[name], **kwargs)
+    for name, damage in {"truncated": "cut", "garbage": "junk"}.items():
+        paths[name] = str(root / name)
+        write_cifar(paths[name])
+        target = os.path.join(paths[name], "train_x.npy")
+        raw = open(target, "rb").read()
+        with open(target, "wb") as f:
+            f.write(raw[: len(raw) // 2] if damage == "cut" else b"\x00garbage" * 100)
+    paths["a_file"] = str(root / "a_file")
+    open(paths["a_file"], "w").close()
+    return paths
+
+
+# (name, command module, arguments, data set, words the message must hold)
+CASES = [
+    ("eval_model", "cifar10", ["--eval_model", "Foo"], "good", ["--eval_model", "Foo"]),
+    ("model", "cifar10", ["--model", "Foo"], "good", ["--model", "Foo"]),
+    ("batchnorm", "cifar10", ["--model", "ConvNetBN"], "good", ["--model", "BatchNorm"]),
+    ("factor", "digits", ["--partition_factor", "3"], None, ["--partition_factor 3", "16x16"]),
+    ("ratio", "digits", ["--partition", "nonuniform", "--partition_ratio", "0.01"], None,
+     ["--partition_ratio"]),
+    ("empty_class", "cifar10", ["--init", "noise"], "no_class_9", ["classes [9]"]),
+    ("empty_train", "cifar10", [], "empty", ["no training images"]),
+    ("too_few", "cifar10", ["--ipc", "5"], "good", ["--ipc 5", "only 4"]),
+    ("truncated", "cifar10", [], "truncated", ["train_x.npy", "not a readable"]),
+    ("garbage", "cifar10", [], "garbage", ["train_x.npy", "no .npy header"]),
+    ("other_dataset", "cifar10", ["--dataset", "cifar100"], "good", ["experiments.cifar100"]),
+    ("devices", "cifar10", ["--devices", "-1"], "good", ["--devices"]),
+    ("lr_inf", "cifar10", ["--lr_img", "inf"], "good", ["lr_img", "finite"]),
+    ("workdir_file", "cifar10", [], "good", ["--workdir", "is a file"]),
+]
+
+
+def test_bad_inputs_fail_before_any_work_with_one_error_line(datasets, tmp_path):
+    procs = {}
+    for name, module, args, dataset, _ in CASES:
+        workdir = datasets["a_file"] if name == "workdir_file" else str(tmp_path / name)
+        command = [sys.executable, "-m", f"experiments.{module}", "--quiet", "--workdir",
+                   workdir] + args
+        if module == "digits":
+            command += ["--ipcs", "1"]
+        else:
+            command += ["--smoke", "--ipc", "1", "--source", "npy", "--data_dir",
+                        datasets[dataset]] if "--ipc" not in args else [
+                "--smoke", "--source", "npy", "--data_dir", datasets[dataset]]
+        procs[name] = (subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True), workdir)
+    failures = []
+    for name, _, _, _, words in CASES:
+        proc, workdir = procs[name]
+        out, err = proc.communicate(timeout=300)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        ok = (proc.returncode == 2 and len(errors) == 1 and "Traceback" not in err
+              and all(w in errors[0] for w in words)
+              and (name == "workdir_file" or not os.path.exists(workdir)))
+        if not ok:
+            failures.append(f"{name}: exit {proc.returncode}, stderr: {err[-600:]!r}")
+    assert not failures, "\n".join(failures)
