@@ -88,8 +88,10 @@ class Config:
 
     # --- run mechanics (ours)
     compute_dtype: str = "float32"      # "bfloat16": mixed precision; images/optimisers stay f32
-    microbatch: int = -1                # images per network call chunk: -1 auto (16 on CPU, whole
-                                        # batch on accelerators), 0 whole batch; same values
+    microbatch: int = -1                # images per network call: -1 auto (16 on CPU; on
+                                        # accelerators whole batches, or what fits the memory
+                                        # budget: idm_jax.memory), 0 whole batch; same values
+    memory_budget_gb: float = -1.0      # accelerators: GiB for the run (-1: 90 % of the device)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = -1                 # fetch metrics from the device every N iterations:
@@ -213,7 +215,8 @@ def field_names() -> tuple[str, ...]:
 # float summation order, and a run moved to another kind of device needs it). Every other field
 # changes the condensed set, so a checkpoint made with another value is refused.
 RESUMABLE_FIELDS = ("iterations", "checkpoint_every", "keep_checkpoints", "log_every",
-                    "eval_every", "exports", "microbatch", "eval_model", "num_eval",
+                    "eval_every", "exports", "microbatch", "memory_budget_gb", "eval_model",
+                    "num_eval",
                     "epoch_eval_train", "batch_train")
 
 

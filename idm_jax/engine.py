@@ -16,6 +16,7 @@ with checkpoints and outputs is ``idm_jax.run``; ``condense`` here is the minima
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import flax.struct
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from idm_jax import backend, matching, models, partition
+from idm_jax import backend, matching, memory, models, partition
 from idm_jax import queue as queue_lib
 from idm_jax import real as real_lib
 from idm_jax import sharding, validate
@@ -76,14 +77,18 @@ class Engine(NamedTuple):
 
 def make_engine(config: Config, num_classes: int, image_shape, *,
                 policy: Optional[backend.Policy] = None,
-                objective: Optional[matching.Objective] = None) -> Engine:
+                objective: Optional[matching.Objective] = None,
+                max_per_class: Optional[int] = None) -> Engine:
     """Build the engine for ``num_classes`` classes of ``image_shape`` (H, W, C) images.
 
     ``policy`` defaults to ``backend.resolve(config.microbatch)``; ``objective`` to the config's
-    (``matching.make_objective``).
+    (``matching.make_objective``). With ``max_per_class`` (the largest class's image count) and
+    the automatic ``microbatch``, an accelerator run chunks its network calls to fit the device's
+    memory (``idm_jax.memory``) instead of always using whole batches.
     """
     validate.check_config(config, image_shape)    # architectures and partition geometry
     channels = image_shape[2]
+    automatic = policy is None and config.microbatch == -1
     policy = backend.resolve(config.microbatch) if policy is None else policy
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
     model = models.get_model(config.model, num_classes, in_channels=channels, dtype=dtype,
@@ -97,6 +102,12 @@ def make_engine(config: Config, num_classes: int, image_shape, *,
         embedding, logits = model.apply({"params": params}, images)
         return embedding.astype(jnp.float32), logits.astype(jnp.float32)
 
+    if automatic and policy.platform != "cpu" and max_per_class:
+        # Whole batches where they fit, else chunks sized to the device's memory.
+        params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+        budget = memory.plan(config, num_classes, image_shape, max_per_class, apply, params,
+                             memory.device_memory_bytes())
+        policy = dataclasses.replace(policy, chunk=budget.chunk, remat=budget.chunk > 0)
     optimizer = queue_lib.net_optimizer(config.lr_net, config.net_momentum,
                                         config.net_weight_decay)
     objective = matching.make_objective(config) if objective is None else objective
@@ -310,7 +321,8 @@ def condense(config: Config, train_images: np.ndarray, train_labels: np.ndarray,
     Returns (the condensed set, the final state).
     """
     real = prepare_real(train_images, train_labels, mean, std, num_classes, mesh=mesh)
-    engine = make_engine(config, real.num_classes, real.image_shape)
+    engine = make_engine(config, real.num_classes, real.image_shape,
+                         max_per_class=real.max_per_class)
     if state is None:
         state = init_state(engine, real, config.seed)
     metrics, done = None, int(state.iteration)

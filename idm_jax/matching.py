@@ -125,7 +125,8 @@ def _augment(engine: "Engine", key: jax.Array, images: jax.Array) -> jax.Array:
 def _embed(engine: "Engine", params, images: jax.Array, layout: ClassLayout):
     """(n, H, W, C) -> (embedding, logits), in chunks on one device (a mesh splits the batch)."""
     chunk = engine.policy.chunk if layout.mesh is None else 0
-    return microbatch.apply_in_chunks(lambda x: engine.apply(params, x), images, chunk)
+    return microbatch.apply_in_chunks(lambda x: engine.apply(params, x), images, chunk,
+                                      remat=engine.policy.remat)
 
 
 def real_features(engine: "Engine", params, real: real_lib.RealData, idx: jax.Array,

@@ -31,16 +31,22 @@ def chunk_size(batch: int, chunk: int) -> int:
     return max(d for d in range(1, chunk + 1) if batch % d == 0)
 
 
-def apply_in_chunks(fn: Callable[[jax.Array], Any], images: jax.Array, chunk: int) -> Any:
+def apply_in_chunks(fn: Callable[[jax.Array], Any], images: jax.Array, chunk: int,
+                    remat: bool = False) -> Any:
     """``fn(images)`` computed chunk by chunk along the leading axis with ``lax.map``.
 
     ``fn`` maps an (n, ...) batch to a pytree of (n, ...) arrays, each row depending only on its
-    own input row. Differentiable (the backward pass runs chunk by chunk too).
+    own input row. Differentiable (the backward pass runs chunk by chunk too). Under a gradient
+    the backward pass keeps every chunk's activations, unless ``remat``: then each chunk's
+    forward is recomputed in the backward pass (``jax.checkpoint``), so only one chunk's
+    activations are alive at a time (memory for compute: about one more forward pass).
     """
     batch = images.shape[0]
     size = chunk_size(batch, chunk)
     if size == batch:
         return fn(images)
+    if remat:
+        fn = jax.checkpoint(fn)
     out = jax.lax.map(fn, images.reshape((batch // size, size) + images.shape[1:]))
     return jax.tree.map(lambda y: y.reshape((batch,) + y.shape[2:]), out)
 

@@ -160,12 +160,17 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
 
 def _condense_and_evaluate(config, dataset, workdir, mesh, restart, quiet, main_host):
     real = place_real(dataset, mesh)
-    eng = engine.make_engine(config, real.num_classes, real.image_shape)
+    eng = engine.make_engine(config, real.num_classes, real.image_shape,
+                             max_per_class=real.max_per_class)
     if restart:       # only once everything that can fail before the first iteration passed
         moved = workdir_lib.set_aside(workdir) if main_host else None
         sharding.sync_hosts("idm_jax: previous run set aside")   # others wait for host 0
         if moved:
             print(f"restart: the previous run was moved to {moved}")
+    if eng.policy.platform != "cpu":
+        calls = (f"chunks of {eng.policy.chunk} images, to fit the memory budget"
+                 if eng.policy.chunk else "whole batches")
+        print(f"network calls on {eng.policy.platform}: {calls}")
     log_every = config.log_every if config.log_every > 0 else (
         1 if eng.policy.platform == "cpu" else 100)
     meta = checkpoint.data_meta(real)
