@@ -171,8 +171,8 @@ def build_mesh(args):
 
 def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
     """The run of parsed flags: checks, the mesh, the data, then ``condense_and_evaluate``."""
+    mesh = build_mesh(args)         # first: a multi-host run must initialise before any JAX call
     check_before_loading(config, args)
-    mesh = build_mesh(args)
     dataset = load_data(config, args) if dataset is None else dataset
     try:
         return run_lib.condense_and_evaluate(config, dataset, args.workdir, mesh=mesh,
