@@ -67,3 +67,20 @@ def test_bad_study_flags_are_one_error_line(extra, message, capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_finished_run_counts_across_versions_and_run_mechanics(tmp_path):
+    import dataclasses
+    import json
+
+    from idm_jax import study
+    from idm_jax.config import Config
+
+    config = Config(ipc=1, iterations=100)
+    saved = config.to_dict()
+    del saved["exports"]                                # written by an older version
+    saved["checkpoint_every"] = 7                       # run mechanics only
+    (tmp_path / "results.json").write_text(json.dumps({"config": saved, "mean": 1.0}))
+    assert study.finished(str(tmp_path), config)["mean"] == 1.0
+    assert study.finished(str(tmp_path), dataclasses.replace(config, lr_img=0.5)) is None
+    assert study.finished(str(tmp_path), dataclasses.replace(config, num_eval=2)) is None
