@@ -213,7 +213,7 @@ def _condense_and_evaluate(config, dataset, workdir, mesh, restart, quiet, main_
     condense_seconds = 0.0
     progress = outputs.progress_bar(config, start_it, quiet or not main_host)
     pending: list = []                 # (iterations done, device metrics) not yet fetched
-    window_start = time.perf_counter()
+    window_start = last_plot = time.perf_counter()
 
     def flush():
         """Fetch the pending metrics, log them and apply the NaN/Inf policy."""
@@ -262,8 +262,10 @@ def _condense_and_evaluate(config, dataset, workdir, mesh, restart, quiet, main_
                 stop = sharding.any_host(interrupt.requested)
                 if stop or save:
                     last_saved = checkpointer.save(state, config, meta)
-                    if main_host:        # a picture of the run so far, for long runs
+                    # A picture of the run so far, at most once a minute (for long runs).
+                    if main_host and time.perf_counter() - last_plot > 60:
                         outputs.save_metrics_plot(workdir)
+                        last_plot = time.perf_counter()
                 if stop:
                     raise Interrupted(it, checkpointer.directory)
                 if evaluate_now:

@@ -106,6 +106,10 @@ def test_ctrl_c_and_kill_9_resume_to_the_same_result_with_each_iteration_logged_
     data_dir = str(tmp_path / "npy")
     write_npy_cifar(data_dir)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The uninterrupted reference runs beside the interrupted sequence (it only has to finish).
+    straight = str(tmp_path / "straight")
+    reference = subprocess.Popen(cli_command(straight, data_dir), cwd=REPO, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     interrupted = str(tmp_path / "interrupted")
     proc = subprocess.Popen(cli_command(interrupted, data_dir), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -144,10 +148,8 @@ def test_ctrl_c_and_kill_9_resume_to_the_same_result_with_each_iteration_logged_
              if "event" not in json.loads(line)]
     assert steps == list(range(150))
 
-    straight = str(tmp_path / "straight")
-    done = subprocess.run(cli_command(straight, data_dir), cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    reference_output, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, reference_output
     a = export.load_npz(os.path.join(interrupted, "synthetic.npz"))
     b = export.load_npz(os.path.join(straight, "synthetic.npz"))
     np.testing.assert_array_equal(a["images_normalized"], b["images_normalized"])
@@ -155,11 +157,6 @@ def test_ctrl_c_and_kill_9_resume_to_the_same_result_with_each_iteration_logged_
         results = json.load(f)
     assert results["resumed_from_iteration"] == stopped_at
     assert [s["from_iteration"] for s in results["sessions"]] == [0, stopped_at, stopped_at]
-
-    # A different ipc in the same workdir is refused, not mixed.
-    other = subprocess.run(cli_command(interrupted, data_dir, ["--ipc", "2"]), cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert other.returncode == 2 and "ipc: 1 -> 2" in other.stderr, other.stderr
 
 
 def test_nan_loss_stops_with_the_iteration_and_the_last_good_checkpoint(tmp_path, capsys):
