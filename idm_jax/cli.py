@@ -129,14 +129,14 @@ def parse(argv: Optional[Sequence[str]], dataset: str, default_ipc: int,
 
 
 def load_data(config: Config, args) -> data.Dataset:
-    """The dataset of the run, checked against the config (``validate.check_data``)."""
+    """The dataset of the run, with enough images per class for the config
+    (``validate.check_data``)."""
     try:
         dataset = data.load_dataset(config.dataset, source=args.source, data_dir=args.data_dir,
                                     tfds_data_dir=args.tfds_data_dir,
                                     class_list=getattr(args, "class_list", None))
         where = args.data_dir or args.tfds_data_dir or args.source or "the default source"
-        validate.check_data(config, dataset.class_counts, dataset.image_shape,
-                            source=f"{config.dataset} from {where}")
+        validate.check_data(config, dataset.class_counts, source=f"{config.dataset} from {where}")
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     return dataset
@@ -150,10 +150,9 @@ def check_before_loading(config: Config, args) -> None:
     shape = spec.image_shape if spec is not None and config.dataset != "imagenet_subset" else None
     try:
         validate.check_config(config, shape)
+        validate.check_workdir(args.workdir)
     except validate.InvalidRun as err:
         raise UserError(str(err)) from None
-    if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
-        raise UserError(f"--workdir {args.workdir} is a file; give a folder")
 
 
 def build_mesh(args):

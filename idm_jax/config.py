@@ -209,15 +209,18 @@ def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Config))
 
 
-# Fields a run may be resumed with a different value of: the resumed run then ends exactly as an
-# uninterrupted run with the new value would (run mechanics, the iteration target, and the
-# evaluation protocol, which reads the set but never changes it; microbatch changes only the
-# float summation order, and a run moved to another kind of device needs it). Every other field
-# changes the condensed set, so a checkpoint made with another value is refused.
-RESUMABLE_FIELDS = ("iterations", "checkpoint_every", "keep_checkpoints", "log_every",
-                    "eval_every", "exports", "microbatch", "memory_budget_gb", "eval_model",
-                    "num_eval",
-                    "epoch_eval_train", "batch_train")
+# Run mechanics: how a run is carried out, never what it computes (microbatch changes only the
+# float summation order, and a run moved to another kind of device needs it). Two finished runs
+# that differ only in these are the same result.
+MECHANICS = ("checkpoint_every", "keep_checkpoints", "log_every", "exports", "microbatch",
+             "memory_budget_gb")
+
+# Fields a run may be resumed with a different value of: the mechanics, the iteration target and
+# the evaluation protocol (which reads the set but never changes it). The resumed run then ends
+# exactly as an uninterrupted run with the new value would. Every other field changes the
+# condensed set, so a checkpoint made with another value is refused.
+RESUMABLE_FIELDS = MECHANICS + ("iterations", "eval_every", "eval_model", "num_eval",
+                                "epoch_eval_train", "batch_train")
 
 
 def result_differences(saved: Mapping[str, Any], config: Config) -> list[str]:
@@ -387,5 +390,5 @@ def dm(config: Config) -> Config:
 
 
 __all__ = ["DISTANCES", "PARTITIONS", "MOMENTS", "Config", "PRESETS", "get_preset", "override",
-           "smoke", "without_components", "dm", "field_names", "RESUMABLE_FIELDS",
+           "smoke", "without_components", "dm", "field_names", "MECHANICS", "RESUMABLE_FIELDS",
            "result_differences"]

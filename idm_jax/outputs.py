@@ -123,6 +123,10 @@ def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
 def logged_seconds(workdir: str) -> float:
     """Condensation seconds over every session of the run (each iteration is logged once)."""
     steps, _ = read_metrics(workdir)
+    return _seconds(steps)
+
+
+def _seconds(steps: list[dict]) -> float:
     return float(sum(r.get("seconds", 0.0) for r in steps))
 
 
@@ -187,7 +191,7 @@ def summarize(workdir: str) -> dict:
         "running": workdir_lib.holder(workdir),
         "checkpoints": steps_in("checkpoints"), "damaged": steps_in("checkpoints-damaged"),
         "sessions": len(workdir_lib.read_sessions(workdir)),
-        "condense_seconds": float(sum(r.get("seconds", 0.0) for r in steps)),
+        "condense_seconds": _seconds(steps),
         "last_loss": steps[-1].get("loss") if steps else None,
         "evaluations": [(e["iteration"], e["mean"], e["std"]) for e in evals],
         "final": None if results is None else (results["mean"], results["std"])}

@@ -131,10 +131,13 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
         newest intact checkpoint).
       Interrupted: Ctrl-C; a checkpoint was saved.
     """
-    validate.check_data(config, dataset.class_counts, dataset.image_shape,
-                        source=f"dataset {dataset.name}")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise validate.InvalidRun(f"--workdir {workdir} is a file; give a folder")
+    validate.check_data(config, dataset.class_counts, source=f"dataset {dataset.name}")
+    validate.check_workdir(workdir)
+    real = place_real(dataset, mesh)
+    # make_engine checks the config against the images (validate.check_config) and sizes the
+    # network calls to memory; both can refuse the run, so both come before the folder exists.
+    eng = engine.make_engine(config, real.num_classes, real.image_shape,
+                             max_per_class=real.max_per_class)
     # With several hosts every host runs this function; only host 0 writes the shared outputs
     # (and holds the lock), and every host makes the same collective calls.
     main_host = jax.process_index() == 0
@@ -150,18 +153,16 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
             if sharding.any_host(busy is not None):    # every host stops, not only host 0
                 raise busy or workdir_lib.WorkdirBusy(f"--workdir {workdir} is in use (host 0 "
                                                       f"could not lock it)")
-            return _condense_and_evaluate(config, dataset, workdir, mesh, restart, quiet,
-                                          main_host)
+            return _condense_and_evaluate(config, dataset, real, eng, workdir, mesh, restart,
+                                          quiet, main_host)
     except BaseException:
         if created and main_host and os.path.isdir(workdir):
             workdir_lib.remove_if_unused(workdir)
         raise
 
 
-def _condense_and_evaluate(config, dataset, workdir, mesh, restart, quiet, main_host):
-    real = place_real(dataset, mesh)
-    eng = engine.make_engine(config, real.num_classes, real.image_shape,
-                             max_per_class=real.max_per_class)
+def _condense_and_evaluate(config, dataset, real, eng, workdir, mesh, restart, quiet,
+                           main_host):
     if restart:       # only once everything that can fail before the first iteration passed
         moved = workdir_lib.set_aside(workdir) if main_host else None
         sharding.sync_hosts("idm_jax: previous run set aside")   # others wait for host 0

@@ -85,14 +85,9 @@ def run_dir(workdir: str, variant: str, seed: int) -> str:
     return os.path.join(workdir, variant, f"seed{seed}")
 
 
-# Run mechanics: a finished run made with other values of these is the same result.
-MECHANICS = ("checkpoint_every", "keep_checkpoints", "log_every", "exports", "microbatch",
-             "memory_budget_gb")
-
-
 def finished(directory: str, config: Config) -> Optional[dict]:
-    """The results of a finished run with this config (up to ``MECHANICS``; a field the saved
-    config lacks, from an older version, counts as its default), else None."""
+    """The results of a finished run with this config (up to ``config_lib.MECHANICS``; a field
+    the saved config lacks, from an older version, counts as its default), else None."""
     path = os.path.join(directory, "results.json")
     if not os.path.exists(path):
         return None
@@ -100,7 +95,8 @@ def finished(directory: str, config: Config) -> Optional[dict]:
         results = json.load(f)
     saved, defaults = results.get("config", {}), Config()
     same = all(saved.get(name, getattr(defaults, name)) == value
-               for name, value in config.to_dict().items() if name not in MECHANICS)
+               for name, value in config.to_dict().items()
+               if name not in config_lib.MECHANICS)
     return results if same else None
 
 

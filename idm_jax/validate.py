@@ -3,13 +3,15 @@
 A condensation at the paper budget runs for hours; a setting that cannot work must fail before
 the first iteration (and, where it depends only on the config and the image shape, before a big
 dataset is loaded), not after it. ``check_config`` needs only the config and, optionally, the
-image shape; ``check_data`` adds what the loaded training set must hold. Both raise
-``InvalidRun`` with one sentence that starts with the flag (``--FIELD``) or the file at fault;
-``engine.make_engine`` calls ``check_config`` too, so library callers get the same messages.
+image shape; ``check_data`` checks what the loaded training set must hold for the config;
+``check_workdir`` the run folder. Each raises ``InvalidRun`` with one sentence that starts with
+the flag (``--FIELD``) or the file at fault. ``engine.make_engine`` calls ``check_config``, so
+library callers get the same messages.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -60,10 +62,11 @@ def check_config(config: Config, image_shape: Optional[Sequence[int]] = None) ->
                 raise InvalidRun(f"--partition_ratio: {err}") from None
 
 
-def check_data(config: Config, class_counts: Sequence[int], image_shape: Sequence[int],
+def check_data(config: Config, class_counts: Sequence[int],
                source: str = "the training set") -> None:
-    """Raise ``InvalidRun`` when the training set (``class_counts`` images per class, images of
-    ``image_shape``) cannot feed a run of ``config``; ``source`` names the data in the message.
+    """Raise ``InvalidRun`` when the training set (``class_counts`` images per class) cannot feed
+    a run of ``config``; ``source`` names the data in the message. The image shape is checked
+    against the config by ``check_config``.
     """
     counts = np.asarray(class_counts)
     _need(counts.size > 0 and counts.sum() > 0, f"{source} holds no training images")
@@ -76,7 +79,12 @@ def check_data(config: Config, class_counts: Sequence[int], image_shape: Sequenc
         _need(counts[low] >= config.ipc,
               f"--ipc {config.ipc} with --init {config.init}: class {low} of {source} has only "
               f"{int(counts[low])} training images; lower --ipc or use --init noise")
-    check_config(config, image_shape)
+
+
+def check_workdir(workdir: str) -> None:
+    """Raise ``InvalidRun`` when ``workdir`` cannot be a run folder (it is an existing file)."""
+    _need(not os.path.exists(workdir) or os.path.isdir(workdir),
+          f"--workdir {workdir} is a file; give a folder")
 
 
 def check_devices(requested: int, available: int, hosts: int = 1) -> int:
@@ -90,4 +98,4 @@ def check_devices(requested: int, available: int, hosts: int = 1) -> int:
     return count
 
 
-__all__ = ["InvalidRun", "check_config", "check_data", "check_devices"]
+__all__ = ["InvalidRun", "check_config", "check_data", "check_workdir", "check_devices"]
