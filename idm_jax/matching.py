@@ -122,11 +122,26 @@ def _augment(engine: "Engine", key: jax.Array, images: jax.Array) -> jax.Array:
                        loop_over_keys=engine.policy.cpu_kernels)
 
 
+def _per_class_views(views_of, keys: jax.Array, images: jax.Array,
+                     layout: ClassLayout) -> jax.Array:
+    """``views_of(key, images)`` for every class (keys (K_padded, 2), images (K_padded, ...)),
+    each device over its own classes: the CPU's DSA loop over keys would otherwise gather every
+    class's images onto every device."""
+    def block(_, part):
+        return jax.vmap(views_of)(*part)
+    return layout.per_device(block)(None, (keys, images))
+
+
 def _embed(engine: "Engine", params, images: jax.Array, layout: ClassLayout):
-    """(n, H, W, C) -> (embedding, logits), in chunks on one device (a mesh splits the batch)."""
-    chunk = engine.policy.chunk if layout.mesh is None else 0
-    return microbatch.apply_in_chunks(lambda x: engine.apply(params, x), images, chunk,
-                                      remat=engine.policy.remat)
+    """(n, H, W, C) -> (embedding, logits), in chunks of the policy's size on each device.
+
+    Chunks are cut from each device's own block of the batch: a lax.map over the global batch
+    would gather it onto every device, and whole batches would not fit (K = 1000 classes).
+    """
+    def embed(p, x):
+        return microbatch.apply_in_chunks(lambda y: engine.apply(p, y), x, engine.policy.chunk,
+                                          remat=engine.policy.remat)
+    return layout.per_device(embed)(params, images)
 
 
 def real_features(engine: "Engine", params, real: real_lib.RealData, idx: jax.Array,
@@ -137,7 +152,8 @@ def real_features(engine: "Engine", params, real: real_lib.RealData, idx: jax.Ar
     """
     images = layout.constrain(real_lib.gather_class_batches(real, idx,
                                                             engine.config.normalize_train))
-    views = layout.constrain(jax.vmap(functools.partial(_augment, engine))(dsa_keys, images))
+    views = layout.constrain(_per_class_views(functools.partial(_augment, engine), dsa_keys,
+                                              images, layout))
     features, _ = _embed(engine, params, views.reshape((-1,) + real.image_shape), layout)
     return layout.constrain(jax.lax.stop_gradient(features.reshape(idx.shape + (-1,))))
 
@@ -157,7 +173,8 @@ def synthetic_outputs(engine: "Engine", params, syn: jax.Array, dsa_keys: jax.Ar
                                       config.partition_ratio)
         return _augment(engine, key, images)
 
-    views = layout.constrain(jax.vmap(expand_and_augment)(syn, dsa_keys))
+    views = layout.constrain(_per_class_views(
+        lambda key, images: expand_and_augment(images, key), dsa_keys, syn, layout))
     num_classes, per_class = views.shape[:2]
     embedding, logits = _embed(engine, params, views.reshape((-1,) + views.shape[2:]), layout)
     return (layout.constrain(embedding.reshape(num_classes, per_class, -1)),

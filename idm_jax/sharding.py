@@ -204,6 +204,12 @@ class ClassLayout:
         """Ask for the leading axis (classes, or a batch) split over the mesh."""
         return constrain(x, self.mesh)
 
+    def per_device(self, fn):
+        """``fn(params, batch)`` run on each device's block of ``batch`` (``data_parallel``), so
+        a chunked network call chunks its own device's images instead of the global batch.
+        The batch is whole classes (padded): its leading axis is a multiple of the mesh size."""
+        return data_parallel(fn, self.mesh)
+
 
 # --------------------------------------------------------------------------- several hosts
 def initialize_distributed(coordinator_address: Optional[str] = None,

@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One worker script; argv: mode, output folder. Tiny shapes and a cheap model and DSA keep the
 # compile short; opt level 0 halves XLA's CPU compile time (same flags for every process).
 WORKER = r'''
-import json, os, socket, sys, time
+import json, os, re, socket, sys, time
 start = time.perf_counter()
 mode, out = sys.argv[1], sys.argv[2]
 from idm_jax import sharding
@@ -82,6 +82,8 @@ elif mode == "four":  # K=4 on 4 devices; checkpoint at iteration 2
     real = real_lib.prepare_real(images, labels, MEAN, STD, mesh=mesh)
     state = engine_lib.shard_state(engine_lib.init_state(engine, real, config.seed), mesh)
     step = engine_lib.make_step(engine, real, mesh=mesh)
+    hlo = step.lower(state, real).compile().as_text()
+    facts["gathered"] = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", hlo)
     first, _ = step(state, real)
     facts["donated"] = bool(state.images.is_deleted())
     ckpt = checkpoint.Checkpointer(CKPT)
@@ -248,6 +250,15 @@ def test_arrays_are_split_over_the_mesh(results):
     assert two["images3"] == [["data"], 2, [[3, 8, 8, 3]] * 2]
     assert four["images3"] == [[], 4, [[6, 8, 8, 3]] * 4]   # 4 does not divide 6 rows
     assert four["donated"], "the sharded step must donate its input state"
+
+
+def test_no_image_batch_is_gathered_across_devices(results):
+    # Every device augments and embeds its own classes' images; an all-gather of an image-shaped
+    # tensor (..., 8, 8, 3) would put every class's batch on every device (K = 1000 would not
+    # fit). Small index and score arrays may be gathered.
+    gathered = [[int(d) for d in shape.split(",") if d] for shape in
+                results.facts("four")["gathered"]]
+    assert all(shape[-3:] != [8, 8, 3] for shape in gathered), gathered
 
 
 def test_padded_class_count(results):
