@@ -6,8 +6,9 @@ class axis over that many devices (simulated on a CPU host with
 ``--xla_force_host_platform_device_count``), compiles the step and times ``--iters`` iterations.
 Each record holds the compile time, the fastest iteration, the process's peak RSS (or the
 device's peak memory on an accelerator), and where the memory goes by the model of
-``idm_jax.memory``: the real images stored per class, one iteration's real-batch and synthetic
-activations, the queue.
+``idm_jax.memory``: the real images stored per class, one iteration's real batch (float copies
+and embeddings), the activations the synthetic backward pass keeps, the queue; and whether the
+run recomputes those activations (``memory.cpu_needs_remat``).
 
     python -m benchmarks.many_classes --classes 10,100,1000 --ipcs 1,10 --devices 1,2,4 \
         --json many_classes.jsonl
@@ -43,7 +44,7 @@ images = rng.integers(0, 256, (labels.size, 32, 32, 3), dtype=np.uint8)
 mesh = sharding.make_mesh(devices) if devices > 1 else None
 real = real_lib.prepare_real(images, labels, [0.5] * 3, [0.25] * 3, k, mesh=mesh)
 del images
-engine = engine_lib.make_engine(config, k, real.image_shape)
+engine = engine_lib.make_engine(config, k, real.image_shape, max_per_class=real.max_per_class)
 state = engine_lib.init_state(engine, real, 0)
 if mesh is not None:
     state = engine_lib.shard_state(state, mesh)
@@ -60,7 +61,11 @@ for _ in range(args["iters"]):
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
 params = jax.eval_shape(engine.init_params, jax.random.PRNGKey(0))
-per_image = memory.activation_bytes_per_image(engine.apply, params, real.image_shape)
+kept = memory.residual_bytes_per_image(engine.apply, params, real.image_shape)
+# The real batch: its gathered and augmented float32 copies, and its embeddings.
+batch, pixels = min(config.batch_real, real.max_per_class), 32 * 32 * 3
+one = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
+dim = jax.eval_shape(engine.apply, params, one)[0].shape[-1]
 stats = jax.devices()[0].memory_stats() or {}
 print(json.dumps({
     "classes": k, "ipc": ipc, "devices": devices, "batch_real": config.batch_real,
@@ -68,8 +73,9 @@ print(json.dumps({
     "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
     "peak_device_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30,
     "real_stored_gib": k * real.max_per_class * 32 * 32 * 3 / 2 ** 30,
-    "real_batch_activations_gib": k * config.batch_real * per_image / 2 ** 30,
-    "synthetic_activations_gib": k * ipc * config.pieces * per_image / 2 ** 30,
+    "real_batch_gib": k * batch * (2 * pixels + dim) * 4 / 2 ** 30,
+    "synthetic_kept_gib": k * ipc * config.pieces * kept / 2 ** 30,
+    "remat": engine.policy.remat, "chunk": engine.policy.chunk,
     "queue_gib": config.net_num * 2 * memory.tree_bytes(params) / 2 ** 30}))
 """
 
@@ -102,13 +108,13 @@ def row(r: dict) -> str:
         return f"| {r['classes']} | {r['ipc']} | {r['devices']} | failed: {r['error']} |"
     return (f"| {r['classes']} | {r['ipc']} | {r['devices']} | {r['iteration_s']:.2f} | "
             f"{r['compile_s']:.1f} | {r['peak_rss_gib']:.2f} | {r['real_stored_gib']:.2f} | "
-            f"{r['real_batch_activations_gib']:.2f} | {r['synthetic_activations_gib']:.2f} | "
-            f"{r['queue_gib']:.2f} |")
+            f"{r['real_batch_gib']:.2f} | {r['synthetic_kept_gib']:.2f} | "
+            f"{r['queue_gib']:.2f} | {'yes' if r['remat'] else 'no'} |")
 
 
 HEADER = ("| K | IPC | devices | iteration s | compile s | peak RSS GiB | real stored GiB | "
-          "real-batch activations GiB | synthetic activations GiB | queue GiB |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+          "real batch GiB | synthetic kept GiB | queue GiB | remat |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:

@@ -7,8 +7,9 @@ Every choice here changes speed, never values (each is tested against its altern
   (``idm_jax.microbatch``); accelerators want whole batches to stay busy.
 - ``cpu_kernels``: the rewrites of ``idm_jax.ops`` (convolution gradients as matrix products,
   vmap over stacked kernels as a loop, DSA vmapped over keys as a loop). They win on CPU only.
-- ``remat``: when the chunk was chosen to fit the device's memory (``idm_jax.memory``), chunked
-  calls under an outer gradient recompute their activations in the backward pass.
+- ``remat``: when the chunk was chosen to fit the device's memory, or on CPU when keeping every
+  chunk's activations would not fit the host's (``idm_jax.memory``), chunked calls under an
+  outer gradient recompute their activations in the backward pass.
 - ``vmap_models``: several models trained at once (the two queue trainees, the evaluation
   models) as one vmapped program (accelerators) or one after another (CPU, where one model
   already fills the cores and vmapping turns skipped padding chunks into computed ones).
@@ -38,7 +39,7 @@ class Policy:
     chunk: int             # images per network call; 0: whole batches
     cpu_kernels: bool      # use the CPU rewrites of idm_jax.ops
     vmap_models: bool      # train several models as one vmapped axis
-    remat: bool = False    # chunks were chosen for memory: recompute their activations in the
+    remat: bool = False    # memory is short: chunks recompute their activations in the
                            # backward pass instead of keeping every chunk's (idm_jax.memory)
 
 

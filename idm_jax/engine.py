@@ -84,7 +84,8 @@ def make_engine(config: Config, num_classes: int, image_shape, *,
     ``policy`` defaults to ``backend.resolve(config.microbatch)``; ``objective`` to the config's
     (``matching.make_objective``). With ``max_per_class`` (the largest class's image count) and
     the automatic ``microbatch``, an accelerator run chunks its network calls to fit the device's
-    memory (``idm_jax.memory``) instead of always using whole batches.
+    memory (``idm_jax.memory``) instead of always using whole batches, and a CPU run whose kept
+    activations would not fit the host's memory recomputes them (``memory.cpu_needs_remat``).
     """
     validate.check_config(config, image_shape)    # architectures and partition geometry
     channels = image_shape[2]
@@ -102,12 +103,16 @@ def make_engine(config: Config, num_classes: int, image_shape, *,
         embedding, logits = model.apply({"params": params}, images)
         return embedding.astype(jnp.float32), logits.astype(jnp.float32)
 
-    if automatic and policy.platform != "cpu" and max_per_class:
-        # Whole batches where they fit, else chunks sized to the device's memory.
+    if automatic and max_per_class:
         params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
-        budget = memory.plan(config, num_classes, image_shape, max_per_class, apply, params,
-                             memory.device_memory_bytes())
-        policy = dataclasses.replace(policy, chunk=budget.chunk, remat=budget.chunk > 0)
+        if policy.platform == "cpu":    # cache-sized chunks; remat only when memory is short
+            remat = memory.cpu_needs_remat(config, num_classes, image_shape, max_per_class,
+                                           apply, params, memory.host_memory_bytes())
+            policy = dataclasses.replace(policy, remat=remat)
+        else:             # whole batches where they fit, else chunks sized to the memory
+            budget = memory.plan(config, num_classes, image_shape, max_per_class, apply,
+                                 params, memory.device_memory_bytes())
+            policy = dataclasses.replace(policy, chunk=budget.chunk, remat=budget.chunk > 0)
     optimizer = queue_lib.net_optimizer(config.lr_net, config.net_momentum,
                                         config.net_weight_decay)
     objective = matching.make_objective(config) if objective is None else objective

@@ -1,4 +1,4 @@
-"""How many images fit in one network call on an accelerator: the memory-aware chunk.
+"""How many images fit in one network call: the memory-aware chunk, and remat on CPU.
 
 Whole batches keep an accelerator busy, but the paper's biggest batches do not fit: at
 ``cifar10-ipc1`` the real batch is 10 x 5000 images in one forward (about 26 GB for the first
@@ -16,11 +16,18 @@ Chunked calls give the same values as whole batches up to float summation order
 (``idm_jax.microbatch``). Under an outer gradient (the synthetic images) a chunked call is
 rematerialised (``jax.checkpoint``), so its backward pass holds one chunk's activations at a time,
 not all of them.
+
+On CPU the chunk stays cache-sized (``backend.CPU_CHUNK``), but the synthetic gradient keeps
+every chunk's activations for the backward pass: K x ipc x pieces images, which at K = 1000
+classes is far beyond a host's memory. ``cpu_needs_remat`` turns on the rematerialisation when
+those, the resident state and the real batch's float copies would not fit ``memory_budget_gb``
+(or 90 % of the host's memory); values do not change, the synthetic forward runs twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -41,6 +48,22 @@ def device_memory_bytes(device=None) -> Optional[int]:
     except Exception:          # some backends do not implement it
         return None
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def host_memory_bytes() -> Optional[int]:
+    """This host's physical memory, or the cgroup's limit when that is lower; None if unknown."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(int(limit), total) if total else int(limit)
+    except OSError:
+        pass
+    return total
 
 
 def _inner_jaxprs(params: dict) -> list:
@@ -72,6 +95,16 @@ def activation_bytes_per_image(apply: Callable, params: Any, image_shape) -> int
     """Bytes of all intermediate values of ``apply(params, one image)``: (1, H, W, C) in."""
     x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), np.float32)
     return _jaxpr_bytes(jax.make_jaxpr(apply)(params, x).jaxpr)
+
+
+def residual_bytes_per_image(apply: Callable, params: Any, image_shape) -> int:
+    """Bytes the backward pass of ``apply`` (gradient w.r.t. the images) keeps per image: its
+    residuals for a batch of 2 minus those for 1, from the traced ``jax.vjp`` (nothing runs)."""
+    def residuals(n):
+        x = jax.ShapeDtypeStruct((n,) + tuple(image_shape), np.float32)
+        vjp_fn = jax.eval_shape(lambda p, y: jax.vjp(lambda z: apply(p, z), y)[1], params, x)
+        return tree_bytes(vjp_fn)
+    return residuals(2) - residuals(1)
 
 
 def tree_bytes(tree) -> int:
@@ -138,10 +171,35 @@ def plan(config: Config, num_classes: int, image_shape, max_per_class: int, appl
     budget = max(total - resident, 0)
     if budget < per_image:
         raise validate.InvalidRun(
-            f"--memory_budget_gb: the run needs {resident / 2 ** 30:.1f} GiB resident and {per_image / 2 ** 20:.1f} "
-            f"MiB per image in flight, more than the {total / 2 ** 30:.1f} GiB budget; set "
-            f"--memory_budget_gb higher, or use a device with more memory")
+            f"--memory_budget_gb: the run needs {resident / 2 ** 30:.1f} GiB resident and "
+            f"{per_image / 2 ** 20:.1f} MiB per image in flight, more than the "
+            f"{total / 2 ** 30:.1f} GiB budget; set --memory_budget_gb higher, or use a device "
+            f"with more memory")
     return MemoryPlan(budget, resident, per_image, batch, choose_chunk(batch, per_image, budget))
+
+
+def cpu_needs_remat(config: Config, num_classes: int, image_shape, max_per_class: int,
+                    apply: Callable, params: Any, host_bytes: Optional[int]) -> bool:
+    """Whether a CPU run must recompute its synthetic chunks' activations in the backward pass.
+
+    True when the kept residuals (every class's expanded views, ``residual_bytes_per_image``
+    each), the resident state and the real batch (its gathered and augmented float32 copies)
+    exceed ``config.memory_budget_gb`` or ``DEVICE_FRACTION`` of ``host_bytes``; False when the
+    budget is unknown.
+    """
+    if config.memory_budget_gb > 0:
+        total = int(config.memory_budget_gb * 2 ** 30)
+    elif host_bytes is not None:
+        total = int(DEVICE_FRACTION * host_bytes)
+    else:
+        return False
+    per_image = residual_bytes_per_image(apply, params, image_shape)
+    resident = resident_bytes(config, num_classes, image_shape, max_per_class,
+                              tree_bytes(params))
+    real_batch = 2 * num_classes * min(config.batch_real, max_per_class) * int(
+        np.prod(image_shape)) * 4
+    kept = num_classes * config.ipc * config.pieces * per_image
+    return resident + real_batch + kept > total
 
 
 def describe(p: MemoryPlan) -> str:
@@ -151,5 +209,6 @@ def describe(p: MemoryPlan) -> str:
             f"{p.budget / 2 ** 30:.1f} GiB; planned peak {p.peak / 2 ** 30:.1f} GiB)")
 
 
-__all__ = ["DEVICE_FRACTION", "device_memory_bytes", "activation_bytes_per_image", "tree_bytes",
+__all__ = ["DEVICE_FRACTION", "device_memory_bytes", "host_memory_bytes", "cpu_needs_remat",
+           "residual_bytes_per_image", "activation_bytes_per_image", "tree_bytes",
            "MemoryPlan", "choose_chunk", "largest_batch", "resident_bytes", "plan", "describe"]

@@ -109,3 +109,61 @@ def test_an_accelerator_engine_chunks_to_its_budget_with_the_whole_batch_result(
     chunked, chunked_images = run(dataclasses.replace(config, memory_budget_gb=budget_gb))
     assert chunked.policy.chunk == 6 and chunked.policy.remat
     np.testing.assert_allclose(chunked_images, whole_images, rtol=1e-4, atol=2e-4)
+
+
+# ------------------------------------------------------------------ CPU: remat when memory is short
+def test_residual_bytes_count_what_the_backward_pass_keeps_per_image():
+    w = jnp.ones((48, 5))
+
+    def linear(p, x):            # the input gradient needs only the weights: nothing per image
+        return x.reshape(x.shape[0], -1) @ p
+    assert memory.residual_bytes_per_image(linear, w, (4, 4, 3)) == 0
+
+    def waved(p, x):             # and sin's derivative cos(x @ w) at the 5 outputs per image
+        return jnp.sin(x.reshape(x.shape[0], -1) @ p)
+    assert memory.residual_bytes_per_image(waved, w, (4, 4, 3)) == 5 * 4
+
+
+def cifar_rule(num_classes, ipc, host_bytes=24 * 2 ** 30, **overrides):
+    config = dataclasses.replace(config_lib.get_preset("cifar10-ipc10"), ipc=ipc, **overrides)
+    model = models.get_model(config.model, num_classes, cpu_kernels=True)
+    params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)))["params"],
+                            jax.random.PRNGKey(0))
+    apply = lambda p, x: model.apply({"params": p}, x)
+    return memory.cpu_needs_remat(config, num_classes, (32, 32, 3), 5000, apply, params,
+                                  host_bytes)
+
+
+def test_cpu_remat_only_where_the_kept_activations_do_not_fit():
+    # The paper's CIFAR-10 settings keep every activation on a 24 GiB host (the faithful path
+    # is untouched); 1000 classes at IPC 10 keep 40,000 views' worth and must recompute.
+    for ipc in (1, 10, 50):
+        assert not cifar_rule(10, ipc)
+    assert cifar_rule(1000, 10)
+    assert not cifar_rule(1000, 10, host_bytes=None)             # unknown budget: as before
+    assert cifar_rule(10, 10, memory_budget_gb=0.5)              # the flag overrides the host
+    assert not cifar_rule(1000, 10, memory_budget_gb=10_000.0)
+
+
+def test_host_memory_is_found():
+    assert memory.host_memory_bytes() > 2 ** 30
+
+
+def test_a_cpu_engine_short_of_memory_recomputes_with_the_same_result(monkeypatch):
+    images, labels = tiny_data()
+    real = real_lib.prepare_real(images, labels, MEAN, STD)
+    config = tiny_config(iterations=1, model_train_steps=1, fetch_net_num=1)
+
+    def run(host_bytes):
+        monkeypatch.setattr(memory, "host_memory_bytes", lambda: host_bytes)
+        engine = engine_lib.make_engine(config, real.num_classes, real.image_shape,
+                                        max_per_class=real.max_per_class)
+        state = engine_lib.init_state(engine, real, 0)
+        state, _ = engine_lib.make_step(engine, real)(state, real)
+        return engine, state.images
+
+    kept, kept_images = run(10 ** 12)
+    recomputed, recomputed_images = run(10 ** 3)
+    assert kept.policy.platform == "cpu" and not kept.policy.remat
+    assert recomputed.policy.remat and recomputed.policy.chunk == kept.policy.chunk
+    np.testing.assert_allclose(recomputed_images, kept_images, rtol=1e-5, atol=1e-5)
