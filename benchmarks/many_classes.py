@@ -63,9 +63,10 @@ for _ in range(args["iters"]):
 params = jax.eval_shape(engine.init_params, jax.random.PRNGKey(0))
 kept = memory.residual_bytes_per_image(engine.apply, params, real.image_shape)
 # The real batch: its gathered and augmented float32 copies, and its embeddings.
-batch, pixels = min(config.batch_real, real.max_per_class), 32 * 32 * 3
 one = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
 dim = jax.eval_shape(engine.apply, params, one)[0].shape[-1]
+real_batch = memory.real_batch_bytes(config, k, real.image_shape, real.max_per_class) + (
+    k * min(config.batch_real, real.max_per_class) * dim * 4)
 stats = jax.devices()[0].memory_stats() or {}
 print(json.dumps({
     "classes": k, "ipc": ipc, "devices": devices, "batch_real": config.batch_real,
@@ -73,7 +74,7 @@ print(json.dumps({
     "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
     "peak_device_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30,
     "real_stored_gib": k * real.max_per_class * 32 * 32 * 3 / 2 ** 30,
-    "real_batch_gib": k * batch * (2 * pixels + dim) * 4 / 2 ** 30,
+    "real_batch_gib": real_batch / 2 ** 30,
     "synthetic_kept_gib": k * ipc * config.pieces * kept / 2 ** 30,
     "remat": engine.policy.remat, "chunk": engine.policy.chunk,
     "queue_gib": config.net_num * 2 * memory.tree_bytes(params) / 2 ** 30}))

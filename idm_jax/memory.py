@@ -154,6 +154,20 @@ def resident_bytes(config: Config, num_classes: int, image_shape, max_per_class:
     return real + queue + synthetic
 
 
+def budget_bytes(config: Config, device_bytes: Optional[int]) -> Optional[int]:
+    """The bytes a run may use: ``config.memory_budget_gb`` when set, else ``DEVICE_FRACTION`` of
+    ``device_bytes`` (a device's limit or a host's memory); None when neither is known."""
+    if config.memory_budget_gb > 0:
+        return int(config.memory_budget_gb * 2 ** 30)
+    return None if device_bytes is None else int(DEVICE_FRACTION * device_bytes)
+
+
+def real_batch_bytes(config: Config, num_classes: int, image_shape, max_per_class: int) -> int:
+    """One iteration's real batch as float32: every class's gathered and augmented copies."""
+    batch = min(config.batch_real, max_per_class)
+    return 2 * num_classes * batch * int(np.prod(image_shape)) * 4
+
+
 def plan(config: Config, num_classes: int, image_shape, max_per_class: int, apply: Callable,
          params: Any, device_bytes: Optional[int]) -> MemoryPlan:
     """The chunk for a run of ``config`` on a device of ``device_bytes`` (None: unknown, whole
@@ -162,11 +176,8 @@ def plan(config: Config, num_classes: int, image_shape, max_per_class: int, appl
     resident = resident_bytes(config, num_classes, image_shape, max_per_class,
                               tree_bytes(params))
     batch = largest_batch(config, num_classes)
-    if config.memory_budget_gb > 0:
-        total = int(config.memory_budget_gb * 2 ** 30)
-    elif device_bytes is not None:
-        total = int(DEVICE_FRACTION * device_bytes)
-    else:
+    total = budget_bytes(config, device_bytes)
+    if total is None:
         return MemoryPlan(0, resident, per_image, batch, 0)
     budget = max(total - resident, 0)
     if budget < per_image:
@@ -187,18 +198,14 @@ def cpu_needs_remat(config: Config, num_classes: int, image_shape, max_per_class
     exceed ``config.memory_budget_gb`` or ``DEVICE_FRACTION`` of ``host_bytes``; False when the
     budget is unknown.
     """
-    if config.memory_budget_gb > 0:
-        total = int(config.memory_budget_gb * 2 ** 30)
-    elif host_bytes is not None:
-        total = int(DEVICE_FRACTION * host_bytes)
-    else:
+    total = budget_bytes(config, host_bytes)
+    if total is None:
         return False
-    per_image = residual_bytes_per_image(apply, params, image_shape)
     resident = resident_bytes(config, num_classes, image_shape, max_per_class,
                               tree_bytes(params))
-    real_batch = 2 * num_classes * min(config.batch_real, max_per_class) * int(
-        np.prod(image_shape)) * 4
-    kept = num_classes * config.ipc * config.pieces * per_image
+    real_batch = real_batch_bytes(config, num_classes, image_shape, max_per_class)
+    kept = num_classes * config.ipc * config.pieces * residual_bytes_per_image(
+        apply, params, image_shape)
     return resident + real_batch + kept > total
 
 
@@ -210,5 +217,6 @@ def describe(p: MemoryPlan) -> str:
 
 
 __all__ = ["DEVICE_FRACTION", "device_memory_bytes", "host_memory_bytes", "cpu_needs_remat",
-           "residual_bytes_per_image", "activation_bytes_per_image", "tree_bytes",
+           "residual_bytes_per_image", "activation_bytes_per_image", "tree_bytes", "budget_bytes",
+           "real_batch_bytes",
            "MemoryPlan", "choose_chunk", "largest_batch", "resident_bytes", "plan", "describe"]
