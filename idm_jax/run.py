@@ -172,6 +172,9 @@ def _condense_and_evaluate(config, dataset, real, eng, workdir, mesh, restart, q
         calls = (f"chunks of {eng.policy.chunk} images, to fit the memory budget"
                  if eng.policy.chunk else "whole batches")
         print(f"network calls on {eng.policy.platform}: {calls}")
+    elif eng.policy.remat:
+        print("memory: the synthetic activations would not fit this host, so the backward pass "
+              "recomputes them (same values, slower; --memory_budget_gb sets the budget)")
     log_every = config.log_every if config.log_every > 0 else (
         1 if eng.policy.platform == "cpu" else 100)
     meta = checkpoint.data_meta(real)

@@ -185,6 +185,15 @@ def test_nan_loss_stops_with_the_iteration_and_the_last_good_checkpoint(tmp_path
     assert not os.path.exists(os.path.join(workdir, "results.json"))
 
 
+def test_a_cpu_run_short_of_memory_says_it_recomputes(tmp_path, capsys):
+    data_dir = str(tmp_path / "npy")
+    write_npy_cifar(data_dir)
+    argv = ["--ipc", "1", "--source", "npy", "--data_dir", data_dir, "--workdir",
+            str(tmp_path / "run")] + TINY + ["--iterations", "1", "--memory_budget_gb", "0.001"]
+    cli.main("cifar10", argv=argv)
+    assert "backward pass recomputes them" in capsys.readouterr().out
+
+
 def test_dataset_npy_directory_loads_for_the_cli(tmp_path):
     data_dir = str(tmp_path / "npy")
     write_npy_cifar(data_dir)
