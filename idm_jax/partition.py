@@ -1,12 +1,17 @@
 """Partition-and-expand, IDM's way of getting several training images out of one stored image.
 
-A stored synthetic image is cut into a ``factor x factor`` grid of equal pieces and every piece is
+A stored synthetic image is cut into a ``factor x factor`` grid of pieces and every piece is
 resized back to the full image size with bilinear interpolation at half-pixel centres (PyTorch's
 ``align_corners=False``). With the default ``factor=2`` one stored image yields four training
 images, in matching and in evaluation (docs/FAITHFULNESS.md, "partition-and-expand").
 
 ``mosaic`` is the inverse used to initialise the synthetic set: it tiles ``factor**2`` real images,
 each downscaled by an average pool, into one image (docs/FAITHFULNESS.md, "init").
+
+When ``factor`` does not divide a side (3 on 32 pixels) the pieces differ by one pixel: the cuts
+are the equal split rounded to whole pixels (``grid_cuts``: 11, 10, 11), the mosaic downscales
+each real image into its piece by area averaging, and nothing of the image is dropped. On
+divisible sizes both reduce to the equal-piece code, bit for bit.
 
 Piece order is column-major over the grid, as the official code: for ``factor=2`` the pieces are
 top-left, bottom-left, top-right, bottom-right. Outputs are piece-major (all images' piece 0, then
@@ -18,13 +23,49 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def _check_divisible(height: int, width: int, factor: int) -> None:
+def _check_factor(height: int, width: int, factor: int) -> None:
     if factor < 1:
         raise ValueError(f"partition factor must be >= 1, got {factor}")
-    if height % factor or width % factor:
+    if factor > min(height, width):
         raise ValueError(
-            f"image size {height}x{width} is not divisible by the partition factor {factor}; "
-            f"crop or pad the images to a multiple of {factor}, or choose another factor")
+            f"partition factor {factor} would cut {height}x{width} images into pieces of less "
+            f"than one pixel; choose a factor of at most {min(height, width)}")
+
+
+def grid_cuts(size: int, factor: int) -> tuple:
+    """The ``factor + 1`` pixel boundaries of ``factor`` nearly equal pieces of a side of ``size``:
+    ``floor(i * size / factor + 1/2)`` (the equal split rounded half up), so pieces differ by at
+    most one pixel and cover the side. 32 / 3 -> (0, 11, 21, 32): pieces of 11, 10, 11."""
+    return tuple((2 * i * size + factor) // (2 * factor) for i in range(factor + 1))
+
+
+def _area_matrix(out_size: int, in_size: int) -> jnp.ndarray:
+    """(out_size, in_size) averaging weights of PyTorch's ``adaptive_avg_pool``: output ``o``
+    is the mean of inputs ``floor(o * in / out)`` to ``ceil((o + 1) * in / out) - 1``. On a
+    divisible size this is the plain average pool."""
+    rows = []
+    for o in range(out_size):
+        lo, hi = (o * in_size) // out_size, -((-(o + 1) * in_size) // out_size)
+        rows.append([1.0 / (hi - lo) if lo <= i < hi else 0.0 for i in range(in_size)])
+    return jnp.asarray(rows, jnp.float32)
+
+
+def _pieces(row_cuts: tuple, col_cuts: tuple):
+    """(r0, r1, c0, c1) of every piece of a grid, column-major (columns outer, rows inner)."""
+    return [(r0, r1, c0, c1) for c0, c1 in zip(col_cuts[:-1], col_cuts[1:])
+            for r0, r1 in zip(row_cuts[:-1], row_cuts[1:])]
+
+
+def _grid_expand(images: jnp.ndarray, row_cuts: tuple, col_cuts: tuple) -> jnp.ndarray:
+    """Every piece of the grid given by its pixel boundaries, resized back to full size:
+    (N, H, W, C) -> (pieces * N, H, W, C), piece-major, column-major grid order."""
+    _, height, width, _ = images.shape
+    out = []
+    for r0, r1, c0, c1 in _pieces(row_cuts, col_cuts):
+        rows = _upsample_matrix(height, r1 - r0).astype(images.dtype)
+        cols = _upsample_matrix(width, c1 - c0).astype(images.dtype)
+        out.append(jnp.einsum("hp,bpqc,wq->bhwc", rows, images[:, r0:r1, c0:c1], cols))
+    return jnp.concatenate(out)
 
 
 def _upsample_matrix(out_size: int, in_size: int) -> jnp.ndarray:
@@ -48,17 +89,20 @@ def partition_expand(images: jnp.ndarray, factor: int = 2) -> jnp.ndarray:
     """Cut each image into ``factor x factor`` pieces and resize each back to full size.
 
     Args:
-      images: (N, H, W, C) float array; H and W divisible by ``factor``.
-      factor: pieces per side (2 in IDM).
+      images: (N, H, W, C) float array; H and W at least ``factor``.
+      factor: pieces per side (2 in IDM); one that does not divide a side gives pieces that
+        differ by a pixel (``grid_cuts``).
 
     Returns:
       (factor*factor*N, H, W, C) array, piece-major: rows ``k*N .. (k+1)*N-1`` hold piece ``k`` of
       every image, pieces in column-major grid order (for 2: TL, BL, TR, BR).
     """
     n, height, width, channels = images.shape
-    _check_divisible(height, width, factor)
+    _check_factor(height, width, factor)
     if factor == 1:
         return images
+    if height % factor or width % factor:
+        return _grid_expand(images, grid_cuts(height, factor), grid_cuts(width, factor))
     ph, pw = height // factor, width // factor
     # (N, gh, ph, gw, pw, C) -> pieces indexed (gw, gh) for column-major grid order.
     grid = images.reshape(n, factor, ph, factor, pw, channels)
@@ -80,6 +124,8 @@ def mosaic(images: jnp.ndarray, factor: int = 2) -> jnp.ndarray:
     This is IDM's ``--init real --aug`` initialisation: piece ``k`` of output image ``n`` (same
     column-major grid order as ``partition_expand``) is ``images[k, n]`` average-pooled by
     ``factor``. For factor 2 an average pool equals PyTorch's bilinear x0.5 without antialias.
+    On sides ``factor`` does not divide, image ``k`` is area-averaged into piece ``k`` of the
+    ``grid_cuts`` grid.
 
     Args:
       images: (factor*factor, N, H, W, C) float array of real images.
@@ -92,13 +138,26 @@ def mosaic(images: jnp.ndarray, factor: int = 2) -> jnp.ndarray:
         raise ValueError(
             f"mosaic with factor {factor} needs {factor * factor} images per output image "
             f"(leading axis), got {pieces}")
-    _check_divisible(height, width, factor)
+    _check_factor(height, width, factor)
+    if height % factor or width % factor:
+        return _uneven_mosaic(images, grid_cuts(height, factor), grid_cuts(width, factor))
     ph, pw = height // factor, width // factor
     pooled = images.reshape(pieces, n, ph, factor, pw, factor, channels).mean(axis=(3, 5))
     # Leading axis is (gw, gh) in column-major order; put it back onto the image grid.
     pooled = pooled.reshape(factor, factor, n, ph, pw, channels)  # (gw, gh, N, ph, pw, C)
     grid = jnp.transpose(pooled, (2, 1, 3, 0, 4, 5))  # (N, gh, ph, gw, pw, C)
     return grid.reshape(n, height, width, channels)
+
+
+def _uneven_mosaic(images: jnp.ndarray, row_cuts: tuple, col_cuts: tuple) -> jnp.ndarray:
+    """``mosaic`` on a grid of unequal pieces: (pieces, N, H, W, C) -> (N, H, W, C)."""
+    _, _, height, width, _ = images.shape
+    columns = {}
+    for k, (r0, r1, c0, c1) in enumerate(_pieces(row_cuts, col_cuts)):
+        rows = _area_matrix(r1 - r0, height).astype(images.dtype)
+        cols = _area_matrix(c1 - c0, width).astype(images.dtype)
+        columns.setdefault(c0, []).append(jnp.einsum("ph,bhwc,qw->bpqc", rows, images[k], cols))
+    return jnp.concatenate([jnp.concatenate(col, axis=1) for col in columns.values()], axis=2)
 
 
 # --------------------------------------------------------------------------- other partitions
@@ -135,15 +194,9 @@ def nonuniform_expand(images: jnp.ndarray, ratio: float = 0.4) -> jnp.ndarray:
     (N, H, W, C) -> (4N, H, W, C), piece-major, column-major grid order (TL, BL, TR, BR): for
     ratio 0.4 the pieces are 0.4 x 0.4, 0.6 x 0.4, 0.4 x 0.6 and 0.6 x 0.6 of the image.
     """
-    n, height, width, channels = images.shape
-    h0, w0 = nonuniform_cuts(height, ratio), nonuniform_cuts(width, ratio)
-    pieces = []
-    for c0, c1 in ((0, w0), (w0, width)):          # column-major: columns outer
-        for r0, r1 in ((0, h0), (h0, height)):
-            rows = _upsample_matrix(height, r1 - r0).astype(images.dtype)
-            cols = _upsample_matrix(width, c1 - c0).astype(images.dtype)
-            pieces.append(jnp.einsum("hp,bpqc,wq->bhwc", rows, images[:, r0:r1, c0:c1], cols))
-    return jnp.concatenate(pieces)
+    _, height, width, _ = images.shape
+    return _grid_expand(images, (0, nonuniform_cuts(height, ratio), height),
+                        (0, nonuniform_cuts(width, ratio), width))
 
 
 def expand(images: jnp.ndarray, scheme: str = "uniform", factor: int = 2,
@@ -170,5 +223,5 @@ def expand_labels(labels: jnp.ndarray, scheme: str = "uniform", factor: int = 2)
     return jnp.tile(labels, pieces_per_image(scheme, factor))
 
 
-__all__ = ["partition_expand", "partition_expand_labels", "mosaic", "SCHEMES",
+__all__ = ["partition_expand", "partition_expand_labels", "mosaic", "grid_cuts", "SCHEMES",
            "pieces_per_image", "nonuniform_cuts", "nonuniform_expand", "expand", "expand_labels"]

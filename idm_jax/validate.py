@@ -50,10 +50,13 @@ def check_config(config: Config, image_shape: Optional[Sequence[int]] = None) ->
     factor = config.partition_factor
     splits = config.partition_expand and config.partition in ("uniform", "multiscale")
     if splits or config.init.startswith("mosaic"):
-        _need(height % factor == 0 and width % factor == 0,
-              f"--partition_factor {factor} does not divide the {height}x{width} images "
-              f"(used by {'partition-and-expand' if splits else 'the mosaic init'}); choose a "
-              f"factor that divides {height}, or set --partition_expand false --init real")
+        # A factor that does not divide a side is fine (pieces differ by a pixel); one larger
+        # than a side would leave empty pieces.
+        _need(factor <= min(height, width),
+              f"--partition_factor {factor} cuts the {height}x{width} images into pieces of "
+              f"less than one pixel (used by "
+              f"{'partition-and-expand' if splits else 'the mosaic init'}); choose a factor of "
+              f"at most {min(height, width)}")
     if config.partition_expand and config.partition == "nonuniform":
         for size in {height, width}:
             try:

@@ -55,7 +55,7 @@ CASES = [
     ("eval_model", "cifar10", ["--eval_model", "Foo"], "good", ["--eval_model", "Foo"]),
     ("model", "cifar10", ["--model", "Foo"], "good", ["--model", "Foo"]),
     ("batchnorm", "cifar10", ["--model", "ConvNetBN"], "good", ["--model", "BatchNorm"]),
-    ("factor", "digits", ["--partition_factor", "3"], None, ["--partition_factor 3", "16x16"]),
+    ("factor", "digits", ["--partition_factor", "17"], None, ["--partition_factor 17", "16x16"]),
     ("ratio", "digits", ["--partition", "nonuniform", "--partition_ratio", "0.01"], None,
      ["--partition_ratio"]),
     ("empty_class", "cifar10", ["--init", "noise"], "no_class_9", ["classes [9]"]),

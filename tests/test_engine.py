@@ -306,3 +306,32 @@ def test_condense_entry_point_is_reproducible_from_the_seed():
     out_c, _ = idm_jax.condense(dataclasses.replace(config, seed=1), images, labels, mean=MEAN,
                                 std=STD)
     assert not np.array_equal(out_a.images, out_c.images)
+
+
+def test_factor_3_on_8_pixels_inits_condenses_and_evaluates_on_the_uneven_grid():
+    # 8 pixels in 3 pieces: cuts (0, 3, 5, 8), pieces of 3, 2, 3 rows and columns.
+    from idm_jax import evaluation
+    from tests.test_partition import numpy_area_resize
+    config = tiny_config(partition_factor=3, ipc=1, iterations=2)
+    engine, real, state = make(config)
+    images, labels = tiny_data()
+    normalised = (images / 255.0 - np.array(MEAN)) / np.array(STD)
+    syn = np.asarray(state.images)
+    bounds = [(0, 3), (3, 5), (5, 8)]
+    for row in range(3):                        # class k = row (ipc 1)
+        for c0, c1 in bounds:
+            for r0, r1 in bounds:
+                piece = syn[row, r0:r1, c0:c1]
+                candidates = [numpy_area_resize(x, r1 - r0, c1 - c0)
+                              for x in normalised[labels == row]]
+                err = min(np.abs(c - piece).max() for c in candidates)
+                assert err < 1e-5, (row, r0, c0)  # each piece: one real image of the class
+    step = jax.jit(chex.assert_max_traces(engine_lib.make_step(engine, real, jit=False), n=1))
+    for _ in range(2):
+        state, metrics = step(state, real)
+        assert np.isfinite(float(metrics["loss"]))
+    assert not np.allclose(np.asarray(state.images), syn)        # the uneven pieces get gradients
+    result = evaluation.evaluate_synset(
+        jax.random.PRNGKey(0), state.images, jnp.arange(3), normalised, labels, model="ConvNetW32",
+        num_models=1, epochs=1, batch_size=16, partition_factor=3)
+    assert 0.0 <= result["mean"] <= 100.0 and len(result["accuracies"]) == 1

@@ -72,11 +72,11 @@ class PartitionExpandTest(chex.TestCase):
             single = idm_jax.partition_expand(images[b:b + 1])
             np.testing.assert_allclose(np.asarray(out)[b::5], np.asarray(single), atol=1e-6)
 
-    def test_not_divisible_raises(self):
-        with pytest.raises(ValueError, match="not divisible"):
-            idm_jax.partition_expand(jnp.zeros((1, 7, 8, 3)))
-        with pytest.raises(ValueError, match="not divisible"):
-            idm_jax.mosaic(jnp.zeros((4, 1, 8, 5, 3)))
+    def test_a_factor_larger_than_a_side_raises(self):
+        with pytest.raises(ValueError, match="at most 7"):
+            idm_jax.partition_expand(jnp.zeros((1, 7, 8, 3)), factor=8)
+        with pytest.raises(ValueError, match="at most 5"):
+            idm_jax.mosaic(jnp.zeros((36, 1, 8, 5, 3)), factor=6)
 
     def test_gradient_is_transpose_of_resize(self):
         # partition_expand is linear, so <PE(x), y> == <x, PE^T(y)> for the VJP.
@@ -181,3 +181,74 @@ def test_multiscale_is_the_whole_images_then_their_pieces_with_tiled_labels():
                                   np.tile(labels, 5))
     np.testing.assert_array_equal(partition.expand(images, "uniform", 2),
                                   partition.partition_expand(images, 2))
+
+
+# ------------------------------------------------------------------ factors that do not divide
+def numpy_area_resize(image, out_h, out_w):
+    """PyTorch's adaptive average pool, one loop per output pixel: output (i, j) is the mean of
+    rows floor(i*H/out_h) .. ceil((i+1)*H/out_h)-1 and the same for columns."""
+    in_h, in_w = image.shape[:2]
+    out = np.zeros((out_h, out_w) + image.shape[2:], np.float64)
+    for i in range(out_h):
+        r0, r1 = int(np.floor(i * in_h / out_h)), int(np.ceil((i + 1) * in_h / out_h))
+        for j in range(out_w):
+            c0, c1 = int(np.floor(j * in_w / out_w)), int(np.ceil((j + 1) * in_w / out_w))
+            out[i, j] = image[r0:r1, c0:c1].mean(axis=(0, 1))
+    return out
+
+
+def test_grid_cuts_round_the_equal_split():
+    from idm_jax import partition
+    assert partition.grid_cuts(32, 3) == (0, 11, 21, 32)            # 10.67 -> 11, 21.33 -> 21
+    assert partition.grid_cuts(32, 2) == (0, 16, 32)
+    assert partition.grid_cuts(10, 4) == (0, 3, 5, 8, 10)            # 2.5 -> 3, 7.5 -> 8
+    for size in range(3, 40):
+        for factor in range(1, min(size, 6) + 1):
+            cuts = partition.grid_cuts(size, factor)
+            widths = np.diff(cuts)
+            assert cuts[0] == 0 and cuts[-1] == size and widths.min() >= 1
+            assert widths.max() - widths.min() <= 1, (size, factor, cuts)
+
+
+def test_factor_3_on_32_pixels_cuts_11_10_11_and_resizes_each_piece():
+    rng = np.random.default_rng(4)
+    images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+    got = np.asarray(jax.jit(lambda x: idm_jax.partition_expand(x, factor=3))(images))
+    assert got.shape == (18, 32, 32, 3)
+    bounds = [(0, 11), (11, 21), (21, 32)]
+    k = 0
+    for c0, c1 in bounds:                      # column-major: columns outer, rows inner
+        for r0, r1 in bounds:
+            for n in range(2):
+                want = numpy_bilinear_resize(images[n, r0:r1, c0:c1].astype(np.float64), 32, 32)
+                np.testing.assert_allclose(got[k * 2 + n], want, atol=1e-5)
+            k += 1
+
+
+def test_uneven_mosaic_area_downscales_each_image_into_its_piece():
+    rng = np.random.default_rng(5)
+    real = rng.normal(size=(9, 2, 32, 32, 3)).astype(np.float32)
+    syn = np.asarray(idm_jax.mosaic(real, factor=3))
+    assert syn.shape == (2, 32, 32, 3)
+    bounds = [(0, 11), (11, 21), (21, 32)]
+    k = 0
+    for c0, c1 in bounds:
+        for r0, r1 in bounds:
+            for n in range(2):
+                want = numpy_area_resize(real[k, n].astype(np.float64), r1 - r0, c1 - c0)
+                np.testing.assert_allclose(syn[n, r0:r1, c0:c1], want, atol=1e-5)
+            k += 1
+
+
+def test_the_uneven_paths_reduce_to_the_equal_ones_on_divisible_sizes():
+    from idm_jax import partition
+    rng = np.random.default_rng(6)
+    images = rng.normal(size=(3, 12, 12, 2)).astype(np.float32)
+    real = rng.normal(size=(9, 3, 12, 12, 2)).astype(np.float32)
+    for factor in (2, 3, 4):
+        cuts = partition.grid_cuts(12, factor)
+        np.testing.assert_allclose(partition._grid_expand(images, cuts, cuts),
+                                   partition.partition_expand(images, factor), atol=1e-6)
+    cuts = partition.grid_cuts(12, 3)
+    np.testing.assert_allclose(partition._uneven_mosaic(real, cuts, cuts),
+                               partition.mosaic(real, 3), atol=1e-6)
