@@ -49,6 +49,7 @@ VARIANTS: dict[str, tuple[str, Transform]] = {
                        _set(distance="characteristic")),
     "covariance": ("IDM + covariance matching (weight 1)", _set(moment_weight=1.0)),
     "pf1": ("partition factor 1 (no pieces, same optimiser)", _set(partition_factor=1)),
+    "pf3": ("partition factor 3 (pieces of 11, 10, 11 pixels on 32)", _set(partition_factor=3)),
     "pf4": ("partition factor 4", _set(partition_factor=4)),
     "multiscale": ("each stored image whole and as its 2 x 2 pieces (5 per image)",
                    _set(partition="multiscale")),
