@@ -3,7 +3,8 @@
 ``python -m experiments.study --source npy --data_dir ../shared/data/cifar10`` runs the CPU
 protocol's priority-1 grid (idm, random-real, dm; seeds 0,1,2) into ``runs/study``; re-running
 skips finished runs and resumes an interrupted one. ``--variants`` and ``--seeds`` choose the
-grid, ``--budget paper`` uses the preset's own settings (accelerators).
+grid, ``--budget paper`` uses the preset's own settings (accelerators). ``--table_only`` runs
+nothing and loads no data: it writes the table of the grid's finished runs, naming the others.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field of the budget for every run (repeatable)")
+    parser.add_argument("--table_only", action="store_true",
+                        help="run nothing: write the table of the runs already finished")
     args = parser.parse_args(argv)
     cli.enable_compilation_cache()
     try:
@@ -60,10 +63,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
                 study.variant_config(base, v, seeds[0])
         except ValueError as err:
             raise cli.UserError(str(err)) from None
+        command = "python -m experiments.study " + " ".join(shlex.quote(a) for a in argv)
+        if args.table_only:
+            return _table_only(args, variants, seeds, overrides, command)
         args.class_list = None
         dataset = cli.load_data(base, args)
         mesh = cli.build_mesh(args)
-        command = "python -m experiments.study " + " ".join(shlex.quote(a) for a in argv)
         table = study.run_study(dataset, variants, seeds, args.workdir, budget=args.budget,
                                 ipc=args.ipc, overrides=overrides, mesh=mesh, quiet=args.quiet,
                                 command=command)
@@ -73,6 +78,19 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     except cli.run_lib.Interrupted as stop:
         print(f"{stop} Re-run the same study command to continue.")
         raise SystemExit(130) from None
+    print(open(f"{args.workdir}/study.md").read())
+    return table
+
+
+def _table_only(args, variants, seeds, overrides, command) -> list:
+    rows, missing = study.finished_runs(args.workdir, variants, seeds, dataset=args.dataset,
+                                        budget=args.budget, ipc=args.ipc, overrides=overrides)
+    if not rows:
+        raise cli.UserError(f"--table_only: no run of this grid has finished in {args.workdir}; "
+                            f"run the study without --table_only first")
+    table = study.write_table(rows, args.workdir, dataset=args.dataset, budget=args.budget,
+                              ipc=args.ipc, overrides=overrides, command=command,
+                              missing=missing)
     print(open(f"{args.workdir}/study.md").read())
     return table
 

@@ -180,6 +180,50 @@ def bar_chart(table: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def finished_runs(workdir: str, variants: Sequence[str], seeds: Sequence[int], *,
+                  dataset: str = "cifar10", budget: str = "cpu", ipc: int = 1,
+                  overrides: Optional[dict] = None) -> tuple[dict[str, list[dict]], list[str]]:
+    """The results of every finished run of the grid in ``workdir``, read, never run.
+
+    Returns ``(rows, missing)``: ``rows`` maps each variant with at least one finished seed to
+    its results (in seed order), ``missing`` names the runs not finished (``"gaussian seed 2"``).
+    Only the run records are needed (``<variant>/seed<k>/results.json``), so a table can be
+    rebuilt from records copied off another machine.
+    """
+    base = budget_config(dataset, budget, ipc, overrides)
+    rows: dict[str, list[dict]] = {}
+    missing = []
+    for variant in variants:
+        for seed in seeds:
+            results = finished(run_dir(workdir, variant, seed), variant_config(base, variant, seed))
+            if results is None:
+                missing.append(f"{variant} seed {seed}")
+            else:
+                rows.setdefault(variant, []).append(results)
+    return rows, missing
+
+
+def write_table(rows: dict[str, list[dict]], workdir: str, *, dataset: str, budget: str = "cpu",
+                ipc: int = 1, overrides: Optional[dict] = None, command: str = "",
+                missing: Sequence[str] = ()) -> list[dict]:
+    """Aggregate ``rows`` and write ``study.md``, ``study.json`` and ``study.png`` into
+    ``workdir``; ``missing`` (runs not finished) is listed under the table. Returns the table."""
+    table = aggregate(rows)
+    header = dict(machine(), dataset=dataset, budget=budget, ipc=ipc, command=command,
+                  overrides=dict(overrides or {}), missing=list(missing))
+    os.makedirs(workdir, exist_ok=True)
+    text = markdown(table, header)
+    if missing:
+        text += f"\nNot finished, so not in the table: {', '.join(missing)}.\n"
+    with open(os.path.join(workdir, "study.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(workdir, "study.json"), "w") as f:
+        json.dump({"header": header, "table": table}, f, indent=2)
+    bar_chart(table, os.path.join(workdir, "study.png"),
+              f"{dataset} IPC {ipc}, budget {budget}: mean +- std over seeds x models")
+    return table
+
+
 def run_study(dataset, variants: Sequence[str], seeds: Sequence[int], workdir: str, *,
               budget: str = "cpu", ipc: int = 1, overrides: Optional[dict] = None, mesh=None,
               quiet: bool = False, command: str = "") -> list[dict]:
@@ -204,18 +248,10 @@ def run_study(dataset, variants: Sequence[str], seeds: Sequence[int], workdir: s
             print(f"== study run {number}/{len(configs)}: {variant} seed {seed} done "
                   f"({results['mean']:.2f} %), skipped")
         rows[variant].append(results)
-    table = aggregate(rows)
-    header = dict(machine(), dataset=dataset.name, budget=budget, ipc=ipc, command=command,
-                  overrides=dict(overrides or {}))
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "study.md"), "w") as f:
-        f.write(markdown(table, header))
-    with open(os.path.join(workdir, "study.json"), "w") as f:
-        json.dump({"header": header, "table": table}, f, indent=2)
-    bar_chart(table, os.path.join(workdir, "study.png"),
-              f"{dataset.name} IPC {ipc}, budget {budget}: mean +- std over seeds x models")
-    return table
+    return write_table(rows, workdir, dataset=dataset.name, budget=budget, ipc=ipc,
+                       overrides=overrides, command=command)
 
 
 __all__ = ["VARIANTS", "CPU_PROTOCOL", "budget_config", "variant_config", "run_dir", "finished",
-           "machine", "aggregate", "markdown", "bar_chart", "run_study"]
+           "finished_runs", "machine", "aggregate", "markdown", "bar_chart", "write_table",
+           "run_study"]

@@ -52,6 +52,33 @@ def test_study_runs_skips_finished_runs_and_aggregates_every_model(tmp_path, cap
     again = study_cli.main(argv)                      # everything finished: all skipped
     assert capsys.readouterr().out.count("skipped") == 4
     assert [r["mean"] for r in again] == [r["mean"] for r in table]
+    # --table_only over a larger grid: runs nothing, tables the finished runs, names the rest;
+    # the results.json records alone (copied elsewhere) are enough.
+    records = tmp_path / "records"
+    for variant in ("idm", "random-real"):
+        for seed in (0, 1):
+            os.makedirs(records / variant / f"seed{seed}")
+            with open(os.path.join(workdir, variant, f"seed{seed}", "results.json")) as f:
+                (records / variant / f"seed{seed}" / "results.json").write_text(f.read())
+    only = study_cli.main(TINY + ["--variants", "idm,random-real", "--seeds", "0,1,2",
+                                  "--workdir", str(records), "--table_only"])
+    out = capsys.readouterr().out
+    assert "study run" not in out and "idm seed 2, random-real seed 2" in out
+    assert [(r["mean"], r["std"], r["seeds"]) for r in only] == [
+        (r["mean"], r["std"], r["seeds"]) for r in table]
+    assert not os.path.exists(records / "idm" / "seed2")
+    with open(records / "study.json") as f:
+        assert json.load(f)["header"]["missing"] == ["idm seed 2", "random-real seed 2"]
+    assert (records / "study.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_table_only_with_no_finished_run_is_one_error_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        study_cli.main(TINY + ["--workdir", str(tmp_path / "w"), "--table_only"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--table_only" in err and str(tmp_path / "w") in err
+    assert "Traceback" not in err and not os.path.exists(tmp_path / "w")
 
 
 @pytest.mark.parametrize("extra, message", [
