@@ -8,10 +8,10 @@ images, in matching and in evaluation (docs/FAITHFULNESS.md, "partition-and-expa
 ``mosaic`` is the inverse used to initialise the synthetic set: it tiles ``factor**2`` real images,
 each downscaled by an average pool, into one image (docs/FAITHFULNESS.md, "init").
 
-When ``factor`` does not divide a side (3 on 32 pixels) the pieces differ by one pixel: the cuts
-are the equal split rounded to whole pixels (``grid_cuts``: 11, 10, 11), the mosaic downscales
-each real image into its piece by area averaging, and nothing of the image is dropped. On
-divisible sizes both reduce to the equal-piece code, bit for bit.
+When ``factor`` does not divide a side (3 on 32 pixels) the pieces along it differ by at most one
+pixel: the cuts are the equal split rounded to whole pixels (``grid_cuts``: 11, 10, 11), the
+mosaic downscales each real image into its piece by area averaging, and nothing of the image is
+dropped. On divisible sizes the equal-piece code runs unchanged.
 
 Piece order is column-major over the grid, as the official code: for ``factor=2`` the pieces are
 top-left, bottom-left, top-right, bottom-right. Outputs are piece-major (all images' piece 0, then
@@ -91,7 +91,7 @@ def partition_expand(images: jnp.ndarray, factor: int = 2) -> jnp.ndarray:
     Args:
       images: (N, H, W, C) float array; H and W at least ``factor``.
       factor: pieces per side (2 in IDM); one that does not divide a side gives pieces that
-        differ by a pixel (``grid_cuts``).
+        differ by at most one pixel (``grid_cuts``).
 
     Returns:
       (factor*factor*N, H, W, C) array, piece-major: rows ``k*N .. (k+1)*N-1`` hold piece ``k`` of

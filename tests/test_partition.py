@@ -210,34 +210,48 @@ def test_grid_cuts_round_the_equal_split():
             assert widths.max() - widths.min() <= 1, (size, factor, cuts)
 
 
-def test_factor_3_on_32_pixels_cuts_11_10_11_and_resizes_each_piece():
-    rng = np.random.default_rng(4)
-    images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+def numpy_uneven_expand(images, row_bounds, col_bounds):
+    n, h, w, _ = images.shape
+    return np.stack([numpy_bilinear_resize(images[b, r0:r1, c0:c1].astype(np.float64), h, w)
+                     for c0, c1 in col_bounds for r0, r1 in row_bounds for b in range(n)])
+
+
+# Rows and columns cut differently, and one side divisible, so that swapping the sides fails.
+UNEVEN = [((2, 32, 32, 3), [(0, 11), (11, 21), (21, 32)], [(0, 11), (11, 21), (21, 32)]),
+          ((2, 32, 20, 3), [(0, 11), (11, 21), (21, 32)], [(0, 7), (7, 13), (13, 20)]),
+          ((1, 9, 8, 2), [(0, 3), (3, 6), (6, 9)], [(0, 3), (3, 5), (5, 8)])]
+
+
+@pytest.mark.parametrize("shape, rows, cols", UNEVEN)
+def test_factor_3_cuts_the_rounded_split_and_resizes_each_piece(shape, rows, cols):
+    # 32 / 3 -> pieces of 11, 10, 11; 20 / 3 -> 7, 6, 7; 9 / 3 -> 3, 3, 3; 8 / 3 -> 3, 2, 3.
+    images = np.random.default_rng(4).normal(size=shape).astype(np.float32)
     got = np.asarray(jax.jit(lambda x: idm_jax.partition_expand(x, factor=3))(images))
-    assert got.shape == (18, 32, 32, 3)
-    bounds = [(0, 11), (11, 21), (21, 32)]
-    k = 0
-    for c0, c1 in bounds:                      # column-major: columns outer, rows inner
-        for r0, r1 in bounds:
-            for n in range(2):
-                want = numpy_bilinear_resize(images[n, r0:r1, c0:c1].astype(np.float64), 32, 32)
-                np.testing.assert_allclose(got[k * 2 + n], want, atol=1e-5)
-            k += 1
+    assert got.shape == (9 * shape[0],) + shape[1:]
+    np.testing.assert_allclose(got, numpy_uneven_expand(images, rows, cols), atol=1e-5)
 
 
-def test_uneven_mosaic_area_downscales_each_image_into_its_piece():
-    rng = np.random.default_rng(5)
-    real = rng.normal(size=(9, 2, 32, 32, 3)).astype(np.float32)
+@pytest.mark.parametrize("shape, rows, cols", UNEVEN)
+def test_uneven_mosaic_area_downscales_each_image_into_its_piece(shape, rows, cols):
+    real = np.random.default_rng(5).normal(size=(9,) + shape).astype(np.float32)
     syn = np.asarray(idm_jax.mosaic(real, factor=3))
-    assert syn.shape == (2, 32, 32, 3)
-    bounds = [(0, 11), (11, 21), (21, 32)]
+    assert syn.shape == shape
     k = 0
-    for c0, c1 in bounds:
-        for r0, r1 in bounds:
-            for n in range(2):
+    for c0, c1 in cols:                        # column-major: columns outer, rows inner
+        for r0, r1 in rows:
+            for n in range(shape[0]):
                 want = numpy_area_resize(real[k, n].astype(np.float64), r1 - r0, c1 - c0)
                 np.testing.assert_allclose(syn[n, r0:r1, c0:c1], want, atol=1e-5)
             k += 1
+
+
+def test_the_validator_takes_a_factor_that_does_not_divide_and_refuses_one_beyond_a_side():
+    from idm_jax import validate
+    from idm_jax.config import Config
+    validate.check_config(Config(partition_factor=3), (32, 32, 3))
+    validate.check_config(Config(partition_factor=3, partition="multiscale"), (32, 20, 3))
+    with pytest.raises(validate.InvalidRun, match="at most 20"):
+        validate.check_config(Config(partition_factor=21), (32, 20, 3))
 
 
 def test_the_uneven_paths_reduce_to_the_equal_ones_on_divisible_sizes():
