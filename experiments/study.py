@@ -64,8 +64,14 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         except ValueError as err:
             raise cli.UserError(str(err)) from None
         command = "python -m experiments.study " + " ".join(shlex.quote(a) for a in argv)
+        try:    # every record already there is read before any work: a bad one is named now
+            rows, missing = study.finished_runs(args.workdir, variants, seeds,
+                                                dataset=args.dataset, budget=args.budget,
+                                                ipc=args.ipc, overrides=overrides)
+        except ValueError as err:
+            raise cli.UserError(str(err)) from None
         if args.table_only:
-            return _table_only(args, variants, seeds, overrides, command)
+            return _table_only(args, rows, missing, overrides, command)
         args.class_list = None
         dataset = cli.load_data(base, args)
         mesh = cli.build_mesh(args)
@@ -82,12 +88,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     return table
 
 
-def _table_only(args, variants, seeds, overrides, command) -> list:
-    rows, missing = study.finished_runs(args.workdir, variants, seeds, dataset=args.dataset,
-                                        budget=args.budget, ipc=args.ipc, overrides=overrides)
+def _table_only(args, rows, missing, overrides, command) -> list:
     if not rows:
-        raise cli.UserError(f"--table_only: no run of this grid has finished in {args.workdir}; "
-                            f"run the study without --table_only first")
+        raise cli.UserError(f"--table_only: no run of this grid has finished in {args.workdir} "
+                            f"(a run counts only with the study's --dataset, --budget, --ipc "
+                            f"and --set); run the study without --table_only first")
     table = study.write_table(rows, args.workdir, dataset=args.dataset, budget=args.budget,
                               ipc=args.ipc, overrides=overrides, command=command,
                               missing=missing)

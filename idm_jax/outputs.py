@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 from typing import Callable
 
@@ -50,6 +51,24 @@ class MetricsLog:
 def device_description() -> str:
     devices = jax.devices()
     return f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})"
+
+
+def processor() -> dict:
+    """The host's processor model, its core count and the flags that change CPU speed, so that
+    a figure says which machine made it (CPU times differ up to 2x between processors)."""
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and cpu in ("", platform.machine()):
+                    cpu = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    flags = sorted(present & {"avx2", "avx512f", "avx512_bf16", "amx_tile"})
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count()}
 
 
 def pixel_converter(config: Config, mean: np.ndarray, std: np.ndarray) -> Callable:
@@ -198,5 +217,5 @@ def summarize(workdir: str) -> dict:
 
 
 __all__ = ["save_grid", "MetricsLog", "device_description", "pixel_converter", "progress_bar",
-           "export_set", "code_version", "read_metrics", "logged_seconds", "save_metrics_plot",
+           "export_set", "code_version", "processor", "read_metrics", "logged_seconds", "save_metrics_plot",
            "summarize"]

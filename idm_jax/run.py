@@ -297,7 +297,8 @@ def _condense_and_evaluate(config, dataset, real, eng, workdir, mesh, restart, q
         "mean": result["mean"], "std": result["std"], "num_eval": config.num_eval,
         "condense_seconds_this_session": condense_seconds,
         "resumed_from_iteration": start_it, "eval_seconds": result["seconds"],
-        "device": outputs.device_description(), "jax_version": jax.__version__,
+        "device": outputs.device_description(), "processor": outputs.processor(),
+        "jax_version": jax.__version__,
         "code_version": outputs.code_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config.to_dict(),
         "sessions": sessions}

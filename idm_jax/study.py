@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import time
 from typing import Callable, Optional, Sequence
@@ -24,6 +23,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from idm_jax import config as config_lib
+from idm_jax import outputs
 from idm_jax.config import Config
 
 Transform = Callable[[Config], Config]
@@ -92,8 +92,14 @@ def finished(directory: str, config: Config) -> Optional[dict]:
     path = os.path.join(directory, "results.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        results = json.load(f)
+    try:
+        with open(path) as f:
+            results = json.load(f)
+        if not isinstance(results.get("accuracies"), list):
+            raise ValueError("it holds no list of accuracies")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path} is not a finished run's record ({err}); move it away or "
+                         f"re-run that run") from None
     saved, defaults = results.get("config", {}), Config()
     same = all(saved.get(name, getattr(defaults, name)) == value
                for name, value in config.to_dict().items()
@@ -103,25 +109,23 @@ def finished(directory: str, config: Config) -> Optional[dict]:
 
 def machine() -> dict:
     """The processor and the flags that change CPU speed, the commit, the date."""
-    cpu, flags = platform.processor() or platform.machine(), []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and cpu in ("", platform.machine()):
-                    cpu = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    present = set(line.split(":", 1)[1].split())
-                    flags = sorted(present & {"avx2", "avx512f", "avx512_bf16", "amx_tile"})
-                    break
-    except OSError:
-        pass
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, cwd=os.path.dirname(__file__)).stdout.strip()
     except OSError:
         commit = ""
-    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "commit": commit or "?",
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+    return dict(outputs.processor(), commit=commit or "?", date=time.strftime("%Y-%m-%d %H:%M"))
+
+
+def provenance(rows: dict[str, list[dict]]) -> dict:
+    """Where the tabled runs were made, from their own records: commits, devices, processors
+    and the first and last date (records from before ``processor`` was kept say "?")."""
+    records = [r for results in rows.values() for r in results]
+    dates = sorted(r.get("date", "?") for r in records)
+    return {"commits": sorted({r.get("code_version", "?") for r in records}),
+            "devices": sorted({r.get("device", "?") for r in records}),
+            "processors": sorted({r.get("processor", {}).get("cpu", "?") for r in records}),
+            "dates": [dates[0], dates[-1]] if dates else []}
 
 
 def aggregate(rows: dict[str, list[dict]]) -> list[dict]:
@@ -143,10 +147,16 @@ def aggregate(rows: dict[str, list[dict]]) -> list[dict]:
 
 
 def markdown(table: list[dict], header: dict) -> str:
-    lines = [f"Study on {header['dataset']}, budget `{header['budget']}`, {header['date']}, "
-             f"commit `{header['commit']}`, {header['cpu']} ({', '.join(header['cpu_flags'])}; "
-             f"{header['cores']} cores), {table[0]['device'] if table else ''}.",
-             f"Command: `{header['command']}`", "",
+    lines = [f"Study on {header['dataset']}, budget `{header['budget']}`, tabled "
+             f"{header['date']}, commit `{header['commit']}`, {header['cpu']} "
+             f"({', '.join(header['cpu_flags'])}; {header['cores']} cores).",
+             f"Command: `{header['command']}`"]
+    runs = header.get("runs")
+    if runs:
+        lines.append(f"Runs made {' to '.join(runs['dates'])} on commits "
+                     f"{', '.join(f'`{c}`' for c in runs['commits'])}, "
+                     f"{'; '.join(runs['devices'])}, processors: {'; '.join(runs['processors'])}.")
+    lines += ["",
              "| variant | what | accuracy (%) | seeds x models | per-seed means | wall time |",
              "|---|---|---|---|---|---|"]
     for row in table:
@@ -210,7 +220,7 @@ def write_table(rows: dict[str, list[dict]], workdir: str, *, dataset: str, budg
     ``workdir``; ``missing`` (runs not finished) is listed under the table. Returns the table."""
     table = aggregate(rows)
     header = dict(machine(), dataset=dataset, budget=budget, ipc=ipc, command=command,
-                  overrides=dict(overrides or {}), missing=list(missing))
+                  overrides=dict(overrides or {}), missing=list(missing), runs=provenance(rows))
     os.makedirs(workdir, exist_ok=True)
     text = markdown(table, header)
     if missing:
@@ -253,5 +263,5 @@ def run_study(dataset, variants: Sequence[str], seeds: Sequence[int], workdir: s
 
 
 __all__ = ["VARIANTS", "CPU_PROTOCOL", "budget_config", "variant_config", "run_dir", "finished",
-           "finished_runs", "machine", "aggregate", "markdown", "bar_chart", "write_table",
+           "finished_runs", "machine", "provenance", "aggregate", "markdown", "bar_chart", "write_table",
            "run_study"]

@@ -8,6 +8,7 @@ import pytest
 
 from experiments import study as study_cli
 from idm_jax import config as config_lib
+from idm_jax import run as run_lib
 from idm_jax import study
 
 TINY = ["--dataset", "digits", "--source", "digits", "--quiet",
@@ -29,7 +30,8 @@ def test_cpu_budget_is_the_written_protocol():
     assert study.variant_config(config, "idm", 4) == config_lib.override(config, {"seed": 4})
 
 
-def test_study_runs_skips_finished_runs_and_aggregates_every_model(tmp_path, capsys):
+def test_study_runs_skips_finished_runs_and_aggregates_every_model(tmp_path, capsys,
+                                                                   monkeypatch):
     workdir = str(tmp_path / "study")
     argv = TINY + ["--variants", "idm,random-real", "--seeds", "0,1", "--workdir", workdir]
     table = study_cli.main(argv)
@@ -60,6 +62,10 @@ def test_study_runs_skips_finished_runs_and_aggregates_every_model(tmp_path, cap
             os.makedirs(records / variant / f"seed{seed}")
             with open(os.path.join(workdir, variant, f"seed{seed}", "results.json")) as f:
                 (records / variant / f"seed{seed}" / "results.json").write_text(f.read())
+    def no_work(*args, **kwargs):
+        raise AssertionError("--table_only loaded data or ran")
+    monkeypatch.setattr(study_cli.cli, "load_data", no_work)
+    monkeypatch.setattr(run_lib, "condense_and_evaluate", no_work)
     only = study_cli.main(TINY + ["--variants", "idm,random-real", "--seeds", "0,1,2",
                                   "--workdir", str(records), "--table_only"])
     out = capsys.readouterr().out
@@ -70,6 +76,15 @@ def test_study_runs_skips_finished_runs_and_aggregates_every_model(tmp_path, cap
     with open(records / "study.json") as f:
         assert json.load(f)["header"]["missing"] == ["idm seed 2", "random-real seed 2"]
     assert (records / "study.png").read_bytes()[:4] == b"\x89PNG"
+    assert "commits `" in out and study.provenance({"idm": []})["dates"] == []
+    # A damaged record is named before any work, in one error line.
+    (records / "idm" / "seed1" / "results.json").write_text('{"config": {}, "accur')
+    with pytest.raises(SystemExit) as exit_info:
+        study_cli.main(TINY + ["--variants", "idm", "--seeds", "0,1", "--workdir", str(records),
+                               "--table_only"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error:") and str(records / "idm" / "seed1" / "results.json") in err
 
 
 def test_table_only_with_no_finished_run_is_one_error_line(capsys, tmp_path):
@@ -78,6 +93,7 @@ def test_table_only_with_no_finished_run_is_one_error_line(capsys, tmp_path):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "--table_only" in err and str(tmp_path / "w") in err
+    assert len(err.strip().splitlines()) == 1
     assert "Traceback" not in err and not os.path.exists(tmp_path / "w")
 
 
@@ -86,6 +102,7 @@ def test_table_only_with_no_finished_run_is_one_error_line(capsys, tmp_path):
     (["--seeds", "0,x"], "--seeds"),
     (["--set", "lr_img"], "FIELD=VALUE"),
     (["--set", "distance=cosine"], "unknown distance"),
+    (["--variants", "nope", "--table_only"], "--variants"),
 ])
 def test_bad_study_flags_are_one_error_line(extra, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -93,6 +110,7 @@ def test_bad_study_flags_are_one_error_line(extra, message, capsys, tmp_path):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "w")
 
 
