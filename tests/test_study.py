@@ -125,7 +125,8 @@ def test_a_finished_run_counts_across_versions_and_run_mechanics(tmp_path):
     saved = config.to_dict()
     del saved["exports"]                                # written by an older version
     saved["checkpoint_every"] = 7                       # run mechanics only
-    (tmp_path / "results.json").write_text(json.dumps({"config": saved, "mean": 1.0}))
+    (tmp_path / "results.json").write_text(json.dumps({"config": saved, "mean": 1.0,
+                                                       "accuracies": [1.0]}))
     assert study.finished(str(tmp_path), config)["mean"] == 1.0
     assert study.finished(str(tmp_path), dataclasses.replace(config, lr_img=0.5)) is None
     assert study.finished(str(tmp_path), dataclasses.replace(config, num_eval=2)) is None
