@@ -48,6 +48,10 @@ VARIANTS: dict[str, tuple[str, Transform]] = {
     "characteristic": ("characteristic-function distance, 1024 frequencies",
                        _set(distance="characteristic")),
     "covariance": ("IDM + covariance matching (weight 1)", _set(moment_weight=1.0)),
+    # Weight 1 lets the covariance term outweigh the mean term 220 to 1 at iteration 0 on the
+    # CPU protocol (RESULTS.md, group 3); 0.005 puts the two losses on one scale there.
+    "covariance-balanced": ("IDM + covariance matching (weight 0.005: the two terms about "
+                            "equal at the start)", _set(moment_weight=0.005)),
     "pf1": ("partition factor 1 (no pieces, same optimiser)", _set(partition_factor=1)),
     "pf3": ("partition factor 3 (pieces of 11, 10, 11 pixels on 32)", _set(partition_factor=3)),
     "pf4": ("partition factor 4", _set(partition_factor=4)),
