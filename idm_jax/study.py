@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import textwrap
 import time
 from typing import Callable, Optional, Sequence
 
@@ -187,7 +188,8 @@ def bar_chart(table: list[dict], path: str, title: str) -> None:
     low = min(row["mean"] - row["std"] for row in table)
     ax.set_ylim(max(0.0, low - 5.0), max(row["mean"] + row["std"] for row in table) + 3.0)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=9)
+    # A narrow chart (few variants) would clip a long title: wrap it to the figure's width.
+    ax.set_title(textwrap.fill(title, width=int(12 * fig.get_figwidth())), fontsize=9)
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.tight_layout()
     fig.savefig(path)

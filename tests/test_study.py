@@ -62,6 +62,11 @@ def test_study_runs_skips_finished_runs_and_aggregates_every_model(tmp_path, cap
             os.makedirs(records / variant / f"seed{seed}")
             with open(os.path.join(workdir, variant, f"seed{seed}", "results.json")) as f:
                 (records / variant / f"seed{seed}" / "results.json").write_text(f.read())
+    # The records alone also let a study continue elsewhere: every recorded run is skipped.
+    study_cli.main(TINY + ["--variants", "idm,random-real", "--seeds", "0,1",
+                           "--workdir", str(records)])
+    assert capsys.readouterr().out.count("skipped") == 4
+
     def no_work(*args, **kwargs):
         raise AssertionError("--table_only loaded data or ran")
     monkeypatch.setattr(study_cli.cli, "load_data", no_work)
