@@ -53,8 +53,8 @@ def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def report(record: dict, module: str, argv: Optional[Sequence[str]], header: str, row: Callable[[dict], str],
-           json_path: Optional[str]) -> dict:
+def report(record: dict, module: str, argv: Optional[Sequence[str]], header: str,
+           row: Callable[[dict], str], json_path: Optional[str]) -> dict:
     """Stamp ``record`` with date, command and machine; print the table row and the JSON line;
     append the JSON line to ``json_path`` if given. Returns the stamped record."""
     command = f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -1,4 +1,7 @@
-"""Condense imagenet_subset with IDM: `python -m experiments.imagenet_subset --ipc 10 [--FIELD VALUE ...]`."""
+"""Condense imagenet_subset with IDM.
+
+`python -m experiments.imagenet_subset --ipc 10 [--FIELD VALUE ...]`
+"""
 
 from idm_jax.cli import main
 

@@ -1,4 +1,7 @@
-"""Condense tinyimagenet with IDM: `python -m experiments.tinyimagenet --ipc 10 [--FIELD VALUE ...]`."""
+"""Condense tinyimagenet with IDM.
+
+`python -m experiments.tinyimagenet --ipc 10 [--FIELD VALUE ...]`
+"""
 
 from idm_jax.cli import main
 

@@ -217,5 +217,6 @@ def summarize(workdir: str) -> dict:
 
 
 __all__ = ["save_grid", "MetricsLog", "device_description", "pixel_converter", "progress_bar",
-           "export_set", "code_version", "processor", "read_metrics", "logged_seconds", "save_metrics_plot",
+           "export_set", "code_version", "processor", "read_metrics", "logged_seconds",
+           "save_metrics_plot",
            "summarize"]

@@ -124,12 +124,13 @@ def machine() -> dict:
 
 def provenance(rows: dict[str, list[dict]]) -> dict:
     """Where the tabled runs were made, from their own records: commits, devices, processors
-    and the first and last date (records from before ``processor`` was kept say "?")."""
+    and the first and last date (a record from before a field was kept says "not recorded")."""
     records = [r for results in rows.values() for r in results]
     dates = sorted(r.get("date", "?") for r in records)
     return {"commits": sorted({r.get("code_version", "?") for r in records}),
             "devices": sorted({r.get("device", "?") for r in records}),
-            "processors": sorted({r.get("processor", {}).get("cpu", "?") for r in records}),
+            "processors": sorted({r.get("processor", {}).get("cpu", "not recorded")
+                                  for r in records}),
             "dates": [dates[0], dates[-1]] if dates else []}
 
 
@@ -269,5 +270,5 @@ def run_study(dataset, variants: Sequence[str], seeds: Sequence[int], workdir: s
 
 
 __all__ = ["VARIANTS", "CPU_PROTOCOL", "budget_config", "variant_config", "run_dir", "finished",
-           "finished_runs", "machine", "provenance", "aggregate", "markdown", "bar_chart", "write_table",
-           "run_study"]
+           "finished_runs", "machine", "provenance", "aggregate", "markdown", "bar_chart",
+           "write_table", "run_study"]

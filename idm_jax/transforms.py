@@ -4,7 +4,8 @@ These are the ops the augmentation groups of ``idm_jax.augment`` run: brightness
 contrast (the ``color`` group), integer translation (``crop``), ``cutout`` and ``flip`` (the
 bilinear affine resamplings ``scale`` and ``rotate`` are in ``idm_jax.resample``). Each is
 differentiable with respect to the pixels and takes its random parameters as arguments, so tests
-and other modules can call them with known values. ``DSAParams`` holds the ranges those parameters are drawn from.
+and other modules can call them with known values. ``DSAParams`` holds the ranges those
+parameters are drawn from.
 
 Images are NHWC, normalised (so 0 is roughly the dataset-mean colour; every "zero
 fill" below fills with that colour). The per-op functions take explicit parameters.

@@ -82,6 +82,9 @@ def test_study_runs_skips_finished_runs_and_aggregates_every_model(tmp_path, cap
         assert json.load(f)["header"]["missing"] == ["idm seed 2", "random-real seed 2"]
     assert (records / "study.png").read_bytes()[:4] == b"\x89PNG"
     assert "commits `" in out and study.provenance({"idm": []})["dates"] == []
+    # A record made before the processor was kept is named as such, not guessed.
+    old_record = {"code_version": "abc", "device": "cpu", "date": "2026-12-01 00:00"}
+    assert study.provenance({"idm": [old_record]})["processors"] == ["not recorded"]
     # A damaged record is named before any work, in one error line.
     (records / "idm" / "seed1" / "results.json").write_text('{"config": {}, "accur')
     with pytest.raises(SystemExit) as exit_info:
