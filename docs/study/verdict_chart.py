@@ -1,13 +1,14 @@
-"""Draw the chart of every CPU-protocol variant of groups 1 to 3, best first.
+"""Draw the chart of every CPU-protocol variant measured so far, best first.
 
-    PYTHONPATH=. python docs/study/verdict_chart.py   # writes docs/figures/study_cpu_groups1-3.png
+    PYTHONPATH=. python docs/study/verdict_chart.py   # writes docs/figures/study_cpu_all.png
 
-Group 3's accuracies come from its run records in ``docs/study/cpu-protocol``. Groups 1 and 2
+Groups 3 and 4 come from their run records in ``docs/study/cpu-protocol`` (every seed found). Groups 1 and 2
 ran before records were kept in the repository (their run folders went with their machine), so
 their per-model accuracies are copied below from the run tables of ``RESULTS.md``, which were
 written from those runs' own ``results.json``.
 """
 
+import glob
 import json
 import os
 
@@ -25,22 +26,21 @@ UNRECORDED = {
     "no-queue-training": [[36.26, 36.78, 36.79], [34.86, 35.65, 36.11]],
     "no-ce": [[35.79, 35.60, 35.25], [35.42, 36.23, 36.53]],
 }
-RECORDED = ("gaussian", "characteristic", "covariance", "covariance-balanced")
 
 
 def main() -> None:
     rows = {variant: [{"accuracies": seeds} for seeds in per_seed]
             for variant, per_seed in UNRECORDED.items()}
-    for variant in RECORDED:
-        rows[variant] = []
-        for seed in (0, 1, 2):
-            with open(os.path.join(HERE, "cpu-protocol", variant, f"seed{seed}",
-                                   "results.json")) as f:
-                rows[variant].append(json.load(f))
+    records = os.path.join(HERE, "cpu-protocol")
+    for variant in study.VARIANTS:
+        seeds = sorted(glob.glob(os.path.join(records, variant, "seed*", "results.json")))
+        for path in seeds:
+            with open(path) as f:
+                rows.setdefault(variant, []).append(json.load(f))
     table = sorted(study.aggregate(rows), key=lambda row: -row["mean"])
-    path = os.path.join(ROOT, "docs", "figures", "study_cpu_groups1-3.png")
-    study.bar_chart(table, path, "CIFAR-10 IPC 1, CPU protocol, groups 1 to 3: mean +- std "
-                                 "over seeds x models")
+    path = os.path.join(ROOT, "docs", "figures", "study_cpu_all.png")
+    study.bar_chart(table, path, "CIFAR-10 IPC 1, CPU protocol, every variant measured: mean "
+                                 "+- std over seeds x models")
     for row in table:
         print(f"{row['variant']:>20} {row['mean']:6.2f} +- {row['std']:.2f} "
               f"({row['seeds']} x {row['models'] // row['seeds']})")
