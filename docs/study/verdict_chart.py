@@ -2,10 +2,10 @@
 
     PYTHONPATH=. python docs/study/verdict_chart.py   # writes docs/figures/study_cpu_all.png
 
-Groups 3 and 4 come from their run records in ``docs/study/cpu-protocol`` (every seed found). Groups 1 and 2
-ran before records were kept in the repository (their run folders went with their machine), so
-their per-model accuracies are copied below from the run tables of ``RESULTS.md``, which were
-written from those runs' own ``results.json``.
+Groups 3 and 4 come from their run records in ``docs/study/cpu-protocol`` (every seed found).
+Groups 1 and 2 ran before records were kept in the repository (their run folders went with their
+machine), so their per-model accuracies are copied below from the run tables of ``RESULTS.md``,
+which were written from those runs' own ``results.json``.
 """
 
 import glob
