@@ -25,7 +25,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--ipc", type=int, default=1)
-    parser.add_argument("--budget", default="cpu", choices=("cpu", "paper"))
+    parser.add_argument("--budget", default="cpu", choices=study.BUDGETS)
     parser.add_argument("--workdir", default="runs/study")
     parser.add_argument("--source", default=None)
     parser.add_argument("--data_dir", default=None)

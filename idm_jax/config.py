@@ -64,6 +64,8 @@ class Config:
     cf_scale: float = 1.0               # characteristic: frequency std is cf_scale / sqrt(D)
     moment: str = "covariance"          # the moment term: covariance | variance
     moment_weight: float = 0.0          # weight of the moment term; 0 leaves it out
+    match_weight: float = 1.0           # weight of the matching distance; 0 is the CE-only
+                                        # control (the distance is still logged, unweighted)
 
     # --- model queue (docs/FAITHFULNESS.md, "model queue")
     net_num: int = 100                  # queue capacity
@@ -127,6 +129,8 @@ class Config:
              f"cf_scale must be a finite number > 0, got {self.cf_scale}")
         need(math.isfinite(self.moment_weight) and self.moment_weight >= 0,
              f"moment_weight must be a finite number >= 0, got {self.moment_weight}")
+        need(math.isfinite(self.match_weight) and self.match_weight >= 0,
+             f"match_weight must be a finite number >= 0, got {self.match_weight}")
         for f in dataclasses.fields(self):    # inf or nan in any rate or weight is a typo
             value = getattr(self, f.name)
             need(not isinstance(value, float) or math.isfinite(value),

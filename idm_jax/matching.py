@@ -49,7 +49,7 @@ def linear_distance(real_features, syn_features, real_mask, key):
 
 def idm_objective(real_features, real_mask, syn_features, syn_logits, label, ce_scale, key,
                   *, distance: Distance = linear_distance, moment: Moment | None = None,
-                  moment_weight: float = 0.0):
+                  moment_weight: float = 0.0, match_weight: float = 1.0):
     """One class's IDM objective: ``distance(real, syn) + ce_scale * CE(syn_logits, label)``,
     plus ``moment_weight * moment(real, syn)`` when a moment term is given.
 
@@ -65,6 +65,8 @@ def idm_objective(real_features, real_mask, syn_features, syn_logits, label, ce_
       distance: the matching distance; IDM's is the linear-kernel MMD (``linear_distance``).
       moment, moment_weight: an optional moment term (``losses.covariance_gap``, ...) and its
         weight; None (IDM) leaves it out of the program.
+      match_weight: the distance's weight; 1 (IDM) leaves the program as it is, 0 is the
+        CE-only control (the distance is still reported in the terms, unweighted).
 
     Returns (loss, terms): "mmd" the distance term, "ce" the unscaled cross-entropy, and
     "moment" when there is a moment term.
@@ -72,7 +74,8 @@ def idm_objective(real_features, real_mask, syn_features, syn_logits, label, ce_
     match = distance(real_features, syn_features, real_mask, jax.random.fold_in(key, 1))
     labels = jnp.broadcast_to(label, syn_logits.shape[:1])
     ce = losses.class_aware_ce(syn_logits, labels, 1.0)
-    loss, terms = match + ce_scale * ce, {"mmd": match, "ce": ce}
+    weighted = match if match_weight == 1.0 else match_weight * match
+    loss, terms = weighted + ce_scale * ce, {"mmd": match, "ce": ce}
     if moment is not None:
         terms["moment"] = moment(real_features, syn_features, real_mask)
         loss = loss + moment_weight * terms["moment"]
@@ -104,7 +107,8 @@ def make_objective(config) -> Objective:
         moment = {"covariance": losses.covariance_gap, "variance": losses.variance_gap}[
             config.moment]
     return functools.partial(idm_objective, distance=make_distance(config), moment=moment,
-                             moment_weight=config.moment_weight)
+                             moment_weight=config.moment_weight,
+                             match_weight=config.match_weight)
 
 
 def draw_extractor(engine: "Engine", queue: queue_lib.ModelQueue, key: jax.Array):

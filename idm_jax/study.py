@@ -6,9 +6,12 @@ one continues from its checkpoint. The aggregate is one table, mean +- populatio
 evaluation models of all seeds of a variant, written as ``study.md``, ``study.json`` and a bar
 chart ``study.png`` with error bars.
 
-Budgets: ``cpu`` is the CPU protocol (CIFAR-10 IPC 1, batch_real 256, 100 iterations, meters
-reset every 100, 3 ConvNet-3 evaluation models x 301 epochs, no intermediate evaluation);
-``paper`` keeps the preset's own settings (accelerators).
+Budgets: ``cpu`` is the CPU protocol: the preset of the IPC studied (its queue interval, CE
+weight, ...) with batch_real 256, 100 iterations, meters reset every 100, 3 ConvNet-3 evaluation
+models x 301 epochs, no intermediate evaluation. ``cpu-v1`` is the first study's protocol (groups
+1 to 4 of RESULTS.md), which took the IPC 10 preset's queue settings at every IPC; it is kept so
+that those records can still be tabled. ``paper`` keeps the preset's own settings
+(accelerators).
 """
 
 from __future__ import annotations
@@ -53,6 +56,15 @@ VARIANTS: dict[str, tuple[str, Transform]] = {
     # CPU protocol (RESULTS.md, group 3); 0.005 puts the two losses on one scale there.
     "covariance-balanced": ("IDM + covariance matching (weight 0.005: the two terms about "
                             "equal at the start)", _set(moment_weight=0.005)),
+    "ce-only": ("IDM with the matching distance off: the class-aware CE term alone",
+                _set(match_weight=0.0)),
+    "ce-only-pf4": ("CE alone, partition factor 4", _set(match_weight=0.0, partition_factor=4)),
+    "random-real-pf3": ("the initial mosaic at factor 3: 9 random real images per stored image "
+                        "(0 iterations)", _set(iterations=0, partition_factor=3)),
+    "random-real-pf4": ("the initial mosaic at factor 4: 16 random real images per stored image "
+                        "(0 iterations)", _set(iterations=0, partition_factor=4)),
+    "random-real-plain": ("random real images, no partition-and-expand (0 iterations)",
+                          _set(iterations=0, partition_expand=False, init="real")),
     "pf1": ("partition factor 1 (no pieces, same optimiser)", _set(partition_factor=1)),
     "pf3": ("partition factor 3 (pieces of 11, 10, 11 pixels on 32)", _set(partition_factor=3)),
     "pf4": ("partition factor 4", _set(partition_factor=4)),
@@ -62,22 +74,28 @@ VARIANTS: dict[str, tuple[str, Transform]] = {
 }
 
 # checkpoint_every changes no result: a run killed with its session resumes from the last 25.
-CPU_PROTOCOL = dict(ipc=1, batch_real=256, iterations=100, eval_interval=100, num_eval=3,
+CPU_PROTOCOL = dict(batch_real=256, iterations=100, eval_interval=100, num_eval=3,
                     epoch_eval_train=300, eval_every=0, model="ConvNet", eval_model="ConvNet",
                     checkpoint_every=25)
 
 
+BUDGETS = ("cpu", "cpu-v1", "paper")
+
+
 def budget_config(dataset: str, budget: str, ipc: int = 1,
                   overrides: Optional[dict] = None) -> Config:
-    """The base config of a study: ``cpu`` (the CPU protocol) or ``paper`` (the preset), with
-    ``overrides`` (field -> value or string) on top."""
+    """The base config of a study: ``cpu`` (the CPU protocol on the preset of ``ipc``),
+    ``cpu-v1`` (the first study's: the IPC 10 preset at any ``ipc``) or ``paper`` (the preset),
+    with ``overrides`` (field -> value or string) on top."""
     if budget == "cpu":
+        base = dataclasses.replace(config_lib.get_preset(f"{dataset}-ipc{ipc}"), **CPU_PROTOCOL)
+    elif budget == "cpu-v1":
         base = dataclasses.replace(config_lib.get_preset(f"{dataset}-ipc10"),
                                    **dict(CPU_PROTOCOL, ipc=ipc))
     elif budget == "paper":
         base = config_lib.get_preset(f"{dataset}-ipc{ipc}")
     else:
-        raise ValueError(f"unknown budget {budget!r}; use cpu or paper")
+        raise ValueError(f"unknown budget {budget!r}; use one of {', '.join(BUDGETS)}")
     return config_lib.override(base, overrides or {})
 
 
@@ -269,6 +287,6 @@ def run_study(dataset, variants: Sequence[str], seeds: Sequence[int], workdir: s
                        overrides=overrides, command=command)
 
 
-__all__ = ["VARIANTS", "CPU_PROTOCOL", "budget_config", "variant_config", "run_dir", "finished",
+__all__ = ["VARIANTS", "CPU_PROTOCOL", "BUDGETS", "budget_config", "variant_config", "run_dir", "finished",
            "finished_runs", "machine", "provenance", "aggregate", "markdown", "bar_chart",
            "write_table", "run_study"]

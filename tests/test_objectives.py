@@ -108,6 +108,7 @@ def test_covariance_and_variance_gaps_equal_numpy():
     ({"cf_frequencies": 0}, "cf_frequencies"),
     ({"moment": "kurtosis"}, "unknown moment"),
     ({"moment_weight": float("inf")}, "moment_weight"),
+    ({"match_weight": -1.0}, "match_weight"),
 ])
 def test_objective_settings_are_validated(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -121,6 +122,29 @@ def test_faithful_presets_keep_the_linear_objective():
         objective = matching.make_objective(config)
         assert objective.keywords["distance"] is matching.linear_distance
         assert objective.keywords["moment"] is None
+
+
+def test_match_weight_zero_leaves_the_ce_term_alone_and_still_reports_the_distance():
+    rng = np.random.default_rng(7)
+    real, syn = features(8, 9), features(9, 4, shift=0.5)
+    logits = rng.normal(size=(4, 3)).astype(np.float32)
+    mask, key = np.ones(9, bool), jax.random.PRNGKey(0)
+
+    def objective(weight, s):
+        return matching.idm_objective(real, mask, s, logits, 2, 0.7, key, match_weight=weight)
+
+    loss, terms = objective(0.0, syn)
+    # CE by hand: mean over the rows of -log softmax at the label, scaled by ce_scale.
+    shifted = logits - logits.max(-1, keepdims=True)
+    ce = float(np.mean(np.log(np.exp(shifted).sum(-1)) - shifted[:, 2]))
+    np.testing.assert_allclose(loss, 0.7 * ce, rtol=1e-5)
+    np.testing.assert_allclose(terms["mmd"], np.sum((real.mean(0) - syn.mean(0)) ** 2),
+                               rtol=1e-5)
+    # No gradient reaches the features through the distance; weight 1 is IDM's objective.
+    assert not np.any(jax.grad(lambda s: objective(0.0, s)[0])(syn))
+    np.testing.assert_array_equal(objective(1.0, syn)[0], matching.idm_objective(
+        real, mask, syn, logits, 2, 0.7, key)[0])
+    np.testing.assert_allclose(objective(2.0, syn)[0], 2 * terms["mmd"] + 0.7 * ce, rtol=1e-5)
 
 
 @pytest.mark.parametrize("overrides", [

@@ -30,6 +30,21 @@ def test_cpu_budget_is_the_written_protocol():
     assert study.variant_config(config, "idm", 4) == config_lib.override(config, {"seed": 4})
 
 
+@pytest.mark.parametrize("ipc", [1, 10, 50])
+def test_cpu_budget_takes_the_preset_of_the_ipc_studied(ipc):
+    config = study.budget_config("cifar10", "cpu", ipc)
+    preset = config_lib.get_preset(f"cifar10-ipc{ipc}")
+    # Every field the CPU protocol does not set is the preset's own (queue interval, CE weight).
+    for name in config_lib.field_names():
+        if name not in study.CPU_PROTOCOL:
+            assert getattr(config, name) == getattr(preset, name), name
+    assert config.batch_real == 256 and config.iterations == 100
+    # The first study's protocol kept the IPC 10 preset's queue interval at IPC 1.
+    old = study.budget_config("cifar10", "cpu-v1", 1)
+    assert (old.ipc, old.net_generate_interval) == (1, 30)
+    assert study.budget_config("cifar10", "cpu", 1).net_generate_interval == 5
+
+
 def test_study_runs_skips_finished_runs_and_aggregates_every_model(tmp_path, capsys,
                                                                    monkeypatch):
     workdir = str(tmp_path / "study")
