@@ -246,9 +246,9 @@ def bench_queue_training(config: Config, real, iters: int, seed: int = 0,
                                      engine.optimizer, config.model_train_steps,
                                      vmap_trainees=vmap_trainees, chunk=engine.policy.chunk)
 
-    compiled, compile_s = _compile(jax.jit(train, donate_argnums=0), state.queue, state.key,
+    compiled, compile_s = _compile(jax.jit(train, donate_argnums=0), state.extractors, state.key,
                                    real)
-    holder = {"queue": state.queue, "key": state.key}
+    holder = {"queue": state.extractors, "key": state.key}
 
     def call():
         holder["key"], key = jax.random.split(holder["key"])

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from idm_jax import backend, ops
+from idm_jax import ops
 from idm_jax.resample import affine_sample, rotate, rotate_theta, scale, scale_theta
 from idm_jax.transforms import (DSAParams, brightness, contrast, crop_shift, cutout, cutout_size,
                                 flip, saturation, translate)
@@ -248,7 +248,7 @@ def dsa(
     strategy: str = DEFAULT_STRATEGY,
     siamese: bool = True,
     params: DSAParams = DSAParams(),
-    loop_over_keys: bool | None = None,
+    loop_over_keys: bool = False,
 ) -> Array:
     """Differentiable (Siamese) augmentation of a batch: one random group per call.
 
@@ -264,7 +264,7 @@ def dsa(
       loop_over_keys: static; under ``vmap`` with batched keys, run the keys one after another,
         each running only its own group (``ops.loop_over_batched_keys``, the backend policy's
         ``cpu_kernels``: much cheaper on CPU), instead of ``lax.switch`` evaluating every group
-        and selecting per key. None takes ``backend.resolve().cpu_kernels``. Same values.
+        and selecting per key (the default; the engine passes its policy's choice). Same values.
 
     Returns:
       (N, H, W, C), same dtype as ``images``; differentiable (reverse mode) with
@@ -284,8 +284,6 @@ def dsa(
     _check_images(images)
     if not groups:
         return images
-    if loop_over_keys is None:
-        loop_over_keys = backend.resolve().cpu_kernels
     if not loop_over_keys:
         return _dsa_plain(key, images, strategy, siamese, params)
     return _dsa_looped(strategy, siamese, params)(key, images)

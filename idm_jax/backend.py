@@ -14,10 +14,12 @@ Every choice here changes speed, never values (each is tested against its altern
   models) as one vmapped program (accelerators) or one after another (CPU, where one model
   already fills the cores and vmapping turns skipped padding chunks into computed ones).
 
-The engine resolves the policy once from the config (``make_engine``) and passes it down; the
-library functions that can run on their own (``evaluate``, ``queue.train_slots``,
-``models.get_model``, ``augment.dsa``) take the decision as an argument and fall back to
-``resolve()`` when it is not given. BENCHMARKS.md has the measurements behind each choice.
+The policy is resolved once, at the edge: by the engine when it is built (``make_engine``) and
+by the evaluation's entry point (``evaluate_synset``). It reaches the maths as arguments: the
+networks get their convolution as a building block (``Policy.conv_op``), DSA and the model
+trainers get plain arguments whose defaults are the plain (accelerator) forms; nothing below
+the edge asks JAX which device it runs on. BENCHMARKS.md has the measurements behind each
+choice.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import dataclasses
 from typing import Optional
 
 import jax
+from jax import lax
+
+from idm_jax import ops
 
 # Images per network call on CPU when the config asks for the automatic choice (best of 8-32).
 CPU_CHUNK = 16
@@ -41,6 +46,11 @@ class Policy:
     vmap_models: bool      # train several models as one vmapped axis
     remat: bool = False    # memory is short: chunks recompute their activations in the
                            # backward pass instead of keeping every chunk's (idm_jax.memory)
+
+    @property
+    def conv_op(self):
+        """The convolution the networks are built with (``models.get_model(conv_op=...)``)."""
+        return ops.conv2d if self.cpu_kernels else lax.conv_general_dilated
 
 
 def resolve(microbatch: int = -1, platform: Optional[str] = None) -> Policy:

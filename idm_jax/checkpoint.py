@@ -31,6 +31,11 @@ from idm_jax import sharding
 from idm_jax.config import Config, result_differences
 
 
+# The layout of the saved state: 2 since methods (images, image_opt_state, extractors, key,
+# iteration); checkpoints before it (images, momentum, queue, ...) carry no number.
+STATE_FORMAT = 2
+
+
 class CheckpointMismatchError(ValueError):
     """The checkpoint on disk was made by a run with other result-changing settings or data."""
 
@@ -97,7 +102,8 @@ class Checkpointer:
     def save(self, state, config: Config, data_meta: dict, wait: bool = True) -> int:
         """Save ``state`` at its iteration with its digest; returns that iteration number."""
         step = int(state.iteration)
-        meta = {"config": config.to_dict(), "data": data_meta, "digest": state_digest(state)}
+        meta = {"config": config.to_dict(), "data": data_meta, "digest": state_digest(state),
+                "state_format": STATE_FORMAT}
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         if wait:
@@ -108,6 +114,12 @@ class Checkpointer:
         """Raise ``CheckpointMismatchError`` if checkpoint ``step`` was made with result-changing
         settings (``config.result_differences``) or data other than these."""
         meta = self._read_meta(step)
+        if meta.get("state_format") != STATE_FORMAT:
+            raise CheckpointMismatchError(
+                f"the checkpoint in {self.directory} (iteration {step}) was written by an older "
+                f"idm-jax, whose state (a momentum buffer and a queue) this version stores "
+                f"differently; finish that run with the version that made it, use another "
+                f"--workdir, or pass --restart to set it aside and start over")
         problems = result_differences(meta.get("config", {}), config)
         saved_data = meta.get("data", {})
         problems += [f"{field}: {saved_data.get(field)!r} -> {value!r}"
@@ -202,9 +214,11 @@ class Checkpointer:
         self._manager.close()
 
 
-def data_meta(real) -> dict:
-    """What a checkpoint records about the data it was made from."""
-    return {"image_shape": list(real.image_shape), "num_classes": int(real.num_classes)}
+def data_meta(real, method_provenance: Optional[dict] = None) -> dict:
+    """What a checkpoint records about the data it was made from, and of a method loaded from a
+    file its path and source hash (``methods.provenance``): a resume must match all of it."""
+    return {"image_shape": list(real.image_shape), "num_classes": int(real.num_classes),
+            **(method_provenance or {})}
 
 
 def dump_json(path: str, value) -> None:
@@ -214,5 +228,5 @@ def dump_json(path: str, value) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["Checkpointer", "CheckpointMismatchError", "CheckpointDamagedError", "state_digest",
+__all__ = ["STATE_FORMAT", "Checkpointer", "CheckpointMismatchError", "CheckpointDamagedError", "state_digest",
            "data_meta", "dump_json"]

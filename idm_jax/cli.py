@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from idm_jax import checkpoint, config as config_lib, data, engine, evaluation, export, models
+from idm_jax import checkpoint, config as config_lib, data, engine, evaluation, export, methods
+from idm_jax import models
 from idm_jax import outputs
 from idm_jax import run as run_lib
 from idm_jax import sharding, validate
@@ -51,9 +52,11 @@ def build_parser(dataset: str, default_ipc: int,
                              f"one of {', '.join(sorted(config_lib.PRESETS))}")
     parser.add_argument("--workdir", default=None, help="run folder (default runs/<preset>)")
     parser.add_argument("--smoke", action="store_true", help="tiny variant that runs in seconds")
-    parser.add_argument("--dm", action="store_true",
-                        help="DM itself on this budget: its optimiser (lr 1, one summed step), a "
-                             "fresh random extractor each iteration, real init, no PE, no CE")
+    parser.add_argument("--method", default=None,
+                        help=f"the condensation method: {', '.join(methods.METHODS)} (default "
+                             f"idm), or path/to/file.py:NAME for your own (README, 'Write your "
+                             f"own method'); its settings go over the preset")
+    parser.add_argument("--dm", action="store_true", help="the same as --method dm")
     parser.add_argument("--no_components", action="store_true",
                         help="ablation: IDM without partition-expand, queue training and CE "
                              "(IDM's optimiser kept)")
@@ -106,10 +109,15 @@ def parse(argv: Optional[Sequence[str]], dataset: str, default_ipc: int,
         else:  # an ipc without a paper preset: the ipc10 setting with this ipc
             base = config_lib.get_preset(f"{dataset}-ipc10")
             config = dataclasses.replace(base, ipc=args.ipc)
-        if args.dm and args.no_components:
-            raise UserError("--dm and --no_components are two different baselines; pass one")
         if args.dm:
-            config = config_lib.dm(config)
+            if args.method not in (None, "dm"):
+                raise UserError(f"--dm and --method {args.method} name two methods; pass one")
+            args.method = "dm"
+        if args.method not in (None, "idm") and args.no_components:
+            raise UserError(f"--no_components is an ablation of IDM; it does not combine with "
+                            f"--method {args.method}")
+        if args.method is not None:
+            config = methods.with_method(config, args.method)
         if args.no_components:
             config = config_lib.without_components(config)
         if args.smoke:
@@ -122,10 +130,19 @@ def parse(argv: Optional[Sequence[str]], dataset: str, default_ipc: int,
     if config.dataset != dataset and args.preset is None:
         raise UserError(f"preset {preset} is for {config.dataset}, not {dataset}")
     if args.workdir is None:
-        suffix = (("-dm" if args.dm else "") + ("-no-components" if args.no_components else "")
+        suffix = ((f"-{_method_label(config.method)}" if config.method != "idm" else "")
+                  + ("-no-components" if args.no_components else "")
                   + ("-smoke" if args.smoke else ""))
         args.workdir = os.path.join("runs", f"{dataset}-ipc{config.ipc}{suffix}")
     return args, config
+
+
+def _method_label(spec: str) -> str:
+    """A short name for a method in a folder name: ``dm``, or ``file-NAME`` for a file."""
+    if not methods.is_file(spec):
+        return spec
+    path, _, name = spec.rpartition(":") if not spec.endswith(".py") else (spec, "", "METHOD")
+    return f"{os.path.splitext(os.path.basename(path))[0]}-{name or 'METHOD'}"
 
 
 def load_data(config: Config, args) -> data.Dataset:
@@ -149,6 +166,7 @@ def check_before_loading(config: Config, args) -> None:
     # imagenet_subset can be loaded at another size; its shape is checked after loading.
     shape = spec.image_shape if spec is not None and config.dataset != "imagenet_subset" else None
     try:
+        validate.check_method(config)
         validate.check_config(config, shape)
         validate.check_workdir(args.workdir)
     except validate.InvalidRun as err:

@@ -14,7 +14,6 @@ import math
 import typing
 from typing import Any, Mapping
 
-IMAGE_UPDATES = ("per_class", "summed")
 INITS = ("mosaic", "mosaic_repeat", "real", "noise")
 REAL_SAMPLINGS = ("random", "first")
 DTYPES = ("float32", "bfloat16")
@@ -35,6 +34,7 @@ class Config:
     ipc: int = 10                       # synthetic images per class (the stored budget)
     model: str = "ConvNet"              # matching / queue architecture (official name string)
     seed: int = 0
+    method: str = "idm"                 # idm | dm | path/to/file.py:NAME (idm_jax.methods)
 
     # --- synthetic set and its optimiser (docs/FAITHFULNESS.md, "init", "image update")
     iterations: int = 20000             # outer iterations; the loop runs it = 0..iterations
@@ -45,7 +45,8 @@ class Config:
     partition_ratio: float = 0.4        # nonuniform: where each side is cut (fraction)
     lr_img: float = 0.2
     img_momentum: float = 0.5
-    image_update: str = "per_class"     # official: one SGD step per class, shared momentum
+    image_update: str = "per_class"     # the image optimiser (image_update.OPTIMIZERS): official
+                                        # per_class | summed (DM) | sgd | adam
     batch_real: int = 256               # real images per class per iteration (whole class if fewer)
     real_sampling: str = "random"       # "first": ImageNet-script quirk, the first batch_real
                                         # images of each class every time
@@ -110,8 +111,8 @@ class Config:
         need(self.ipc >= 1, f"ipc must be >= 1, got {self.ipc}")
         need(self.iterations >= 0, f"iterations must be >= 0, got {self.iterations}")
         need(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
-        need(self.image_update in IMAGE_UPDATES,
-             f"image_update must be one of {IMAGE_UPDATES}, got {self.image_update!r}")
+        need(bool(self.method.strip()), "method must name a method (idm, dm, or "
+             "path/to/file.py:NAME)")
         need(self.real_sampling in REAL_SAMPLINGS,
              f"real_sampling must be one of {REAL_SAMPLINGS}, got {self.real_sampling!r}")
         need(self.compute_dtype in DTYPES,
@@ -345,27 +346,36 @@ PRESETS: dict[str, Config] = {
 
 
 def get_preset(name: str) -> Config:
-    """The named preset; ``NAME-smoke`` gives its ``smoke`` variant, ``NAME-dm`` DM on the same
-    data and budget (``dm``), ``NAME-no-components`` IDM without its components."""
-    for suffix, transform in (("-smoke", smoke), ("-dm", dm),
-                              ("-no-components", without_components)):
+    """The named preset; ``NAME-smoke`` gives its ``smoke`` variant, ``NAME-no-components`` IDM
+    without its components. (Another method on a preset: ``methods.with_method``.)"""
+    for suffix, transform in (("-smoke", smoke), ("-no-components", without_components)):
         if name.endswith(suffix):
             return transform(get_preset(name[: -len(suffix)]))
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))} "
-                         f"(append -smoke for a seconds-long CPU run, -dm for DM, -no-components "
-                         f"for IDM without PE, queue training and CE)")
+                         f"(append -smoke for a seconds-long CPU run, -no-components for IDM "
+                         f"without PE, queue training and CE)")
     return PRESETS[name]
 
 
+# What ``smoke`` may change: sizes and lengths, never a method's schedule or optimiser (the
+# queue's intervals, the image optimiser, the objective stay as the method set them).
+SIZE_FIELDS = ("model", "eval_model", "iterations", "batch_real", "trained_bs",
+               "model_train_steps", "net_num", "initial_models", "eval_interval", "num_eval",
+               "epoch_eval_train", "batch_train", "eval_every", "checkpoint_every")
+
+
 def smoke(config: Config) -> Config:
-    """A variant of ``config`` with the same structure that runs in seconds on a CPU."""
+    """A variant of ``config`` with the same method that runs in seconds on a CPU: smaller
+    networks, batches, queue and evaluation, 10 iterations (only ``SIZE_FIELDS`` change, each
+    only downwards, so the order in which smoke and a method are applied does not matter)."""
     return dataclasses.replace(
         config, model="ConvNetW32" if config.model == "ConvNet" else config.model,
         eval_model="ConvNetW32" if config.eval_model == "ConvNet" else config.eval_model,
-        iterations=10, batch_real=min(config.batch_real, 32), trained_bs=32,
-        model_train_steps=min(config.model_train_steps, 2), net_num=6,
-        initial_models=min(config.initial_models, 3), net_generate_interval=3, eval_interval=5,
+        iterations=10, batch_real=min(config.batch_real, 32),
+        trained_bs=min(config.trained_bs, 32),
+        model_train_steps=min(config.model_train_steps, 2), net_num=min(config.net_num, 6),
+        initial_models=min(config.initial_models, 3), eval_interval=min(config.eval_interval, 5),
         num_eval=2, epoch_eval_train=4, batch_train=64, eval_every=0, checkpoint_every=5)
 
 
@@ -381,18 +391,6 @@ def without_components(config: Config) -> Config:
         fetch_net_num=0, net_num=1, initial_models=1, net_generate_interval=1)
 
 
-def dm(config: Config) -> Config:
-    """DM itself (Zhao and Bilen, WACV 2023) in this engine, on ``config``'s data and budget.
-
-    DM's optimiser: one SGD-momentum step (lr 1.0, momentum 0.5) on the matching loss summed
-    over classes; DM's extractor: a freshly initialised network every iteration, never trained
-    (queue of one model, replaced each iteration); real-image init, no partition-and-expand, no
-    CE term; mean-embedding MMD with Siamese DSA, as IDM's.
-    """
-    return dataclasses.replace(
-        without_components(config), image_update="summed", lr_img=1.0, img_momentum=0.5)
-
-
 __all__ = ["DISTANCES", "PARTITIONS", "MOMENTS", "Config", "PRESETS", "get_preset", "override",
-           "smoke", "without_components", "dm", "field_names", "MECHANICS", "RESUMABLE_FIELDS",
+           "smoke", "SIZE_FIELDS", "without_components", "field_names", "MECHANICS", "RESUMABLE_FIELDS",
            "result_differences"]

@@ -1,14 +1,16 @@
-"""The IDM condensation engine: explicit state and one jitted outer iteration.
+"""The condensation engine: explicit state and one jitted outer iteration of a method.
 
-One call of the step is one outer iteration of the official ``IDM_cifar10.py`` loop
-(docs/FAITHFULNESS.md, "outer iteration"), in this order:
+The engine is built from a method (``base.Method``, ``idm_jax.methods``): its objective, image
+optimiser and extractor schedule. One call of the step is one outer iteration; for IDM, one
+iteration of the official ``IDM_cifar10.py`` loop (docs/FAITHFULNESS.md, "outer iteration"):
 
-1. ``refresh_queue``: reset the accuracy meters every ``eval_interval`` iterations and push a
-   fresh model every ``net_generate_interval``;
+1. refresh the extractors (``schedule.refresh``; IDM: reset the accuracy meters every
+   ``eval_interval`` iterations and push a fresh model every ``net_generate_interval``);
 2. ``matching.match``, ``train_net_num`` times: one extractor, every class, one image update;
-3. ``train_queue``: train ``fetch_net_num`` queue models on real batches.
+3. train the extractors (``schedule.train``; IDM: ``fetch_net_num`` queue models on real
+   batches).
 
-Classes are a vmapped axis, the queue is a stacked pytree, and nothing leaves the device. The
+Classes are a vmapped axis, every piece's state is a pytree, and nothing leaves the device. The
 same step runs on one device or, given a ``jax.sharding`` mesh, with the class axis split over
 several devices (``sharding.ClassLayout``) and the queue trainees data-parallel. The run loop
 with checkpoints and outputs is ``idm_jax.run``; ``condense`` here is the minimal library call.
@@ -25,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from idm_jax import backend, matching, memory, models, partition
-from idm_jax import queue as queue_lib
+from idm_jax import backend, classifier, matching, memory, models, partition
 from idm_jax import real as real_lib
 from idm_jax import sharding, validate
+from idm_jax.base import ExtractorSchedule, ImageOptimizer, Method, Networks, Objective
 from idm_jax.config import Config
 from idm_jax.real import RealData, prepare_real
 
@@ -39,23 +41,28 @@ class CondenseState:
     """Everything a run needs to continue; a checkpoint stores exactly this."""
 
     images: jax.Array        # (K*ipc, H, W, C) float32 synthetic images (normalised space)
-    momentum: jax.Array      # same shape, the image optimiser's buffer
-    queue: queue_lib.ModelQueue
+    image_opt_state: Any     # the image optimiser's state (IDM: the momentum buffer, as images)
+    extractors: Any          # the extractor schedule's state (IDM: the queue.ModelQueue)
     key: jax.Array           # (2,) uint32 raw PRNG key
     iteration: jax.Array     # () int32, next outer iteration to run
 
     @staticmethod
-    def layout(mesh: Mesh, num_rows: int) -> "CondenseState":
-        """Sharding prefix on ``mesh`` with ``num_rows`` (= K*ipc) synthetic rows: the rows split
-        (replicated when the mesh does not divide them), the queue, key and counter replicated."""
+    def layout(mesh: Mesh, state) -> "CondenseState":
+        """Shardings of ``state`` (or its ``jax.eval_shape``) on ``mesh``: the synthetic rows
+        split (replicated when the mesh does not divide them), and so every optimiser leaf of
+        their shape; the extractors, key and counter replicated."""
         rep = sharding.replicated(mesh)
-        row = sharding.rows(mesh, num_rows)
-        return CondenseState(images=row, momentum=row, queue=rep, key=rep, iteration=rep)
+        shape = state.images.shape
+        row = sharding.rows(mesh, shape[0])
+        opt = jax.tree.map(lambda leaf: row if leaf.shape == shape else rep,
+                           state.image_opt_state)
+        return CondenseState(images=row, image_opt_state=opt, extractors=rep, key=rep,
+                             iteration=rep)
 
 
 def shard_state(state: CondenseState, mesh: Mesh) -> CondenseState:
     """A state (fresh, or restored from any checkpoint) placed on ``mesh``."""
-    return sharding.place(state, CondenseState.layout(mesh, state.images.shape[0]))
+    return sharding.place(state, CondenseState.layout(mesh, state))
 
 
 def synthetic_labels(num_classes: int, ipc: int) -> jnp.ndarray:
@@ -68,32 +75,39 @@ class Engine(NamedTuple):
 
     config: Config
     model: Any
-    optimizer: Any
+    optimizer: Any                    # optax transformation that trains an extractor
     init_params: Callable             # key -> params of a fresh model
     apply: Callable                   # (params, images) -> (embedding, logits), float32
     policy: backend.Policy            # device-dependent choices, resolved once
-    objective: matching.Objective     # one class's loss; replace it to try another objective
+    objective: Objective     # one class's loss (the method's)
+    image_optimizer: ImageOptimizer   # how the images move (the method's)
+    extractors: ExtractorSchedule     # where the extractors come from (the method's)
+    method: Method
 
 
 def make_engine(config: Config, num_classes: int, image_shape, *,
                 policy: Optional[backend.Policy] = None,
-                objective: Optional[matching.Objective] = None,
+                method: Optional[Method] = None,
+                objective: Optional[Objective] = None,
                 max_per_class: Optional[int] = None) -> Engine:
     """Build the engine for ``num_classes`` classes of ``image_shape`` (H, W, C) images.
 
-    ``policy`` defaults to ``backend.resolve(config.microbatch)``; ``objective`` to the config's
-    (``matching.make_objective``). With ``max_per_class`` (the largest class's image count) and
-    the automatic ``microbatch``, an accelerator run chunks its network calls to fit the device's
-    memory (``idm_jax.memory``) instead of always using whole batches, and a CPU run whose kept
-    activations would not fit the host's memory recomputes them (``memory.cpu_needs_remat``).
+    ``method`` defaults to the one ``config.method`` names (``idm_jax.methods``); ``objective``
+    replaces the method's objective. ``policy`` defaults to ``backend.resolve(config.microbatch)``.
+    With ``max_per_class`` (the largest class's image count) and the automatic ``microbatch``, an
+    accelerator run chunks its network calls to fit the device's memory (``idm_jax.memory``)
+    instead of always using whole batches, and a CPU run whose kept activations would not fit
+    the host's memory recomputes them (``memory.cpu_needs_remat``).
     """
     validate.check_config(config, image_shape)    # architectures and partition geometry
+    if method is None:
+        method = validate.check_method(config)
     channels = image_shape[2]
     automatic = policy is None and config.microbatch == -1
     policy = backend.resolve(config.microbatch) if policy is None else policy
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
     model = models.get_model(config.model, num_classes, in_channels=channels, dtype=dtype,
-                             cpu_kernels=policy.cpu_kernels)
+                             conv_op=policy.conv_op)
     dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
 
     def init_params(key):
@@ -113,10 +127,15 @@ def make_engine(config: Config, num_classes: int, image_shape, *,
             budget = memory.plan(config, num_classes, image_shape, max_per_class, apply,
                                  params, memory.device_memory_bytes())
             policy = dataclasses.replace(policy, chunk=budget.chunk, remat=budget.chunk > 0)
-    optimizer = queue_lib.net_optimizer(config.lr_net, config.net_momentum,
+    optimizer = classifier.sgd(config.lr_net, config.net_momentum,
                                         config.net_weight_decay)
-    objective = matching.make_objective(config) if objective is None else objective
-    return Engine(config, model, optimizer, init_params, apply, policy, objective)
+    nets = Networks(init_params, apply, optimizer, policy.vmap_models, policy.chunk)
+    try:
+        pieces = (method.objective(config) if objective is None else objective,
+                  method.image_optimizer(config, num_classes), method.extractors(config, nets))
+    except ValueError as err:          # a setting the method cannot use
+        raise validate.InvalidRun(str(err)) from None
+    return Engine(config, model, optimizer, init_params, apply, policy, *pieces, method)
 
 
 def init_synthetic(key: jax.Array, config: Config, real: RealData) -> jax.Array:
@@ -148,63 +167,30 @@ def init_synthetic(key: jax.Array, config: Config, real: RealData) -> jax.Array:
 
 
 def init_state(engine: Engine, real: RealData, seed_or_key) -> CondenseState:
-    """Fresh state: synthetic init, zero momentum, a queue of ``initial_models`` random models."""
+    """Fresh state: the synthetic init, the image optimiser's and the extractor schedule's
+    initial states (IDM: zero momentum, a queue of ``initial_models`` random models)."""
     config = engine.config
     key = (jax.random.PRNGKey(seed_or_key) if isinstance(seed_or_key, int)
            else jnp.asarray(seed_or_key))
-    key, k_images, k_queue = jax.random.split(key, 3)
+    key, k_images, k_extractors = jax.random.split(key, 3)
     images = init_synthetic(k_images, config, real)
-    queue = queue_lib.init_queue(k_queue, engine.init_params, engine.optimizer,
-                                 config.net_num, config.initial_models)
-    return CondenseState(images=images, momentum=jnp.zeros_like(images), queue=queue,
-                         key=key, iteration=jnp.asarray(0, jnp.int32))
+    # A copy of every leaf: an optimiser whose state holds the images themselves would make the
+    # step donate one buffer twice.
+    opt_state = jax.tree.map(jnp.array, engine.image_optimizer.init(images))
+    return CondenseState(images=images, image_opt_state=opt_state,
+                         extractors=engine.extractors.init(k_extractors), key=key,
+                         iteration=jnp.asarray(0, jnp.int32))
 
 
-# --------------------------------------------------------------------------- queue upkeep
-def refresh_queue(engine: Engine, queue: queue_lib.ModelQueue, iteration: jax.Array,
-                  key: jax.Array) -> queue_lib.ModelQueue:
-    """Start of an iteration: reset the meters every ``eval_interval`` iterations (not at 0) and
-    push ``net_push_num`` fresh models every ``net_generate_interval`` (at 0 too)."""
-    config = engine.config
-    queue = jax.lax.cond((iteration > 0) & (iteration % config.eval_interval == 0),
-                         queue_lib.reset_meters, lambda q: q, queue)
-
-    def push_models(q):
-        for push_key in jax.random.split(key, config.net_push_num):
-            q = queue_lib.push(q, push_key, engine.init_params, engine.optimizer)
-        return q
-
-    if config.net_push_num > 0:
-        queue = jax.lax.cond(iteration % config.net_generate_interval == 0, push_models,
-                             lambda q: q, queue)
-    return queue
-
-
-def train_queue(engine: Engine, queue: queue_lib.ModelQueue, real: RealData,
-                k_trainees: jax.Array, k_train: jax.Array, layout: sharding.ClassLayout):
-    """End of an iteration: train ``fetch_net_num`` queue models on batches of the whole train
-    set. Returns (queue, trainee accuracy % (fetch_net_num,))."""
-    config, mesh = engine.config, layout.mesh
-
-    def logits_fn(params, images):
-        return engine.apply(params, images)[1]
-
-    if mesh is not None and config.trained_bs % sharding.mesh_size(mesh) == 0:
-        # Explicit data parallelism: each device runs its slice of the batch, and the transpose
-        # of the replicated weights sums their gradients. (Left to itself, the compiler
-        # all-gathers the batch of the vmapped trainees.)
-        logits_fn = sharding.data_parallel(logits_fn, mesh)
-
-    def trainee_batch(k):
-        images, labels = real_lib.sample_all_classes(real, k, config.trained_bs,
-                                                     config.normalize_train)
-        return layout.constrain(images), layout.constrain(labels)
-
-    slots, active = queue_lib.sample_slots(queue, k_trainees, config.fetch_net_num)
-    return queue_lib.train_slots(
-        queue, k_train, slots, active, logits_fn, trainee_batch, engine.optimizer,
-        config.model_train_steps, vmap_trainees=engine.policy.vmap_models,
-        chunk=engine.policy.chunk if mesh is None else 0)
+def state_shapes(engine: Engine, num_classes: int, image_shape) -> CondenseState:
+    """The shapes and dtypes of a state (``jax.eval_shape``), without building one."""
+    rows = jax.ShapeDtypeStruct((num_classes * engine.config.ipc,) + tuple(image_shape),
+                                jnp.float32)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    return CondenseState(images=rows,
+                         image_opt_state=jax.eval_shape(engine.image_optimizer.init, rows),
+                         extractors=jax.eval_shape(engine.extractors.init, key), key=key,
+                         iteration=jax.ShapeDtypeStruct((), jnp.int32))
 
 
 # --------------------------------------------------------------------------- one iteration
@@ -224,28 +210,30 @@ def make_step(engine: Engine, real: RealData, jit: bool = True,
                          f"with idm_jax.real.shard_real(real, mesh) (it pads the class axis)")
     layout = sharding.ClassLayout(real.num_classes, mesh)
 
+    schedule = engine.extractors
+
     def step(state: CondenseState, r: RealData):
         # ``r`` is an argument, not a closure constant: the dataset is not baked into the program.
-        key, k_push, k_match, k_trainees, k_train = jax.random.split(state.key, 5)
-        queue = refresh_queue(engine, state.queue, state.iteration, k_push)
-        images, momentum, metrics = state.images, state.momentum, {}
+        key, k_refresh, k_match, k_select, k_batch = jax.random.split(state.key, 5)
+        extractors = schedule.refresh(state.extractors, state.iteration, k_refresh)
+        images, opt_state, metrics = state.images, state.image_opt_state, {}
         for match_key in jax.random.split(k_match, config.train_net_num):
-            images, momentum, metrics = matching.match(engine, r, images, momentum, queue,
-                                                       match_key, layout)
-        queue, trainee_acc = train_queue(engine, queue, r, k_trainees, k_train, layout)
+            images, opt_state, metrics = matching.match(engine, r, images, opt_state,
+                                                        extractors, match_key, layout)
+        extractors, trained = schedule.train(extractors, r, layout, k_select, k_batch)
         # The loss is taken before the update, so a blow-up shows in the images one iteration
         # before it shows in the loss (or never, on the last iteration): report both.
-        metrics = dict(metrics, trainee_acc=jnp.mean(trainee_acc) if trainee_acc.size else 0.0,
-                       queue_size=queue_lib.size(queue),
+        metrics = dict(metrics, **trained,
                        images_finite=jnp.all(jnp.isfinite(images)).astype(jnp.float32))
-        return CondenseState(images=images, momentum=momentum, queue=queue, key=key,
-                             iteration=state.iteration + 1), metrics
+        return CondenseState(images=images, image_opt_state=opt_state, extractors=extractors,
+                             key=key, iteration=state.iteration + 1), metrics
 
     if not jit:
         return step
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
-    state_layout = CondenseState.layout(mesh, real.num_classes * config.ipc)
+    state_layout = CondenseState.layout(mesh, state_shapes(engine, real.num_classes,
+                                                           real.image_shape))
     return jax.jit(step, donate_argnums=0,
                    in_shardings=(state_layout, RealData.layout(mesh)),
                    out_shardings=(state_layout, sharding.replicated(mesh)))
@@ -306,8 +294,10 @@ def check_finite(metrics: dict, iteration: int) -> None:
 def condense(config: Config, train_images: np.ndarray, train_labels: np.ndarray, *, mean, std,
              num_classes: Optional[int] = None, state: Optional[CondenseState] = None,
              callback: Optional[Callable[[CondenseState, dict], None]] = None,
-             mesh: Optional[Mesh] = None) -> tuple[CondensedSet, CondenseState]:
-    """Condense a labelled uint8 image set with IDM; the minimal library entry point.
+             mesh: Optional[Mesh] = None,
+             method: Optional[Method] = None) -> tuple[CondensedSet, CondenseState]:
+    """Condense a labelled uint8 image set with the config's method (IDM by default); the
+    minimal library entry point.
 
     Args:
       config: run configuration (see ``idm_jax.config``).
@@ -318,6 +308,7 @@ def condense(config: Config, train_images: np.ndarray, train_labels: np.ndarray,
         (and ``iteration``, 0-based); raise from it to stop. Fetching those metrics waits for
         the device each iteration; leave it None to let an accelerator run ahead.
       mesh: run over the devices of this mesh (``sharding.make_mesh()``); None: one device.
+      method: a ``base.Method`` object to run instead of the one ``config.method`` names.
 
     Raises ``NonFiniteError`` when the loss or the images stop being finite (checked every
     iteration with a callback, else at the end). For checkpoints, resuming and outputs use
@@ -326,7 +317,7 @@ def condense(config: Config, train_images: np.ndarray, train_labels: np.ndarray,
     Returns (the condensed set, the final state).
     """
     real = prepare_real(train_images, train_labels, mean, std, num_classes, mesh=mesh)
-    engine = make_engine(config, real.num_classes, real.image_shape,
+    engine = make_engine(config, real.num_classes, real.image_shape, method=method,
                          max_per_class=real.max_per_class)
     if state is None:
         state = init_state(engine, real, config.seed)
@@ -342,6 +333,6 @@ def condense(config: Config, train_images: np.ndarray, train_labels: np.ndarray,
 
 
 __all__ = ["CondenseState", "shard_state", "synthetic_labels", "Engine", "make_engine",
-           "init_synthetic", "init_state", "refresh_queue", "train_queue", "make_step",
+           "init_synthetic", "init_state", "state_shapes", "make_step",
            "CondensedSet", "condensed_set", "iterate", "NonFiniteError", "check_finite",
            "condense"]

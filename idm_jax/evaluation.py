@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from idm_jax import augment, backend, microbatch, models, partition
-from idm_jax import queue as queue_lib
+from idm_jax import augment, backend, classifier, microbatch, models, partition
 
 
 def _batch_plan(num_images: int, batch_size: int) -> tuple[int, int]:
@@ -100,18 +99,21 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
                 x = augment.dsa(aug_key, train_x[idx], dsa_strategy, siamese=False,
                                 loop_over_keys=loop_over_keys)
                 if not chunked:
-                    grads, stats = jax.grad(loss_fn, has_aux=True)(params, stats, x,
-                                                                    train_y[idx], mask)
+                    def batch_loss(p, batch):
+                        return loss_fn(p, stats, *batch)
+
+                    params, opt_state, stats = classifier.train_step(
+                        batch_loss, params, opt_state, (x, train_y[idx], mask), optimizer)
                 else:
                     valid_rows = jnp.sum(mask.astype(jnp.float32))
 
                     def chunk_loss(p, part):   # this chunk's share of the batch mean
                         return loss_fn(p, stats, *part, valid_rows=valid_rows)[0], ()
 
-                    _, grads = microbatch.value_and_grad_in_chunks(
-                        chunk_loss, params, (x, train_y[idx], mask), chunk, row_valid=mask)
-                updates, opt_state = optimizer.update(grads, opt_state, params)
-                return (optax.apply_updates(params, updates), stats, opt_state), None
+                    params, opt_state, _ = classifier.train_step(
+                        chunk_loss, params, opt_state, (x, train_y[idx], mask), optimizer,
+                        chunk=chunk, row_valid=mask)
+                return (params, stats, opt_state), None
 
             inputs = (order.reshape(steps, batch_size), valid.reshape(steps, batch_size),
                       jax.random.split(k_aug, steps))
@@ -126,10 +128,10 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
     first, second = lr_phases(epochs)
     k_first, k_second = jax.random.split(k_train)
     carry = run_phase((params, stats), k_first, first,
-                      queue_lib.net_optimizer(lr, momentum, weight_decay))
+                      classifier.sgd(lr, momentum, weight_decay))
     if second > 0:
         carry = run_phase(carry, k_second, second,
-                          queue_lib.net_optimizer(lr * 0.1, momentum, weight_decay))
+                          classifier.sgd(lr * 0.1, momentum, weight_decay))
     params, stats = carry
 
     def test_chunk(correct, test_part):
@@ -194,7 +196,7 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
         labels = partition.expand_labels(labels, partition_scheme, partition_factor)
     policy = backend.resolve(microbatch_size) if policy is None else policy
     net = models.get_model(model, num_classes, in_channels=images.shape[-1], dtype=compute_dtype,
-                           cpu_kernels=policy.cpu_kernels)
+                           conv_op=policy.conv_op)
 
     test_x = jnp.asarray(test_images, jnp.float32)
     test_y = jnp.asarray(test_labels, jnp.int32)

@@ -1,4 +1,9 @@
-"""The optimiser of the synthetic images: SGD with momentum, as the official code steps it.
+"""Image optimisers: how the synthetic images move (``base.ImageOptimizer``).
+
+IDM's is SGD with momentum as the official code steps it, one class at a time (``per_class_sgd``);
+DM's one step on the summed loss (``summed_sgd``); any optax transformation (adam, adamw, a
+schedule, reduce-on-plateau) through ``from_optax``. ``OPTIMIZERS`` names the ones a config can
+choose with ``image_update``; a method file may build its own.
 
 The official image optimiser takes one SGD step per class, in class order, with the momentum
 buffer of the whole tensor (docs/FAITHFULNESS.md, "image update"). Class ``c``'s rows only move by
@@ -18,6 +23,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
+
+from idm_jax.base import ImageOptimizer
 
 GradFn = Callable[[jax.Array], tuple]   # (K, ipc, H, W, C) images -> (same-shape grads, aux)
 
@@ -82,6 +90,83 @@ def sequential_image_update(images, momentum, class_grad, lr: float, mu: float):
     return x, buf
 
 
-UPDATES = {"per_class": per_class_image_update, "summed": summed_image_update}
+def _class_major(x: jax.Array, num_classes: int) -> jax.Array:
+    return x.reshape((num_classes, -1) + x.shape[1:])
 
-__all__ = ["per_class_image_update", "summed_image_update", "sequential_image_update", "UPDATES"]
+
+def per_class_sgd(lr: float, mu: float, num_classes: int) -> ImageOptimizer:
+    """IDM's optimiser: one SGD-momentum step per class in class order, one shared buffer.
+
+    The state is the momentum buffer (N, H, W, C). ``grad_point`` moves each class's rows by
+    the momentum-only steps of the classes before it; ``update``, given the gradient there and
+    those moved images, applies the C sequential steps in closed form (the same operations as
+    ``per_class_image_update``, so the same values to the bit).
+    """
+    c = jnp.arange(num_classes)
+
+    def expand(v, ndim):
+        return v.reshape((num_classes,) + (1,) * (ndim - 1))
+
+    def point(momentum, images):
+        x, buf = _class_major(images, num_classes), _class_major(momentum, num_classes)
+        before = expand(mu * _geometric(mu, c), x.ndim)     # momentum-only moves before step c
+        return (x - lr * before * buf).reshape(images.shape)
+
+    def update(grads, momentum, at_point, value):
+        del value
+        at_step = _class_major(at_point, num_classes)
+        buf0, g = _class_major(momentum, num_classes), _class_major(grads, num_classes)
+        ndim = at_step.ndim
+        buf = expand(mu ** (c + 1.0), ndim) * buf0 + g      # buffer right after step c
+        after = expand(_geometric(mu, num_classes - c), ndim)   # step c and the C-1-c after
+        new_images = at_step - lr * after * buf
+        new_momentum = expand(mu ** (num_classes - 1.0 - c), ndim) * buf
+        return new_images.reshape(at_point.shape), new_momentum.reshape(at_point.shape)
+
+    return ImageOptimizer(init=jnp.zeros_like, update=update, grad_point=point)
+
+
+def summed_sgd(lr: float, mu: float) -> ImageOptimizer:
+    """DM's optimiser: one SGD-momentum step on the loss summed over classes (PyTorch's SGD,
+    ``buf = mu * buf + g; x -= lr * buf``). The state is the buffer (N, H, W, C)."""
+    def update(grads, momentum, images, value):
+        del value
+        new_images, buf, _ = summed_image_update(images, momentum, lambda _: (grads, None), lr,
+                                                 mu)
+        return new_images, buf
+
+    return ImageOptimizer(init=jnp.zeros_like, update=update)
+
+
+def from_optax(transformation: optax.GradientTransformation) -> ImageOptimizer:
+    """Any optax transformation as an image optimiser; it is given ``value=`` (the summed loss),
+    which transformations that read it (``optax.contrib.reduce_on_plateau``) use."""
+    tx = optax.with_extra_args_support(transformation)
+
+    def update(grads, state, images, value):
+        updates, state = tx.update(grads, state, images, value=value)
+        return optax.apply_updates(images, updates), state
+
+    return ImageOptimizer(init=tx.init, update=update)
+
+
+# The image optimisers a config names with ``image_update``: (config, num_classes) -> optimiser.
+OPTIMIZERS: dict[str, Callable] = {
+    "per_class": lambda c, k: per_class_sgd(c.lr_img, c.img_momentum, k),
+    "summed": lambda c, k: summed_sgd(c.lr_img, c.img_momentum),
+    "sgd": lambda c, k: from_optax(optax.sgd(c.lr_img, momentum=c.img_momentum or None)),
+    "adam": lambda c, k: from_optax(optax.adam(c.lr_img)),
+}
+
+
+def from_config(config, num_classes: int) -> ImageOptimizer:
+    """The image optimiser ``config.image_update`` names (``OPTIMIZERS``)."""
+    if config.image_update not in OPTIMIZERS:
+        raise ValueError(f"--image_update must be one of {', '.join(OPTIMIZERS)}, got "
+                         f"{config.image_update!r} (a method file can bring its own optimiser: "
+                         f"README, 'Write your own method')")
+    return OPTIMIZERS[config.image_update](config, num_classes)
+
+
+__all__ = ["per_class_image_update", "summed_image_update", "sequential_image_update",
+           "per_class_sgd", "summed_sgd", "from_optax", "OPTIMIZERS", "from_config"]

@@ -53,18 +53,19 @@ def torch_bias_init(fan_in: int) -> Callable[..., jnp.ndarray]:
 
 
 def conv(x: jnp.ndarray, features: int, kernel: int, *, padding: int, stride: int = 1,
-         use_bias: bool = True, dtype: Dtype, name: str, cpu_kernels: bool = False) -> jnp.ndarray:
+         use_bias: bool = True, dtype: Dtype, name: str,
+         conv_op: Callable = lax.conv_general_dilated) -> jnp.ndarray:
     """Square conv with PyTorch init and symmetric zero padding; called inside a compact method.
 
-    ``cpu_kernels`` selects ``ops.conv2d`` (same values, faster gradients on CPU) over
-    ``lax.conv_general_dilated``; the backend policy decides it.
+    ``conv_op`` is the convolution primitive, with ``lax.conv_general_dilated``'s signature: the
+    engine passes ``ops.conv2d`` on CPU (same values, faster gradients; ``backend.Policy``).
     """
     fan_in = kernel * kernel * x.shape[-1]
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((padding, padding), (padding, padding)), use_bias=use_bias,
                    dtype=dtype, param_dtype=jnp.float32, kernel_init=torch_kernel_init,
                    bias_init=torch_bias_init(fan_in),
-                   conv_general_dilated=ops.conv2d if cpu_kernels else lax.conv_general_dilated,
+                   conv_general_dilated=conv_op,
                    name=name)(x)
 
 

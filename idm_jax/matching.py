@@ -1,44 +1,42 @@
-"""Matching: one extractor from the queue, every class at once, one update of the images.
+"""Matching: one extractor, every class at once, one update of the images.
 
-One matching pass of IDM (docs/FAITHFULNESS.md, "matching"):
+One matching pass (for IDM, docs/FAITHFULNESS.md, "matching"):
 
-1. draw an extractor from the queue; its running accuracy scales the CE term;
+1. draw an extractor from the method's schedule (IDM: from the queue); its running accuracy
+   scales the CE term;
 2. draw each class's real batch, augment it with the class's Siamese DSA key and embed it
    (``real_features``: constants, no gradient);
 3. expand each class's synthetic images (partition-and-expand), augment them with the *same*
    key, embed them (``synthetic_outputs``);
 4. score every class with the objective (``class_objectives``), and step the images with the
-   image optimiser (``idm_jax.image_update``).
+   method's image optimiser (``base.ImageOptimizer``).
 
-The objective is one replaceable function (``Objective``): IDM's is ``idm_objective`` with the
-linear-kernel MMD as its distance. Classes are a vmapped axis; ``sharding.ClassLayout`` pads and
+The objective is one replaceable function (``base.Objective``): IDM's is ``idm_objective`` with
+the linear-kernel MMD as its distance. Classes are a vmapped axis; ``sharding.ClassLayout`` pads and
 splits that axis on a device mesh, so nothing here branches on the mesh.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from idm_jax import augment, image_update, losses, microbatch, partition
-from idm_jax import queue as queue_lib
+from idm_jax import augment, losses, microbatch, partition
 from idm_jax import real as real_lib
+from idm_jax.base import Objective
 from idm_jax.sharding import ClassLayout
 
-if TYPE_CHECKING:
-    from idm_jax.engine import Engine
+# The run's engine (``engine.Engine``; named here without importing it: the engine imports this).
+Engine = Any
 
 # distance(real_features (B, D), syn_features (P, D), real_mask (B,), key) -> scalar, with the
 # real features constants; the key is the class's own (for distances that draw at random).
 Distance = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 # moment(real_features (B, D), syn_features (P, D), real_mask (B,)) -> scalar.
 Moment = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-# objective(real_features (B, D), real_mask (B,), syn_features (P, D), syn_logits (P, L),
-#           label (), ce_scale (), key) -> (loss (), {term name: ()}), for one class.
-Objective = Callable[..., tuple[jax.Array, dict]]
 
 
 def linear_distance(real_features, syn_features, real_mask, key):
@@ -111,17 +109,16 @@ def make_objective(config) -> Objective:
                              match_weight=config.match_weight)
 
 
-def draw_extractor(engine: "Engine", queue: queue_lib.ModelQueue, key: jax.Array):
-    """One model from the queue: (its params, its running accuracy %, the CE scale)."""
-    slot = queue_lib.sample_slots(queue, key, 1)[0][0]
-    params = jax.tree.map(lambda leaf: leaf[slot], queue.params)
-    accuracy = queue_lib.accuracy_percent(queue, slot)
+def draw_extractor(engine: Engine, extractors, key: jax.Array):
+    """The schedule's extractor for one pass: (its params, its running accuracy %, the CE
+    scale ``ce_weight * accuracy``, 0 without the CE term)."""
+    params, accuracy = engine.extractors.draw(extractors, key)
     config = engine.config
     ce_scale = config.ce_weight * accuracy if config.syn_ce else jnp.float32(0.0)
     return params, accuracy, ce_scale
 
 
-def _augment(engine: "Engine", key: jax.Array, images: jax.Array) -> jax.Array:
+def _augment(engine: Engine, key: jax.Array, images: jax.Array) -> jax.Array:
     return augment.dsa(key, images, engine.config.dsa_strategy, siamese=True,
                        loop_over_keys=engine.policy.cpu_kernels)
 
@@ -136,7 +133,7 @@ def _per_class_views(views_of, keys: jax.Array, images: jax.Array,
     return layout.per_device(block)(None, (keys, images))
 
 
-def _embed(engine: "Engine", params, images: jax.Array, layout: ClassLayout):
+def _embed(engine: Engine, params, images: jax.Array, layout: ClassLayout):
     """(n, H, W, C) -> (embedding, logits), in chunks of the policy's size on each device.
 
     Chunks are cut from each device's own block of the batch: a lax.map over the global batch
@@ -148,7 +145,7 @@ def _embed(engine: "Engine", params, images: jax.Array, layout: ClassLayout):
     return layout.per_device(embed)(params, images)
 
 
-def real_features(engine: "Engine", params, real: real_lib.RealData, idx: jax.Array,
+def real_features(engine: Engine, params, real: real_lib.RealData, idx: jax.Array,
                   dsa_keys: jax.Array, layout: ClassLayout) -> jax.Array:
     """Embeddings of every class's augmented real batch: (K_padded, B, D), no gradient.
 
@@ -162,7 +159,7 @@ def real_features(engine: "Engine", params, real: real_lib.RealData, idx: jax.Ar
     return layout.constrain(jax.lax.stop_gradient(features.reshape(idx.shape + (-1,))))
 
 
-def synthetic_outputs(engine: "Engine", params, syn: jax.Array, dsa_keys: jax.Array,
+def synthetic_outputs(engine: Engine, params, syn: jax.Array, dsa_keys: jax.Array,
                       layout: ClassLayout):
     """Expand, augment and embed every class's synthetic images.
 
@@ -185,7 +182,7 @@ def synthetic_outputs(engine: "Engine", params, syn: jax.Array, dsa_keys: jax.Ar
             layout.constrain(logits.reshape(num_classes, per_class, -1)))
 
 
-def class_objectives(engine: "Engine", params, syn, features, real_mask, dsa_keys, ce_scale,
+def class_objectives(engine: Engine, params, syn, features, real_mask, dsa_keys, ce_scale,
                      layout: ClassLayout):
     """Every class's objective at its synthetic images ``syn`` (K_padded, ipc, H, W, C).
 
@@ -200,20 +197,21 @@ def class_objectives(engine: "Engine", params, syn, features, real_mask, dsa_key
     return layout.unpad(loss), jax.tree.map(layout.unpad, terms)
 
 
-def match(engine: "Engine", real: real_lib.RealData, images: jax.Array, momentum: jax.Array,
-          queue: queue_lib.ModelQueue, key: jax.Array, layout: ClassLayout):
-    """One matching pass over all classes with one extractor drawn from the queue.
+def match(engine: Engine, real: real_lib.RealData, images: jax.Array, opt_state,
+          extractors, key: jax.Array, layout: ClassLayout):
+    """One matching pass over all classes with one extractor drawn from the schedule.
 
     Args:
-      images, momentum: (K*ipc, H, W, C) the synthetic set and its optimiser buffer.
+      images: (K*ipc, H, W, C) the synthetic set; opt_state: its optimiser's state.
+      extractors: the extractor schedule's state.
       key: this pass's key (extractor, real batches, DSA).
 
-    Returns (images, momentum, metrics): the updated set and buffer, and scalar metrics.
+    Returns (images, opt_state, metrics): the updated set and state, and scalar metrics.
     """
     config = engine.config
     num_classes = real.num_classes
     k_slot, k_real, k_dsa = jax.random.split(key, 3)
-    params, accuracy, ce_scale = draw_extractor(engine, queue, k_slot)
+    params, accuracy, ce_scale = draw_extractor(engine, extractors, k_slot)
 
     batch = min(config.batch_real, real.max_per_class)
     idx, mask = real_lib.class_batch_indices(k_real, real.counts, real.max_per_class, batch,
@@ -232,14 +230,16 @@ def match(engine: "Engine", real: real_lib.RealData, images: jax.Array, momentum
         return layout.unpad(grads), aux
 
     shape = (num_classes, config.ipc) + real.image_shape
-    x, buf = layout.constrain(images.reshape(shape)), layout.constrain(momentum.reshape(shape))
-    update = image_update.UPDATES[config.image_update]
-    x, buf, (loss, terms) = update(x, buf, grad_at, config.lr_img, config.img_momentum)
+    optimizer = engine.image_optimizer
+    point = images if optimizer.grad_point is None else optimizer.grad_point(opt_state, images)
+    grads, (loss, terms) = grad_at(layout.constrain(point.reshape(shape)))
+    images, opt_state = optimizer.update(grads.reshape(images.shape), opt_state, point,
+                                         jnp.sum(loss))
     metrics = {"loss": jnp.mean(loss), **{k: jnp.mean(v) for k, v in terms.items()},
                "ce_scale": ce_scale, "extractor_acc": accuracy}
-    return x.reshape(images.shape), buf.reshape(images.shape), metrics
+    return images, opt_state, metrics
 
 
-__all__ = ["Distance", "Moment", "Objective", "linear_distance", "idm_objective",
+__all__ = ["Distance", "Moment", "linear_distance", "idm_objective",
            "make_distance", "make_objective", "draw_extractor",
            "real_features", "synthetic_outputs", "class_objectives", "match"]

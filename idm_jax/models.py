@@ -18,8 +18,9 @@ Conventions (docs/FAITHFULNESS.md, "networks"):
   1 and norm shifts 0.
 * ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16`` for mixed precision). Parameters and
   normalisation statistics stay float32, and the returned embedding and logits are float32.
-* ``cpu_kernels`` (every network with convolutions) selects ``idm_jax.ops.conv2d``: the same
-  values with gradients that are faster on CPU. ``get_model`` sets it from the backend policy.
+* ``conv_op`` (every network with convolutions) is the convolution primitive, a building block
+  passed in: ``lax.conv_general_dilated`` by default, ``idm_jax.ops.conv2d`` (the same values
+  with gradients that are faster on CPU) where the engine's backend policy says so.
 * BatchNorm follows PyTorch: ``train=True`` normalises with the biased batch variance and updates
   the running averages (collection ``batch_stats``, call ``apply`` with
   ``mutable=['batch_stats']``) as ``running = 0.9 * running + 0.1 * batch`` with the *unbiased*
@@ -32,13 +33,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from idm_jax import backend
 from idm_jax import layers as L
 from idm_jax.resnet import BasicBlock, ResNet18, ResNet18BN, ResNet18BN_AP, ResNet18_AP
 
@@ -65,7 +66,7 @@ class ConvNet(L.ChoosesNorm, nn.Module):
     act: str = "relu"
     pool: str = "avgpool"
     dtype: Dtype = jnp.float32
-    cpu_kernels: bool = False       # ops.conv2d instead of lax's convolution (backend policy)
+    conv_op: Callable = lax.conv_general_dilated   # the convolution (backend.Policy.conv_op)
 
     def _check_fields(self) -> None:
         L.check_choice("activation", self.act, L.ACTIVATIONS)
@@ -85,7 +86,7 @@ class ConvNet(L.ChoosesNorm, nn.Module):
             # DC pads a 1-channel (28x28) input by 3 so the stack sees 32x32 maps.
             pad = 3 if (one_channel and d == 0) else 1
             x = L.conv(x, self.width, 3, padding=pad, dtype=self.dtype,
-                       name=f"conv_{d}", cpu_kernels=self.cpu_kernels)
+                       name=f"conv_{d}", conv_op=self.conv_op)
             x = L.normalise(self.norm, x, train=train, mask=mask, dtype=self.dtype,
                            name=f"norm_{d}")
             x = act(x)
@@ -112,7 +113,7 @@ class AlexNet(L.ChoosesNorm, nn.Module):
     num_classes: int
     norm: str = "none"
     dtype: Dtype = jnp.float32
-    cpu_kernels: bool = False       # ops.conv2d instead of lax's convolution (backend policy)
+    conv_op: Callable = lax.conv_general_dilated   # the convolution (backend.Policy.conv_op)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, mask: Optional[jnp.ndarray] = None):
@@ -123,7 +124,7 @@ class AlexNet(L.ChoosesNorm, nn.Module):
             if i == 0 and one_channel:
                 pad = 4
             x = L.conv(x, features, kernel, padding=pad, dtype=self.dtype,
-                       name=f"conv_{i}", cpu_kernels=self.cpu_kernels)
+                       name=f"conv_{i}", conv_op=self.conv_op)
             x = L.normalise(self.norm, x, train=train, mask=mask, dtype=self.dtype,
                            name=f"norm_{i}")
             x = nn.relu(x)
@@ -145,7 +146,7 @@ class VGG11(L.ChoosesNorm, nn.Module):
     num_classes: int
     norm: str = "instancenorm"
     dtype: Dtype = jnp.float32
-    cpu_kernels: bool = False       # ops.conv2d instead of lax's convolution (backend policy)
+    conv_op: Callable = lax.conv_general_dilated   # the convolution (backend.Policy.conv_op)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, mask: Optional[jnp.ndarray] = None):
@@ -159,7 +160,7 @@ class VGG11(L.ChoosesNorm, nn.Module):
                 continue
             pad = 3 if (one_channel and i == 0) else 1
             x = L.conv(x, item, 3, padding=pad, dtype=self.dtype,
-                       name=f"conv_{conv_index}", cpu_kernels=self.cpu_kernels)
+                       name=f"conv_{conv_index}", conv_op=self.conv_op)
             x = L.normalise(self.norm, x, train=train, mask=mask, dtype=self.dtype,
                            name=f"norm_{conv_index}")
             x = nn.relu(x)
@@ -176,7 +177,7 @@ class LeNet(nn.Module):
     """
     num_classes: int
     dtype: Dtype = jnp.float32
-    cpu_kernels: bool = False       # ops.conv2d instead of lax's convolution (backend policy)
+    conv_op: Callable = lax.conv_general_dilated   # the convolution (backend.Policy.conv_op)
 
     uses_batch_stats = False
 
@@ -186,9 +187,9 @@ class LeNet(nn.Module):
         pad = 2 if x.shape[-1] == 1 else 0
         x = x.astype(self.dtype)
         x = L.pool2("maxpool", nn.relu(L.conv(x, 6, 5, padding=pad, dtype=self.dtype,
-                                            name="conv_0", cpu_kernels=self.cpu_kernels)))
+                                            name="conv_0", conv_op=self.conv_op)))
         x = L.pool2("maxpool", nn.relu(L.conv(x, 16, 5, padding=0, dtype=self.dtype,
-                                            name="conv_1", cpu_kernels=self.cpu_kernels)))
+                                            name="conv_1", conv_op=self.conv_op)))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(L.dense(x, 120, dtype=self.dtype, name="fc_1"))
         x = nn.relu(L.dense(x, 84, dtype=self.dtype, name="fc_2"))
@@ -214,15 +215,15 @@ class MLP(nn.Module):
 
 
 def AlexNetBN(num_classes: int, dtype: Dtype = jnp.float32,
-              cpu_kernels: bool = False) -> AlexNet:
+              conv_op: Callable = lax.conv_general_dilated) -> AlexNet:
     """DC 'AlexNetBN': AlexNet with BatchNorm after every conv."""
-    return AlexNet(num_classes, norm="batchnorm", dtype=dtype, cpu_kernels=cpu_kernels)
+    return AlexNet(num_classes, norm="batchnorm", dtype=dtype, conv_op=conv_op)
 
 
 def VGG11BN(num_classes: int, dtype: Dtype = jnp.float32,
-            cpu_kernels: bool = False) -> VGG11:
+            conv_op: Callable = lax.conv_general_dilated) -> VGG11:
     """DC 'VGG11BN': VGG11 with BatchNorm instead of instance norm."""
-    return VGG11(num_classes, norm="batchnorm", dtype=dtype, cpu_kernels=cpu_kernels)
+    return VGG11(num_classes, norm="batchnorm", dtype=dtype, conv_op=conv_op)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def VGG11BN(num_classes: int, dtype: Dtype = jnp.float32,
 # --------------------------------------------------------------------------------------------
 
 def _convnet(**overrides):
-    return lambda num_classes, dtype, cpu: ConvNet(num_classes, dtype=dtype, cpu_kernels=cpu,
+    return lambda num_classes, dtype, conv: ConvNet(num_classes, dtype=dtype, conv_op=conv,
                                                    **overrides)
 
 
@@ -263,23 +264,24 @@ _REGISTRY: dict = {
     "ConvNetMP": _convnet(pool="maxpool"),
     "ConvNetAP": _convnet(pool="avgpool"),
     "ConvNet_BN": _convnet(norm="batchnorm"),
-    "AlexNet": lambda k, dtype, cpu: AlexNet(k, dtype=dtype, cpu_kernels=cpu),
+    "AlexNet": lambda k, dtype, conv: AlexNet(k, dtype=dtype, conv_op=conv),
     "AlexNetBN": AlexNetBN,
-    "VGG11": lambda k, dtype, cpu: VGG11(k, dtype=dtype, cpu_kernels=cpu),
+    "VGG11": lambda k, dtype, conv: VGG11(k, dtype=dtype, conv_op=conv),
     "VGG11BN": VGG11BN,
-    "ResNet18": lambda k, dtype, cpu: ResNet18(k, dtype=dtype, cpu_kernels=cpu),
+    "ResNet18": lambda k, dtype, conv: ResNet18(k, dtype=dtype, conv_op=conv),
     "ResNet18BN": ResNet18BN,
     "ResNet18_AP": ResNet18_AP,
     "ResNet18BN_AP": ResNet18BN_AP,
-    "LeNet": lambda k, dtype, cpu: LeNet(k, dtype=dtype, cpu_kernels=cpu),
-    "MLP": lambda k, dtype, cpu: MLP(k, dtype=dtype),
+    "LeNet": lambda k, dtype, conv: LeNet(k, dtype=dtype, conv_op=conv),
+    "MLP": lambda k, dtype, conv: MLP(k, dtype=dtype),
 }
 
 MODEL_NAMES: tuple = tuple(_REGISTRY)
 
 
 def get_model(name: str, num_classes: int, in_channels: int = 3,
-              dtype: Dtype = jnp.float32, cpu_kernels: Optional[bool] = None) -> nn.Module:
+              dtype: Dtype = jnp.float32,
+              conv_op: Callable = lax.conv_general_dilated) -> nn.Module:
     """Builds a network by its DC/DM/IDM name (e.g. 'ConvNet', 'ConvNet_6', 'ResNet18BN').
 
     Args:
@@ -288,8 +290,8 @@ def get_model(name: str, num_classes: int, in_channels: int = 3,
       in_channels: image channels C (>= 1). Kept for parity with DC's ``get_network``; the
         modules read C from their input (1-channel inputs get DC's wider first padding).
       dtype: compute dtype; parameters stay float32.
-      cpu_kernels: use ``idm_jax.ops.conv2d`` (same values, faster gradients on CPU); None
-        takes the default backend policy's choice (``idm_jax.backend.resolve()``).
+      conv_op: the convolution, with ``lax.conv_general_dilated``'s signature (the default);
+        ``backend.Policy.conv_op`` is the device's choice (``ops.conv2d`` on CPU).
     Returns:
       an unbound Flax module; ``module.apply(variables, x (N,H,W,C), train=..., mask=...)``
       returns ``(embedding (N, D) f32, logits (N, K) f32)``.
@@ -302,9 +304,7 @@ def get_model(name: str, num_classes: int, in_channels: int = 3,
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if int(in_channels) < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-    if cpu_kernels is None:
-        cpu_kernels = backend.resolve().cpu_kernels
-    return _REGISTRY[name](int(num_classes), dtype, bool(cpu_kernels))
+    return _REGISTRY[name](int(num_classes), dtype, conv_op)
 
 
 def uses_batch_stats(name_or_module) -> bool:

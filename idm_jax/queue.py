@@ -13,14 +13,14 @@ queue is full: that is the FIFO pop.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from idm_jax import backend, microbatch
+from idm_jax import classifier
 
 PyTree = object
 InitFn = Callable[[jax.Array], PyTree]        # key -> params of a fresh model
@@ -44,12 +44,6 @@ class ModelQueue:
     @property
     def capacity(self) -> int:
         return self.valid.shape[0]
-
-
-def net_optimizer(lr: float, momentum: float, weight_decay: float) -> optax.GradientTransformation:
-    """PyTorch SGD with coupled L2: decay is added to the gradient before momentum."""
-    return optax.chain(optax.add_decayed_weights(weight_decay),
-                       optax.sgd(lr, momentum=momentum if momentum > 0 else None))
 
 
 def _fresh_model(key, init_fn: InitFn, optimizer: optax.GradientTransformation):
@@ -127,19 +121,18 @@ def gather(tree: PyTree, slots: jax.Array) -> PyTree:
 def train_slots(queue: ModelQueue, key: jax.Array, slots: jax.Array, active: jax.Array,
                 logits_fn: LogitsFn, sample_batch: BatchFn,
                 optimizer: optax.GradientTransformation, steps: int,
-                vmap_trainees: Optional[bool] = None,
+                vmap_trainees: bool = True,
                 chunk: int = 0) -> tuple[ModelQueue, jax.Array]:
     """Train the models in ``slots`` for ``steps`` SGD steps each on real batches.
 
     Each step draws a fresh batch with ``sample_batch(key)`` (its own key per trainee and step),
     minimises mean cross-entropy, applies ``optimizer`` with the model's persistent state, and adds
     the batch's correct predictions to the model's meter. With ``vmap_trainees`` True the trainees
-    are a vmapped axis (one batched program); with False ``lax.map`` runs them one after another.
-    None takes the backend policy's ``vmap_models`` (``idm_jax.backend``: one after another on
-    CPU, vmapped on accelerators). Values are the same.
+    are a vmapped axis (one batched program); with False ``lax.map`` runs them one after another
+    (the engine passes its backend policy's ``vmap_models``: False on CPU). Values are the same.
 
-    ``chunk`` > 0 computes each step's gradient over chunks of that many images, accumulated
-    (``microbatch.value_and_grad_in_chunks``: same values, faster on CPU); 0 uses the whole batch.
+    Each step is ``classifier.train_step``: ``chunk`` > 0 computes its gradient over chunks of
+    that many images, accumulated (same values, faster on CPU); 0 uses the whole batch.
 
     Returns the updated queue and the trainees' accuracy over these steps, in percent, (n,).
     """
@@ -159,10 +152,8 @@ def train_slots(queue: ModelQueue, key: jax.Array, slots: jax.Array, active: jax
                 ce = optax.softmax_cross_entropy_with_integer_labels(logits, chunk_labels)
                 return jnp.sum(ce) / labels.shape[0], logits
 
-            (_, logits), grads = microbatch.value_and_grad_in_chunks(
-                loss_fn, params, (images, labels), chunk)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
+            params, opt_state, logits = classifier.train_step(
+                loss_fn, params, opt_state, (images, labels), optimizer, chunk=chunk)
             correct = jnp.sum((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
             return (params, opt_state), correct
 
@@ -172,8 +163,6 @@ def train_slots(queue: ModelQueue, key: jax.Array, slots: jax.Array, active: jax
 
     keys = jax.random.split(key, slots.shape[0])
     args = (gather(queue.params, slots), gather(queue.opt_state, slots), keys)
-    if vmap_trainees is None:
-        vmap_trainees = backend.resolve().vmap_models
     if vmap_trainees:
         params, opt_state, correct = jax.vmap(train_one)(*args)
     else:
@@ -195,5 +184,5 @@ def train_slots(queue: ModelQueue, key: jax.Array, slots: jax.Array, active: jax
     return queue, 100.0 * correct / seen
 
 
-__all__ = ["ModelQueue", "net_optimizer", "init_queue", "push", "reset_meters", "size",
+__all__ = ["ModelQueue", "init_queue", "push", "reset_meters", "size",
            "accuracy_percent", "sample_slots", "gather", "train_slots"]

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from idm_jax import layers as L
 
@@ -25,24 +26,24 @@ class BasicBlock(nn.Module):
     norm: str = "instancenorm"
     downsample: str = "stride"
     dtype: Dtype = jnp.float32
-    cpu_kernels: bool = False       # ops.conv2d instead of lax's convolution (backend policy)
+    conv_op: Callable = lax.conv_general_dilated   # the convolution (backend.Policy.conv_op)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, mask: Optional[jnp.ndarray] = None):
         strided = self.downsample == "stride"
         conv_stride = self.stride if strided else 1
         y = L.conv(x, self.features, 3, padding=1, stride=conv_stride, use_bias=False,
-                  dtype=self.dtype, name="conv1", cpu_kernels=self.cpu_kernels)
+                  dtype=self.dtype, name="conv1", conv_op=self.conv_op)
         y = nn.relu(L.normalise(self.norm, y, train=train, mask=mask, dtype=self.dtype,
                                name="norm1"))
         if not strided and self.stride != 1:
             y = nn.avg_pool(y, (2, 2), strides=(2, 2), padding="VALID")
         y = L.conv(y, self.features, 3, padding=1, use_bias=False, dtype=self.dtype,
-                   name="conv2", cpu_kernels=self.cpu_kernels)
+                   name="conv2", conv_op=self.conv_op)
         y = L.normalise(self.norm, y, train=train, mask=mask, dtype=self.dtype, name="norm2")
         if self.stride != 1 or x.shape[-1] != self.features:
             s = L.conv(x, self.features, 1, padding=0, stride=conv_stride, use_bias=False,
-                      dtype=self.dtype, name="shortcut_conv", cpu_kernels=self.cpu_kernels)
+                      dtype=self.dtype, name="shortcut_conv", conv_op=self.conv_op)
             if not strided and self.stride != 1:
                 s = nn.avg_pool(s, (2, 2), strides=(2, 2), padding="VALID")
             s = L.normalise(self.norm, s, train=train, mask=mask, dtype=self.dtype,
@@ -69,7 +70,7 @@ class ResNet18(L.ChoosesNorm, nn.Module):
     norm: str = "instancenorm"
     downsample: str = "stride"
     dtype: Dtype = jnp.float32
-    cpu_kernels: bool = False       # ops.conv2d instead of lax's convolution (backend policy)
+    conv_op: Callable = lax.conv_general_dilated   # the convolution (backend.Policy.conv_op)
 
     def _check_fields(self) -> None:
         L.check_choice("downsample", self.downsample, ("stride", "avgpool"))
@@ -79,7 +80,7 @@ class ResNet18(L.ChoosesNorm, nn.Module):
         L.check_input(x)
         x = x.astype(self.dtype)
         x = L.conv(x, 64, 3, padding=1, use_bias=False, dtype=self.dtype,
-                   name="stem_conv", cpu_kernels=self.cpu_kernels)
+                   name="stem_conv", conv_op=self.conv_op)
         x = nn.relu(L.normalise(self.norm, x, train=train, mask=mask, dtype=self.dtype,
                                name="stem_norm"))
         for stage, (features, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2))):
@@ -90,7 +91,7 @@ class ResNet18(L.ChoosesNorm, nn.Module):
                                      "ResNet18_AP; use a larger input image")
                 x = BasicBlock(features=features, stride=stride if b == 0 else 1,
                                norm=self.norm, downsample=self.downsample, dtype=self.dtype,
-                               cpu_kernels=self.cpu_kernels,
+                               conv_op=self.conv_op,
                                name=f"layer{stage + 1}_block{b}")(x, train=train, mask=mask)
         if self.downsample == "stride":
             if x.shape[1] < 4 or x.shape[2] < 4:
@@ -102,22 +103,22 @@ class ResNet18(L.ChoosesNorm, nn.Module):
 
 
 def ResNet18BN(num_classes: int, dtype: Dtype = jnp.float32,
-               cpu_kernels: bool = False) -> ResNet18:
+               conv_op: Callable = lax.conv_general_dilated) -> ResNet18:
     """DC 'ResNet18BN': ResNet18 with BatchNorm."""
-    return ResNet18(num_classes, norm="batchnorm", dtype=dtype, cpu_kernels=cpu_kernels)
+    return ResNet18(num_classes, norm="batchnorm", dtype=dtype, conv_op=conv_op)
 
 
 def ResNet18_AP(num_classes: int, dtype: Dtype = jnp.float32,
-                cpu_kernels: bool = False) -> ResNet18:
+                conv_op: Callable = lax.conv_general_dilated) -> ResNet18:
     """DC 'ResNet18_AP': strided convs replaced by stride-1 convs + 2x2 average pooling."""
-    return ResNet18(num_classes, downsample="avgpool", dtype=dtype, cpu_kernels=cpu_kernels)
+    return ResNet18(num_classes, downsample="avgpool", dtype=dtype, conv_op=conv_op)
 
 
 def ResNet18BN_AP(num_classes: int, dtype: Dtype = jnp.float32,
-                  cpu_kernels: bool = False) -> ResNet18:
+                  conv_op: Callable = lax.conv_general_dilated) -> ResNet18:
     """DC 'ResNet18BN_AP': ResNet18_AP with BatchNorm."""
     return ResNet18(num_classes, norm="batchnorm", downsample="avgpool", dtype=dtype,
-                    cpu_kernels=cpu_kernels)
+                    conv_op=conv_op)
 
 
 __all__ = ["BasicBlock", "ResNet18", "ResNet18BN", "ResNet18_AP", "ResNet18BN_AP"]

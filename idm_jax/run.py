@@ -26,6 +26,7 @@ have passed the NaN/Inf policy (``engine.check_finite``), so every checkpoint ho
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -36,9 +37,11 @@ from typing import Optional
 import jax
 import numpy as np
 
-from idm_jax import backend, checkpoint, data, engine, evaluation, outputs, sharding, validate
+from idm_jax import backend, checkpoint, data, engine, evaluation, methods, outputs, sharding
+from idm_jax import validate
 from idm_jax import real as real_lib
 from idm_jax import workdir as workdir_lib
+from idm_jax.base import Method
 from idm_jax.config import Config
 
 
@@ -110,16 +113,19 @@ def evaluate_images(images, dataset: data.Dataset, config: Config, key, test_x,
 
 
 def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *,
-                          mesh=None, restart: bool = False, quiet: bool = False) -> dict:
-    """Condense ``dataset`` with ``config``, evaluate the result and write every output.
+                          mesh=None, restart: bool = False, quiet: bool = False,
+                          method: Optional[Method] = None) -> dict:
+    """Condense ``dataset`` with ``config``'s method, evaluate the result and write every output.
 
     Args:
-      config: the run's configuration (``idm_jax.config``).
+      config: the run's configuration (``idm_jax.config``); ``config.method`` names the method.
       dataset: the loaded data (``idm_jax.data.load_dataset``).
       workdir: the run folder; the newest intact checkpoint there is resumed.
       mesh: spread the run over this device mesh (``sharding.make_mesh``); None: one device.
       restart: move the workdir's previous run to ``previous/<time>/`` and start over.
       quiet: no progress bar.
+      method: a ``base.Method`` object to run instead of the one ``config.method`` names; the
+        run records its name as ``config.method`` (a resume checks that name, not its code).
 
     Returns the contents of ``results.json``.
     Raises:
@@ -131,12 +137,14 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
         newest intact checkpoint).
       Interrupted: Ctrl-C; a checkpoint was saved.
     """
+    if method is not None and config.method != method.name:
+        config = dataclasses.replace(config, method=method.name)
     validate.check_data(config, dataset.class_counts, source=f"dataset {dataset.name}")
     validate.check_workdir(workdir)
     real = place_real(dataset, mesh)
     # make_engine checks the config against the images (validate.check_config) and sizes the
     # network calls to memory; both can refuse the run, so both come before the folder exists.
-    eng = engine.make_engine(config, real.num_classes, real.image_shape,
+    eng = engine.make_engine(config, real.num_classes, real.image_shape, method=method,
                              max_per_class=real.max_per_class)
     # With several hosts every host runs this function; only host 0 writes the shared outputs
     # (and holds the lock), and every host makes the same collective calls.
@@ -177,7 +185,8 @@ def _condense_and_evaluate(config, dataset, real, eng, workdir, mesh, restart, q
               "recomputes them (same values, slower; --memory_budget_gb sets the budget)")
     log_every = config.log_every if config.log_every > 0 else (
         1 if eng.policy.platform == "cpu" else 100)
-    meta = checkpoint.data_meta(real)
+    provenance = methods.provenance(config.method)   # a method file's path and source hash
+    meta = checkpoint.data_meta(real, provenance)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                            keep=config.keep_checkpoints)
     state = engine.init_state(eng, real, config.seed)
@@ -301,7 +310,7 @@ def _condense_and_evaluate(config, dataset, real, eng, workdir, mesh, restart, q
         "jax_version": jax.__version__,
         "code_version": outputs.code_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config.to_dict(),
-        "sessions": sessions}
+        "method": dict(name=config.method, **provenance), "sessions": sessions}
     if main_host:
         results["condense_seconds"] = outputs.logged_seconds(workdir)
         checkpoint.dump_json(os.path.join(workdir, "results.json"), results)

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from idm_jax import config as config_lib
-from idm_jax import outputs
+from idm_jax import methods, outputs
 from idm_jax.config import Config
 
 Transform = Callable[[Config], Config]
@@ -43,7 +43,8 @@ VARIANTS: dict[str, tuple[str, Transform]] = {
     "idm": ("faithful IDM", lambda c: c),
     "random-real": ("the initial mosaic of random real images (0 iterations)",
                     _set(iterations=0)),
-    "dm": ("DM: its optimiser and a fresh random extractor per iteration", config_lib.dm),
+    "dm": ("DM: its optimiser and a fresh random extractor per iteration",
+           lambda c: methods.with_method(c, "dm")),
     "no-pe": ("IDM without partition-and-expand (single-image init)",
               _set(partition_expand=False, init="real")),
     "no-queue-training": ("IDM without training the queue models", _set(model_train_steps=0)),

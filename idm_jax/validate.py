@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from idm_jax import models, partition
+from idm_jax import methods, models, partition
+from idm_jax.base import Method
 from idm_jax.config import Config
 
 
@@ -65,6 +66,18 @@ def check_config(config: Config, image_shape: Optional[Sequence[int]] = None) ->
                 raise InvalidRun(f"--partition_ratio: {err}") from None
 
 
+def check_method(config: Config) -> Method:
+    """The method ``config.method`` names (``idm_jax.methods``); ``InvalidRun`` if there is
+    none (an unknown name, a missing file, a file that fails to load or lacks the name), or if
+    it cannot build its image optimiser from the config (an unknown ``image_update``)."""
+    try:
+        method = methods.get(config.method)
+        method.image_optimizer(config, 1)
+    except ValueError as err:
+        raise InvalidRun(str(err)) from None
+    return method
+
+
 def check_data(config: Config, class_counts: Sequence[int],
                source: str = "the training set") -> None:
     """Raise ``InvalidRun`` when the training set (``class_counts`` images per class) cannot feed
@@ -101,4 +114,4 @@ def check_devices(requested: int, available: int, hosts: int = 1) -> int:
     return count
 
 
-__all__ = ["InvalidRun", "check_config", "check_data", "check_workdir", "check_devices"]
+__all__ = ["InvalidRun", "check_config", "check_method", "check_data", "check_workdir", "check_devices"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import idm_jax
-from idm_jax import backend, image_update, matching
+from idm_jax import image_update, matching, methods
 from idm_jax import config as config_lib
 from idm_jax import engine as engine_lib
 from idm_jax import real as real_lib
@@ -162,7 +162,7 @@ def make(config, seed=0):
 def test_a_gradient_step_on_the_class_objectives_lowers_them():
     config = tiny_config(dsa_strategy="none", syn_ce=False, model_train_steps=0, lr_img=0.05)
     engine, real, state = make(config)
-    params = jax.tree.map(lambda x: x[0], state.queue.params)
+    params = jax.tree.map(lambda x: x[0], state.extractors.params)
     pixels = np.asarray(real.per_class)[:, :8]
     real_x = (pixels / 255.0 - np.array(MEAN)) / np.array(STD)
     feats = jax.vmap(lambda x: engine.apply(params, x)[0])(jnp.asarray(real_x, jnp.float32))
@@ -213,8 +213,8 @@ def test_iteration_runs_compiles_once_and_keeps_shapes():
     assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == shapes
     assert int(state.iteration) == 5
     # pushes at it 0, 2, 4 on top of 3 initial models, capacity 4
-    assert int(idm_jax.queue.size(state.queue)) == 4
-    assert int(state.queue.pushed) == 6
+    assert int(idm_jax.queue.size(state.extractors)) == 4
+    assert int(state.extractors.pushed) == 6
 
 
 def test_meters_reset_every_eval_interval():
@@ -224,7 +224,7 @@ def test_meters_reset_every_eval_interval():
     seen = []
     for _ in range(4):
         state, _ = step(state, real)
-        seen.append(float(jnp.sum(state.queue.seen)))
+        seen.append(float(jnp.sum(state.extractors.seen)))
     per_it = config.fetch_net_num * config.model_train_steps * config.trained_bs
     # it 0,1,2 accumulate; it 3 resets first, then trains again.
     assert seen == [per_it, 2 * per_it, 3 * per_it, per_it]
@@ -242,9 +242,9 @@ def test_microbatched_step_equals_the_whole_batch_step():
             state, _ = step(state, real)
         states[chunk] = state
     chex.assert_trees_all_close(states[3].images, states[0].images, atol=2e-4, rtol=1e-4)
-    chex.assert_trees_all_close(states[3].queue.params, states[0].queue.params, atol=2e-4,
+    chex.assert_trees_all_close(states[3].extractors.params, states[0].extractors.params, atol=2e-4,
                                 rtol=1e-4)
-    np.testing.assert_array_equal(states[3].queue.seen, states[0].queue.seen)
+    np.testing.assert_array_equal(states[3].extractors.seen, states[0].extractors.seen)
 
 
 def test_summed_update_equals_per_class_for_one_class_and_the_sgd_formula():
@@ -278,22 +278,40 @@ def test_summed_update_option_steps_the_images_like_dm():
     assert np.isfinite(float(metrics["loss"]))
     moved = (start - np.asarray(state.images)) / config.lr_img
     assert np.abs(moved).max() > 0
-    np.testing.assert_allclose(np.asarray(state.momentum), moved, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.image_opt_state), moved, rtol=1e-3, atol=1e-5)
 
 
 def test_dm_draws_a_fresh_untrained_extractor_every_iteration():
-    config = config_lib.dm(tiny_config(iterations=3))
+    config = methods.with_method(tiny_config(iterations=3), "dm")
     engine, real, state = make(config)
     step = engine_lib.make_step(engine, real)
     extractors = []
     for it in range(3):
         state, metrics = step(state, real)
-        assert float(metrics["ce_scale"]) == 0.0
-        extractors.append(np.asarray(jax.tree.leaves(state.queue.params)[0][0]))
-        assert int(state.queue.pushed) == it + 2            # the initial model, then one per it
-    assert float(jnp.sum(state.queue.seen)) == 0.0         # never trained
+        assert float(metrics["ce_scale"]) == 0.0 and float(metrics["trainee_acc"]) == 0.0
+        extractors.append(np.asarray(jax.tree.leaves(state.extractors)[0]))
     assert not np.array_equal(extractors[0], extractors[1])
     assert not np.array_equal(extractors[1], extractors[2])
+
+
+def test_dm_fresh_schedule_equals_a_one_slot_queue_pushed_every_iteration():
+    # The reference: DM as the engine ran it before methods, a queue of one model replaced every
+    # iteration and never trained, with DM's optimiser. Same keys, so the same images to the bit.
+    dm = methods.with_method(tiny_config(iterations=3), "dm")
+    queue_dm = dataclasses.replace(config_lib.without_components(dm), method="idm")
+    assert queue_dm.net_num == 1 and queue_dm.model_train_steps == 0
+    runs = []
+    for config in (dm, queue_dm):
+        engine, real, state = make(config)
+        step = engine_lib.make_step(engine, real)
+        losses = []
+        for _ in range(3):
+            state, metrics = step(state, real)
+            losses.append(float(metrics["loss"]))
+        runs.append((np.asarray(state.images), np.asarray(state.image_opt_state), losses))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    assert runs[0][2] == runs[1][2]
 
 
 def test_condense_entry_point_is_reproducible_from_the_seed():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idm_jax import backend, config as config_lib, data, memory, microbatch, models
+from idm_jax import backend, config as config_lib, data, memory, microbatch, models, ops
 from idm_jax import engine as engine_lib
 from idm_jax import real as real_lib
 from tests.test_engine import MEAN, STD, tiny_config, tiny_data
@@ -39,7 +39,7 @@ def test_activation_bytes_count_every_intermediate_value():
 def preset_plan(name, device_bytes=H200_BYTES, **overrides):
     config = dataclasses.replace(config_lib.get_preset(name), **overrides)
     spec = data.DATASET_INFO[config.dataset]
-    model = models.get_model(config.model, spec.num_classes, cpu_kernels=False)
+    model = models.get_model(config.model, spec.num_classes, conv_op=jax.lax.conv_general_dilated)
     shape = spec.image_shape
     params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1,) + shape))["params"],
                             jax.random.PRNGKey(0))
@@ -68,7 +68,7 @@ def test_the_paper_batches_that_do_not_fit_are_chunked():
 
 
 def test_remat_chunks_give_the_whole_batch_value_and_gradient():
-    model = models.get_model("ConvNetW32", 3, cpu_kernels=False)
+    model = models.get_model("ConvNetW32", 3, conv_op=jax.lax.conv_general_dilated)
     x = jax.random.normal(jax.random.PRNGKey(0), (12, 8, 8, 3))
     params = model.init(jax.random.PRNGKey(1), x[:1])["params"]
 
@@ -126,7 +126,7 @@ def test_residual_bytes_count_what_the_backward_pass_keeps_per_image():
 
 def cifar_rule(num_classes, ipc, host_bytes=24 * 2 ** 30, **overrides):
     config = dataclasses.replace(config_lib.get_preset("cifar10-ipc10"), ipc=ipc, **overrides)
-    model = models.get_model(config.model, num_classes, cpu_kernels=True)
+    model = models.get_model(config.model, num_classes, conv_op=ops.conv2d)
     params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)))["params"],
                             jax.random.PRNGKey(0))
     apply = lambda p, x: model.apply({"params": p}, x)

@@ -66,3 +66,50 @@ def test_sharding_never_imports_the_engine():
                 for alias in node.names]
     assert "jax" in imported
     assert not [name for name in imported if name and name.startswith("idm_jax")], imported
+
+
+def _package_imports():
+    """module -> the idm_jax modules it imports (every import statement, TYPE_CHECKING too)."""
+    package = os.path.join(ROOT, "idm_jax")
+    modules = {}
+    for folder, _, files in os.walk(package):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                dotted = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                modules[dotted.removesuffix(".__init__")] = path
+    graph = {}
+    for module, path in modules.items():
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in modules}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:       # "from idm_jax import x": module idm_jax.x
+                    sub = f"{node.module}.{alias.name}"
+                    edges.add(sub if sub in modules else node.module)
+        graph[module] = {m for m in edges if m in modules and m != module}
+    return graph
+
+
+def test_no_import_cycle_in_the_package_and_base_is_a_leaf():
+    graph = _package_imports()
+    assert graph["idm_jax.base"] == set()
+    # The package's own __init__ re-exports; everything else must form a DAG without it.
+    graph = {m: {d for d in deps if d != "idm_jax"} for m, deps in graph.items()}
+    state = {}
+
+    def visit(module, trail):
+        state[module] = "open"
+        for dep in sorted(graph[module]):
+            if state.get(dep) == "open":
+                raise AssertionError(f"import cycle: {' -> '.join(trail + [module, dep])}")
+            if dep not in state:
+                visit(dep, trail + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from idm_jax import classifier
 from idm_jax import queue as queue_lib
 
 
@@ -21,7 +22,7 @@ def tiny_logits(params, x):
     return x @ params["w"] + params["b"]
 
 
-OPT = queue_lib.net_optimizer(0.1, 0.9, 5e-4)
+OPT = classifier.sgd(0.1, 0.9, 5e-4)
 
 
 def test_fifo_order_capacity_and_mask_under_many_pushes():

@@ -45,7 +45,7 @@ def reference_iteration(config, model, optimizer, real, state):
     init = lambda key: model.init(key, jnp.zeros((1,) + per_class.shape[2:]))["params"]
     it = int(state.iteration)
     key, k_push, k_match, k_trainees, k_train = jax.random.split(state.key, 5)
-    queue = state.queue
+    queue = state.extractors
     if it > 0 and it % config.eval_interval == 0:
         queue = queue.replace(correct=queue.correct * 0, seen=queue.seen * 0)
     if it % config.net_generate_interval == 0:
@@ -54,7 +54,7 @@ def reference_iteration(config, model, optimizer, real, state):
 
     ipc = config.ipc
     x = np.asarray(state.images).copy()
-    buf = np.asarray(state.momentum).copy()
+    buf = np.asarray(state.image_opt_state).copy()
     scales = []
     for match_key in jax.random.split(k_match, config.train_net_num):
         k_slot, k_real, k_dsa = jax.random.split(match_key, 3)
@@ -113,7 +113,8 @@ def reference_iteration(config, model, optimizer, real, state):
             opt_state=jax.tree.map(lambda s, p: s.at[slot].set(p), queue.opt_state, opt_state),
             correct=queue.correct.at[slot].add(hits),
             seen=queue.seen.at[slot].add(config.model_train_steps * config.trained_bs))
-    new = state.replace(images=jnp.asarray(x), momentum=jnp.asarray(buf), queue=queue, key=key,
+    new = state.replace(images=jnp.asarray(x), image_opt_state=jnp.asarray(buf), extractors=queue,
+                        key=key,
                         iteration=state.iteration + 1)
     return new, scales
 
@@ -123,7 +124,7 @@ def setup(config, seed):
     images, labels = uneven_data()
     real = real_lib.prepare_real(images, labels, MEAN, STD)
     engine = engine_lib.make_engine(config, real.num_classes, real.image_shape)
-    plain_model = models.get_model(config.model, real.num_classes, cpu_kernels=False)
+    plain_model = models.get_model(config.model, real.num_classes, conv_op=jax.lax.conv_general_dilated)
     return real, engine, plain_model, engine_lib.init_state(engine, real, seed)
 
 
@@ -143,17 +144,17 @@ def test_jitted_iterations_equal_the_plain_reference_loop():
         scales += used
         np.testing.assert_allclose(float(metrics["ce_scale"]), used[-1], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(state.images, ref_state.images, rtol=1e-4, atol=2e-4)
-        np.testing.assert_allclose(state.momentum, ref_state.momentum, rtol=1e-4, atol=2e-4)
-        for got, want in zip(jax.tree.leaves(state.queue.params),
-                             jax.tree.leaves(ref_state.queue.params)):
+        np.testing.assert_allclose(state.image_opt_state, ref_state.image_opt_state, rtol=1e-4, atol=2e-4)
+        for got, want in zip(jax.tree.leaves(state.extractors.params),
+                             jax.tree.leaves(ref_state.extractors.params)):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-4)
-        np.testing.assert_array_equal(state.queue.seen, ref_state.queue.seen)
-        np.testing.assert_array_equal(state.queue.correct, ref_state.queue.correct)
+        np.testing.assert_array_equal(state.extractors.seen, ref_state.extractors.seen)
+        np.testing.assert_array_equal(state.extractors.correct, ref_state.extractors.correct)
         np.testing.assert_array_equal(state.key, ref_state.key)
         assert int(state.iteration) == int(ref_state.iteration)
     # The run covered an extractor with a non-empty meter, so the CE scale was exercised.
     assert max(scales) > 0 and min(scales) == 0, scales
-    assert int(state.queue.pushed) == 4                      # 2 initial + pushes at 0 and 2
+    assert int(state.extractors.pushed) == 4                      # 2 initial + pushes at 0 and 2
 
 
 def test_the_reference_notices_a_miswired_step():

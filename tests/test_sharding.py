@@ -93,8 +93,8 @@ elif mode == "four":  # K=4 on 4 devices; checkpoint at iteration 2
     ckpt.close()
     dump("k4_it4", state)
     facts.update(per_class=spec(real.per_class), images=spec(state.images),
-                 momentum=spec(state.momentum), counts=spec(real.counts),
-                 queue_leaf=spec(jax.tree.leaves(state.queue.params)[0]),
+                 momentum=spec(state.image_opt_state), counts=spec(real.counts),
+                 queue_leaf=spec(jax.tree.leaves(state.extractors.params)[0]),
                  padded={f"{k},4": sharding.padded_size(k, mesh) for k in (1, 4, 10, 13)})
     # K=3 on 4 devices: one device holds only a padding class, and the 6 synthetic rows are
     # stored replicated.

@@ -1,0 +1,119 @@
+"""Extractor schedules: where a method's feature extractors come from (``base.ExtractorSchedule``).
+
+- ``queue_schedule``: IDM's queue of semi-trained models (docs/FAITHFULNESS.md, "model queue").
+  Each iteration starts by resetting the accuracy meters every ``eval_interval`` iterations and
+  pushing ``net_push_num`` fresh models every ``net_generate_interval``; each matching pass draws
+  one model at random; the iteration ends by training ``fetch_net_num`` models for
+  ``model_train_steps`` SGD steps on real batches of the whole train set.
+- ``fresh_schedule``: one randomly initialised network, replaced by a new one every ``every``
+  iterations and never trained: DM (every iteration) and M3D (every 5).
+
+The schedule's state is a pytree in ``CondenseState.extractors``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from idm_jax import queue as queue_lib
+from idm_jax import real as real_lib
+from idm_jax import sharding
+from idm_jax.base import ExtractorSchedule, Networks
+
+
+def queue_schedule(config, nets: Networks) -> ExtractorSchedule:
+    """IDM's model queue with the config's capacity, intervals and training settings."""
+
+    def init(key):
+        return queue_lib.init_queue(key, nets.init_params, nets.optimizer, config.net_num,
+                                    config.initial_models)
+
+    def refresh(queue, iteration, key):
+        queue = jax.lax.cond((iteration > 0) & (iteration % config.eval_interval == 0),
+                             queue_lib.reset_meters, lambda q: q, queue)
+
+        def push_models(q):
+            for push_key in jax.random.split(key, config.net_push_num):
+                q = queue_lib.push(q, push_key, nets.init_params, nets.optimizer)
+            return q
+
+        if config.net_push_num > 0:
+            queue = jax.lax.cond(iteration % config.net_generate_interval == 0, push_models,
+                                 lambda q: q, queue)
+        return queue
+
+    def draw(queue, key):
+        slot = queue_lib.sample_slots(queue, key, 1)[0][0]
+        params = jax.tree.map(lambda leaf: leaf[slot], queue.params)
+        return params, queue_lib.accuracy_percent(queue, slot)
+
+    def train(queue, real, layout, select_key, batch_key):
+        queue, accuracy = train_queue(config, nets, queue, real, layout, select_key, batch_key)
+        return queue, {"trainee_acc": jnp.mean(accuracy) if accuracy.size else 0.0,
+                       "queue_size": queue_lib.size(queue)}
+
+    return ExtractorSchedule(init=init, refresh=refresh, draw=draw, train=train)
+
+
+def train_queue(config, nets: Networks, queue: queue_lib.ModelQueue, real, layout,
+                select_key: jax.Array, batch_key: jax.Array):
+    """Train ``fetch_net_num`` queue models on batches of the whole train set, data-parallel
+    over a mesh. Returns (queue, trainee accuracy % (fetch_net_num,))."""
+    mesh = layout.mesh
+
+    def logits_fn(params, images):
+        return nets.apply(params, images)[1]
+
+    if mesh is not None and config.trained_bs % sharding.mesh_size(mesh) == 0:
+        # Explicit data parallelism: each device runs its slice of the batch, and the transpose
+        # of the replicated weights sums their gradients. (Left to itself, the compiler
+        # all-gathers the batch of the vmapped trainees.)
+        logits_fn = sharding.data_parallel(logits_fn, mesh)
+
+    def trainee_batch(k):
+        images, labels = real_lib.sample_all_classes(real, k, config.trained_bs,
+                                                     config.normalize_train)
+        return layout.constrain(images), layout.constrain(labels)
+
+    slots, active = queue_lib.sample_slots(queue, select_key, config.fetch_net_num)
+    return queue_lib.train_slots(
+        queue, batch_key, slots, active, logits_fn, trainee_batch, nets.optimizer,
+        config.model_train_steps, vmap_trainees=nets.vmap_models,
+        chunk=nets.chunk if mesh is None else 0)
+
+
+def fresh_schedule(nets: Networks, every: int) -> ExtractorSchedule:
+    """A fresh random network every ``every`` iterations (iteration 0 included), never trained.
+
+    The state is the current network's params; its accuracy is 0, so a CE term weighted by it
+    is off. Each new network is ``init_params(split(key, 1)[0])`` with the iteration's refresh
+    key, the same draw as a one-slot queue pushed at that iteration.
+    """
+    if every < 1:
+        raise ValueError(f"a fresh extractor every {every} iterations: give 1 or more")
+
+    def refresh(params, iteration, key):
+        def fresh(_):
+            return nets.init_params(jax.random.split(key, 1)[0])
+        return jax.lax.cond(iteration % every == 0, fresh, lambda p: p, params)
+
+    def draw(params, key):
+        del key
+        return params, jnp.float32(0.0)
+
+    def train(params, real, layout, select_key, batch_key):
+        del real, layout, select_key, batch_key
+        return params, {"trainee_acc": jnp.float32(0.0), "queue_size": jnp.int32(1)}
+
+    return ExtractorSchedule(init=nets.init_params, refresh=refresh, draw=draw, train=train)
+
+
+def from_config(config, nets: Networks, every: Optional[int] = None) -> ExtractorSchedule:
+    """IDM's queue (``queue_schedule``); with ``every``, a fresh network that often instead."""
+    return queue_schedule(config, nets) if every is None else fresh_schedule(nets, every)
+
+
+__all__ = ["queue_schedule", "train_queue", "fresh_schedule", "from_config"]

@@ -1,0 +1,260 @@
+"""The method protocol: image optimisers and extractor schedules against their definitions, a
+method from a user's file through the real command line, and custom pieces through the run."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from idm_jax import data, engine as engine_lib, extractors, image_update, methods, run, validate
+from idm_jax import config as config_lib
+from idm_jax import real as real_lib
+from idm_jax.base import Method, Networks
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join("examples", "dm_adam.py")
+
+
+# ------------------------------------------------------------------ image optimisers
+def test_per_class_sgd_equals_the_official_loop_of_class_steps():
+    # The protocol's two halves (where the gradient is taken, then the step) against the plain
+    # loop: one PyTorch SGD step per class in class order over the whole tensor.
+    rng = np.random.default_rng(0)
+    num_classes, ipc, lr, mu = 3, 2, 0.2, 0.5
+    x = jnp.asarray(rng.normal(size=(num_classes * ipc, 4, 4, 1)), jnp.float32)
+    buf = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    target = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    per_class_target = target.reshape(num_classes, ipc, 4, 4, 1)
+
+    def class_loss(c, rows):        # class c's loss depends on its own rows only
+        return jnp.sum((rows - per_class_target[c]) ** 2 * (c + 1)) + jnp.sum(jnp.sin(3 * rows))
+
+    opt = image_update.per_class_sgd(lr, mu, num_classes)
+    point = opt.grad_point(buf, x)
+    rows = point.reshape(num_classes, ipc, 4, 4, 1)
+    grads = jnp.stack([jax.grad(lambda r, c=c: class_loss(c, r))(rows[c])
+                       for c in range(num_classes)]).reshape(x.shape)
+    got_x, got_buf = opt.update(grads, buf, point, jnp.float32(0.0))
+    want_x, want_buf = image_update.sequential_image_update(
+        x.reshape(num_classes, ipc, 4, 4, 1), buf.reshape(num_classes, ipc, 4, 4, 1),
+        lambda c, rows: jax.grad(lambda r: class_loss(c, r))(rows), lr, mu)
+    np.testing.assert_allclose(got_x, want_x.reshape(x.shape), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_buf, want_buf.reshape(x.shape), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(opt.init(x), np.zeros(x.shape, np.float32))
+
+
+def test_optax_sgd_is_dms_summed_step_and_adam_is_adam():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(4, 3, 3, 1)), jnp.float32)
+    g1, g2 = (jnp.asarray(rng.normal(size=x.shape), jnp.float32) for _ in range(2))
+    summed, sgd = image_update.summed_sgd(1.0, 0.5), image_update.from_optax(
+        optax.sgd(1.0, momentum=0.5))
+    a, sa = x, summed.init(x)
+    b, sb = x, sgd.init(x)
+    for g in (g1, g2):
+        a, sa = summed.update(g, sa, a, jnp.float32(0.0))
+        b, sb = sgd.update(g, sb, b, jnp.float32(0.0))
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    # Adam's first step by its definition: m/(sqrt(v)+eps) with bias correction = sign(g).
+    adam = image_update.from_optax(optax.adam(0.01))
+    stepped, _ = adam.update(g1, adam.init(x), x, jnp.float32(0.0))
+    np.testing.assert_allclose(stepped, x - 0.01 * np.sign(g1), rtol=1e-5, atol=1e-6)
+
+
+def test_reduce_on_plateau_reads_the_loss_it_is_given():
+    opt = image_update.from_optax(optax.chain(
+        optax.sgd(1.0), optax.contrib.reduce_on_plateau(factor=0.5, patience=1, cooldown=0,
+                                                        accumulation_size=1)))
+    x = jnp.ones((2, 1, 1, 1))
+    g = jnp.ones_like(x)
+    state = opt.init(x)
+    moves = []
+    for value in (1.0, 1.0, 1.0, 1.0):      # a loss that never improves: the step is halved
+        new, state = opt.update(g, state, x, jnp.float32(value))
+        moves.append(float((x - new)[0, 0, 0, 0]))
+    assert moves[0] == 1.0 and moves[-1] < moves[0], moves
+
+
+# ------------------------------------------------------------------ extractor schedules
+def tiny_networks():
+    w_shape = (3, 2)
+
+    def init_params(key):
+        return {"w": jax.random.normal(key, w_shape)}
+
+    def apply(params, images):
+        flat = images.reshape(images.shape[0], -1)[:, :3]
+        return flat @ params["w"], flat @ params["w"]
+
+    return Networks(init_params, apply, optax.sgd(0.1), False, 0)
+
+
+@pytest.mark.parametrize("every", [1, 5])
+def test_fresh_schedule_draws_a_new_untrained_network_exactly_every_k_iterations(every):
+    nets = tiny_networks()
+    schedule = extractors.fresh_schedule(nets, every)
+    state = schedule.init(jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(1)
+    previous = None
+    for it in range(12):
+        key, k_refresh, k_draw = jax.random.split(key, 3)
+        state = schedule.refresh(state, jnp.int32(it), k_refresh)
+        params, accuracy = schedule.draw(state, k_draw)
+        state, metrics = schedule.train(state, None, None, k_draw, k_draw)
+        assert float(accuracy) == 0.0 and float(metrics["trainee_acc"]) == 0.0
+        if it % every == 0:        # a new network: the init of this iteration's key
+            want = nets.init_params(jax.random.split(k_refresh, 1)[0])["w"]
+            np.testing.assert_array_equal(params["w"], want)
+        else:                      # the same network as the iteration before, untouched
+            np.testing.assert_array_equal(params["w"], previous)
+        previous = np.asarray(params["w"])
+
+
+# ------------------------------------------------------------------ the registry
+def test_method_specs_resolve_and_bad_ones_name_the_problem(tmp_path):
+    assert methods.get("idm") is methods.METHODS["idm"]
+    assert methods.get(EXAMPLE + ":DM_ADAM").name == "dm-adam-fresh5"
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('boom')\n")
+    empty = tmp_path / "empty.py"
+    empty.write_text("X = 1\n")
+    for spec, message in ((str(broken), "loading the file failed: RuntimeError: boom"),
+                          (f"{empty}:X", "defines no idm_jax.base.Method called X"),
+                          (f"{empty}", "defines no idm_jax.base.Method called METHOD")):
+        config = config_lib.Config(method=spec)
+        with pytest.raises(validate.InvalidRun, match=message):
+            validate.check_method(config)
+    provenance = methods.provenance(EXAMPLE + ":DM_ADAM")
+    assert provenance["method_file"] == os.path.abspath(EXAMPLE)
+    with open(EXAMPLE, "rb") as f:
+        assert provenance["method_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert methods.provenance("dm") == {}
+
+
+# ------------------------------------------------------------------ custom pieces in a run
+def test_adam_and_a_fresh_extractor_run_through_condense_and_evaluate(tmp_path):
+    dataset = data.load_dataset("digits")
+    custom = Method(
+        name="mean-match-adam", description="test",
+        objective=lambda c: methods.METHODS["idm"].objective(c),
+        image_optimizer=lambda c, k: image_update.from_optax(optax.adam(c.lr_img)),
+        extractors=lambda c, nets: extractors.fresh_schedule(nets, every=2),
+        defaults={})
+    config = config_lib.override(config_lib.get_preset("digits-ipc1"), {
+        "iterations": 4, "num_eval": 1, "epoch_eval_train": 1, "lr_img": 0.01,
+        "checkpoint_every": 2})
+    workdir = str(tmp_path / "run")
+    results = run.condense_and_evaluate(config, dataset, workdir, method=custom, quiet=True)
+    assert results["iterations"] == 4 and results["method"] == {"name": "mean-match-adam"}
+    assert results["config"]["method"] == "mean-match-adam"
+    # The checkpoint holds Adam's state (count, mu, nu) beside the images, and it resumes.
+    real = real_lib.prepare_real(dataset.train_images, dataset.train_labels, dataset.mean,
+                                 dataset.std)
+    eng = engine_lib.make_engine(results_config(results), real.num_classes, real.image_shape,
+                                 method=custom)
+    state = engine_lib.init_state(eng, real, 0)
+    counts = [leaf for leaf in jax.tree.leaves(state.image_opt_state) if leaf.ndim == 0]
+    assert counts, "Adam's step count is part of the state"
+    # Adam moves a pixel by about lr per step (never more than lr * (1 - b1) / sqrt(1 - b2)
+    # = 3.2 lr): the set left the init, by Adam-sized steps.
+    saved = np.load(os.path.join(workdir, "synthetic.npz"))["images_normalized"]
+    moved = np.abs(saved - np.asarray(state.images))
+    assert 0.01 <= moved.max() <= 4 * 0.01 * 3.2
+
+
+def results_config(results):
+    return config_lib.Config.from_dict(results["config"])
+
+
+# ------------------------------------------------------------------ a method file, real CLI
+def write_npy(path, per_class=6):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), per_class)
+    images = rng.integers(0, 256, size=(len(labels), 32, 32, 3), dtype=np.uint8)
+    os.makedirs(path)
+    np.save(os.path.join(path, "train_x_0.npy"), images)
+    np.save(os.path.join(path, "train_y.npy"), labels)
+    np.save(os.path.join(path, "test_x.npy"), images[:20])
+    np.save(os.path.join(path, "test_y.npy"), labels[:20])
+
+
+def command(workdir, data_dir, method, iterations=60):
+    return [sys.executable, "-m", "experiments.cifar10", "--ipc", "1", "--source", "npy",
+            "--data_dir", data_dir, "--workdir", workdir, "--method", method, "--smoke",
+            "--iterations", str(iterations), "--checkpoint_every", "1000", "--num_eval", "1",
+            "--epoch_eval_train", "1", "--batch_real", "8", "--quiet"]
+
+
+def test_a_method_file_condenses_resumes_exactly_evaluates_and_exports(tmp_path):
+    data_dir = str(tmp_path / "npy")
+    write_npy(data_dir)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    spec = EXAMPLE + ":DM_ADAM"
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    reference = subprocess.Popen(command(straight, data_dir, spec), cwd=REPO, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command(stopped, data_dir, spec), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(stopped, "metrics.jsonl")
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not (
+            os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "checkpoint saved" in output, output
+
+    # Another method in the same workdir is refused, with the difference named.
+    other = subprocess.run(command(stopped, data_dir, "idm"), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2, other.stdout + other.stderr
+    assert f"method: '{spec}' -> 'idm'" in other.stderr and "Traceback" not in other.stderr
+
+    resumed = subprocess.run(command(stopped, data_dir, spec), cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "resuming from iteration" in resumed.stdout, (
+        resumed.stdout + resumed.stderr)
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out
+    a = np.load(os.path.join(stopped, "synthetic.npz"))["images_normalized"]
+    b = np.load(os.path.join(straight, "synthetic.npz"))["images_normalized"]
+    np.testing.assert_array_equal(a, b)
+    with open(os.path.join(stopped, "results.json")) as f:
+        results = json.load(f)
+    assert results["method"]["name"] == spec
+    assert results["method"]["method_file"] == os.path.abspath(os.path.join(REPO, EXAMPLE))
+    assert results["config"]["lr_img"] == 0.01 and not results["config"]["partition_expand"]
+    for name in ("synthetic_expanded.npz", "synthetic.png", "dd_ranking/images.pt"):
+        assert os.path.exists(os.path.join(stopped, name)), name
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "experiments.evaluate", "--set",
+         os.path.join(stopped, "synthetic.npz"), "--source", "npy", "--data_dir", data_dir,
+         "--num_eval", "1", "--epochs", "1", "--arch", "ConvNetW32"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0 and "ConvNetW32:" in evaluated.stdout, evaluated.stderr
+
+
+def test_an_edited_method_file_is_refused_on_resume(tmp_path):
+    data_dir = str(tmp_path / "npy")
+    write_npy(data_dir)
+    mine = tmp_path / "mine.py"
+    shutil.copy(os.path.join(REPO, EXAMPLE), mine)
+    workdir = str(tmp_path / "run")
+    first = subprocess.run(command(workdir, data_dir, f"{mine}:DM_ADAM", iterations=2),
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    mine.write_text(mine.read_text().replace("every=5", "every=3"))
+    again = subprocess.run(command(workdir, data_dir, f"{mine}:DM_ADAM", iterations=4),
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "method_sha256" in again.stderr, again.stderr
