@@ -247,6 +247,8 @@ def condense_main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
+    # Long because it is one flat sequence of checks, each with its own error line, before the one
+    # evaluation.
     parser = argparse.ArgumentParser(prog="idm-evaluate", description=EVALUATE_HELP)
     parser.add_argument("--set", required=True,
                         help="the condensed set: .npz, DC-BENCH .pt, DD-Ranking images.pt or "

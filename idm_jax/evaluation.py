@@ -60,6 +60,8 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
       loop_over_keys: DSA's choice for keys batched by a vmap over models (``augment.dsa``).
       return_variables: also return the trained ``{"params", "batch_stats"}`` (to inspect).
     """
+    # Long on purpose: the two lr phases, the epoch and the step are nested scans that share the
+    # model, the data and the loss; split apart they would pass a dozen arguments each.
     n = train_x.shape[0]
     steps, padded = _batch_plan(n, batch_size)
     k_init, k_train = jax.random.split(key)
@@ -134,10 +136,26 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
                           classifier.sgd(lr * 0.1, momentum, weight_decay))
     params, stats = carry
 
+    accuracy = test_accuracy(model, params, stats, test_x, test_y, test_batch,
+                             chunk if chunked else 0)
+    if return_variables:
+        return accuracy, {"params": params, "batch_stats": stats}
+    return accuracy
+
+
+def test_accuracy(model, params, stats, test_x: jax.Array, test_y: jax.Array, test_batch: int,
+                  chunk: int = 0) -> jax.Array:
+    """The fraction of test images a trained ``model`` classifies right, in [0, 1].
+
+    ``test_x`` (M, H, W, C) in batches of ``test_batch`` (M a multiple of it; padding rows carry
+    label -1 and do not count); ``stats`` the BatchNorm statistics ({} for none); ``chunk`` > 0
+    runs each batch in chunks of that many images (same values).
+    """
+    variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
+
     def test_chunk(correct, test_part):
         x, y = test_part
-        variables = {"params": params, "batch_stats": stats} if has_stats else {"params": params}
-        if not chunked:
+        if not chunk:
             _, logits = model.apply(variables, x, train=False)
         else:
             _, logits = microbatch.apply_in_chunks(
@@ -149,10 +167,7 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
         test_chunk, jnp.int32(0),
         (test_x.reshape((chunks, test_batch) + test_x.shape[1:]),
          test_y.reshape(chunks, test_batch)))
-    accuracy = correct / jnp.sum(test_y >= 0)
-    if return_variables:
-        return accuracy, {"params": params, "batch_stats": stats}
-    return accuracy
+    return correct / jnp.sum(test_y >= 0)
 
 
 def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
@@ -185,6 +200,7 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
     Returns a dict: ``accuracies`` (list of num_models floats, %), ``mean`` and ``std``
     (population std, %), ``seconds`` (wall time including compilation), ``model``.
     """
+    # Long mostly in its docstring: the library's evaluation entry point documents every argument.
     images = jnp.asarray(images, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
     if images.ndim != 4 or labels.shape != images.shape[:1]:
@@ -225,4 +241,4 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
 
 evaluate = evaluate_synset   # the library entry point, exported as idm_jax.evaluate
 
-__all__ = ["lr_phases", "train_and_test", "evaluate_synset", "evaluate"]
+__all__ = ["lr_phases", "train_and_test", "test_accuracy", "evaluate_synset", "evaluate"]

@@ -119,6 +119,7 @@ def export_set(directory: str, images: np.ndarray, labels: np.ndarray, mean, std
 
     ``normalized=False`` (the ImageNet-script quirk) means the stored values are [0,1] pixels.
     """
+    # Long because it is one branch per layout; each is a few lines.
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown export formats {sorted(unknown)}; valid: {', '.join(FORMATS)}")

@@ -136,6 +136,7 @@ def train_slots(queue: ModelQueue, key: jax.Array, slots: jax.Array, active: jax
 
     Returns the updated queue and the trainees' accuracy over these steps, in percent, (n,).
     """
+    # Long mostly in its docstring; the body is one nested training scan.
     if steps == 0 or slots.shape[0] == 0:
         return queue, jnp.zeros(slots.shape, jnp.float32)
 

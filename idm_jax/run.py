@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import sys
@@ -169,6 +170,93 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
         raise
 
 
+@dataclasses.dataclass
+class _Session:
+    """One start of a run: what its phases share."""
+
+    config: Config
+    dataset: data.Dataset
+    real: real_lib.RealData
+    eng: engine.Engine
+    workdir: str
+    main_host: bool
+    checkpointer: checkpoint.Checkpointer
+    meta: dict                        # what each checkpoint records of the data and method
+    log: Optional[outputs.MetricsLog] = None      # opened once the resume trimmed the file
+    last_saved: Optional[int] = None  # iteration of the newest checkpoint written or restored
+
+    def evaluate(self, state, it: int, final: bool = False) -> dict:
+        """Evaluate the set of ``state`` with the config's protocol and log it; every host does
+        it the same way (same key), host 0 writes the picture."""
+        config, real = self.config, self.real
+        images = sharding.to_host(state.images)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed),
+                                                    1_000_003), it)
+        result = evaluate_images(images, self.dataset, config, key, self.test_x,
+                                 self.eng.policy)
+        self.log.write({"event": "eval", "iteration": it, **result})
+        if self.main_host and not final:
+            outputs.save_grid(os.path.join(self.workdir, f"synthetic_{it}.png"),
+                              self.to_pixels(images), real.num_classes)
+            print(f"[it {it}] {config.eval_model} accuracy {result['mean']:.2f} +- "
+                  f"{result['std']:.2f} % over {config.num_eval} models "
+                  f"({result['seconds']:.0f} s)")
+        return result
+
+    @functools.cached_property
+    def test_x(self):
+        return data.normalize(self.dataset.test_images, self.dataset.mean, self.dataset.std)
+
+    @functools.cached_property
+    def to_pixels(self):
+        """Normalised images -> [0, 1] pixels, as the pictures and exports show them."""
+        return outputs.pixel_converter(self.config, np.asarray(self.real.mean),
+                                       np.asarray(self.real.std))
+
+
+class _MetricsWindow:
+    """The iterations whose device metrics are not fetched yet; ``flush`` fetches them at once,
+    logs one line each, applies the NaN/Inf policy and moves the progress bar."""
+
+    def __init__(self, run: _Session, progress):
+        self.run, self.progress = run, progress
+        self.pending: list = []            # (iterations done, device metrics)
+        self.started = time.perf_counter()
+        self.condense_seconds = 0.0
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        fetched = jax.device_get([m for _, m in self.pending])
+        seconds = (time.perf_counter() - self.started) / len(self.pending)
+        self.condense_seconds += seconds * len(self.pending)
+        for (done, _), values in zip(self.pending, fetched):
+            record = {k: float(v) for k, v in values.items()}
+            record.update(iteration=done - 1, seconds=seconds)
+            self.run.log.write(record)
+            self._check(record, done - 1)
+        if self.progress is not None:
+            self.progress.update(len(self.pending))
+            self.progress.set_postfix(loss=f"{record['loss']:.3g}",
+                                      acc=f"{record['extractor_acc']:.0f}%")
+        self.pending.clear()
+        self.started = time.perf_counter()
+
+    def _check(self, record: dict, iteration: int) -> None:
+        try:
+            engine.check_finite(record, iteration)
+        except engine.NonFiniteError as err:
+            # Every checkpoint holds images that passed this check, and the run is
+            # deterministic: resuming would repeat the failure with the same settings.
+            run = self.run
+            where = (f"the newest intact checkpoint is iteration {run.last_saved} in "
+                     f"{run.checkpointer.directory}" if run.last_saved is not None
+                     else "no checkpoint was written")
+            raise engine.NonFiniteError(
+                f"{err}; {where}. Lower --lr_img or check the data, then start over with "
+                f"--restart (or use another --workdir)") from None
+
+
 def _condense_and_evaluate(config, dataset, real, eng, workdir, mesh, restart, quiet,
                            main_host):
     if restart:       # only once everything that can fail before the first iteration passed
@@ -176,130 +264,114 @@ def _condense_and_evaluate(config, dataset, real, eng, workdir, mesh, restart, q
         sharding.sync_hosts("idm_jax: previous run set aside")   # others wait for host 0
         if moved:
             print(f"restart: the previous run was moved to {moved}")
-    if eng.policy.platform != "cpu":
-        calls = (f"chunks of {eng.policy.chunk} images, to fit the memory budget"
-                 if eng.policy.chunk else "whole batches")
-        print(f"network calls on {eng.policy.platform}: {calls}")
-    elif eng.policy.remat:
+    _announce_policy(eng.policy)
+    run = _Session(config, dataset, real, eng, workdir, main_host,
+                   checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                           keep=config.keep_checkpoints),
+                   checkpoint.data_meta(real, methods.provenance(config.method)))
+    try:
+        state, sessions = _resume(run, mesh)
+        start_it = int(state.iteration)
+        run.log = outputs.MetricsLog(os.path.join(workdir, "metrics.jsonl") if main_host
+                                     else os.devnull)
+        state, condense_seconds = _iterate(run, state, mesh, quiet)
+    except BaseException:
+        if run.log is not None:
+            run.log.close()
+        run.checkpointer.close()
+        raise
+    run.checkpointer.close()
+    return _final_results(run, state, start_it, sessions, condense_seconds)
+
+
+def _announce_policy(policy: backend.Policy) -> None:
+    if policy.platform != "cpu":
+        calls = (f"chunks of {policy.chunk} images, to fit the memory budget"
+                 if policy.chunk else "whole batches")
+        print(f"network calls on {policy.platform}: {calls}")
+    elif policy.remat:
         print("memory: the synthetic activations would not fit this host, so the backward pass "
               "recomputes them (same values, slower; --memory_budget_gb sets the budget)")
-    log_every = config.log_every if config.log_every > 0 else (
-        1 if eng.policy.platform == "cpu" else 100)
-    provenance = methods.provenance(config.method)   # a method file's path and source hash
-    meta = checkpoint.data_meta(real, provenance)
-    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                           keep=config.keep_checkpoints)
-    state = engine.init_state(eng, real, config.seed)
+
+
+def _resume(run: _Session, mesh):
+    """Phase 1: the newest intact checkpoint (or a fresh state), and the session's records.
+    Returns (state, the sessions recorded so far)."""
+    config = run.config
+    state = engine.init_state(run.eng, run.real, config.seed)
     if mesh is not None:  # also the restore template: checkpoints restore straight sharded
         state = engine.shard_state(state, mesh)
-    restored, last_saved = checkpointer.restore_latest(state, config, meta)
+    restored, run.last_saved = run.checkpointer.restore_latest(state, config, run.meta)
     if restored is not None:
         state = restored
-        print(f"resuming from iteration {last_saved} ({checkpointer.directory})")
-    start_it = int(state.iteration)
+        print(f"resuming from iteration {run.last_saved} ({run.checkpointer.directory})")
     sessions = []
-    if main_host:
-        workdir_lib.trim_metrics(workdir, start_it)
-        sessions = workdir_lib.record_session(workdir, config.to_dict(), start_it)
-        checkpoint.dump_json(os.path.join(workdir, "config.json"),
-                             dict(config.to_dict(), **{"data": meta}))
-    log = outputs.MetricsLog(os.path.join(workdir, "metrics.jsonl") if main_host else os.devnull)
-    test_x = data.normalize(dataset.test_images, dataset.mean, dataset.std)
-    eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000_003)
-    to_pixels = outputs.pixel_converter(config, np.asarray(real.mean), np.asarray(real.std))
+    if run.main_host:
+        start_it = int(state.iteration)
+        workdir_lib.trim_metrics(run.workdir, start_it)
+        sessions = workdir_lib.record_session(run.workdir, config.to_dict(), start_it)
+        checkpoint.dump_json(os.path.join(run.workdir, "config.json"),
+                             dict(config.to_dict(), **{"data": run.meta}))
+    return state, sessions
 
-    def evaluate_at(s, it, final=False):
-        # Every host gathers the images and evaluates them the same way (same key); host 0 writes.
-        images = sharding.to_host(s.images)
-        result = evaluate_images(images, dataset, config, jax.random.fold_in(eval_key, it),
-                                 test_x, eng.policy)
-        log.write({"event": "eval", "iteration": it, **result})
-        if main_host and not final:
-            outputs.save_grid(os.path.join(workdir, f"synthetic_{it}.png"), to_pixels(images),
-                              real.num_classes)
-            print(f"[it {it}] {config.eval_model} accuracy {result['mean']:.2f} +- "
-                  f"{result['std']:.2f} % over {config.num_eval} models "
-                  f"({result['seconds']:.0f} s)")
-        return images, result
 
-    step = engine.make_step(eng, real, mesh=mesh)
-    condense_seconds = 0.0
-    progress = outputs.progress_bar(config, start_it, quiet or not main_host)
-    pending: list = []                 # (iterations done, device metrics) not yet fetched
-    window_start = last_plot = time.perf_counter()
-
-    def flush():
-        """Fetch the pending metrics, log them and apply the NaN/Inf policy."""
-        nonlocal window_start, condense_seconds
-        if not pending:
-            return
-        fetched = jax.device_get([m for _, m in pending])
-        seconds = (time.perf_counter() - window_start) / len(pending)
-        condense_seconds += seconds * len(pending)
-        for (done, _), values in zip(pending, fetched):
-            record = {k: float(v) for k, v in values.items()}
-            record.update(iteration=done - 1, seconds=seconds)
-            log.write(record)
-            try:
-                engine.check_finite(record, done - 1)
-            except engine.NonFiniteError as err:
-                # Every checkpoint holds images that passed this check, and the run is
-                # deterministic: resuming would repeat the failure with the same settings.
-                where = (f"the newest intact checkpoint is iteration {last_saved} in "
-                         f"{checkpointer.directory}" if last_saved is not None
-                         else "no checkpoint was written")
-                raise engine.NonFiniteError(
-                    f"{err}; {where}. Lower --lr_img or check the data, then start over with "
-                    f"--restart (or use another --workdir)") from None
-        if progress is not None:
-            progress.update(len(pending))
-            progress.set_postfix(loss=f"{record['loss']:.3g}",
-                                 acc=f"{record['extractor_acc']:.0f}%")
-        pending.clear()
-        window_start = time.perf_counter()
-
+def _iterate(run: _Session, state, mesh, quiet: bool):
+    """Phase 2: the iterations, metrics fetched in windows of ``log_every``, checkpoints,
+    evaluations, Ctrl-C. Returns (final state, seconds spent condensing in this session)."""
+    config, policy = run.config, run.eng.policy
+    log_every = config.log_every if config.log_every > 0 else (1 if policy.platform == "cpu"
+                                                               else 100)
+    step = engine.make_step(run.eng, run.real, mesh=mesh)
+    progress = outputs.progress_bar(config, int(state.iteration), quiet or not run.main_host)
+    window = _MetricsWindow(run, progress)
+    last_plot = time.perf_counter()
     try:
         with _Interrupt() as interrupt:
-            for it, state, metrics in engine.iterate(eng, real, state, step=step):
-                pending.append((it, metrics))
+            for it, state, metrics in engine.iterate(run.eng, run.real, state, step=step):
+                window.pending.append((it, metrics))
                 done = it >= config.iterations
                 save = done or it % config.checkpoint_every == 0
                 evaluate_now = bool(config.eval_every) and it % config.eval_every == 0 and not done
                 # Where to flush must not depend on this host alone (any_host below is a
                 # collective): with several hosts a Ctrl-C waits for the next regular flush.
                 stop_here = interrupt.requested and jax.process_count() == 1
-                if not (save or evaluate_now or done or len(pending) >= log_every or stop_here):
+                if not (save or evaluate_now or done or len(window.pending) >= log_every
+                        or stop_here):
                     continue
-                flush()
+                window.flush()
                 # All hosts stop at the same iteration even if Ctrl-C reached only some of them.
                 stop = sharding.any_host(interrupt.requested)
                 if stop or save:
-                    last_saved = checkpointer.save(state, config, meta)
+                    run.last_saved = run.checkpointer.save(state, config, run.meta)
                     # A picture of the run so far, at most once a minute (for long runs).
-                    if main_host and time.perf_counter() - last_plot > 60:
-                        outputs.save_metrics_plot(workdir)
+                    if run.main_host and time.perf_counter() - last_plot > 60:
+                        outputs.save_metrics_plot(run.workdir)
                         last_plot = time.perf_counter()
                 if stop:
-                    raise Interrupted(it, checkpointer.directory)
+                    raise Interrupted(it, run.checkpointer.directory)
                 if evaluate_now:
-                    evaluate_at(state, it)
-        if last_saved != int(state.iteration):    # e.g. iterations already reached on resume
-            checkpointer.save(state, config, meta)
-    except BaseException:
-        log.close()
-        raise
+                    run.evaluate(state, it)
+        if run.last_saved != int(state.iteration):   # e.g. iterations already reached
+            run.checkpointer.save(state, config, run.meta)
     finally:
         if progress is not None:
             progress.close()
-        checkpointer.close()
+    return state, window.condense_seconds
 
-    # Final outputs: the reported evaluation is of the set after `iterations` updates.
+
+def _final_results(run: _Session, state, start_it: int, sessions: list,
+                   condense_seconds: float) -> dict:
+    """Phase 3: the exports, the reported evaluation (of the set after ``iterations``
+    updates), ``results.json`` and the metrics plot."""
+    config = run.config
     it = int(state.iteration)
     images = sharding.to_host(state.images)
-    if main_host:
-        outputs.export_set(workdir, images, real, config, to_pixels, dataset.class_names, it)
-    _, result = evaluate_at(state, it, final=True)
-    log.close()
+    if run.main_host:
+        outputs.export_set(run.workdir, images, run.real, config, run.to_pixels,
+                           run.dataset.class_names, it)
+    result = run.evaluate(state, it, final=True)
+    run.log.close()
+    provenance = {k: v for k, v in run.meta.items() if k.startswith("method_")}
     results = {
         "dataset": config.dataset, "ipc": config.ipc, "iterations": it,
         "eval_model": config.eval_model, "accuracies": result["accuracies"],
@@ -311,12 +383,12 @@ def _condense_and_evaluate(config, dataset, real, eng, workdir, mesh, restart, q
         "code_version": outputs.code_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config.to_dict(),
         "method": dict(name=config.method, **provenance), "sessions": sessions}
-    if main_host:
-        results["condense_seconds"] = outputs.logged_seconds(workdir)
-        checkpoint.dump_json(os.path.join(workdir, "results.json"), results)
-        outputs.save_metrics_plot(workdir)
+    if run.main_host:
+        results["condense_seconds"] = outputs.logged_seconds(run.workdir)
+        checkpoint.dump_json(os.path.join(run.workdir, "results.json"), results)
+        outputs.save_metrics_plot(run.workdir)
     print(f"[it {it}] final {config.eval_model} accuracy {result['mean']:.2f} +- "
-          f"{result['std']:.2f} % over {config.num_eval} models; outputs in {workdir}")
+          f"{result['std']:.2f} % over {config.num_eval} models; outputs in {run.workdir}")
     return results
 
 

@@ -62,6 +62,7 @@ def load_dataset(name: str, source: Optional[str] = None,
       ValueError: unknown name or source, a source that cannot give this
         dataset, or missing/malformed files (the message says what to do).
     """
+    # Long because it is one branch per source, each a few lines.
     if source is not None and source not in SOURCES:
         raise ValueError(f"Unknown source {source!r}. Valid sources: "
                          f"{', '.join(SOURCES)}.")
