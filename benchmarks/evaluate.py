@@ -34,7 +34,9 @@ import numpy as np
 
 from benchmarks.common import load_average, progress, report
 from benchmarks.iteration import peak_memory, summary, time_calls
-from idm_jax import backend, microbatch, models, partition
+from idm_jax import partition
+from idm_jax.accel import backend, microbatch
+from idm_jax.nn import models
 from idm_jax import evaluation as evaluate_lib
 
 FULL_EPOCHS = 1000   # the official epoch_eval_train: epochs 0..1000, 1001 in all

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import load_average, progress, report
-from idm_jax import models
+from idm_jax.nn import models
 from idm_jax import engine as engine_lib
 from idm_jax import real as real_lib
 from idm_jax import config as config_lib

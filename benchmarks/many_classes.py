@@ -6,7 +6,7 @@ class axis over that many devices (simulated on a CPU host with
 ``--xla_force_host_platform_device_count``), compiles the step and times ``--iters`` iterations.
 Each record holds the compile time, the fastest iteration, the process's peak RSS (or the
 device's peak memory on an accelerator), and where the memory goes by the model of
-``idm_jax.memory``: the real images stored per class, one iteration's real batch (float copies
+``idm_jax.accel.memory``: the real images stored per class, one iteration's real batch (float copies
 and embeddings), the activations the synthetic backward pass keeps, the queue; and whether the
 run recomputes those activations (``memory.cpu_needs_remat``).
 

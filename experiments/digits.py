@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from idm_jax import checkpoint, cli, data, evaluation
+from idm_jax import data, evaluation
+from idm_jax.runs import checkpoint, cli
 
 
 def random_real_baseline(dataset: data.Dataset, config, key) -> dict:

@@ -1,4 +1,4 @@
-"""A study: named variants x seeds, one after another, aggregated (``idm_jax.study``).
+"""A study: named variants x seeds, one after another, aggregated (``idm_jax.runs.study``).
 
 ``python -m experiments.study --source npy --data_dir ../shared/data/cifar10`` runs the CPU
 protocol's priority-1 grid (idm, random-real, dm; seeds 0,1,2) into ``runs/study``; re-running
@@ -14,7 +14,7 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
-from idm_jax import cli, study
+from idm_jax.runs import cli, study
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list:

@@ -6,7 +6,7 @@ the table of modules):
 - ``condense(config, train_images, train_labels, mean=..., std=...)``: run IDM, get the set.
 - ``evaluate(key, images, labels, test_images, test_labels, model=...)``: the official protocol.
 - ``condense_and_evaluate(config, dataset, workdir)``: the whole run with checkpoints, resuming
-  and outputs (``idm_jax.run``), as the command line runs it.
+  and outputs (``idm_jax.runs.run``), as the command line runs it.
 - ``partition_expand``, ``partition_expand_labels``, ``mosaic``: IDM's partition-and-expand.
 - ``mmd``, ``class_mmd``, ``class_aware_ce``, ``idm_objective``: the matching objective.
 - ``dsa``, ``DSAParams``: differentiable Siamese augmentation.
@@ -16,17 +16,19 @@ the table of modules):
 The data loaders (``idm_jax.data``) import tensorflow-datasets lazily, only for TFDS sources.
 """
 
-from idm_jax import (backend, checkpoint, config, engine, evaluation, export, image_update,
-                     matching, models, queue, real, sharding, torch_format, validate, workdir)
+from idm_jax import config, engine, evaluation, image_update, matching, queue, real, validate
+from idm_jax.accel import backend, sharding
+from idm_jax.nn import models
+from idm_jax.runs import checkpoint, export, torch_format, workdir
 from idm_jax.augment import DSAParams, dsa
 from idm_jax.config import Config, get_preset
 from idm_jax.engine import condense
 from idm_jax.evaluation import evaluate
 from idm_jax.losses import class_aware_ce, class_mmd, mmd
 from idm_jax.matching import idm_objective
-from idm_jax.models import get_model
+from idm_jax.nn.models import get_model
 from idm_jax.partition import mosaic, partition_expand, partition_expand_labels
-from idm_jax.run import condense_and_evaluate
+from idm_jax.runs.run import condense_and_evaluate
 
 __version__ = "0.2.0"
 

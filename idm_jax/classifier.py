@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import jax
 import optax
 
-from idm_jax import microbatch
+from idm_jax.accel import microbatch
 
 
 def sgd(lr: float, momentum: float, weight_decay: float) -> optax.GradientTransformation:

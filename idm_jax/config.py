@@ -20,7 +20,7 @@ DTYPES = ("float32", "bfloat16")
 DISTANCES = ("linear", "gaussian", "characteristic")
 PARTITIONS = ("uniform", "multiscale", "nonuniform")
 MOMENTS = ("covariance", "variance")
-EXPORT_FORMATS = ("npz", "expanded", "png", "torch")   # idm_jax.export.FORMATS
+EXPORT_FORMATS = ("npz", "expanded", "png", "torch")   # idm_jax.runs.export.FORMATS
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits", "tinyimagenet",
             "imagenet_subset")
 
@@ -93,13 +93,13 @@ class Config:
     compute_dtype: str = "float32"      # "bfloat16": mixed precision; images/optimisers stay f32
     microbatch: int = -1                # images per network call: -1 auto (16 on CPU; on
                                         # accelerators whole batches, or what fits the memory
-                                        # budget: idm_jax.memory), 0 whole batch; same values
+                                        # budget: idm_jax.accel.memory), 0 whole batch; same values
     memory_budget_gb: float = -1.0      # accelerators: GiB for the run (-1: 90 % of the device)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = -1                 # fetch metrics from the device every N iterations:
                                         # -1 auto (1 on CPU, 100 on accelerators); same result
-    exports: str = "npz,expanded,png,torch"   # layouts of the final set (idm_jax.export)
+    exports: str = "npz,expanded,png,torch"   # layouts of the final set (idm_jax.runs.export)
 
     def __post_init__(self):
         def need(cond, message):
@@ -174,7 +174,7 @@ class Config:
 
     @property
     def export_formats(self) -> tuple[str, ...]:
-        """``exports`` as a tuple of layout names (see ``idm_jax.export``)."""
+        """``exports`` as a tuple of layout names (see ``idm_jax.runs.export``)."""
         formats = tuple(f.strip() for f in self.exports.split(",") if f.strip())
         unknown = sorted(set(formats) - set(EXPORT_FORMATS))
         if unknown:
@@ -392,5 +392,5 @@ def without_components(config: Config) -> Config:
 
 
 __all__ = ["DISTANCES", "PARTITIONS", "MOMENTS", "Config", "PRESETS", "get_preset", "override",
-           "smoke", "SIZE_FIELDS", "without_components", "field_names", "MECHANICS", "RESUMABLE_FIELDS",
-           "result_differences"]
+           "smoke", "SIZE_FIELDS", "without_components", "field_names", "MECHANICS",
+           "RESUMABLE_FIELDS", "result_differences"]

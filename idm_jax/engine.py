@@ -13,7 +13,7 @@ iteration of the official ``IDM_cifar10.py`` loop (docs/FAITHFULNESS.md, "outer 
 Classes are a vmapped axis, every piece's state is a pytree, and nothing leaves the device. The
 same step runs on one device or, given a ``jax.sharding`` mesh, with the class axis split over
 several devices (``sharding.ClassLayout``) and the queue trainees data-parallel. The run loop
-with checkpoints and outputs is ``idm_jax.run``; ``condense`` here is the minimal library call.
+with checkpoints and outputs is ``idm_jax.runs.run``; ``condense`` here is the minimal library call.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from idm_jax import backend, classifier, matching, memory, models, partition
+from idm_jax import classifier, matching, partition
+from idm_jax.accel import backend, memory
+from idm_jax.nn import models
 from idm_jax import real as real_lib
-from idm_jax import sharding, validate
+from idm_jax import validate
+from idm_jax.accel import sharding
 from idm_jax.base import ExtractorSchedule, ImageOptimizer, Method, Networks, Objective
 from idm_jax.config import Config
 from idm_jax.real import RealData, prepare_real
@@ -95,7 +98,7 @@ def make_engine(config: Config, num_classes: int, image_shape, *,
     ``method`` defaults to the one ``config.method`` names (``idm_jax.methods``); ``objective``
     replaces the method's objective. ``policy`` defaults to ``backend.resolve(config.microbatch)``.
     With ``max_per_class`` (the largest class's image count) and the automatic ``microbatch``, an
-    accelerator run chunks its network calls to fit the device's memory (``idm_jax.memory``)
+    accelerator run chunks its network calls to fit the device's memory (``idm_jax.accel.memory``)
     instead of always using whole batches, and a CPU run whose kept activations would not fit
     the host's memory recomputes them (``memory.cpu_needs_remat``).
     """
@@ -312,7 +315,7 @@ def condense(config: Config, train_images: np.ndarray, train_labels: np.ndarray,
 
     Raises ``NonFiniteError`` when the loss or the images stop being finite (checked every
     iteration with a callback, else at the end). For checkpoints, resuming and outputs use
-    ``idm_jax.run.condense_and_evaluate``.
+    ``idm_jax.runs.run.condense_and_evaluate``.
 
     Returns (the condensed set, the final state).
     """

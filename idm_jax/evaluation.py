@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from idm_jax import augment, backend, classifier, microbatch, models, partition
+from idm_jax import augment, classifier, partition
+from idm_jax.accel import backend, microbatch
+from idm_jax.nn import models
 
 
 def _batch_plan(num_images: int, batch_size: int) -> tuple[int, int]:
@@ -55,7 +57,7 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
         labels -1 (``evaluate_synset`` does it); test_y: (M,) ints, -1 for padding.
       epochs: the official ``epoch_eval_train``; epochs 0..epochs run (epochs + 1 in all).
       chunk: > 0 computes each step's gradient over chunks of that many images, skipping the
-        chunks of the last partial batch that hold only padding (``idm_jax.microbatch``; same
+        chunks of the last partial batch that hold only padding (``idm_jax.accel.microbatch``; same
         values, faster on CPU). Ignored for BatchNorm models, whose statistics need the batch.
       loop_over_keys: DSA's choice for keys batched by a vmap over models (``augment.dsa``).
       return_variables: also return the trained ``{"params", "batch_stats"}`` (to inspect).
@@ -187,14 +189,14 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
       images: (N, H, W, C) float condensed images in normalised space, as stored.
       labels: (N,) int labels.
       test_images: (M, H, W, C) float normalised test images; test_labels: (M,) ints.
-      model: architecture name (``idm_jax.models.get_model``), e.g. "ConvNet", "ResNet18BN".
+      model: architecture name (``idm_jax.nn.models.get_model``), e.g. "ConvNet", "ResNet18BN".
       expand: apply partition-and-expand to the set first (IDM's --aug); labels are tiled.
       partition_factor, partition_scheme, partition_ratio: how (``partition.expand``); IDM's is
         the uniform 2 x 2 grid. Use what the set was condensed with (its export records it).
       microbatch_size: the config's ``microbatch`` (-1 automatic: chunks of 16 on CPU).
       parallel: train the models as a vmapped axis (True) or one after another in the same
         program (``lax.map``, False). None: the policy's ``vmap_models``. Same values.
-      policy: the backend policy (``idm_jax.backend``); None resolves it from
+      policy: the backend policy (``idm_jax.accel.backend``); None resolves it from
         ``microbatch_size``. The engine passes its own.
 
     Returns a dict: ``accuracies`` (list of num_models floats, %), ``mean`` and ``std``

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from idm_jax import queue as queue_lib
 from idm_jax import real as real_lib
-from idm_jax import sharding
+from idm_jax.accel import sharding
 from idm_jax.base import ExtractorSchedule, Networks
 
 

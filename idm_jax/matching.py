@@ -24,10 +24,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from idm_jax import augment, losses, microbatch, partition
+from idm_jax import augment, losses, partition
+from idm_jax.accel import microbatch
 from idm_jax import real as real_lib
 from idm_jax.base import Objective
-from idm_jax.sharding import ClassLayout
+from idm_jax.accel.sharding import ClassLayout
 
 # The run's engine (``engine.Engine``; named here without importing it: the engine imports this).
 Engine = Any

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from idm_jax import data as data_lib
-from idm_jax import sharding
+from idm_jax.accel import sharding
 
 
 @flax.struct.dataclass

@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from idm_jax import methods, models, partition
+from idm_jax import methods, partition
+from idm_jax.nn import models
 from idm_jax.base import Method
 from idm_jax.config import Config
 
@@ -114,4 +115,5 @@ def check_devices(requested: int, available: int, hosts: int = 1) -> int:
     return count
 
 
-__all__ = ["InvalidRun", "check_config", "check_method", "check_data", "check_workdir", "check_devices"]
+__all__ = ["InvalidRun", "check_config", "check_method", "check_data", "check_workdir",
+           "check_devices"]

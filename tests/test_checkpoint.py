@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from idm_jax import checkpoint
+from idm_jax.runs import checkpoint
 from idm_jax import config as config_lib
 from idm_jax import engine as engine_lib
 from idm_jax import real as real_lib

@@ -1,4 +1,4 @@
-"""idm_jax.data and idm_jax.convert on miniature datasets written in tmp_path.
+"""idm_jax.data and idm_jax.data.convert on miniature datasets written in tmp_path.
 
 References are independent of the code under test: explicit index formulas and loops for the
 CIFAR byte layout and the per-class layout, NumPy formulas for normalisation and statistics,
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idm_jax import convert
+from idm_jax.data import convert
 from idm_jax import data
 from idm_jax.data import core
 
@@ -484,7 +484,7 @@ def test_unknown_names_and_sources():
 
 
 def test_import_does_not_pull_in_tfds_or_tensorflow():
-    code = ("import sys, idm_jax.data, idm_jax.convert; "
+    code = ("import sys, idm_jax.data, idm_jax.data.convert; "
             "bad = [m for m in ('tensorflow_datasets', 'tensorflow') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
@@ -547,7 +547,7 @@ def test_tfds_mock_data(tmp_path):
 
 def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
     pytest.importorskip("tensorflow_datasets")
-    with pytest.raises(ValueError, match="not prepared(.|\n)*idm_jax.convert"):
+    with pytest.raises(ValueError, match="not prepared(.|\n)*idm_jax.data.convert"):
         data.load_dataset("mnist", source="tfds", tfds_data_dir=str(tmp_path))
 
 
@@ -575,7 +575,7 @@ def test_convert_pickle_round_trip(tmp_path):
         convert.main(["--cifar_pickle", folder, "--out", out])
     # The module entry point, as users run it.
     out2 = str(tmp_path / "npy2")
-    subprocess.run([sys.executable, "-m", "idm_jax.convert", "--cifar_pickle", folder,
+    subprocess.run([sys.executable, "-m", "idm_jax.data.convert", "--cifar_pickle", folder,
                     "--out", out2], check=True, cwd=REPO, capture_output=True,
                    env={**os.environ, "JAX_PLATFORMS": "cpu"})
     _assert_same_dataset(data.load_dataset("cifar10", source="npy", data_dir=out2), original)

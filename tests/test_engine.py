@@ -168,7 +168,7 @@ def test_a_gradient_step_on_the_class_objectives_lowers_them():
     feats = jax.vmap(lambda x: engine.apply(params, x)[0])(jnp.asarray(real_x, jnp.float32))
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     shape = (3, config.ipc) + real.image_shape
-    layout = idm_jax.sharding.ClassLayout(3)
+    layout = idm_jax.accel.sharding.ClassLayout(3)
     mask = jnp.ones((3, 8), bool)
 
     def loss(images):

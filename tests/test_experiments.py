@@ -13,7 +13,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from experiments import evaluate as evaluate_cli
-from idm_jax import checkpoint, cli, data, export
+from idm_jax import data
+from idm_jax.runs import checkpoint, cli, export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A few iterations of a small network: what matters here is the plumbing, not accuracy.
@@ -215,7 +216,8 @@ def test_digits_experiment_at_reduced_budget_beats_random_selection(tmp_path):
 def test_a_set_condensed_with_another_partition_is_evaluated_with_it(tmp_path, monkeypatch):
     # The export records the scheme; experiments.evaluate expands the set the same way.
     from idm_jax import config as config_lib
-    from idm_jax import evaluation, outputs
+    from idm_jax import evaluation
+    from idm_jax.runs import outputs
     from idm_jax import real as real_lib
     ds = data.load_dataset("digits")
     real = real_lib.prepare_real(ds.train_images, ds.train_labels, ds.mean, ds.std)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idm_jax import export, partition, torch_format
+from idm_jax import partition
+from idm_jax.runs import export, torch_format
 
 # Written by PyTorch 2.13.0 (CPU) with tests/data/make_torch_fixture.py.
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "torch_2_13.pt")

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idm_jax import backend, config as config_lib, data, memory, microbatch, models, ops
+from idm_jax import config as config_lib, data
+from idm_jax.accel import backend, memory, microbatch, ops
+from idm_jax.nn import models
 from idm_jax import engine as engine_lib
 from idm_jax import real as real_lib
 from tests.test_engine import MEAN, STD, tiny_config, tiny_data

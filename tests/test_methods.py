@@ -16,7 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from idm_jax import data, engine as engine_lib, extractors, image_update, methods, run, validate
+from idm_jax import data, engine as engine_lib, extractors, image_update, methods, validate
+from idm_jax.runs import run
 from idm_jax import config as config_lib
 from idm_jax import real as real_lib
 from idm_jax.base import Method, Networks

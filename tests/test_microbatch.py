@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from idm_jax import backend, microbatch, models
+from idm_jax.accel import backend, microbatch
+from idm_jax.nn import models
 
 
 def test_chunk_size_is_the_largest_divisor_not_above_the_request():

@@ -1,4 +1,4 @@
-"""Networks of idm_jax.models against hand-derived parameter counts and shapes, a NumPy
+"""Networks of idm_jax.nn.models against hand-derived parameter counts and shapes, a NumPy
 re-implementation of the ConvNet forward pass, PyTorch's BatchNorm update rule and PyTorch's
 default initialisation.
 
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idm_jax import models
+from idm_jax.nn import models
 
 EPS = 1e-5
 

@@ -1,4 +1,4 @@
-"""The CPU-speed rewrites of idm_jax.ops against their plain definitions and JAX's autodiff.
+"""The CPU-speed rewrites of idm_jax.accel.ops against their plain definitions and JAX's autodiff.
 
 ``ops.conv2d`` must give ``lax.conv_general_dilated``'s values, input gradients and kernel
 gradients, also under vmap over stacked inputs, stacked kernels or both (the batching rule);
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from idm_jax import ops
+from idm_jax.accel import ops
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 EPS = 1e-5

@@ -28,7 +28,7 @@ def test_console_entry_points_name_callables():
 def test_idm_condense_help_exits_zero(capsys):
     # A console script exits with the entry function's return value: it must be None (0), or
     # sys.exit prints it and exits 1.
-    from idm_jax import cli
+    from idm_jax.runs import cli
     assert cli.condense_main(["--dataset", "digits", "--help"]) is None
     out = capsys.readouterr().out
     assert "idm-condense" in out and "--dataset NAME" in out
@@ -48,7 +48,8 @@ def test_entry_functions_are_plain_functions_next_to_their_modules():
     # and the modules they live in are ordinary modules.
     for fn, module in ((idm_jax.condense, idm_jax.engine),
                        (idm_jax.evaluate, idm_jax.evaluation),
-                       (idm_jax.condense_and_evaluate, importlib.import_module("idm_jax.run"))):
+                       (idm_jax.condense_and_evaluate,
+                        importlib.import_module("idm_jax.runs.run"))):
         assert inspect.isfunction(fn)
         assert type(module) is types.ModuleType
         assert fn.__module__ == module.__name__
@@ -59,7 +60,7 @@ def test_entry_functions_are_plain_functions_next_to_their_modules():
 
 def test_sharding_never_imports_the_engine():
     # The mesh code is generic: it must not import the engine, its state types or the trainer.
-    with open(os.path.join(ROOT, "idm_jax", "sharding.py")) as f:
+    with open(os.path.join(ROOT, "idm_jax", "accel", "sharding.py")) as f:
         tree = ast.parse(f.read())
     imported = [node.module if isinstance(node, ast.ImportFrom) else alias.name
                 for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
@@ -97,6 +98,9 @@ def _package_imports():
 def test_no_import_cycle_in_the_package_and_base_is_a_leaf():
     graph = _package_imports()
     assert graph["idm_jax.base"] == set()
+    # The layers: nothing but the runs themselves (and the package's re-exports) uses runs/.
+    users = {m for m, deps in graph.items() for d in deps if d.startswith("idm_jax.runs")}
+    assert {m for m in users if not m.startswith("idm_jax.runs")} <= {"idm_jax"}, users
     # The package's own __init__ re-exports; everything else must form a DAG without it.
     graph = {m: {d for d in deps if d != "idm_jax"} for m, deps in graph.items()}
     state = {}

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from idm_jax import augment, models, partition
+from idm_jax import augment, partition
+from idm_jax.nn import models
 from idm_jax import config as config_lib
 from idm_jax import engine as engine_lib
 from idm_jax import queue as queue_lib
@@ -124,7 +125,8 @@ def setup(config, seed):
     images, labels = uneven_data()
     real = real_lib.prepare_real(images, labels, MEAN, STD)
     engine = engine_lib.make_engine(config, real.num_classes, real.image_shape)
-    plain_model = models.get_model(config.model, real.num_classes, conv_op=jax.lax.conv_general_dilated)
+    plain_model = models.get_model(config.model, real.num_classes,
+                                   conv_op=jax.lax.conv_general_dilated)
     return real, engine, plain_model, engine_lib.init_state(engine, real, seed)
 
 
@@ -144,7 +146,8 @@ def test_jitted_iterations_equal_the_plain_reference_loop():
         scales += used
         np.testing.assert_allclose(float(metrics["ce_scale"]), used[-1], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(state.images, ref_state.images, rtol=1e-4, atol=2e-4)
-        np.testing.assert_allclose(state.image_opt_state, ref_state.image_opt_state, rtol=1e-4, atol=2e-4)
+        np.testing.assert_allclose(state.image_opt_state, ref_state.image_opt_state, rtol=1e-4,
+                                   atol=2e-4)
         for got, want in zip(jax.tree.leaves(state.extractors.params),
                              jax.tree.leaves(ref_state.extractors.params)):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-4)

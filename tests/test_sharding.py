@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from idm_jax import sharding
+from idm_jax.accel import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

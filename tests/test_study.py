@@ -8,8 +8,8 @@ import pytest
 
 from experiments import study as study_cli
 from idm_jax import config as config_lib
-from idm_jax import run as run_lib
-from idm_jax import study
+from idm_jax.runs import run as run_lib
+from idm_jax.runs import study
 
 TINY = ["--dataset", "digits", "--source", "digits", "--quiet",
         "--set", "iterations=2", "--set", "num_eval=1", "--set", "epoch_eval_train=1",
@@ -141,7 +141,7 @@ def test_a_finished_run_counts_across_versions_and_run_mechanics(tmp_path):
     import dataclasses
     import json
 
-    from idm_jax import study
+    from idm_jax.runs import study
     from idm_jax.config import Config
 
     config = Config(ipc=1, iterations=100)

@@ -10,13 +10,14 @@ import time
 
 import pytest
 
-from idm_jax import workdir
+from idm_jax.runs import workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKDIR_PY = os.path.join(REPO, "idm_jax", "runs", "workdir.py")
 # Load the module by path so the child process does not import JAX through the package.
 HOLDER = f"""
 import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("w", {os.path.join(REPO, "idm_jax", "workdir.py")!r})
+spec = importlib.util.spec_from_file_location("w", {WORKDIR_PY!r})
 w = importlib.util.module_from_spec(spec); spec.loader.exec_module(w)
 with w.lock(sys.argv[1]):
     print("locked", flush=True)
@@ -82,7 +83,7 @@ def test_sessions_are_recorded_and_an_unused_folder_is_removed(tmp_path):
 
 
 def test_report_summarises_a_run_folder_from_its_files(tmp_path, capsys):
-    from idm_jax import cli
+    from idm_jax.runs import cli
 
     run = tmp_path / "run"
     (run / "checkpoints" / "25").mkdir(parents=True)

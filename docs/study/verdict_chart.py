@@ -12,7 +12,7 @@ import glob
 import json
 import os
 
-from idm_jax import study
+from idm_jax.runs import study
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))

@@ -33,7 +33,7 @@ def _import_tfds():
             "source='tfds' needs the tensorflow_datasets package (pip install "
             "tensorflow-datasets), which is not installed here. Alternatively "
             "convert the dataset on a machine that has it (python -m "
-            "idm_jax.convert --tfds NAME --out DIR) and load it with "
+            "idm_jax.data.convert --tfds NAME --out DIR) and load it with "
             "source='npy', data_dir=DIR.") from e
     return tfds
 
@@ -45,7 +45,7 @@ def prepare_hint(tfds_name: str, data_dir: Optional[str]) -> str:
         f"tensorflow_datasets as tfds; tfds.builder({tfds_name!r}{where}, "
         f"file_format='array_record').download_and_prepare()\" (array_record "
         f"can then be read without TensorFlow). Or, without TFDS: convert the "
-        f"data once with python -m idm_jax.convert (--tfds on a machine where "
+        f"data once with python -m idm_jax.data.convert (--tfds on a machine where "
         f"it is prepared, or --cifar_pickle for the official CIFAR folders) and "
         f"load it with source='npy', data_dir=<the --out folder>.")
 

@@ -4,9 +4,9 @@ Run once where the source is available; afterwards the dataset loads anywhere wi
 (``load_dataset(name, source="npy", data_dir=OUT)``), e.g. on GPU machines without
 tensorflow_datasets.
 
-  python -m idm_jax.convert --tfds NAME [--tfds_data_dir D] --out DIR
-  python -m idm_jax.convert --cifar_pickle DIR --out DIR
-  python -m idm_jax.convert --dataset NAME [--source S] [--data_dir D] --out DIR
+  python -m idm_jax.data.convert --tfds NAME [--tfds_data_dir D] --out DIR
+  python -m idm_jax.data.convert --cifar_pickle DIR --out DIR
+  python -m idm_jax.data.convert --dataset NAME [--source S] [--data_dir D] --out DIR
 
 ``--tfds`` takes our name (cifar10, cifar100, mnist, fashion_mnist, svhn) or any TFDS builder name
 with a fixed-size uint8 image feature and a class label (``--image_key``/``--label_key``). Known
@@ -66,7 +66,7 @@ def _from_tfds(name: str, tfds_data_dir: Optional[str], args) -> tuple[data.Data
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m idm_jax.convert", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m idm_jax.data.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tfds", metavar="NAME", help="TFDS dataset (our name or a TFDS name)")

@@ -20,8 +20,8 @@ One call of :func:`dsa` does the following (docs/FAITHFULNESS.md, "DSA"):
    With ``siamese=False`` (evaluation training) the group is still one per call, but
    the parameters are drawn independently per image.
 
-The transforms themselves, with explicit parameters, are in ``idm_jax.transforms`` and
-``idm_jax.resample`` (re-exported
+The transforms themselves, with explicit parameters, are in ``idm_jax.augment.transforms`` and
+``idm_jax.augment.resample`` (re-exported
 here).
 
 Randomness: ``dsa`` splits its key into a group-choice key and a parameter key. The
@@ -41,11 +41,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from idm_jax import ops
-from idm_jax.resample import affine_sample, rotate, rotate_theta, scale, scale_theta
-from idm_jax.transforms import (DSAParams, brightness, contrast, crop_shift, cutout, cutout_size,
-                                flip, saturation, translate)
-from idm_jax.transforms import _check_images  # the input check dsa shares with the ops
+from idm_jax.accel import ops
+from idm_jax.augment.resample import affine_sample, rotate, rotate_theta, scale, scale_theta
+from idm_jax.augment.transforms import (DSAParams, brightness, contrast, crop_shift, cutout,
+                                        cutout_size, flip, saturation, translate)
+from idm_jax.augment.transforms import _check_images  # the input check dsa shares with the ops
 
 Array = jax.Array
 

@@ -2,7 +2,7 @@
 normalisations of DC (instance, batch, layer, group), activations and pooling.
 
 Conventions (NHWC, PyTorch's default initialisation, float32 parameters and statistics with an
-optional compute ``dtype``) are those of ``idm_jax.models``, which documents them.
+optional compute ``dtype``) are those of ``idm_jax.nn.models``, which documents them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from idm_jax import ops
+from idm_jax.accel import ops
 
 Dtype = Any
 

@@ -10,7 +10,7 @@ called from a notebook or a sweep the same way. Everything of a run lives in ``w
                      eval, each iteration once however often the run was interrupted
   sessions.jsonl     every start of the run: time, host, iteration resumed from, config
   synthetic.png      the synthetic images, one row per class (also synthetic_<it>.png per eval)
-  synthetic.npz ...  the condensed set in the layouts of ``idm_jax.export``
+  synthetic.npz ...  the condensed set in the layouts of ``idm_jax.runs.export``
   results.json       final per-model accuracies, mean and population std, wall times, device
 
 One process at a time uses a workdir (``workdir.lock``); ``restart=True`` moves the previous run
@@ -38,10 +38,12 @@ from typing import Optional
 import jax
 import numpy as np
 
-from idm_jax import backend, checkpoint, data, engine, evaluation, methods, outputs, sharding
+from idm_jax import data, engine, evaluation, methods
+from idm_jax.accel import backend, sharding
+from idm_jax.runs import checkpoint, outputs
 from idm_jax import validate
 from idm_jax import real as real_lib
-from idm_jax import workdir as workdir_lib
+from idm_jax.runs import workdir as workdir_lib
 from idm_jax.base import Method
 from idm_jax.config import Config
 

@@ -27,7 +27,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from idm_jax import config as config_lib
-from idm_jax import methods, outputs
+from idm_jax import methods
+from idm_jax.runs import outputs
 from idm_jax.config import Config
 
 Transform = Callable[[Config], Config]
@@ -267,7 +268,7 @@ def run_study(dataset, variants: Sequence[str], seeds: Sequence[int], workdir: s
 
     ``dataset`` is a loaded ``idm_jax.data.Dataset``.
     """
-    from idm_jax import run as run_lib
+    from idm_jax.runs import run as run_lib
 
     base = budget_config(dataset.name, budget, ipc, overrides)
     # Seed by seed, so that an interrupted study already holds every variant at the first seeds.
@@ -288,6 +289,6 @@ def run_study(dataset, variants: Sequence[str], seeds: Sequence[int], workdir: s
                        overrides=overrides, command=command)
 
 
-__all__ = ["VARIANTS", "CPU_PROTOCOL", "BUDGETS", "budget_config", "variant_config", "run_dir", "finished",
-           "finished_runs", "machine", "provenance", "aggregate", "markdown", "bar_chart",
-           "write_table", "run_study"]
+__all__ = ["VARIANTS", "CPU_PROTOCOL", "BUDGETS", "budget_config", "variant_config", "run_dir",
+           "finished", "finished_runs", "machine", "provenance", "aggregate", "markdown",
+           "bar_chart", "write_table", "run_study"]

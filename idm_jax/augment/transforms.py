@@ -2,7 +2,7 @@
 
 These are the ops the augmentation groups of ``idm_jax.augment`` run: brightness, saturation and
 contrast (the ``color`` group), integer translation (``crop``), ``cutout`` and ``flip`` (the
-bilinear affine resamplings ``scale`` and ``rotate`` are in ``idm_jax.resample``). Each is
+bilinear affine resamplings ``scale`` and ``rotate`` are in ``idm_jax.augment.resample``). Each is
 differentiable with respect to the pixels and takes its random parameters as arguments, so tests
 and other modules can call them with known values. ``DSAParams`` holds the ranges those
 parameters are drawn from.

@@ -4,11 +4,11 @@ Every choice here changes speed, never values (each is tested against its altern
 
 - ``chunk``: images per network call. On CPU a batch's activations stream through main memory
   between every layer while a chunk of 16 stays in cache, so networks run over chunks
-  (``idm_jax.microbatch``); accelerators want whole batches to stay busy.
-- ``cpu_kernels``: the rewrites of ``idm_jax.ops`` (convolution gradients as matrix products,
+  (``idm_jax.accel.microbatch``); accelerators want whole batches to stay busy.
+- ``cpu_kernels``: the rewrites of ``idm_jax.accel.ops`` (convolution gradients as matrix products,
   vmap over stacked kernels as a loop, DSA vmapped over keys as a loop). They win on CPU only.
 - ``remat``: when the chunk was chosen to fit the device's memory, or on CPU when keeping every
-  chunk's activations would not fit the host's (``idm_jax.memory``), chunked calls under an
+  chunk's activations would not fit the host's (``idm_jax.accel.memory``), chunked calls under an
   outer gradient recompute their activations in the backward pass.
 - ``vmap_models``: several models trained at once (the two queue trainees, the evaluation
   models) as one vmapped program (accelerators) or one after another (CPU, where one model
@@ -30,7 +30,7 @@ from typing import Optional
 import jax
 from jax import lax
 
-from idm_jax import ops
+from idm_jax.accel import ops
 
 # Images per network call on CPU when the config asks for the automatic choice (best of 8-32).
 CPU_CHUNK = 16
@@ -42,10 +42,10 @@ class Policy:
 
     platform: str          # jax.default_backend() it was resolved for: "cpu", "gpu", "tpu"
     chunk: int             # images per network call; 0: whole batches
-    cpu_kernels: bool      # use the CPU rewrites of idm_jax.ops
+    cpu_kernels: bool      # use the CPU rewrites of idm_jax.accel.ops
     vmap_models: bool      # train several models as one vmapped axis
     remat: bool = False    # memory is short: chunks recompute their activations in the
-                           # backward pass instead of keeping every chunk's (idm_jax.memory)
+                           # backward pass instead of keeping every chunk's (idm_jax.accel.memory)
 
     @property
     def conv_op(self):

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from idm_jax import sharding
+from idm_jax.accel import sharding
 from idm_jax.config import Config, result_differences
 
 
@@ -228,5 +228,5 @@ def dump_json(path: str, value) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["STATE_FORMAT", "Checkpointer", "CheckpointMismatchError", "CheckpointDamagedError", "state_digest",
-           "data_meta", "dump_json"]
+__all__ = ["STATE_FORMAT", "Checkpointer", "CheckpointMismatchError", "CheckpointDamagedError",
+           "state_digest", "data_meta", "dump_json"]

@@ -1,4 +1,4 @@
-"""The command line: flags -> config -> ``idm_jax.run.condense_and_evaluate``, and evaluation.
+"""The command line: flags -> config -> ``idm_jax.runs.run.condense_and_evaluate``, and evaluation.
 
 ``python -m experiments.<dataset>`` and the ``idm-condense`` entry point (``--dataset NAME``)
 call ``main``; ``python -m experiments.evaluate`` and ``idm-evaluate`` call ``evaluate_main``.
@@ -17,16 +17,18 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from idm_jax import checkpoint, config as config_lib, data, engine, evaluation, export, methods
-from idm_jax import models
-from idm_jax import outputs
-from idm_jax import run as run_lib
-from idm_jax import sharding, validate
-from idm_jax import workdir as workdir_lib
+from idm_jax import config as config_lib, data, engine, evaluation, methods
+from idm_jax.runs import checkpoint, export
+from idm_jax.nn import models
+from idm_jax.runs import outputs
+from idm_jax.runs import run as run_lib
+from idm_jax import validate
+from idm_jax.accel import sharding
+from idm_jax.runs import workdir as workdir_lib
 from idm_jax.config import Config
 
 EVALUATE_HELP = ("Evaluate a condensed set with the official protocol: a .npz of images in [0,1] "
-                 "NHWC and labels (as idm_jax.export writes), a DC-BENCH res_*.pt file, or "
+                 "NHWC and labels (as idm_jax.runs.export writes), a DC-BENCH res_*.pt file, or "
                  "DD-Ranking's images.pt (labels.pt beside it; or their folder). .npz images are "
                  "normalised with the dataset's constants, .pt tensors are taken as normalised "
                  "already; partition-and-expand is applied when the file says the set was made "

@@ -13,7 +13,7 @@ views at 64x64 whose activations are kept for the backward pass. The rule here:
               ``budget // per image`` images per call.
 
 Chunked calls give the same values as whole batches up to float summation order
-(``idm_jax.microbatch``). Under an outer gradient (the synthetic images) a chunked call is
+(``idm_jax.accel.microbatch``). Under an outer gradient (the synthetic images) a chunked call is
 rematerialised (``jax.checkpoint``), so its backward pass holds one chunk's activations at a time,
 not all of them.
 

@@ -10,7 +10,7 @@ first-layer tensor) stream through main memory between every convolution, normal
 pooling, while a chunk of 8 to 32 images stays in cache (timings: BENCHMARKS.md, "Where the time
 goes").
 Accelerators want the opposite (large batches keep them busy), so chunking is for CPU; the
-backend policy (``idm_jax.backend``) decides the chunk size.
+backend policy (``idm_jax.accel.backend``) decides the chunk size.
 """
 
 from __future__ import annotations

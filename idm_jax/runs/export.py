@@ -14,7 +14,7 @@ A run's folder gets (``export_set``):
 
 The two ``.pt`` layouts hold the expanded set as (N, C, H, W) float32 tensors in the network's
 input space (normalised with the dataset's mean/std, the convention of DC/DM/IDM code) and int64
-labels; they are written and read by ``idm_jax.torch_format``, so PyTorch is never needed. The
+labels; they are written and read by ``idm_jax.runs.torch_format``, so PyTorch is never needed. The
 file names carry the *stored* IPC, the budget the method is compared at. ``load_set`` reads any
 of these (and sets released by other methods in the same layouts) for ``idm-evaluate``.
 """
@@ -29,7 +29,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from idm_jax import partition, torch_format
+from idm_jax import partition
+from idm_jax.runs import torch_format
 
 FORMATS = ("npz", "expanded", "png", "torch")
 # DC-BENCH spells dataset names as the DC code does.
@@ -66,7 +67,7 @@ def load_npz(path: str) -> dict:
     missing = {"images", "labels"} - set(out)
     if missing:
         raise ValueError(f"{path} lacks {sorted(missing)}; expected the keys written by "
-                         f"idm_jax.export.export_npz (images in [0,1] NHWC, labels)")
+                         f"idm_jax.runs.export.export_npz (images in [0,1] NHWC, labels)")
     if out["images"].ndim != 4 or out["labels"].shape != out["images"].shape[:1]:
         raise ValueError(f"{path}: images must be (N, H, W, C) and labels (N,), got "
                          f"{out['images'].shape} and {out['labels'].shape}")

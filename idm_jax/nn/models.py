@@ -19,7 +19,7 @@ Conventions (docs/FAITHFULNESS.md, "networks"):
 * ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16`` for mixed precision). Parameters and
   normalisation statistics stay float32, and the returned embedding and logits are float32.
 * ``conv_op`` (every network with convolutions) is the convolution primitive, a building block
-  passed in: ``lax.conv_general_dilated`` by default, ``idm_jax.ops.conv2d`` (the same values
+  passed in: ``lax.conv_general_dilated`` by default, ``idm_jax.accel.ops.conv2d`` (the same values
   with gradients that are faster on CPU) where the engine's backend policy says so.
 * BatchNorm follows PyTorch: ``train=True`` normalises with the biased batch variance and updates
   the running averages (collection ``batch_stats``, call ``apply`` with
@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from idm_jax import layers as L
-from idm_jax.resnet import BasicBlock, ResNet18, ResNet18BN, ResNet18BN_AP, ResNet18_AP
+from idm_jax.nn import layers as L
+from idm_jax.nn.resnet import BasicBlock, ResNet18, ResNet18BN, ResNet18BN_AP, ResNet18_AP
 
 Dtype = Any
 NORMS, ACTIVATIONS, POOLINGS = L.NORMS, L.ACTIVATIONS, L.POOLINGS
@@ -317,7 +317,7 @@ def uses_batch_stats(name_or_module) -> bool:
         return get_model(name_or_module, num_classes=1).uses_batch_stats
     flag = getattr(name_or_module, "uses_batch_stats", None)
     if not isinstance(flag, bool):
-        raise ValueError(f"{type(name_or_module).__name__} is not a model of idm_jax.models; "
+        raise ValueError(f"{type(name_or_module).__name__} is not a model of idm_jax.nn.models; "
                          "pass a model name or a module built by get_model")
     return flag
 

@@ -4,8 +4,9 @@ The ops resample like PyTorch's ``F.affine_grid`` + ``F.grid_sample`` with bilin
 interpolation, zero padding and ``align_corners=False`` (PyTorch's default, which the official
 code relies on). Images are NHWC and normalised, so the zero fill is the dataset-mean colour;
 each parameter has shape ``(N,)`` (one value per image) or ``()`` (shared by the batch), as in
-``idm_jax.transforms``, whose input checks these ops share. Interpolation weights are computed
-in float32 from exact pixel-centre offsets, so an identity theta reproduces the input exactly.
+``idm_jax.augment.transforms``, whose input checks these ops share. Interpolation weights are
+computed in float32 from exact pixel-centre offsets, so an identity theta reproduces the input
+exactly.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from idm_jax.transforms import _check_images, _param
+from idm_jax.augment.transforms import _check_images, _param
 
 Array = jax.Array
 

@@ -1,6 +1,6 @@
 """The files a run writes: its metrics log, pictures of the synthetic set, and the exported set.
 
-Pure host-side code (NumPy, Pillow, tqdm); ``idm_jax.run`` decides when each is written.
+Pure host-side code (NumPy, Pillow, tqdm); ``idm_jax.runs.run`` decides when each is written.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Callable
 import jax
 import numpy as np
 
-from idm_jax import engine, export
+from idm_jax import engine
+from idm_jax.runs import export
 from idm_jax.config import Config
 
 
@@ -92,7 +93,7 @@ def progress_bar(config: Config, start: int, hidden: bool):
 def export_set(workdir: str, images: np.ndarray, real, config: Config, to_pixels: Callable,
                class_names, iteration: int) -> None:
     """The final set ``images`` (normalised, as stored) in the layouts ``config.exports`` names
-    (``idm_jax.export``), and ``synthetic.png``."""
+    (``idm_jax.runs.export``), and ``synthetic.png``."""
     labels = np.asarray(engine.synthetic_labels(real.num_classes, config.ipc))
     export.export_set(
         workdir, images, labels, np.asarray(real.mean), np.asarray(real.std),
@@ -107,7 +108,7 @@ def export_set(workdir: str, images: np.ndarray, real, config: Config, to_pixels
 def code_version() -> str:
     """The git commit of this checkout (``+dirty`` with uncommitted changes), else the installed
     package version."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         commit = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"],
                                 capture_output=True, text=True, timeout=10)
@@ -187,7 +188,7 @@ def summarize(workdir: str) -> dict:
     """Where a run stands, from its files alone (nothing is locked or changed): target and
     logged iterations, who runs it now, its checkpoints (and damaged ones set aside), seconds
     spent, the last loss and evaluations, and the final result if there is one."""
-    from idm_jax import workdir as workdir_lib
+    from idm_jax.runs import workdir as workdir_lib
 
     def read_json(name):
         try:

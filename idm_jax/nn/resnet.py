@@ -1,5 +1,5 @@
 """DC's ResNet18 family for small images, over NHWC: 'ResNet18', 'ResNet18BN', 'ResNet18_AP',
-'ResNet18BN_AP' (conventions as ``idm_jax.models``, which registers them by name)."""
+'ResNet18BN_AP' (conventions as ``idm_jax.nn.models``, which registers them by name)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from idm_jax import layers as L
+from idm_jax.nn import layers as L
 
 Dtype = Any
 

@@ -10,7 +10,7 @@ Three pieces of XLA's CPU backend are slow for the shapes IDM runs, and each has
 - ``loop_over_batched_keys``: a random transform whose vmap over keys runs one key at a time,
   each running only its own branch, instead of every ``lax.switch`` branch for every key.
 
-Which of them a run uses is the backend policy's choice (``idm_jax.backend``), made once when
+Which of them a run uses is the backend policy's choice (``idm_jax.accel.backend``), made once when
 the engine is built; instance norm uses its written-out VJP everywhere. Every rewrite is tested
 against the plain formulation and autodiff of it (``tests/test_ops.py``); the timings that
 motivated them are in BENCHMARKS.md ("CPU kernels").
@@ -158,7 +158,7 @@ def conv2d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
     """``lax.conv_general_dilated`` with a faster kernel gradient and vmap rule for CPU.
 
     Same signature and values as ``lax.conv_general_dilated``. The layers use it when the
-    backend policy asks for CPU kernels (``idm_jax.backend``); it covers plain NHWC
+    backend policy asks for CPU kernels (``idm_jax.accel.backend``); it covers plain NHWC
     convolutions (explicit padding, no dilation, one group, default precision) and calls
     ``lax.conv_general_dilated`` directly for anything else.
     """

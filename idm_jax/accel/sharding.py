@@ -97,7 +97,7 @@ def mesh_size(mesh: Mesh) -> int:
 def _axis(mesh: Mesh) -> str:
     if len(mesh.axis_names) != 1:
         raise ValueError(f"the engine shards over a 1-D mesh, got axes {mesh.axis_names}; "
-                         f"build one with idm_jax.sharding.make_mesh")
+                         f"build one with idm_jax.accel.sharding.make_mesh")
     return mesh.axis_names[0]
 
 
@@ -239,7 +239,7 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                    local_device_ids=local_device_ids)
     except RuntimeError as err:
-        raise RuntimeError(f"{err}. Call idm_jax.sharding.initialize_distributed at the very "
+        raise RuntimeError(f"{err}. Call idm_jax.accel.sharding.initialize_distributed at the very "
                            f"start of the program, before anything touches JAX devices") from err
     return True
 

@@ -1,0 +1,1 @@
+"""The networks: the architectures (``models``), their layers and ResNet-18."""

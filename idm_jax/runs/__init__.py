@@ -1,0 +1,2 @@
+"""Runs of the library: the run loop, the command lines, checkpoints, the work folder, its outputs
+and exports, and studies."""
