@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import load_average, progress, report
+from idm_jax.accel import backend
 from idm_jax.nn import models
 from idm_jax import engine as engine_lib
 from idm_jax import real as real_lib
@@ -229,6 +230,8 @@ def bench_queue_training(config: Config, real, iters: int, seed: int = 0,
     ``vmap_trainees``: None is the step's own (backend-dependent) choice; True/False force
     vmapped or looped trainees.
     """
+    map_trainees = (backend.resolve(config.microbatch).map_models if vmap_trainees is None
+                    else jax.vmap if vmap_trainees else backend.sequential)
     progress(f"queue training alone (vmap_trainees={vmap_trainees}): compiling")
     engine = engine_lib.make_engine(config, real.num_classes, real.image_shape)
     state = engine_lib.init_state(engine, real, seed)
@@ -244,7 +247,7 @@ def bench_queue_training(config: Config, real, iters: int, seed: int = 0,
         slots, active = queue_lib.sample_slots(queue, k_pick, config.fetch_net_num)
         return queue_lib.train_slots(queue, k_train, slots, active, logits_fn, trainee_batch,
                                      engine.optimizer, config.model_train_steps,
-                                     vmap_trainees=vmap_trainees, chunk=engine.policy.chunk)
+                                     map_trainees=map_trainees, chunk=engine.policy.chunk)
 
     compiled, compile_s = _compile(jax.jit(train, donate_argnums=0), state.extractors, state.key,
                                    real)

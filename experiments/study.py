@@ -26,6 +26,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--ipc", type=int, default=1)
     parser.add_argument("--budget", default="cpu", choices=study.BUDGETS)
+    parser.add_argument("--method", default="idm",
+                        help="the method every variant starts from: idm, dm or path.py:NAME")
     parser.add_argument("--workdir", default="runs/study")
     parser.add_argument("--source", default=None)
     parser.add_argument("--data_dir", default=None)
@@ -58,7 +60,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
                 raise cli.UserError(f"--set takes FIELD=VALUE, got {item!r}")
             overrides[field] = value
         try:
-            base = study.budget_config(args.dataset, args.budget, args.ipc, overrides)
+            base = study.budget_config(args.dataset, args.budget, args.ipc, overrides,
+                                       args.method)
             for v in variants:
                 study.variant_config(base, v, seeds[0])
         except ValueError as err:
@@ -67,7 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         try:    # every record already there is read before any work: a bad one is named now
             rows, missing = study.finished_runs(args.workdir, variants, seeds,
                                                 dataset=args.dataset, budget=args.budget,
-                                                ipc=args.ipc, overrides=overrides)
+                                                ipc=args.ipc, overrides=overrides,
+                                                method=args.method)
         except ValueError as err:
             raise cli.UserError(str(err)) from None
         if args.table_only:
@@ -77,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         mesh = cli.build_mesh(args)
         table = study.run_study(dataset, variants, seeds, args.workdir, budget=args.budget,
                                 ipc=args.ipc, overrides=overrides, mesh=mesh, quiet=args.quiet,
-                                command=command)
+                                command=command, method=args.method)
     except cli.UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

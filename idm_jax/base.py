@@ -62,7 +62,7 @@ class Networks(NamedTuple):
     init_params: Callable[[jax.Array], PyTree]                  # key -> fresh params
     apply: Callable[[PyTree, jax.Array], tuple[jax.Array, jax.Array]]  # -> (features, logits)
     optimizer: Any                          # optax transformation that trains an extractor
-    vmap_models: bool                       # several models as one vmapped axis (accelerators)
+    map_models: Callable                    # f -> f over stacked models (jax.vmap, or in turn)
     chunk: int                              # images per network call; 0 whole batches
 
 

@@ -132,7 +132,7 @@ def make_engine(config: Config, num_classes: int, image_shape, *,
             policy = dataclasses.replace(policy, chunk=budget.chunk, remat=budget.chunk > 0)
     optimizer = classifier.sgd(config.lr_net, config.net_momentum,
                                         config.net_weight_decay)
-    nets = Networks(init_params, apply, optimizer, policy.vmap_models, policy.chunk)
+    nets = Networks(init_params, apply, optimizer, policy.map_models, policy.chunk)
     try:
         pieces = (method.objective(config) if objective is None else objective,
                   method.image_optimizer(config, num_classes), method.extractors(config, nets))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
                    batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9,
                    weight_decay: float = 5e-4, dsa_strategy: str = augment.DEFAULT_STRATEGY,
                    test_batch: int = 500, chunk: int = 0,
-                   loop_over_keys: Optional[bool] = None, return_variables: bool = False):
+                   augment_images: Callable = augment.dsa, return_variables: bool = False):
     """Train one fresh ``model`` on (train_x, train_y) and return its test accuracy in [0, 1].
 
     Pure and vmappable over ``key`` (that is how several models train at once).
@@ -59,7 +59,9 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
       chunk: > 0 computes each step's gradient over chunks of that many images, skipping the
         chunks of the last partial batch that hold only padding (``idm_jax.accel.microbatch``; same
         values, faster on CPU). Ignored for BatchNorm models, whose statistics need the batch.
-      loop_over_keys: DSA's choice for keys batched by a vmap over models (``augment.dsa``).
+      augment_images: DSA, ``(key, images, strategy, siamese=False) -> images``; the engine
+        passes its policy's (``backend.Policy.augment``, which loops over keys batched by a
+        vmap over models on CPU).
       return_variables: also return the trained ``{"params", "batch_stats"}`` (to inspect).
     """
     # Long on purpose: the two lr phases, the epoch and the step are nested scans that share the
@@ -100,8 +102,7 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
             def step(carry, inputs):
                 params, stats, opt_state = carry
                 idx, mask, aug_key = inputs
-                x = augment.dsa(aug_key, train_x[idx], dsa_strategy, siamese=False,
-                                loop_over_keys=loop_over_keys)
+                x = augment_images(aug_key, train_x[idx], dsa_strategy, siamese=False)
                 if not chunked:
                     def batch_loss(p, batch):
                         return loss_fn(p, stats, *batch)
@@ -229,12 +230,12 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
                               batch_size=batch_size, lr=lr, momentum=momentum,
                               weight_decay=weight_decay, dsa_strategy=dsa_strategy,
                               test_batch=test_batch, chunk=policy.chunk,
-                              loop_over_keys=policy.cpu_kernels)
+                              augment_images=policy.augment)
 
     start = time.perf_counter()
-    if parallel is None:
-        parallel = policy.vmap_models
-    many = jax.vmap(one) if parallel else (lambda keys: jax.lax.map(one, keys))
+    map_models = policy.map_models if parallel is None else (
+        jax.vmap if parallel else backend.sequential)
+    many = map_models(one)
     accuracies = jax.jit(many)(jax.random.split(key, num_models))
     accuracies = 100.0 * np.asarray(jax.device_get(accuracies), np.float64)
     return {"model": model, "accuracies": accuracies.tolist(), "mean": float(accuracies.mean()),

@@ -7,6 +7,8 @@
   ``model_train_steps`` SGD steps on real batches of the whole train set.
 - ``fresh_schedule``: one randomly initialised network, replaced by a new one every ``every``
   iterations and never trained: DM (every iteration) and M3D (every 5).
+- ``pool_schedule``: a fixed pool of given networks (pretrained, say), one drawn per matching
+  pass, optionally interpolated between its starting and its trained weights.
 
 The schedule's state is a pytree in ``CondenseState.extractors``.
 """
@@ -81,7 +83,7 @@ def train_queue(config, nets: Networks, queue: queue_lib.ModelQueue, real, layou
     slots, active = queue_lib.sample_slots(queue, select_key, config.fetch_net_num)
     return queue_lib.train_slots(
         queue, batch_key, slots, active, logits_fn, trainee_batch, nets.optimizer,
-        config.model_train_steps, vmap_trainees=nets.vmap_models,
+        config.model_train_steps, map_trainees=nets.map_models,
         chunk=nets.chunk if mesh is None else 0)
 
 
@@ -111,9 +113,49 @@ def fresh_schedule(nets: Networks, every: int) -> ExtractorSchedule:
     return ExtractorSchedule(init=nets.init_params, refresh=refresh, draw=draw, train=train)
 
 
+def pool_schedule(pool, start=None, mix: tuple[float, float] = (0.0, 1.0),
+                  accuracy=None) -> ExtractorSchedule:
+    """A fixed pool of P networks; each matching pass draws one uniformly, never trained.
+
+    Args:
+      pool: params of the P networks stacked on a leading axis (leaves (P, ...)).
+      start: the same networks' starting params, stacked alike; with them a draw is
+        ``start + a * (pool - start)`` with ``a ~ U(mix)`` (weights interpolated between the
+        init and the trained network); None draws the pool's params as they are.
+      accuracy: (P,) each network's accuracy in percent, for a CE term weighted by it; None: 0.
+
+    The state is the pool itself (and ``start``), so it is checkpointed with the run.
+    """
+    size = jax.tree.leaves(pool)[0].shape[0]
+    state = {"pool": pool, "start": start,
+             "accuracy": (jnp.zeros(size, jnp.float32) if accuracy is None
+                          else jnp.asarray(accuracy, jnp.float32))}
+    low, high = mix
+
+    def draw(state, key):
+        k_pick, k_mix = jax.random.split(key)
+        index = jax.random.randint(k_pick, (), 0, size)
+        params = jax.tree.map(lambda leaf: leaf[index], state["pool"])
+        if state["start"] is not None:
+            a = jax.random.uniform(k_mix, (), jnp.float32, low, high)
+            params = jax.tree.map(lambda p, s: s[index] + a * (p - s[index]), params,
+                                  state["start"])
+        return params, state["accuracy"][index]
+
+    def train(state, real, layout, select_key, batch_key):
+        del real, layout, select_key, batch_key
+        return state, {"trainee_acc": jnp.float32(0.0), "queue_size": jnp.int32(size)}
+
+    def init(key):
+        del key     # copies: the step donates its state, and a second run reuses this one
+        return jax.tree.map(jnp.array, state)
+
+    return ExtractorSchedule(init=init, refresh=lambda st, it, key: st, draw=draw, train=train)
+
+
 def from_config(config, nets: Networks, every: Optional[int] = None) -> ExtractorSchedule:
     """IDM's queue (``queue_schedule``); with ``every``, a fresh network that often instead."""
     return queue_schedule(config, nets) if every is None else fresh_schedule(nets, every)
 
 
-__all__ = ["queue_schedule", "train_queue", "fresh_schedule", "from_config"]
+__all__ = ["queue_schedule", "train_queue", "fresh_schedule", "pool_schedule", "from_config"]

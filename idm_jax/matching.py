@@ -24,7 +24,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from idm_jax import augment, losses, partition
+from idm_jax import losses, partition
 from idm_jax.accel import microbatch
 from idm_jax import real as real_lib
 from idm_jax.base import Objective
@@ -120,8 +120,7 @@ def draw_extractor(engine: Engine, extractors, key: jax.Array):
 
 
 def _augment(engine: Engine, key: jax.Array, images: jax.Array) -> jax.Array:
-    return augment.dsa(key, images, engine.config.dsa_strategy, siamese=True,
-                       loop_over_keys=engine.policy.cpu_kernels)
+    return engine.policy.augment(key, images, engine.config.dsa_strategy, siamese=True)
 
 
 def _per_class_views(views_of, keys: jax.Array, images: jax.Array,

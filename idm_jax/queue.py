@@ -121,15 +121,15 @@ def gather(tree: PyTree, slots: jax.Array) -> PyTree:
 def train_slots(queue: ModelQueue, key: jax.Array, slots: jax.Array, active: jax.Array,
                 logits_fn: LogitsFn, sample_batch: BatchFn,
                 optimizer: optax.GradientTransformation, steps: int,
-                vmap_trainees: bool = True,
+                map_trainees: Callable = jax.vmap,
                 chunk: int = 0) -> tuple[ModelQueue, jax.Array]:
     """Train the models in ``slots`` for ``steps`` SGD steps each on real batches.
 
     Each step draws a fresh batch with ``sample_batch(key)`` (its own key per trainee and step),
     minimises mean cross-entropy, applies ``optimizer`` with the model's persistent state, and adds
-    the batch's correct predictions to the model's meter. With ``vmap_trainees`` True the trainees
-    are a vmapped axis (one batched program); with False ``lax.map`` runs them one after another
-    (the engine passes its backend policy's ``vmap_models``: False on CPU). Values are the same.
+    the batch's correct predictions to the model's meter. ``map_trainees`` runs the trainees:
+    ``jax.vmap`` (one batched program) or ``backend.sequential`` (one after another; the engine
+    passes its backend policy's ``map_models``, sequential on CPU). Values are the same.
 
     Each step is ``classifier.train_step``: ``chunk`` > 0 computes its gradient over chunks of
     that many images, accumulated (same values, faster on CPU); 0 uses the whole batch.
@@ -164,10 +164,7 @@ def train_slots(queue: ModelQueue, key: jax.Array, slots: jax.Array, active: jax
 
     keys = jax.random.split(key, slots.shape[0])
     args = (gather(queue.params, slots), gather(queue.opt_state, slots), keys)
-    if vmap_trainees:
-        params, opt_state, correct = jax.vmap(train_one)(*args)
-    else:
-        params, opt_state, correct = jax.lax.map(lambda a: train_one(*a), args)
+    params, opt_state, correct = map_trainees(train_one)(*args)
 
     batch = jax.eval_shape(sample_batch, key)[1].shape[0]
     seen = jnp.float32(steps * batch)

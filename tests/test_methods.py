@@ -21,6 +21,7 @@ from idm_jax.runs import run
 from idm_jax import config as config_lib
 from idm_jax import real as real_lib
 from idm_jax.base import Method, Networks
+from tests.test_experiments import write_npy_cifar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join("examples", "dm_adam.py")
@@ -122,6 +123,32 @@ def test_fresh_schedule_draws_a_new_untrained_network_exactly_every_k_iterations
         previous = np.asarray(params["w"])
 
 
+def test_pool_schedule_draws_pool_members_interpolated_from_their_start():
+    nets = tiny_networks()
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    pool = jax.vmap(nets.init_params)(keys)            # 4 "trained" networks
+    start = jax.vmap(nets.init_params)(keys[::-1])     # and where each one started
+    exact = extractors.pool_schedule(pool, accuracy=[10.0, 20.0, 30.0, 40.0])
+    mixed = extractors.pool_schedule(pool, start, mix=(0.25, 0.25))
+    state_exact, state_mixed = exact.init(keys[0]), mixed.init(keys[0])
+    drawn = set()
+    for i in range(40):
+        key = jax.random.PRNGKey(100 + i)
+        params, accuracy = exact.draw(state_exact, key)
+        index = [j for j in range(4) if np.array_equal(params["w"], pool["w"][j])]
+        assert len(index) == 1 and float(accuracy) == 10.0 * (index[0] + 1)
+        drawn.add(index[0])
+        # The same key picks the same member; a quarter of the way from its start to it.
+        mix_params, _ = mixed.draw(state_mixed, key)
+        want = start["w"][index[0]] + 0.25 * (pool["w"][index[0]] - start["w"][index[0]])
+        np.testing.assert_allclose(mix_params["w"], want, rtol=1e-6, atol=1e-7)
+    assert drawn == {0, 1, 2, 3}
+    # Never trained: train and refresh leave the pool as it is.
+    after, _ = exact.train(exact.refresh(state_exact, jnp.int32(5), keys[1]), None, None,
+                           keys[1], keys[2])
+    np.testing.assert_array_equal(after["pool"]["w"], pool["w"])
+
+
 # ------------------------------------------------------------------ the registry
 def test_method_specs_resolve_and_bad_ones_name_the_problem(tmp_path):
     assert methods.get("idm") is methods.METHODS["idm"]
@@ -179,17 +206,6 @@ def results_config(results):
 
 
 # ------------------------------------------------------------------ a method file, real CLI
-def write_npy(path, per_class=6):
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(10), per_class)
-    images = rng.integers(0, 256, size=(len(labels), 32, 32, 3), dtype=np.uint8)
-    os.makedirs(path)
-    np.save(os.path.join(path, "train_x_0.npy"), images)
-    np.save(os.path.join(path, "train_y.npy"), labels)
-    np.save(os.path.join(path, "test_x.npy"), images[:20])
-    np.save(os.path.join(path, "test_y.npy"), labels[:20])
-
-
 def command(workdir, data_dir, method, iterations=60):
     return [sys.executable, "-m", "experiments.cifar10", "--ipc", "1", "--source", "npy",
             "--data_dir", data_dir, "--workdir", workdir, "--method", method, "--smoke",
@@ -199,7 +215,7 @@ def command(workdir, data_dir, method, iterations=60):
 
 def test_a_method_file_condenses_resumes_exactly_evaluates_and_exports(tmp_path):
     data_dir = str(tmp_path / "npy")
-    write_npy(data_dir)
+    write_npy_cifar(data_dir)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     spec = EXAMPLE + ":DM_ADAM"
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
@@ -248,7 +264,7 @@ def test_a_method_file_condenses_resumes_exactly_evaluates_and_exports(tmp_path)
 
 def test_an_edited_method_file_is_refused_on_resume(tmp_path):
     data_dir = str(tmp_path / "npy")
-    write_npy(data_dir)
+    write_npy_cifar(data_dir)
     mine = tmp_path / "mine.py"
     shutil.copy(os.path.join(REPO, EXAMPLE), mine)
     workdir = str(tmp_path / "run")
@@ -259,3 +275,21 @@ def test_an_edited_method_file_is_refused_on_resume(tmp_path):
     again = subprocess.run(command(workdir, data_dir, f"{mine}:DM_ADAM", iterations=4),
                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "method_sha256" in again.stderr, again.stderr
+
+
+def test_smoke_method_dm_on_the_command_line_is_dm():
+    from idm_jax.runs import cli
+    _, smoke_dm = cli.parse(["--smoke", "--method", "dm"], "cifar10", 10)
+    _, full_dm = cli.parse(["--method", "dm"], "cifar10", 10)
+    for field in ("method", "image_update", "lr_img", "img_momentum", "net_generate_interval",
+                  "partition_expand", "init", "syn_ce"):
+        assert getattr(smoke_dm, field) == getattr(full_dm, field), field
+    assert (smoke_dm.net_generate_interval, smoke_dm.image_update) == (1, "summed")
+    _, alias = cli.parse(["--smoke", "--dm"], "cifar10", 10)
+    assert alias == smoke_dm
+    args, _ = cli.parse(["--method", "dm"], "cifar10", 10)
+    assert args.workdir == os.path.join("runs", "cifar10-ipc10-dm")
+    with pytest.raises(cli.UserError, match="--dm and --method idm name two methods"):
+        cli.parse(["--dm", "--method", "idm"], "cifar10", 10)
+    with pytest.raises(cli.UserError, match="--no_components is an ablation of IDM"):
+        cli.parse(["--method", "dm", "--no_components"], "cifar10", 10)

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 
 from idm_jax import classifier
+from idm_jax.accel import backend
 from idm_jax import queue as queue_lib
 
 
@@ -132,7 +133,7 @@ def test_training_updates_only_trainees_and_meters_match_numpy_count():
 
     # Sequential (lax.map) trainees give the same result as vmapped ones.
     q3, _ = queue_lib.train_slots(q, key, slots, active, tiny_logits, sample_batch, OPT, steps,
-                                  vmap_trainees=False)
+                                  map_trainees=backend.sequential)
     chex.assert_trees_all_close(q3.params, q2.params, atol=1e-6)
     # Gradients accumulated over chunks of 4 of the 16 images give the same training.
     q4, acc4 = queue_lib.train_slots(q, key, slots, active, tiny_logits, sample_batch, OPT,

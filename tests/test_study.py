@@ -45,6 +45,15 @@ def test_cpu_budget_takes_the_preset_of_the_ipc_studied(ipc):
     assert study.budget_config("cifar10", "cpu", 1).net_generate_interval == 5
 
 
+def test_a_study_of_another_method_takes_its_settings_under_the_protocol():
+    dm = study.budget_config("cifar10", "cpu", 1, method="dm")
+    assert (dm.method, dm.image_update, dm.lr_img, dm.net_generate_interval) == (
+        "dm", "summed", 1.0, 1)
+    assert (dm.batch_real, dm.iterations, dm.num_eval) == (256, 100, 3)   # the protocol wins
+    with pytest.raises(ValueError, match="choose the method with --method"):
+        study.budget_config("cifar10", "cpu", 1, overrides={"method": "dm"})
+
+
 def test_study_runs_skips_finished_runs_and_aggregates_every_model(tmp_path, capsys,
                                                                    monkeypatch):
     workdir = str(tmp_path / "study")

@@ -27,9 +27,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import functools
+
 import jax
 from jax import lax
 
+from idm_jax import augment
 from idm_jax.accel import ops
 
 # Images per network call on CPU when the config asks for the automatic choice (best of 8-32).
@@ -52,6 +55,25 @@ class Policy:
         """The convolution the networks are built with (``models.get_model(conv_op=...)``)."""
         return ops.conv2d if self.cpu_kernels else lax.conv_general_dilated
 
+    @property
+    def augment(self):
+        """DSA as the maths calls it, ``(key, images, strategy, siamese) -> images``: keys
+        batched by a vmap run one after another on CPU (``augment.dsa(loop_over_keys=True)``)."""
+        return functools.partial(augment.dsa, loop_over_keys=self.cpu_kernels)
+
+    @property
+    def map_models(self):
+        """How several models train at once: ``map_models(f)(*stacked)`` is ``jax.vmap(f)``
+        (accelerators) or the same calls one after another (``sequential``, CPU)."""
+        return jax.vmap if self.vmap_models else sequential
+
+
+def sequential(fn):
+    """``jax.vmap(fn)``'s values, computed one leading-axis entry after another (``lax.map``)."""
+    def mapped(*args):
+        return jax.lax.map(lambda a: fn(*a), args)
+    return mapped
+
 
 def resolve(microbatch: int = -1, platform: Optional[str] = None) -> Policy:
     """The policy for ``platform`` (default: JAX's default backend).
@@ -70,4 +92,4 @@ def resolve(microbatch: int = -1, platform: Optional[str] = None) -> Policy:
     return Policy(platform=platform, chunk=chunk, cpu_kernels=on_cpu, vmap_models=not on_cpu)
 
 
-__all__ = ["CPU_CHUNK", "Policy", "resolve"]
+__all__ = ["CPU_CHUNK", "Policy", "sequential", "resolve"]

@@ -85,19 +85,22 @@ BUDGETS = ("cpu", "cpu-v1", "paper")
 
 
 def budget_config(dataset: str, budget: str, ipc: int = 1,
-                  overrides: Optional[dict] = None) -> Config:
+                  overrides: Optional[dict] = None, method: str = "idm") -> Config:
     """The base config of a study: ``cpu`` (the CPU protocol on the preset of ``ipc``),
-    ``cpu-v1`` (the first study's: the IPC 10 preset at any ``ipc``) or ``paper`` (the preset),
-    with ``overrides`` (field -> value or string) on top."""
-    if budget == "cpu":
-        base = dataclasses.replace(config_lib.get_preset(f"{dataset}-ipc{ipc}"), **CPU_PROTOCOL)
-    elif budget == "cpu-v1":
-        base = dataclasses.replace(config_lib.get_preset(f"{dataset}-ipc10"),
-                                   **dict(CPU_PROTOCOL, ipc=ipc))
-    elif budget == "paper":
-        base = config_lib.get_preset(f"{dataset}-ipc{ipc}")
-    else:
+    ``cpu-v1`` (the first study's: the IPC 10 preset at any ``ipc``) or ``paper`` (the preset).
+
+    In that order: the preset, the ``method``'s settings (``methods.with_method``), the
+    budget's protocol, then ``overrides`` (field -> value or string).
+    """
+    if "method" in (overrides or {}):
+        raise ValueError("choose the method with --method, not --set method=...: --method also "
+                         "applies the method's own settings")
+    if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; use one of {', '.join(BUDGETS)}")
+    preset = config_lib.get_preset(f"{dataset}-ipc{10 if budget == 'cpu-v1' else ipc}")
+    base = methods.with_method(preset, method)
+    if budget != "paper":
+        base = dataclasses.replace(base, **dict(CPU_PROTOCOL, ipc=ipc))
     return config_lib.override(base, overrides or {})
 
 
@@ -219,7 +222,8 @@ def bar_chart(table: list[dict], path: str, title: str) -> None:
 
 def finished_runs(workdir: str, variants: Sequence[str], seeds: Sequence[int], *,
                   dataset: str = "cifar10", budget: str = "cpu", ipc: int = 1,
-                  overrides: Optional[dict] = None) -> tuple[dict[str, list[dict]], list[str]]:
+                  overrides: Optional[dict] = None,
+                  method: str = "idm") -> tuple[dict[str, list[dict]], list[str]]:
     """The results of every finished run of the grid in ``workdir``, read, never run.
 
     Returns ``(rows, missing)``: ``rows`` maps each variant with at least one finished seed to
@@ -227,7 +231,7 @@ def finished_runs(workdir: str, variants: Sequence[str], seeds: Sequence[int], *
     Only the run records are needed (``<variant>/seed<k>/results.json``), so a table can be
     rebuilt from records copied off another machine.
     """
-    base = budget_config(dataset, budget, ipc, overrides)
+    base = budget_config(dataset, budget, ipc, overrides, method)
     rows: dict[str, list[dict]] = {}
     missing = []
     for variant in variants:
@@ -263,14 +267,14 @@ def write_table(rows: dict[str, list[dict]], workdir: str, *, dataset: str, budg
 
 def run_study(dataset, variants: Sequence[str], seeds: Sequence[int], workdir: str, *,
               budget: str = "cpu", ipc: int = 1, overrides: Optional[dict] = None, mesh=None,
-              quiet: bool = False, command: str = "") -> list[dict]:
+              quiet: bool = False, command: str = "", method: str = "idm") -> list[dict]:
     """Run every (variant, seed) not yet finished, then write the aggregate; returns the table.
 
     ``dataset`` is a loaded ``idm_jax.data.Dataset``.
     """
     from idm_jax.runs import run as run_lib
 
-    base = budget_config(dataset.name, budget, ipc, overrides)
+    base = budget_config(dataset.name, budget, ipc, overrides, method)
     # Seed by seed, so that an interrupted study already holds every variant at the first seeds.
     configs = {(v, s): variant_config(base, v, s) for s in seeds for v in variants}  # validates
     rows: dict[str, list[dict]] = {v: [] for v in variants}
