@@ -106,8 +106,8 @@ def gaussian_mmd(real_features, syn_features, real_mask=None, bandwidths=None,
                  unbiased: bool = False, real_term: bool = True) -> jnp.ndarray:
     """Squared MMD with a sum of Gaussian kernels ``k(x, y) = sum_s exp(-|x-y|^2 / (2 s^2))``.
 
-    ``E k(r, r') + E k(s, s') - 2 E k(r, s)`` over the real and synthetic features (M3D's
-    distance). Biased (V-statistic) by default; ``unbiased`` leaves the diagonal out of the two
+    ``E k(r, r') + E k(s, s') - 2 E k(r, s)`` over the real and synthetic features (the kind of
+    distance M3D uses; its bandwidth rule and kernels differ: docs/METHODS.md). Biased (V-statistic) by default; ``unbiased`` leaves the diagonal out of the two
     within-set terms. ``bandwidths``: a sequence of sigmas in feature units; None takes one from
     the median heuristic (``median_bandwidth``). The real-real term carries no gradient; it is
     kept so that the value is the MMD^2 itself (``real_term=False`` drops it and its Nr^2
@@ -135,8 +135,9 @@ def characteristic_distance(real_features, syn_features, real_mask=None, *, key,
 
     ``mean_w |phi_real(w) - phi_syn(w)|^2`` with ``phi(w) = mean_j exp(i w . x_j)`` and
     ``num_frequencies`` frequencies ``w ~ N(0, (scale^2 / D) I)`` drawn from ``key`` (so that
-    ``w . x`` has variance ``scale^2`` times the mean squared feature). This is NCFM's distance
-    without its learned frequency sampler, or equivalently the MMD of random Fourier features.
+    ``w . x`` has variance ``scale^2`` times the mean squared feature): the MMD of random
+    Fourier features. NCFM's loss is another one (normalised features, unscaled frequencies, a
+    modulus rather than a square; docs/METHODS.md).
 
     Returns a scalar in [0, 4].
     """
@@ -160,7 +161,8 @@ def _centred(features, weights):
 
 
 def covariance_gap(real_features, syn_features, real_mask=None) -> jnp.ndarray:
-    """``|C_real - C_syn|_F^2`` of the (biased) feature covariances (IID's moment term).
+    """``|C_real - C_syn|_F^2`` of the (biased) D x D feature covariances (IID's covariance term is
+    per channel and spatial position instead: docs/METHODS.md).
 
     Computed from Gram matrices, ``|C_a|^2 = |A A^T|^2 / n_a^2`` and
     ``tr(C_a C_b) = |A B^T|^2 / (n_a n_b)`` with centred rows A, B, so no D x D matrix is

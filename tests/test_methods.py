@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from idm_jax import data, engine as engine_lib, extractors, image_update, methods, validate
-from idm_jax.runs import run
+from idm_jax.runs import checkpoint, run
 from idm_jax import config as config_lib
 from idm_jax import real as real_lib
 from idm_jax.base import Method, Networks
@@ -254,27 +254,23 @@ def test_a_method_file_condenses_resumes_exactly_evaluates_and_exports(tmp_path)
     assert results["config"]["lr_img"] == 0.01 and not results["config"]["partition_expand"]
     for name in ("synthetic_expanded.npz", "synthetic.png", "dd_ranking/images.pt"):
         assert os.path.exists(os.path.join(stopped, name)), name
-    evaluated = subprocess.run(
-        [sys.executable, "-m", "experiments.evaluate", "--set",
-         os.path.join(stopped, "synthetic.npz"), "--source", "npy", "--data_dir", data_dir,
-         "--num_eval", "1", "--epochs", "1", "--arch", "ConvNetW32"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert evaluated.returncode == 0 and "ConvNetW32:" in evaluated.stdout, evaluated.stderr
+    assert len(results["accuracies"]) == 1 and 0 <= results["mean"] <= 100   # evaluated
 
 
 def test_an_edited_method_file_is_refused_on_resume(tmp_path):
-    data_dir = str(tmp_path / "npy")
-    write_npy_cifar(data_dir)
     mine = tmp_path / "mine.py"
     shutil.copy(os.path.join(REPO, EXAMPLE), mine)
+    dataset = data.load_dataset("digits")
+    base = config_lib.override(config_lib.get_preset("digits-ipc1"), {
+        "iterations": 2, "num_eval": 1, "epoch_eval_train": 0, "exports": "npz"})
+    config = methods.with_method(base, f"{mine}:DM_ADAM")
     workdir = str(tmp_path / "run")
-    first = subprocess.run(command(workdir, data_dir, f"{mine}:DM_ADAM", iterations=2),
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stdout + first.stderr
+    first = run.condense_and_evaluate(config, dataset, workdir, quiet=True)
+    assert first["method"]["method_sha256"] == methods.provenance(config.method)["method_sha256"]
     mine.write_text(mine.read_text().replace("every=5", "every=3"))
-    again = subprocess.run(command(workdir, data_dir, f"{mine}:DM_ADAM", iterations=4),
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "method_sha256" in again.stderr, again.stderr
+    longer = config_lib.override(config, {"iterations": 4})
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="method_sha256"):
+        run.condense_and_evaluate(longer, dataset, workdir, quiet=True)
 
 
 def test_smoke_method_dm_on_the_command_line_is_dm():
