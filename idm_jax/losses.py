@@ -155,6 +155,37 @@ def characteristic_distance(real_features, syn_features, real_mask=None, *, key,
     return jnp.mean(jnp.square(cos_r - cos_s) + jnp.square(sin_r - sin_s))
 
 
+# M3D's kernel: exp(-d^2 / (m b)) summed over these multipliers of its bandwidth b.
+M3D_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def m3d_mmd(real_features, syn_features, real_mask=None,
+            multipliers=M3D_MULTIPLIERS) -> jnp.ndarray:
+    """M3D's loss: the biased squared MMD with ``k = sum_m exp(-d^2 / (m b))``.
+
+    ``b`` is the mean off-diagonal squared distance over the synthetic and the (valid) real
+    features stacked together, recomputed on every call and a constant for differentiation;
+    the estimate is ``mean K_ss - 2 mean K_sr + mean K_rr``, diagonals included
+    (docs/METHODS.md, "M3D"). Real features (Nr, D) carry no gradient; syn (Ns, D).
+    """
+    real = jax.lax.stop_gradient(real_features)
+    ns = syn_features.shape[0]
+    z = jnp.concatenate([syn_features, real.astype(syn_features.dtype)])
+    w = jnp.concatenate([jnp.ones((ns,), z.dtype), _weights(real.shape[0], real_mask, z.dtype)])
+    d2 = _squared_distances(z, z)
+    pair = w[:, None] * w[None, :]
+    count = jnp.sum(w)
+    b = jax.lax.stop_gradient(jnp.sum(pair * d2) / (count * count - count))
+    k = sum(jnp.exp(-d2 / (b * m)) for m in multipliers) * pair
+
+    def block_mean(rows, cols):
+        return jnp.sum(k[rows, cols]) / (jnp.sum(w[rows]) * jnp.sum(w[cols]))
+
+    syn_rows, real_rows = slice(0, ns), slice(ns, None)
+    return (block_mean(syn_rows, syn_rows) - 2.0 * block_mean(syn_rows, real_rows)
+            + block_mean(real_rows, real_rows))
+
+
 def _centred(features, weights):
     mean = weights @ features / jnp.maximum(jnp.sum(weights), 1.0)
     return (features - mean) * weights[:, None]
@@ -187,4 +218,5 @@ def variance_gap(real_features, syn_features, real_mask=None) -> jnp.ndarray:
 
 
 __all__ = ["mmd", "class_mmd", "class_aware_ce", "median_bandwidth", "gaussian_mmd",
+           "M3D_MULTIPLIERS", "m3d_mmd",
            "characteristic_distance", "covariance_gap", "variance_gap"]
