@@ -67,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit(2) from None
     except cli.run_lib.Interrupted as stop:
         print(stop)
-        raise SystemExit(130) from None
+        raise SystemExit(stop.exit_status) from None
     print("\n  ipc | IDM condensed (%)  | random real (%)")
     for ipc, row in comparison.items():
         print(f"  {ipc:>3} | {row['idm']:6.2f} +- {row['idm_std']:5.2f} | "

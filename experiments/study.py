@@ -87,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         raise SystemExit(2) from None
     except cli.run_lib.Interrupted as stop:
         print(f"{stop} Re-run the same study command to continue.")
-        raise SystemExit(130) from None
+        raise SystemExit(stop.exit_status) from None
     print(open(f"{args.workdir}/study.md").read())
     return table
 

@@ -213,7 +213,7 @@ def command(workdir, data_dir, method, iterations=60):
             "--epoch_eval_train", "1", "--batch_real", "8", "--quiet"]
 
 
-def test_a_method_file_condenses_resumes_exactly_evaluates_and_exports(tmp_path):
+def test_a_method_file_condenses_stops_on_sigterm_resumes_exactly_and_exports(tmp_path):
     data_dir = str(tmp_path / "npy")
     write_npy_cifar(data_dir)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -228,9 +228,10 @@ def test_a_method_file_condenses_resumes_exactly_evaluates_and_exports(tmp_path)
     while proc.poll() is None and time.time() < deadline and not (
             os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)        # a scheduler's preemption: a stop like Ctrl-C
     output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 130 and "checkpoint saved" in output, output
+    assert proc.returncode == 143 and "SIGTERM: stopped at iteration" in output, output
+    assert "checkpoint saved" in output and "Traceback" not in output
 
     # Another method in the same workdir is refused, with the difference named.
     other = subprocess.run(command(stopped, data_dir, "idm"), cwd=REPO, env=env,

@@ -30,7 +30,6 @@ flip are exact slicing.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp

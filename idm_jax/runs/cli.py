@@ -2,8 +2,8 @@
 
 ``python -m experiments.<dataset>`` and the ``idm-condense`` entry point (``--dataset NAME``)
 call ``main``; ``python -m experiments.evaluate`` and ``idm-evaluate`` call ``evaluate_main``.
-Every problem the user can fix is one ``error:`` line and exit status 2; Ctrl-C saves a
-checkpoint and exits with 130.
+Every problem the user can fix is one ``error:`` line and exit status 2; Ctrl-C, SIGTERM or
+SIGUSR1 saves a checkpoint and exits with 128 + the signal's number (130, 143, 138).
 """
 
 from __future__ import annotations
@@ -223,13 +223,13 @@ def main(dataset: str, default_ipc: int = 10, argv: Optional[Sequence[str]] = No
         raise SystemExit(2) from None
     except run_lib.Interrupted as stop:
         print(stop)
-        raise SystemExit(130) from None
+        raise SystemExit(stop.exit_status) from None
 
 
 def condense_main(argv: Optional[Sequence[str]] = None) -> None:
     """The ``idm-condense`` entry point: ``--dataset NAME`` (default cifar10), then as ``main``.
 
-    Returns None, so the console script exits with status 0 (errors exit 2, Ctrl-C 130).
+    Returns None, so the console script exits with status 0 (errors exit 2, a stop signal 128 + its number).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     chooser = argparse.ArgumentParser(add_help=False)

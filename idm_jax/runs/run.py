@@ -30,8 +30,6 @@ import dataclasses
 import functools
 import os
 import signal
-import sys
-import threading
 import time
 from typing import Optional
 
@@ -45,41 +43,8 @@ from idm_jax import validate
 from idm_jax import real as real_lib
 from idm_jax.runs import workdir as workdir_lib
 from idm_jax.base import Method
+from idm_jax.runs.stop import Interrupted, StopRequest
 from idm_jax.config import Config
-
-
-class Interrupted(Exception):
-    """The run stopped on Ctrl-C after saving a checkpoint; calling again resumes it."""
-
-    def __init__(self, iteration: int, directory: str):
-        super().__init__(f"stopped at iteration {iteration}; checkpoint saved in {directory}. "
-                         f"Re-run the same command to resume.")
-        self.iteration, self.directory = iteration, directory
-
-
-class _Interrupt:
-    """First Ctrl-C asks the loop to checkpoint and stop; a second one aborts at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():   # signals reach only it
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            signal.signal(signal.SIGINT, self._previous)
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: saving a checkpoint after this iteration (Ctrl-C again to abort)",
-              file=sys.stderr)
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def place_real(dataset: data.Dataset, mesh) -> real_lib.RealData:
@@ -138,7 +103,7 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
         change the result.
       engine.NonFiniteError: the loss or images stopped being finite (the message names the
         newest intact checkpoint).
-      Interrupted: Ctrl-C; a checkpoint was saved.
+      Interrupted: Ctrl-C, SIGTERM or SIGUSR1 (``runs.stop``); a checkpoint was saved.
     """
     if method is not None and config.method != method.name:
         config = dataclasses.replace(config, method=method.name)
@@ -319,7 +284,7 @@ def _resume(run: _Session, mesh):
 
 def _iterate(run: _Session, state, mesh, quiet: bool):
     """Phase 2: the iterations, metrics fetched in windows of ``log_every``, checkpoints,
-    evaluations, Ctrl-C. Returns (final state, seconds spent condensing in this session)."""
+    evaluations, stop signals. Returns (final state, seconds spent condensing in this session)."""
     config, policy = run.config, run.eng.policy
     log_every = config.log_every if config.log_every > 0 else (1 if policy.platform == "cpu"
                                                                else 100)
@@ -328,20 +293,20 @@ def _iterate(run: _Session, state, mesh, quiet: bool):
     window = _MetricsWindow(run, progress)
     last_plot = time.perf_counter()
     try:
-        with _Interrupt() as interrupt:
+        with StopRequest() as interrupt:
             for it, state, metrics in engine.iterate(run.eng, run.real, state, step=step):
                 window.pending.append((it, metrics))
                 done = it >= config.iterations
                 save = done or it % config.checkpoint_every == 0
                 evaluate_now = bool(config.eval_every) and it % config.eval_every == 0 and not done
                 # Where to flush must not depend on this host alone (any_host below is a
-                # collective): with several hosts a Ctrl-C waits for the next regular flush.
+                # collective): with several hosts a signal waits for the next regular flush.
                 stop_here = interrupt.requested and jax.process_count() == 1
                 if not (save or evaluate_now or done or len(window.pending) >= log_every
                         or stop_here):
                     continue
                 window.flush()
-                # All hosts stop at the same iteration even if Ctrl-C reached only some of them.
+                # All hosts stop at the same iteration even if the signal reached only some of them.
                 stop = sharding.any_host(interrupt.requested)
                 if stop or save:
                     run.last_saved = run.checkpointer.save(state, config, run.meta)
@@ -350,7 +315,8 @@ def _iterate(run: _Session, state, mesh, quiet: bool):
                         outputs.save_metrics_plot(run.workdir)
                         last_plot = time.perf_counter()
                 if stop:
-                    raise Interrupted(it, run.checkpointer.directory)
+                    raise Interrupted(it, run.checkpointer.directory,
+                                      interrupt.signum or signal.SIGINT)
                 if evaluate_now:
                     run.evaluate(state, it)
         if run.last_saved != int(state.iteration):   # e.g. iterations already reached
