@@ -53,6 +53,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
                                 f"{args.seeds!r}") from None
         if not seeds:
             raise cli.UserError("--seeds is empty")
+        for flag, values in (("--variants", variants), ("--seeds", seeds)):
+            twice = sorted({str(v) for v in values if values.count(v) > 1})
+            if twice:     # one run would be counted twice in the table
+                raise cli.UserError(f"{flag} names {', '.join(twice)} more than once; each run "
+                                    f"counts once, so name each once")
         overrides = {}
         for item in args.set:
             field, sep, value = item.partition("=")

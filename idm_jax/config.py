@@ -137,7 +137,9 @@ class Config:
             need(not isinstance(value, float) or math.isfinite(value),
                  f"{f.name} must be a finite number, got {value}")
         self.bandwidths  # parses and checks mmd_bandwidths
-        self.export_formats  # parses and checks exports
+        need(bool(self.export_formats),   # parses and checks exports
+             f"exports must name at least one layout of {', '.join(EXPORT_FORMATS)} (comma-"
+             f"separated); got {self.exports!r}")
         need(self.log_every == -1 or self.log_every >= 1,
              f"log_every must be -1 (automatic) or >= 1, got {self.log_every}")
         need(self.microbatch >= -1, f"microbatch must be -1 (automatic), 0 (whole batches) or "

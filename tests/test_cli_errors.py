@@ -67,6 +67,12 @@ CASES = [
     ("devices", "cifar10", ["--devices", "-1"], "good", ["--devices"]),
     ("lr_inf", "cifar10", ["--lr_img", "inf"], "good", ["lr_img", "finite"]),
     ("workdir_file", "cifar10", [], "good", ["--workdir", "is a file"]),
+    ("method", "cifar10", ["--method", "m4d"], "good", ["--method 'm4d'", "idm, dm"]),
+    ("method_file", "cifar10", ["--method", "nowhere.py:MINE"], "good", ["no file nowhere.py"]),
+    ("image_update", "cifar10", ["--image_update", "lbfgs"], "good", ["--image_update", "adam"]),
+    ("preset_ipc", "cifar10", ["--preset", "cifar10-ipc1", "--ipc", "10"], "good",
+     ["--preset cifar10-ipc1", "--ipc 10"]),
+    ("no_exports", "cifar10", ["--exports", ""], "good", ["exports must name"]),
 ]
 
 

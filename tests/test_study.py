@@ -162,3 +162,14 @@ def test_a_finished_run_counts_across_versions_and_run_mechanics(tmp_path):
     assert study.finished(str(tmp_path), config)["mean"] == 1.0
     assert study.finished(str(tmp_path), dataclasses.replace(config, lr_img=0.5)) is None
     assert study.finished(str(tmp_path), dataclasses.replace(config, num_eval=2)) is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "0,0"], "--seeds names 0 more than once"),
+    (["--variants", "idm,random-real,idm"], "--variants names idm more than once"),
+])
+def test_a_run_named_twice_is_refused_not_counted_twice(flags, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        study_cli.main(TINY + ["--workdir", str(tmp_path / "w"), "--table_only"] + flags)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err

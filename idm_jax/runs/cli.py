@@ -48,7 +48,9 @@ def build_parser(dataset: str, default_ipc: int,
         description=f"IDM dataset condensation of {dataset}. Any config field can be set with "
                     f"--FIELD VALUE (e.g. --ce_weight 0.1 --iterations 1000); see "
                     f"idm_jax/config.py for all of them.")
-    parser.add_argument("--ipc", type=int, default=default_ipc, help="images per class")
+    parser.add_argument("--ipc", type=int, default=None,
+                        help=f"images per class (default {default_ipc}; with --preset, the "
+                             f"preset's, and a different --ipc is refused)")
     parser.add_argument("--preset", default=None,
                         help=f"named preset (default {dataset}-ipc<IPC>); "
                              f"one of {', '.join(sorted(config_lib.PRESETS))}")
@@ -104,10 +106,16 @@ def parse(argv: Optional[Sequence[str]], dataset: str, default_ipc: int,
         raise UserError(f"--dataset {overrides['dataset']}: this command condenses {dataset}; "
                         f"run python -m experiments.{overrides['dataset']} (or idm-condense "
                         f"--dataset {overrides['dataset']}) instead")
+    explicit_ipc = args.ipc is not None
+    args.ipc = args.ipc if explicit_ipc else default_ipc
     preset = args.preset or f"{dataset}-ipc{args.ipc}"
     try:
         if preset in config_lib.PRESETS or args.preset:
             config = config_lib.get_preset(preset)
+            if args.preset and explicit_ipc and config.ipc != args.ipc:
+                raise UserError(f"--preset {args.preset} is IPC {config.ipc} but --ipc "
+                                f"{args.ipc} was given; pass one of them (a preset of another "
+                                f"IPC, or --ipc alone)")
         else:  # an ipc without a paper preset: the ipc10 setting with this ipc
             base = config_lib.get_preset(f"{dataset}-ipc10")
             config = dataclasses.replace(base, ipc=args.ipc)
