@@ -330,7 +330,7 @@ PRESETS: dict[str, Config] = {
         batch_train=128, trained_bs=128, real_sampling="first", normalize_train=False,
         init="real", partition_expand=False),
     # Offline default (ours, not a paper setting): scikit-learn digits at 16x16x1, sized to
-    # finish in under 3 minutes on 2 CPU cores (IPC 1 and 10 with their baselines). The
+    # finish in 3 to 4 minutes on 2 CPU cores (IPC 1 and 10 with their baselines). The
     # class-aware CE term is off: digits' queue models pass 90% accuracy within a few dozen
     # iterations, so its weight (ce_weight x accuracy%) nears 50 and it swamps the MMD term.
     # Measured (3 eval models each): IPC 10 fell from 96.3% at the mosaic initialisation to

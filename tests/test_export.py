@@ -129,6 +129,7 @@ def test_every_layout_round_trips(tmp_path):
     mean, std = np.array([0.5, 0.4, 0.3], np.float32), np.array([0.2, 0.25, 0.3], np.float32)
     stored = ((rng.uniform(0, 1, (4, 8, 8, 3)) - mean) / std).astype(np.float32)
     labels = np.repeat(np.arange(2), 2)
+    tmp_path = tmp_path / "made" / "by" / "export_set"      # a folder that does not exist yet
     meta = export.export_set(
         str(tmp_path), stored, labels, mean, std, dataset="cifar10", class_names=("cat", "dog"),
         model="ConvNet", ipc=2, partition_expand=True, partition_scheme="uniform",

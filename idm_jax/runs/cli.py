@@ -318,7 +318,8 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"evaluating {len(images)} images ({'with' if expand else 'without'} "
-          f"partition-and-expand) with {args.num_eval} x {args.arch}, {args.epochs + 1} epochs")
+          f"partition-and-expand) with {args.num_eval} x {args.arch}, --epochs {args.epochs} "
+          f"(epochs 0..{args.epochs}, as the official loop counts them)")
     result = evaluation.evaluate_synset(
         jax.random.PRNGKey(args.seed), images, saved["labels"], test_x, dataset.test_labels,
         model=args.arch, num_classes=dataset.num_classes, num_models=args.num_eval,

@@ -126,6 +126,7 @@ def export_set(directory: str, images: np.ndarray, labels: np.ndarray, mean, std
         raise ValueError(f"unknown export formats {sorted(unknown)}; valid: {', '.join(FORMATS)}")
     images, labels = np.asarray(images, np.float32), np.asarray(labels)
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    os.makedirs(directory, exist_ok=True)
     if not normalized:           # the stored values are pixels: export them unscaled
         mean, std = np.zeros_like(mean), np.ones_like(std)
     expand = dict(scheme=partition_scheme, factor=partition_factor, ratio=partition_ratio)
