@@ -103,3 +103,11 @@ def test_report_summarises_a_run_folder_from_its_files(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.report_main([str(tmp_path)])
     assert stop.value.code == 2 and "not a run folder" in capsys.readouterr().err
+    # A config.json that is not a run's record is named, not summarised as "None ipc None".
+    for name, text in (("garbage", "{not json"), ("other", '{"hello": 1}'), ("list", "[1, 2]")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(text)
+        with pytest.raises(SystemExit) as stop:
+            cli.report_main([str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"{name}/config.json" in err and "None" not in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from typing import Optional, Sequence
@@ -351,6 +352,13 @@ def report_main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     if missing:
         print(f"error: {missing[0]} is not a run folder (it has no config.json)", file=sys.stderr)
         raise SystemExit(2)
+    for folder in args.workdirs:
+        problem = _run_config_problem(os.path.join(folder, "config.json"))
+        if problem:
+            print(f"error: {os.path.join(folder, 'config.json')} {problem}; it is not a run's "
+                  f"record (restore it from results.json or a checkpoint, or re-run)",
+                  file=sys.stderr)
+            raise SystemExit(2)
     summaries = []
     for folder in args.workdirs:
         s = outputs.summarize(folder)
@@ -371,6 +379,18 @@ def report_main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         print(line + (f"; plot {plot}" if plot else ""))
         summaries.append(s)
     return summaries
+
+
+def _run_config_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not a run's config.json, or None when it is one."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        return f"cannot be read as JSON ({type(err).__name__})"
+    if not isinstance(saved, dict) or not {"dataset", "ipc", "iterations"} <= set(saved):
+        return "lacks the fields every run writes (dataset, ipc, iterations)"
+    return None
 
 
 def report_entry() -> None:
