@@ -32,7 +32,8 @@ from benchmarks.common import machine_description, progress
 CHILD = r"""
 import json, resource, sys, time
 import jax, numpy as np
-from idm_jax import config as config_lib, engine as engine_lib, memory, sharding
+from idm_jax import config as config_lib, engine as engine_lib
+from idm_jax.accel import memory, sharding
 from idm_jax import real as real_lib
 args = json.loads(sys.argv[1])
 k, ipc, devices = args["classes"], args["ipc"], args["devices"]

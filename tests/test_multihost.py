@@ -31,7 +31,7 @@ TINY = ["--smoke", "--ipc", "2", "--source", "digits", "--checkpoint_every", "2"
 
 WORKER = r'''
 import sys
-from idm_jax import cli
+from idm_jax.runs import cli
 cli.main("digits", argv=sys.argv[1:])
 '''
 

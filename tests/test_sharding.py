@@ -28,7 +28,7 @@ WORKER = r'''
 import json, os, re, socket, sys, time
 start = time.perf_counter()
 mode, out = sys.argv[1], sys.argv[2]
-from idm_jax import sharding
+from idm_jax.accel import sharding
 if mode == "one":  # must come before any JAX call
     with socket.socket() as s:
         s.bind(("localhost", 0)); port = s.getsockname()[1]
@@ -39,7 +39,7 @@ import numpy as np
 jax.config.update("jax_compilation_cache_dir", os.path.join(out, "..", "xla_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-from idm_jax import checkpoint
+from idm_jax.runs import checkpoint
 from idm_jax import engine as engine_lib
 from idm_jax import real as real_lib
 from tests.test_engine import MEAN, STD, tiny_config, tiny_data

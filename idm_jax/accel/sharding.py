@@ -27,7 +27,8 @@ Several hosts
 Every host runs the same program (JAX's multi-controller model). On each host, before any other
 JAX call::
 
-    from idm_jax import real, sharding
+    from idm_jax import real
+    from idm_jax.accel import sharding
     sharding.initialize_distributed("10.0.0.1:1234", num_processes=2, process_id=RANK)
     mesh = sharding.make_mesh()          # all devices of all hosts, grouped host by host
 
