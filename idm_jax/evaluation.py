@@ -41,6 +41,8 @@ def lr_phases(epochs: int) -> tuple[int, int]:
     return first, epochs + 1 - first
 
 
+# Long on purpose (over 60 lines): the two lr phases, the epoch and the step are nested scans that
+# share the model, the data and the loss; split apart they would pass a dozen arguments each.
 def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array,
                    test_x: jax.Array, test_y: jax.Array, *, epochs: int = 1000,
                    batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9,
@@ -64,8 +66,6 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
         vmap over models on CPU).
       return_variables: also return the trained ``{"params", "batch_stats"}`` (to inspect).
     """
-    # Long on purpose: the two lr phases, the epoch and the step are nested scans that share the
-    # model, the data and the loss; split apart they would pass a dozen arguments each.
     n = train_x.shape[0]
     steps, padded = _batch_plan(n, batch_size)
     k_init, k_train = jax.random.split(key)
@@ -173,6 +173,18 @@ def test_accuracy(model, params, stats, test_x: jax.Array, test_y: jax.Array, te
     return correct / jnp.sum(test_y >= 0)
 
 
+def _padded_test_set(test_images, test_labels, test_batch: int):
+    """The test set padded to a multiple of its batch (padding labelled -1, which never counts):
+    (test_x, test_y, test_batch)."""
+    test_x = jnp.asarray(test_images, jnp.float32)
+    test_y = jnp.asarray(test_labels, jnp.int32)
+    test_batch = min(test_batch, test_x.shape[0])
+    pad = -test_x.shape[0] % test_batch
+    test_x = jnp.concatenate([test_x, jnp.zeros((pad,) + test_x.shape[1:], test_x.dtype)])
+    test_y = jnp.concatenate([test_y, -jnp.ones(pad, jnp.int32)])
+    return test_x, test_y, test_batch
+
+
 def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
                     model: str = "ConvNet", num_classes: Optional[int] = None,
                     num_models: int = 5, epochs: int = 1000, batch_size: int = 256,
@@ -203,7 +215,6 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
     Returns a dict: ``accuracies`` (list of num_models floats, %), ``mean`` and ``std``
     (population std, %), ``seconds`` (wall time including compilation), ``model``.
     """
-    # Long mostly in its docstring: the library's evaluation entry point documents every argument.
     images = jnp.asarray(images, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
     if images.ndim != 4 or labels.shape != images.shape[:1]:
@@ -217,13 +228,7 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
     net = models.get_model(model, num_classes, in_channels=images.shape[-1], dtype=compute_dtype,
                            conv_op=policy.conv_op)
 
-    test_x = jnp.asarray(test_images, jnp.float32)
-    test_y = jnp.asarray(test_labels, jnp.int32)
-    test_batch = min(test_batch, test_x.shape[0])
-    pad = -test_x.shape[0] % test_batch
-    test_x = jnp.concatenate([test_x, jnp.zeros((pad,) + test_x.shape[1:], test_x.dtype)])
-    test_y = jnp.concatenate([test_y, -jnp.ones(pad, jnp.int32)])
-
+    test_x, test_y, test_batch = _padded_test_set(test_images, test_labels, test_batch)
 
     def one(k):
         return train_and_test(k, net, images, labels, test_x, test_y, epochs=epochs,

@@ -15,7 +15,6 @@ The schedule's state is a pytree in ``CondenseState.extractors``.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -153,9 +152,4 @@ def pool_schedule(pool, start=None, mix: tuple[float, float] = (0.0, 1.0),
     return ExtractorSchedule(init=init, refresh=lambda st, it, key: st, draw=draw, train=train)
 
 
-def from_config(config, nets: Networks, every: Optional[int] = None) -> ExtractorSchedule:
-    """IDM's queue (``queue_schedule``); with ``every``, a fresh network that often instead."""
-    return queue_schedule(config, nets) if every is None else fresh_schedule(nets, every)
-
-
-__all__ = ["queue_schedule", "train_queue", "fresh_schedule", "pool_schedule", "from_config"]
+__all__ = ["queue_schedule", "train_queue", "fresh_schedule", "pool_schedule"]

@@ -118,6 +118,7 @@ def gather(tree: PyTree, slots: jax.Array) -> PyTree:
     return jax.tree.map(lambda leaf: leaf[slots], tree)
 
 
+# Long (over 60 lines) mostly in its docstring; the body is one nested training scan.
 def train_slots(queue: ModelQueue, key: jax.Array, slots: jax.Array, active: jax.Array,
                 logits_fn: LogitsFn, sample_batch: BatchFn,
                 optimizer: optax.GradientTransformation, steps: int,
@@ -136,7 +137,6 @@ def train_slots(queue: ModelQueue, key: jax.Array, slots: jax.Array, active: jax
 
     Returns the updated queue and the trainees' accuracy over these steps, in percent, (n,).
     """
-    # Long mostly in its docstring; the body is one nested training scan.
     if steps == 0 or slots.shape[0] == 0:
         return queue, jnp.zeros(slots.shape, jnp.float32)
 

@@ -31,6 +31,7 @@ def _need_dir(data_dir: Optional[str], name: str, source: str) -> str:
     return str(data_dir)
 
 
+# Long (over 60 lines) because it is one branch per source, each a few lines.
 def load_dataset(name: str, source: Optional[str] = None,
                  data_dir: Optional[str] = None,
                  tfds_data_dir: Optional[str] = None, *,
@@ -62,7 +63,6 @@ def load_dataset(name: str, source: Optional[str] = None,
       ValueError: unknown name or source, a source that cannot give this
         dataset, or missing/malformed files (the message says what to do).
     """
-    # Long because it is one branch per source, each a few lines.
     if source is not None and source not in SOURCES:
         raise ValueError(f"Unknown source {source!r}. Valid sources: "
                          f"{', '.join(SOURCES)}.")

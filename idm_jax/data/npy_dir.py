@@ -111,6 +111,8 @@ def read_meta(directory: str) -> dict:
     return meta
 
 
+# Long (over 60 lines) because it is one flat sequence of file checks, each with its own error
+# naming the file.
 def load_npy_dir(directory: str, name: Optional[str] = None) -> core.Dataset:
     """Loads a NumPy directory (layout in the module docstring).
 
@@ -125,7 +127,6 @@ def load_npy_dir(directory: str, name: Optional[str] = None) -> core.Dataset:
       `DATASET_INFO[name]`; class names from class_names.txt, else
       `DATASET_INFO`, else "0", "1", ...
     """
-    # Long because it is one flat sequence of file checks, each with its own error naming the file.
     if not os.path.isdir(directory):
         raise ValueError(f"NumPy dataset directory {directory!r} does not exist")
     meta = read_meta(directory)

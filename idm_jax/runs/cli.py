@@ -257,9 +257,9 @@ def condense_main(argv: Optional[Sequence[str]] = None) -> None:
     return None
 
 
+# Long (over 60 lines) because it is one flat sequence of checks, each with its own error line,
+# before the one evaluation.
 def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
-    # Long because it is one flat sequence of checks, each with its own error line, before the one
-    # evaluation.
     parser = argparse.ArgumentParser(prog="idm-evaluate", description=EVALUATE_HELP)
     parser.add_argument("--set", required=True,
                         help="the condensed set: .npz, DC-BENCH .pt, DD-Ranking images.pt or "

@@ -110,6 +110,7 @@ def dcbench_name(dataset: str, model: str, ipc: int) -> str:
     return f"res_IDM_{_DCBENCH_NAMES.get(dataset, dataset)}_{model}_{ipc}ipc.pt"
 
 
+# Long (over 60 lines) because it is one branch per layout; each is a few lines.
 def export_set(directory: str, images: np.ndarray, labels: np.ndarray, mean, std, *,
                dataset: str, class_names: Sequence[str], model: str, ipc: int,
                partition_expand: bool, partition_scheme: str, partition_factor: int,
@@ -120,7 +121,6 @@ def export_set(directory: str, images: np.ndarray, labels: np.ndarray, mean, std
 
     ``normalized=False`` (the ImageNet-script quirk) means the stored values are [0,1] pixels.
     """
-    # Long because it is one branch per layout; each is a few lines.
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown export formats {sorted(unknown)}; valid: {', '.join(FORMATS)}")
