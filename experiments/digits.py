@@ -61,14 +61,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             random = random_real_baseline(dataset, config, key)
             comparison[ipc] = {"idm": idm["mean"], "idm_std": idm["std"],
                                "random_real": random["mean"], "random_real_std": random["std"],
-                               "num_eval": config.num_eval}
+                               "num_eval": config.num_eval, "method": config.method}
     except cli.UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except cli.run_lib.Interrupted as stop:
         print(stop)
         raise SystemExit(stop.exit_status) from None
-    print("\n  ipc | IDM condensed (%)  | random real (%)")
+    label = next(iter(comparison.values()), {}).get("method", "idm")
+    print(f"\n  ipc | {label + ' condensed (%)':<18} | random real (%)")
     for ipc, row in comparison.items():
         print(f"  {ipc:>3} | {row['idm']:6.2f} +- {row['idm_std']:5.2f} | "
               f"{row['random_real']:6.2f} +- {row['random_real_std']:5.2f}")

@@ -91,6 +91,11 @@ class Method:
 
     ``objective(config) -> Objective``; ``image_optimizer(config, num_classes) ->
     ImageOptimizer``; ``extractors(config, networks) -> ExtractorSchedule``.
+
+    ``pixel_space``: the image optimiser is written for images in [0, 1] pixel units, clamped
+    to [0, 1] where each iteration starts (M3D, NCFM); the engine runs it on its normalised
+    images through ``image_update.in_pixel_space`` with the data's mean and std. False (IDM,
+    DM): it steps the normalised images directly.
     """
 
     name: str
@@ -99,6 +104,7 @@ class Method:
     image_optimizer: Callable[[Config, int], ImageOptimizer]
     extractors: Callable[[Config, Networks], ExtractorSchedule]
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    pixel_space: bool = False
 
 
 __all__ = ["PyTree", "Objective", "ImageOptimizer", "Networks", "ExtractorSchedule", "Method"]

@@ -34,7 +34,7 @@ class Config:
     ipc: int = 10                       # synthetic images per class (the stored budget)
     model: str = "ConvNet"              # matching / queue architecture (official name string)
     seed: int = 0
-    method: str = "idm"                 # idm | dm | path/to/file.py:NAME (idm_jax.methods)
+    method: str = "idm"                 # idm | dm | m3d | path/to/file.py:NAME (idm_jax.methods)
 
     # --- synthetic set and its optimiser (docs/FAITHFULNESS.md, "init", "image update")
     iterations: int = 20000             # outer iterations; the loop runs it = 0..iterations
@@ -52,6 +52,9 @@ class Config:
                                         # images of each class every time
     normalize_train: bool = True        # False: ImageNet-script quirk, real train images in [0,1]
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    match_dsa_strategy: str = ""        # DSA during matching when it differs from the one of
+                                        # evaluation ("" the same: IDM, DM); M3D and NCFM run
+                                        # color+crop+cutout (idm_jax.augment)
 
     # --- loss (docs/FAITHFULNESS.md, "matching", "class-aware CE")
     syn_ce: bool = True
@@ -173,6 +176,11 @@ class Config:
             raise ValueError(f"mmd_bandwidths must all be finite and > 0, got "
                              f"{self.mmd_bandwidths!r}")
         return values
+
+    @property
+    def matching_dsa(self) -> str:
+        """The DSA strategy of matching: ``match_dsa_strategy``, else ``dsa_strategy``."""
+        return self.match_dsa_strategy or self.dsa_strategy
 
     @property
     def export_formats(self) -> tuple[str, ...]:

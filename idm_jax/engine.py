@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from idm_jax import classifier, matching, partition
+from idm_jax import classifier, image_update, matching, partition
 from idm_jax.accel import backend, memory
 from idm_jax.nn import models
 from idm_jax import real as real_lib
@@ -92,7 +92,8 @@ def make_engine(config: Config, num_classes: int, image_shape, *,
                 policy: Optional[backend.Policy] = None,
                 method: Optional[Method] = None,
                 objective: Optional[Objective] = None,
-                max_per_class: Optional[int] = None) -> Engine:
+                max_per_class: Optional[int] = None,
+                normalization: Optional[tuple] = None) -> Engine:
     """Build the engine for ``num_classes`` classes of ``image_shape`` (H, W, C) images.
 
     ``method`` defaults to the one ``config.method`` names (``idm_jax.methods``); ``objective``
@@ -100,7 +101,8 @@ def make_engine(config: Config, num_classes: int, image_shape, *,
     With ``max_per_class`` (the largest class's image count) and the automatic ``microbatch``, an
     accelerator run chunks its network calls to fit the device's memory (``idm_jax.accel.memory``)
     instead of always using whole batches, and a CPU run whose kept activations would not fit
-    the host's memory recomputes them (``memory.cpu_needs_remat``).
+    the host's memory recomputes them (``memory.cpu_needs_remat``). ``normalization`` is the
+    data's (mean, std) per channel, which a method that steps pixels needs (``pixel_space``).
     """
     validate.check_config(config, image_shape)    # architectures and partition geometry
     if method is None:
@@ -138,6 +140,11 @@ def make_engine(config: Config, num_classes: int, image_shape, *,
                   method.image_optimizer(config, num_classes), method.extractors(config, nets))
     except ValueError as err:          # a setting the method cannot use
         raise validate.InvalidRun(str(err)) from None
+    if method.pixel_space:
+        if normalization is None:
+            raise ValueError(f"method {method.name} steps pixels: make_engine needs "
+                             f"normalization=(mean, std) of the data (RealData.mean, .std)")
+        pieces = (pieces[0], image_update.in_pixel_space(pieces[1], *normalization), pieces[2])
     return Engine(config, model, optimizer, init_params, apply, policy, *pieces, method)
 
 
@@ -321,7 +328,8 @@ def condense(config: Config, train_images: np.ndarray, train_labels: np.ndarray,
     """
     real = prepare_real(train_images, train_labels, mean, std, num_classes, mesh=mesh)
     engine = make_engine(config, real.num_classes, real.image_shape, method=method,
-                         max_per_class=real.max_per_class)
+                         max_per_class=real.max_per_class,
+                         normalization=(mean, std))
     if state is None:
         state = init_state(engine, real, config.seed)
     metrics, done = None, int(state.iteration)

@@ -150,6 +150,42 @@ def from_optax(transformation: optax.GradientTransformation) -> ImageOptimizer:
     return ImageOptimizer(init=tx.init, update=update)
 
 
+def in_pixel_space(optimizer: ImageOptimizer, mean, std, clamp: bool = True) -> ImageOptimizer:
+    """An optimiser written for images in [0, 1] pixel units, run on the engine's normalised
+    images ``(pixels - mean) / std``.
+
+    M3D and NCFM store their images as pixels, step them there and normalise only in front of
+    the network. The state, the step sizes and the clamp are in pixel units: the wrapper hands
+    ``optimizer`` the pixels and the pixel gradient (the normalised gradient divided by
+    ``std``) and normalises what it returns. With ``clamp`` the pixels are clamped to [0, 1]
+    where each outer iteration starts (the gradient point), as those codes do before their
+    class steps; the images after the last step are left unclamped, like theirs.
+
+    Args:
+      optimizer: the optimiser in pixel units.
+      mean, std: (C,) the normalisation constants (channels last), pixel units.
+    """
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+    to_pixels = lambda x: x * std + mean
+    to_normalised = lambda p: (p - mean) / std
+
+    def point(state, images):
+        pixels = to_pixels(images)
+        if clamp:
+            pixels = jnp.clip(pixels, 0.0, 1.0)
+        if optimizer.grad_point is not None:
+            pixels = optimizer.grad_point(state, pixels)
+        return to_normalised(pixels)
+
+    def update(grads, state, at_point, value):
+        pixels, state = optimizer.update(grads / std, state, to_pixels(at_point), value)
+        return to_normalised(pixels), state
+
+    return ImageOptimizer(init=lambda images: optimizer.init(to_pixels(images)), update=update,
+                          grad_point=point)
+
+
 # The image optimisers a config names with ``image_update``: (config, num_classes) -> optimiser.
 OPTIMIZERS: dict[str, Callable] = {
     "per_class": lambda c, k: per_class_sgd(c.lr_img, c.img_momentum, k),
@@ -169,4 +205,5 @@ def from_config(config, num_classes: int) -> ImageOptimizer:
 
 
 __all__ = ["per_class_image_update", "summed_image_update", "sequential_image_update",
-           "per_class_sgd", "summed_sgd", "from_optax", "OPTIMIZERS", "from_config"]
+           "per_class_sgd", "summed_sgd", "from_optax", "in_pixel_space", "OPTIMIZERS",
+           "from_config"]

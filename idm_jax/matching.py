@@ -120,7 +120,7 @@ def draw_extractor(engine: Engine, extractors, key: jax.Array):
 
 
 def _augment(engine: Engine, key: jax.Array, images: jax.Array) -> jax.Array:
-    return engine.policy.augment(key, images, engine.config.dsa_strategy, siamese=True)
+    return engine.policy.augment(key, images, engine.config.matching_dsa, siamese=True)
 
 
 def _per_class_views(views_of, keys: jax.Array, images: jax.Array,

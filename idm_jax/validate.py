@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from idm_jax import methods, partition
+from idm_jax import augment, methods, partition
 from idm_jax.nn import models
 from idm_jax.base import Method
 from idm_jax.config import Config
@@ -34,10 +34,16 @@ def _need(condition: bool, message: str) -> None:
 def check_config(config: Config, image_shape: Optional[Sequence[int]] = None) -> None:
     """Raise ``InvalidRun`` for a config that cannot run (on images of ``image_shape``, H W C).
 
-    Checks the two architectures (known, and no BatchNorm in the condensation model, whose
+    Checks the DSA strategies, the two architectures (known, and no BatchNorm in the condensation model, whose
     running statistics the queue does not carry) and, with ``image_shape``, the partition
     geometry that the init, matching and evaluation all use.
     """
+    for flag, strategy in (("dsa_strategy", config.dsa_strategy),
+                           ("match_dsa_strategy", config.match_dsa_strategy)):
+        try:
+            augment.parse_strategy(strategy)
+        except ValueError as err:
+            raise InvalidRun(f"--{flag}: {err}") from None
     for flag, name in (("model", config.model), ("eval_model", config.eval_model)):
         _need(name in models.MODEL_NAMES,
               f"--{flag} {name!r} is not a known architecture; valid: "

@@ -546,3 +546,29 @@ class DsaVariantsTest(chex.TestCase):
         for i, key in enumerate(_VARIANT_KEYS):
             got = fn(key, jnp.asarray(_VARIANT_X))
             chex.assert_trees_all_close(got, _op_by_op_reference(i), atol=1e-5)
+
+
+def test_composite_group_runs_every_op_in_order_with_its_own_draw():
+    """"color+crop+cutout" (IDC's and M3D's augmentation during condensation): brightness,
+    saturation, contrast, an integer shift in [-4, 4] and a 16 x 16 cutout, every call; one
+    draw per op from fold_in(parameter key, op index), shared by the batch (Siamese)."""
+    assert A.parse_strategy("color+crop+cutout_flip") == ("color+crop+cutout", "flip")
+    with pytest.raises(ValueError, match="Valid ops are"):
+        A.parse_strategy("color+blur")
+    x = _images(7, (3, 32, 32, 3))
+    key = jax.random.key(11)
+    got = np.asarray(A.dsa(key, jnp.asarray(x), "color+crop+cutout"))
+    _, k_params = jax.random.split(key)
+    u = [np.asarray(jax.random.uniform(jax.random.fold_in(k_params, i), (3,))) for i in range(3)]
+    y = A.contrast(A.saturation(A.brightness(jnp.asarray(x), u[0][0]), u[0][1]), u[0][2])
+    tx, ty = int(np.floor(u[1][0] * 9)) - 4, int(np.floor(u[1][1] * 9)) - 4
+    y = A.translate(y, tx, ty, max_shift=4)
+    ox, oy = int(np.floor(u[2][0] * 33)), int(np.floor(u[2][1] * 33))
+    want = np.asarray(A.cutout(y, ox, oy, 16))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    # Siamese: a larger batch gets the same transform on the images it shares.
+    more = np.concatenate([x, _images(8, (5, 32, 32, 3))])
+    np.testing.assert_allclose(np.asarray(A.dsa(key, jnp.asarray(more), "color+crop+cutout"))[:3],
+                               got, rtol=0, atol=1e-5)
+    looped = A.dsa(key, jnp.asarray(x), "color+crop+cutout", loop_over_keys=True)
+    np.testing.assert_allclose(np.asarray(looped), got, rtol=0, atol=1e-6)

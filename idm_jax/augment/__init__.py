@@ -13,7 +13,9 @@ One call of :func:`dsa` does the following (docs/FAITHFULNESS.md, "DSA"):
 2. Only that group runs. ``color`` is brightness, then saturation, then contrast. Every
    other group is a single op: ``crop`` (integer translation with zero fill),
    ``cutout``, ``flip`` (width axis), ``scale`` and ``rotate`` (bilinear affine
-   resampling with zero padding).
+   resampling with zero padding). A group may join several ops with ``'+'``, e.g.
+   ``"color+crop+cutout"``: they all run, in that order, each with its own parameter draw
+   (IDC's and M3D's augmentation during condensation: colour, crop and cutout every time).
 3. With ``siamese=True`` a single parameter set is drawn from the key and shared by
    every image. The draw does not depend on the batch size, so the same key applied to
    a 256-image real batch and a 40-image synthetic batch gives the same transform.
@@ -63,7 +65,8 @@ def parse_strategy(strategy: str | None) -> tuple[str, ...]:
 
     Returns:
       The group names in order. Duplicates are kept (as in the official code, where a
-      repeated group is proportionally more likely). Empty for the identity.
+      repeated group is proportionally more likely). Empty for the identity. A group of
+      ``'+'``-joined ops (``"color+crop+cutout"``) is one entry that runs all its ops.
 
     Raises:
       ValueError: for an unknown or empty group name.
@@ -73,7 +76,7 @@ def parse_strategy(strategy: str | None) -> tuple[str, ...]:
     if not isinstance(strategy, str):
         raise ValueError(f"DSA strategy must be a string, got {type(strategy).__name__}.")
     groups = tuple(strategy.split("_"))
-    bad = [g for g in groups if g not in VALID_OPS]
+    bad = [op for g in groups for op in g.split("+") if op not in VALID_OPS]
     if bad:
         raise ValueError(
             f"Unknown DSA op(s) {bad} in strategy {strategy!r}. Valid ops are "
@@ -224,7 +227,15 @@ def _dsa_plain(key: Array, images: Array, strategy: str, siamese: bool,
 
     def branch(group: str):
         def run(x):
-            return apply_group(group, x, _params_from_uniform(u, group, (h, w), params), params)
+            if "+" not in group:
+                return apply_group(group, x, _params_from_uniform(u, group, (h, w), params),
+                                   params)
+            # Each op of a composite group draws its own block, so the ops are independent;
+            # the block still does not depend on N when Siamese.
+            for i, op in enumerate(group.split("+")):
+                u_op = _uniform_block(jax.random.fold_in(k_params, i), u.shape[:-1])
+                x = apply_group(op, x, _params_from_uniform(u_op, op, (h, w), params), params)
+            return x
 
         return run
 

@@ -113,7 +113,8 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
     # make_engine checks the config against the images (validate.check_config) and sizes the
     # network calls to memory; both can refuse the run, so both come before the folder exists.
     eng = engine.make_engine(config, real.num_classes, real.image_shape, method=method,
-                             max_per_class=real.max_per_class)
+                             max_per_class=real.max_per_class,
+                             normalization=(dataset.mean, dataset.std))
     # With several hosts every host runs this function; only host 0 writes the shared outputs
     # (and holds the lock), and every host makes the same collective calls.
     main_host = jax.process_index() == 0
