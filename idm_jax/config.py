@@ -85,6 +85,11 @@ class Config:
     net_weight_decay: float = 5e-4
     eval_interval: int = 100            # meters reset every eval_interval iterations
 
+    # --- a validation split (ours; idm_jax.data.validation): training images held out of the
+    # condensation and scored by the evaluation beside the test set, to choose settings on
+    validation_per_class: int = 0       # images per class held out; 0: none
+    validation_seed: int = 0            # the split's own seed (the same for every run seed)
+
     # --- evaluation protocol (docs/FAITHFULNESS.md, "evaluation")
     eval_model: str = "ConvNet"
     num_eval: int = 5
@@ -151,7 +156,7 @@ class Config:
                      "net_generate_interval", "train_net_num", "eval_interval", "num_eval",
                      "checkpoint_every", "keep_checkpoints"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("net_push_num", "fetch_net_num", "model_train_steps", "epoch_eval_train",
+        for name in ("validation_per_class", "net_push_num", "fetch_net_num", "model_train_steps", "epoch_eval_train",
                      "eval_every", "ce_weight", "lr_img", "lr_net"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.initial_models <= self.net_num,

@@ -194,7 +194,8 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
                     partition_ratio: float = 0.4, test_batch: int = 500,
                     compute_dtype=jnp.float32, microbatch_size: int = -1,
                     parallel: Optional[bool] = None,
-                    policy: Optional[backend.Policy] = None) -> dict:
+                    policy: Optional[backend.Policy] = None,
+                    validation: Optional[tuple] = None) -> dict:
     """Evaluate a condensed set with the official protocol; the library entry point.
 
     Args:
@@ -211,9 +212,12 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
         program (``lax.map``, False). None: the policy's ``vmap_models``. Same values.
       policy: the backend policy (``idm_jax.accel.backend``); None resolves it from
         ``microbatch_size``. The engine passes its own.
+      validation: (images (V, H, W, C) normalised, labels (V,)): held-out training images
+        (``data.split_validation``) on which every trained model is also scored.
 
     Returns a dict: ``accuracies`` (list of num_models floats, %), ``mean`` and ``std``
-    (population std, %), ``seconds`` (wall time including compilation), ``model``.
+    (population std, %), ``seconds`` (wall time including compilation), ``model``; with
+    ``validation`` also ``validation``: {``accuracies``, ``mean``, ``std``} of the same models.
     """
     images = jnp.asarray(images, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
@@ -229,22 +233,37 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
                            conv_op=policy.conv_op)
 
     test_x, test_y, test_batch = _padded_test_set(test_images, test_labels, test_batch)
+    if validation is not None:
+        val_x, val_y, val_batch = _padded_test_set(*validation, test_batch)
 
     def one(k):
-        return train_and_test(k, net, images, labels, test_x, test_y, epochs=epochs,
-                              batch_size=batch_size, lr=lr, momentum=momentum,
-                              weight_decay=weight_decay, dsa_strategy=dsa_strategy,
-                              test_batch=test_batch, chunk=policy.chunk,
-                              augment_images=policy.augment)
+        accuracy, variables = train_and_test(
+            k, net, images, labels, test_x, test_y, epochs=epochs, batch_size=batch_size, lr=lr,
+            momentum=momentum, weight_decay=weight_decay, dsa_strategy=dsa_strategy,
+            test_batch=test_batch, chunk=policy.chunk, augment_images=policy.augment,
+            return_variables=True)
+        if validation is None:
+            return accuracy, accuracy
+        chunk = 0 if variables["batch_stats"] else policy.chunk
+        return accuracy, test_accuracy(net, variables["params"], variables["batch_stats"],
+                                       val_x, val_y, val_batch, chunk)
 
     start = time.perf_counter()
     map_models = policy.map_models if parallel is None else (
         jax.vmap if parallel else backend.sequential)
     many = map_models(one)
-    accuracies = jax.jit(many)(jax.random.split(key, num_models))
-    accuracies = 100.0 * np.asarray(jax.device_get(accuracies), np.float64)
-    return {"model": model, "accuracies": accuracies.tolist(), "mean": float(accuracies.mean()),
-            "std": float(accuracies.std()), "seconds": time.perf_counter() - start}
+    test_acc, val_acc = jax.device_get(jax.jit(many)(jax.random.split(key, num_models)))
+    result = {"model": model, **_summary(test_acc), "seconds": time.perf_counter() - start}
+    if validation is not None:
+        result["validation"] = _summary(val_acc)
+    return result
+
+
+def _summary(fractions) -> dict:
+    """Accuracies in [0, 1] -> {accuracies (%), mean, std (population)}."""
+    accuracies = 100.0 * np.asarray(fractions, np.float64)
+    return {"accuracies": accuracies.tolist(), "mean": float(accuracies.mean()),
+            "std": float(accuracies.std())}
 
 
 evaluate = evaluate_synset   # the library entry point, exported as idm_jax.evaluate

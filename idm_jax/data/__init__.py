@@ -25,11 +25,13 @@ from idm_jax.data.loading import load_dataset
 from idm_jax.data.loading import SOURCES
 from idm_jax.data.npy_dir import load_npy_dir
 from idm_jax.data.npy_dir import save_npy_dir
+from idm_jax.data.validation import split_validation
+from idm_jax.data.validation import ValidationSplit
 
 __all__ = [
     "DATASET_INFO", "Dataset", "DatasetSpec", "SOURCES", "VALID_NAMES",
     "check_enough_per_class", "class_arrays", "denormalize", "get_spec",
     "load_cifar_pickle", "load_dataset", "load_digits_dataset",
     "load_imagenet_subset", "load_npy_dir", "load_tinyimagenet",
-    "min_class_count", "normalize", "save_npy_dir",
+    "min_class_count", "normalize", "save_npy_dir", "split_validation", "ValidationSplit",
 ]

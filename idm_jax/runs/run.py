@@ -66,9 +66,14 @@ def place_real(dataset: data.Dataset, mesh) -> real_lib.RealData:
 
 
 def evaluate_images(images, dataset: data.Dataset, config: Config, key, test_x,
-                    policy: Optional[backend.Policy] = None) -> dict:
+                    policy: Optional[backend.Policy] = None,
+                    validation: Optional[data.ValidationSplit] = None) -> dict:
     """Evaluate stored synthetic ``images`` (K*ipc, H, W, C), normalised, with the config's
-    protocol (``evaluation.evaluate_synset``)."""
+    protocol (``evaluation.evaluate_synset``), on the test set and on ``validation``."""
+    held_out = None
+    if validation is not None:
+        held_out = (data.normalize(validation.images, dataset.mean, dataset.std),
+                    validation.labels)
     return evaluation.evaluate_synset(
         key, images, engine.synthetic_labels(dataset.num_classes, config.ipc),
         test_x, dataset.test_labels, model=config.eval_model, num_classes=dataset.num_classes,
@@ -77,7 +82,7 @@ def evaluate_images(images, dataset: data.Dataset, config: Config, key, test_x,
         weight_decay=config.net_weight_decay, dsa_strategy=config.dsa_strategy,
         expand=config.partition_expand, partition_factor=config.partition_factor,
         partition_scheme=config.partition, partition_ratio=config.partition_ratio,
-        microbatch_size=config.microbatch, policy=policy)
+        microbatch_size=config.microbatch, policy=policy, validation=held_out)
 
 
 def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *,
@@ -107,6 +112,11 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
     """
     if method is not None and config.method != method.name:
         config = dataclasses.replace(config, method=method.name)
+    try:    # the held-out images leave the dataset before anything can draw from it
+        dataset, validation = data.split_validation(dataset, config.validation_per_class,
+                                                    config.validation_seed)
+    except ValueError as err:
+        raise validate.InvalidRun(str(err)) from None
     validate.check_data(config, dataset.class_counts, source=f"dataset {dataset.name}")
     validate.check_workdir(workdir)
     real = place_real(dataset, mesh)
@@ -131,7 +141,7 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
                 raise busy or workdir_lib.WorkdirBusy(f"--workdir {workdir} is in use (host 0 "
                                                       f"could not lock it)")
             return _condense_and_evaluate(config, dataset, real, eng, workdir, mesh, restart,
-                                          quiet, main_host)
+                                          quiet, main_host, validation)
     except BaseException:
         if created and main_host and os.path.isdir(workdir):
             workdir_lib.remove_if_unused(workdir)
@@ -152,6 +162,7 @@ class _Session:
     meta: dict                        # what each checkpoint records of the data and method
     log: Optional[outputs.MetricsLog] = None      # opened once the resume trimmed the file
     last_saved: Optional[int] = None  # iteration of the newest checkpoint written or restored
+    validation: Optional[data.ValidationSplit] = None     # held out of ``dataset``
 
     def evaluate(self, state, it: int, final: bool = False) -> dict:
         """Evaluate the set of ``state`` with the config's protocol and log it; every host does
@@ -161,7 +172,7 @@ class _Session:
         key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed),
                                                     1_000_003), it)
         result = evaluate_images(images, self.dataset, config, key, self.test_x,
-                                 self.eng.policy)
+                                 self.eng.policy, self.validation)
         self.log.write({"event": "eval", "iteration": it, **result})
         if self.main_host and not final:
             outputs.save_grid(os.path.join(self.workdir, f"synthetic_{it}.png"),
@@ -226,7 +237,7 @@ class _MetricsWindow:
 
 
 def _condense_and_evaluate(config, dataset, real, eng, workdir, mesh, restart, quiet,
-                           main_host):
+                           main_host, validation):
     if restart:       # only once everything that can fail before the first iteration passed
         moved = workdir_lib.set_aside(workdir) if main_host else None
         sharding.sync_hosts("idm_jax: previous run set aside")   # others wait for host 0
@@ -236,7 +247,8 @@ def _condense_and_evaluate(config, dataset, real, eng, workdir, mesh, restart, q
     run = _Session(config, dataset, real, eng, workdir, main_host,
                    checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                            keep=config.keep_checkpoints),
-                   checkpoint.data_meta(real, methods.provenance(config.method)))
+                   checkpoint.data_meta(real, methods.provenance(config.method)),
+                   validation=validation)
     try:
         state, sessions = _resume(run, mesh)
         start_it = int(state.iteration)
@@ -352,12 +364,18 @@ def _final_results(run: _Session, state, start_it: int, sessions: list,
         "code_version": outputs.code_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config.to_dict(),
         "method": dict(name=config.method, **provenance), "sessions": sessions}
+    if run.validation is not None:
+        results["validation"] = dict(run.validation.record(), **result["validation"])
     if run.main_host:
         results["condense_seconds"] = outputs.logged_seconds(run.workdir)
         checkpoint.dump_json(os.path.join(run.workdir, "results.json"), results)
         outputs.save_metrics_plot(run.workdir)
+    held_out = ("" if run.validation is None else
+                f" (validation {result['validation']['mean']:.2f} +- "
+                f"{result['validation']['std']:.2f} %)")
     print(f"[it {it}] final {config.eval_model} accuracy {result['mean']:.2f} +- "
-          f"{result['std']:.2f} % over {config.num_eval} models; outputs in {run.workdir}")
+          f"{result['std']:.2f} %{held_out} over {config.num_eval} models; outputs in "
+          f"{run.workdir}")
     return results
 
 
