@@ -108,6 +108,8 @@ class Config:
     log_every: int = -1                 # fetch metrics from the device every N iterations:
                                         # -1 auto (1 on CPU, 100 on accelerators); same result
     exports: str = "npz,expanded,png,torch"   # layouts of the final set (idm_jax.runs.export)
+    record_grad_norms: bool = False     # record the gradient norm of each loss term at
+                                        # iteration 0 (grad_norms.json; one more compile)
 
     def __post_init__(self):
         def need(cond, message):
@@ -233,7 +235,7 @@ def field_names() -> tuple[str, ...]:
 # float summation order, and a run moved to another kind of device needs it). Two finished runs
 # that differ only in these are the same result.
 MECHANICS = ("checkpoint_every", "keep_checkpoints", "log_every", "exports", "microbatch",
-             "memory_budget_gb")
+             "memory_budget_gb", "record_grad_norms")
 
 # Fields a run may be resumed with a different value of: the mechanics, the iteration target and
 # the evaluation protocol (which reads the set but never changes it). The resumed run then ends

@@ -249,6 +249,23 @@ def make_step(engine: Engine, real: RealData, jit: bool = True,
                    out_shardings=(state_layout, sharding.replicated(mesh)))
 
 
+def first_pass_gradient_norms(engine: Engine, real: RealData, state: CondenseState,
+                              mesh: Optional[Mesh] = None) -> dict:
+    """The gradient norms of the loss and of each term (``matching.term_gradient_norms``) in the
+    first matching pass of the iteration ``state`` is at, with the very draws ``make_step``
+    makes there. Host floats; a diagnostic (one more compiled program), not part of a step."""
+    layout = sharding.ClassLayout(real.num_classes, mesh)
+
+    def norms(state, r):
+        _, k_refresh, k_match, _, _ = jax.random.split(state.key, 5)    # as in make_step
+        extractors = engine.extractors.refresh(state.extractors, state.iteration, k_refresh)
+        match_key = jax.random.split(k_match, engine.config.train_net_num)[0]
+        return matching.term_gradient_norms(engine, r, state.images, state.image_opt_state,
+                                            extractors, match_key, layout)
+
+    return {k: float(v) for k, v in jax.device_get(jax.jit(norms)(state, real)).items()}
+
+
 # --------------------------------------------------------------------------- iterating
 class CondensedSet(NamedTuple):
     """A condensed set in normalised space, as stored (before partition-and-expand)."""
@@ -345,5 +362,6 @@ def condense(config: Config, train_images: np.ndarray, train_labels: np.ndarray,
 
 __all__ = ["CondenseState", "shard_state", "synthetic_labels", "Engine", "make_engine",
            "init_synthetic", "init_state", "state_shapes", "make_step",
+           "first_pass_gradient_norms",
            "CondensedSet", "condensed_set", "iterate", "NonFiniteError", "check_finite",
            "condense"]

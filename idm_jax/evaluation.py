@@ -219,12 +219,10 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
     (population std, %), ``seconds`` (wall time including compilation), ``model``; with
     ``validation`` also ``validation``: {``accuracies``, ``mean``, ``std``} of the same models.
     """
+    num_classes = _check_inputs(images, labels, test_images, test_labels, num_classes,
+                                validation)
     images = jnp.asarray(images, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
-    if images.ndim != 4 or labels.shape != images.shape[:1]:
-        raise ValueError(f"expected images (N, H, W, C) and labels (N,), got {images.shape} and "
-                         f"{labels.shape}")
-    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     if expand:
         images = partition.expand(images, partition_scheme, partition_factor, partition_ratio)
         labels = partition.expand_labels(labels, partition_scheme, partition_factor)
@@ -257,6 +255,31 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
     if validation is not None:
         result["validation"] = _summary(val_acc)
     return result
+
+
+def _check_inputs(images, labels, test_images, test_labels, num_classes, validation) -> int:
+    """ValueError for inputs that would train or score silently wrong; returns num_classes."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 4 or labels.shape != images.shape[:1] or not images.shape[0]:
+        raise ValueError(f"expected images (N, H, W, C) and labels (N,) with N > 0, got "
+                         f"{images.shape} and {labels.shape}")
+    if not np.all(np.isfinite(images)):
+        raise ValueError("the condensed images hold NaN or infinite values")
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    held_out = [("test", test_images, test_labels)]
+    if validation is not None:
+        held_out.append(("validation", *validation))
+    for name, x, y in [("train", images, labels)] + held_out:
+        y = np.asarray(y)
+        if np.asarray(x).shape[:1] != y.shape or y.ndim != 1:
+            raise ValueError(f"{name} images {np.asarray(x).shape} and labels {y.shape} do not "
+                             f"match: one label per image")
+        if not np.issubdtype(y.dtype, np.integer) and not np.all(y == np.round(y)):
+            raise ValueError(f"{name} labels must be whole class numbers, got {y.dtype}")
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(f"{name} labels lie in [{y.min():.0f}, {y.max():.0f}], outside the "
+                             f"{num_classes} classes 0..{num_classes - 1}")
+    return num_classes
 
 
 def _summary(fractions) -> dict:

@@ -197,6 +197,31 @@ def class_objectives(engine: Engine, params, syn, features, real_mask, dsa_keys,
     return layout.unpad(loss), jax.tree.map(layout.unpad, terms)
 
 
+def _pass_setup(engine: Engine, real: real_lib.RealData, images, opt_state, extractors,
+                key: jax.Array, layout: ClassLayout):
+    """What one matching pass fixes before differentiating: the extractor, each class's real
+    features, the DSA keys, and the point where the gradient is taken. Returns
+    (class_loss, point, accuracy, ce_scale): ``class_loss(syn (K, ipc, H, W, C)) -> (loss (K,),
+    terms)`` and ``point`` (K*ipc, H, W, C)."""
+    config = engine.config
+    k_slot, k_real, k_dsa = jax.random.split(key, 3)
+    params, accuracy, ce_scale = draw_extractor(engine, extractors, k_slot)
+
+    batch = min(config.batch_real, real.max_per_class)
+    idx, mask = real_lib.class_batch_indices(k_real, real.counts, real.max_per_class, batch,
+                                             config.real_sampling)
+    idx, mask = layout.constrain(layout.pad(idx)), layout.constrain(layout.pad(mask))
+    dsa_keys = layout.pad(jax.random.split(k_dsa, real.num_classes))  # one per class, Siamese
+    features = real_features(engine, params, real, idx, dsa_keys, layout)
+
+    def class_loss(syn):     # syn padded to the layout's classes
+        return class_objectives(engine, params, syn, features, mask, dsa_keys, ce_scale, layout)
+
+    optimizer = engine.image_optimizer
+    point = images if optimizer.grad_point is None else optimizer.grad_point(opt_state, images)
+    return class_loss, point, accuracy, ce_scale
+
+
 def match(engine: Engine, real: real_lib.RealData, images: jax.Array, opt_state,
           extractors, key: jax.Array, layout: ClassLayout):
     """One matching pass over all classes with one extractor drawn from the schedule.
@@ -208,30 +233,19 @@ def match(engine: Engine, real: real_lib.RealData, images: jax.Array, opt_state,
 
     Returns (images, opt_state, metrics): the updated set and state, and scalar metrics.
     """
-    config = engine.config
-    num_classes = real.num_classes
-    k_slot, k_real, k_dsa = jax.random.split(key, 3)
-    params, accuracy, ce_scale = draw_extractor(engine, extractors, k_slot)
-
-    batch = min(config.batch_real, real.max_per_class)
-    idx, mask = real_lib.class_batch_indices(k_real, real.counts, real.max_per_class, batch,
-                                             config.real_sampling)
-    idx, mask = layout.constrain(layout.pad(idx)), layout.constrain(layout.pad(mask))
-    dsa_keys = layout.pad(jax.random.split(k_dsa, num_classes))     # one per class, Siamese
-    features = real_features(engine, params, real, idx, dsa_keys, layout)
+    class_loss, point, accuracy, ce_scale = _pass_setup(engine, real, images, opt_state,
+                                                        extractors, key, layout)
 
     def total_loss(syn):
-        loss, terms = class_objectives(engine, params, syn, features, mask, dsa_keys, ce_scale,
-                                       layout)
+        loss, terms = class_loss(syn)
         return jnp.sum(loss), (loss, terms)
 
     def grad_at(syn):
         grads, aux = jax.grad(total_loss, has_aux=True)(layout.constrain(layout.pad(syn)))
         return layout.unpad(grads), aux
 
-    shape = (num_classes, config.ipc) + real.image_shape
+    shape = (real.num_classes, engine.config.ipc) + real.image_shape
     optimizer = engine.image_optimizer
-    point = images if optimizer.grad_point is None else optimizer.grad_point(opt_state, images)
     grads, (loss, terms) = grad_at(layout.constrain(point.reshape(shape)))
     images, opt_state = optimizer.update(grads.reshape(images.shape), opt_state, point,
                                          jnp.sum(loss))
@@ -240,6 +254,30 @@ def match(engine: Engine, real: real_lib.RealData, images: jax.Array, opt_state,
     return images, opt_state, metrics
 
 
+def term_gradient_norms(engine: Engine, real: real_lib.RealData, images, opt_state,
+                        extractors, key: jax.Array, layout: ClassLayout) -> dict:
+    """L2 norms, over the whole set, of the gradient of the summed loss (``loss``) and of each
+    term the objective reports, unweighted (``mmd``, ``ce``, ...), w.r.t. the normalised images
+    at the pass's gradient point (and ``ce_scale``, the CE term's weight there); the same draws as ``match`` with these arguments. Tells
+    whether a step size suits a distance: the step moves the images by about lr x these."""
+    class_loss, point, _, ce_scale = _pass_setup(engine, real, images, opt_state, extractors,
+                                                 key, layout)
+    shape = (real.num_classes, engine.config.ipc) + real.image_shape
+    point = layout.constrain(layout.pad(layout.constrain(point.reshape(shape))))
+    names = ["loss"] + sorted(jax.eval_shape(class_loss, point)[1])
+
+    def summed(name):
+        def value(syn):
+            loss, terms = class_loss(syn)
+            return jnp.sum(loss if name == "loss" else terms[name])
+        return value
+
+    norms = {name: jnp.sqrt(jnp.sum(jnp.square(layout.unpad(jax.grad(summed(name))(point)))))
+             for name in names}
+    return dict(norms, ce_scale=ce_scale)
+
+
 __all__ = ["Distance", "Moment", "linear_distance", "idm_objective",
            "make_distance", "make_objective", "draw_extractor",
-           "real_features", "synthetic_outputs", "class_objectives", "match"]
+           "real_features", "synthetic_outputs", "class_objectives", "match",
+           "term_gradient_norms"]

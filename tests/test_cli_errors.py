@@ -73,17 +73,22 @@ CASES = [
     ("preset_ipc", "cifar10", ["--preset", "cifar10-ipc1", "--ipc", "10"], "good",
      ["--preset cifar10-ipc1", "--ipc 10"]),
     ("no_exports", "cifar10", ["--exports", ""], "good", ["exports must name"]),
+    # experiments.digits checks every IPC before the first one runs
+    ("digits_late_ipc", "digits", ["--ipcs", "1,500"], None, ["--ipc 500", "only"]),
+    ("digits_fraction", "digits", ["--ipcs", "1.5"], None, ["--ipcs", "'1.5'"]),
+    ("digits_workdir_file", "digits", [], None, ["--workdir", "is a file"]),
 ]
 
 
 def test_bad_inputs_fail_before_any_work_with_one_error_line(datasets, tmp_path):
     procs = {}
     for name, module, args, dataset, _ in CASES:
-        workdir = datasets["a_file"] if name == "workdir_file" else str(tmp_path / name)
+        workdir = (datasets["a_file"] if name.endswith("workdir_file")
+                   else str(tmp_path / name))
         command = [sys.executable, "-m", f"experiments.{module}", "--quiet", "--workdir",
                    workdir] + args
         if module == "digits":
-            command += ["--ipcs", "1"]
+            command += [] if "--ipcs" in args else ["--ipcs", "1"]
         else:
             command += ["--smoke", "--ipc", "1", "--source", "npy", "--data_dir",
                         datasets[dataset]] if "--ipc" not in args else [
@@ -97,7 +102,54 @@ def test_bad_inputs_fail_before_any_work_with_one_error_line(datasets, tmp_path)
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         ok = (proc.returncode == 2 and len(errors) == 1 and "Traceback" not in err
               and all(w in errors[0] for w in words)
-              and (name == "workdir_file" or not os.path.exists(workdir)))
+              and (name.endswith("workdir_file") or not os.path.exists(workdir)))
+        if not ok:
+            failures.append(f"{name}: exit {proc.returncode}, stderr: {err[-600:]!r}")
+    assert not failures, "\n".join(failures)
+
+
+def write_set(path, images=None, labels=None, **extra):
+    """A .npz set as another tool might write it: pixels in [0, 1] and labels."""
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 1, (10, 32, 32, 3)).astype(np.float32) if images is None else images
+    labels = np.arange(10) if labels is None else labels
+    np.savez(path, images=images, labels=labels, **extra)
+    return path
+
+
+# (name, how the set is broken, words the message must hold)
+SET_CASES = [
+    ("nan", dict(images=np.full((10, 32, 32, 3), np.nan, np.float32)), ["NaN or infinite"]),
+    ("uint8_range", dict(images=np.full((10, 32, 32, 3), 200.0, np.float32)),
+     ["[0, 1]", "divide them by 255"]),
+    ("fractional_labels", dict(labels=np.linspace(0, 9, 10) + 0.5), ["whole class numbers"]),
+    ("label_range", dict(labels=np.arange(10) + 1), ["outside the 10 classes"]),
+    ("empty", dict(images=np.zeros((0, 32, 32, 3), np.float32), labels=np.zeros(0, int)),
+     ["holds no images"]),
+    ("partition", dict(partition_expand=True, partition_factor=40), ["recorded partition",
+                                                                     "--no-expand"]),
+    ("out_folder", {}, ["--out", "does not exist"]),
+]
+
+
+def test_bad_sets_and_outputs_fail_before_training_with_one_error_line(datasets, tmp_path):
+    procs = {}
+    for name, broken, _ in SET_CASES:
+        path = write_set(str(tmp_path / f"{name}.npz"), **broken)
+        out = str(tmp_path / "nowhere" / "eval.json") if name == "out_folder" else str(
+            tmp_path / f"{name}_eval.json")
+        command = [sys.executable, "-m", "experiments.evaluate", "--set", path, "--source", "npy",
+                   "--data_dir", datasets["good"], "--num_eval", "1", "--epochs", "0",
+                   "--out", out]
+        procs[name] = (subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True), out)
+    failures = []
+    for name, _, words in SET_CASES:
+        proc, out = procs[name]
+        _, err = proc.communicate(timeout=300)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        ok = (proc.returncode == 2 and len(errors) == 1 and "Traceback" not in err
+              and all(w in errors[0] for w in words) and not os.path.exists(out))
         if not ok:
             failures.append(f"{name}: exit {proc.returncode}, stderr: {err[-600:]!r}")
     assert not failures, "\n".join(failures)

@@ -104,3 +104,17 @@ def test_batchnorm_model_trains_and_tests_with_running_stats():
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="expected images"):
         idm_jax.evaluate(jax.random.PRNGKey(0), np.zeros((4, 8, 8)), np.zeros(4), None, None)
+
+
+def test_evaluate_refuses_inputs_that_would_train_or_score_silently_wrong():
+    from idm_jax import evaluation as ev
+    x, y = np.zeros((4, 8, 8, 1), np.float32), np.array([0, 1, 2, 3])
+    tx, ty = np.zeros((6, 8, 8, 1), np.float32), np.arange(6) % 4
+    cases = [((x, np.array([0, 1, 2, 4]), tx, ty), "train labels lie in \\[0, 4\\], outside"),
+             ((x, y, tx, np.arange(6)), "test labels lie in \\[0, 5\\], outside the 4"),
+             ((x, y, tx, ty[:5]), "test images \\(6, 8, 8, 1\\) and labels \\(5,\\)"),
+             ((np.full_like(x, np.nan), y, tx, ty), "NaN or infinite"),
+             ((x, y + 0.5, tx, ty), "whole class numbers")]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ev.evaluate_synset(jax.random.PRNGKey(0), *args, num_classes=4, expand=False)

@@ -202,7 +202,7 @@ def test_dataset_npy_directory_loads_for_the_cli(tmp_path):
     assert loaded.train_images.shape == (60, 32, 32, 3)
 
 
-def test_digits_experiment_at_reduced_budget_beats_random_selection(tmp_path):
+def test_digits_experiment_at_reduced_budget_beats_random_selection(tmp_path, monkeypatch):
     from experiments import digits
 
     comparison = digits.main(["--ipcs", "1", "--workdir", str(tmp_path), "--iterations", "20",
@@ -211,6 +211,15 @@ def test_digits_experiment_at_reduced_budget_beats_random_selection(tmp_path):
     # Condensed IPC 1 (4 expanded views per class) against 1 random real image per class.
     assert row["idm"] > row["random_real"] + 3.0, row
     assert os.path.exists(os.path.join(str(tmp_path), "comparison.json"))
+    # A re-run of the finished command does not evaluate the random-real baseline again: it
+    # is kept beside the run.
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(digits, "random_real_baseline", no_evaluation)
+    again = digits.main(["--ipcs", "1", "--workdir", str(tmp_path), "--iterations", "20",
+                         "--epoch_eval_train", "50", "--num_eval", "2", "--quiet"])
+    assert again[1]["random_real"] == row["random_real"]
 
 
 def test_a_set_condensed_with_another_partition_is_evaluated_with_it(tmp_path, monkeypatch):

@@ -369,3 +369,22 @@ def test_m3d_is_its_codes_loss_pixel_sgd_fresh_extractor_every_5_and_idc_augment
         changed.append(previous is None or not np.array_equal(weights, previous))
         previous = weights
     assert [i for i, c in enumerate(changed) if c] == [0, 5, 10]
+
+
+def test_first_pass_gradient_norms_are_those_of_the_first_step():
+    # With DM's summed step at lr 1 and no momentum, iteration 0 moves the images by exactly
+    # the gradient of the summed loss: its norm is the recorded "loss" norm. DM has no CE
+    # weight, so the loss is the distance alone.
+    dataset = data.load_dataset("digits")
+    real = real_lib.prepare_real(dataset.train_images, dataset.train_labels, dataset.mean,
+                                 dataset.std)
+    config = config_lib.override(config_lib.smoke(methods.with_method(
+        config_lib.get_preset("digits-ipc1"), "dm")), {"batch_real": 8, "img_momentum": 0.0})
+    eng = engine_lib.make_engine(config, real.num_classes, real.image_shape)
+    state = engine_lib.init_state(eng, real, 0)
+    before = np.asarray(state.images)
+    norms = engine_lib.first_pass_gradient_norms(eng, real, state)
+    after, _ = engine_lib.make_step(eng, real)(state, real)
+    moved = np.sqrt(np.sum(np.square(np.asarray(after.images, np.float64) - before)))
+    np.testing.assert_allclose(norms["loss"], moved, rtol=1e-4)
+    assert norms["mmd"] == norms["loss"] and norms["ce_scale"] == 0.0 and norms["ce"] > 0

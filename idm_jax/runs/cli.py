@@ -170,6 +170,17 @@ def load_data(config: Config, args) -> data.Dataset:
     return dataset
 
 
+def check_data_for(config: Config, dataset: data.Dataset) -> None:
+    """``UserError`` when the loaded ``dataset`` cannot feed a run of ``config`` (after its
+    validation split): checked for every run of a multi-run command before the first runs."""
+    try:
+        train, _ = data.split_validation(dataset, config.validation_per_class,
+                                         config.validation_seed)
+        validate.check_data(config, train.class_counts, source=f"dataset {dataset.name}")
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
 def check_before_loading(config: Config, args) -> None:
     """What can be checked before a (possibly big) dataset is read: the config against the
     dataset's usual image shape, and the workdir."""
@@ -266,7 +277,9 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
                              "its folder")
     parser.add_argument("--arch", default="ConvNet",
                         help=f"architecture, one of {', '.join(models.MODEL_NAMES)}")
-    parser.add_argument("--dataset", default="cifar10", help="dataset of the test split")
+    parser.add_argument("--dataset", default=None,
+                        help="dataset of the test split (default: the one synthetic.json beside "
+                             "the set records, else cifar10)")
     parser.add_argument("--source", default=None)
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--tfds_data_dir", default=None)
@@ -290,6 +303,9 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
         if args.epochs < 0 or not np.isfinite(args.lr) or args.lr < 0:
             raise UserError("--epochs must be >= 0 and --lr a finite number >= 0")
         saved = export.load_set(args.set)
+        args.dataset = args.dataset or _recorded_dataset(args.set) or "cifar10"
+        out = args.out or os.path.splitext(args.set)[0] + f"_eval_{args.arch}.json"
+        _check_writable(out, "--out")
         dataset = data.load_dataset(args.dataset, source=args.source, data_dir=args.data_dir,
                                     tfds_data_dir=args.tfds_data_dir)
         shape = (saved["images_normalized"] if "images_normalized" in saved
@@ -298,9 +314,7 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
             raise UserError(f"the set's images are {tuple(shape)} but {args.dataset} images "
                             f"are {dataset.image_shape}; pass the --dataset the set was "
                             f"condensed from")
-        if saved["labels"].min() < 0 or saved["labels"].max() >= dataset.num_classes:
-            raise UserError(f"{args.set}: labels outside 0..{dataset.num_classes - 1} of "
-                            f"{args.dataset}")
+        labels = export.check_set(saved, args.set, dataset.num_classes)
         if "images_normalized" in saved:      # exact stored values of our own sets
             images = saved["images_normalized"]
         else:
@@ -322,17 +336,41 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
           f"partition-and-expand) with {args.num_eval} x {args.arch}, --epochs {args.epochs} "
           f"(epochs 0..{args.epochs}, as the official loop counts them)")
     result = evaluation.evaluate_synset(
-        jax.random.PRNGKey(args.seed), images, saved["labels"], test_x, dataset.test_labels,
+        jax.random.PRNGKey(args.seed), images, labels, test_x, dataset.test_labels,
         model=args.arch, num_classes=dataset.num_classes, num_models=args.num_eval,
         epochs=args.epochs, batch_size=args.batch_train, lr=args.lr, expand=expand,
         partition_factor=factor, partition_scheme=scheme, partition_ratio=ratio)
     result.update(set=os.path.abspath(args.set), dataset=args.dataset, expand=expand,
                   device=outputs.device_description(), jax_version=jax.__version__)
-    out = args.out or os.path.splitext(args.set)[0] + f"_eval_{args.arch}.json"
     checkpoint.dump_json(out, result)
     print(f"{args.arch}: {result['mean']:.2f} +- {result['std']:.2f} % "
           f"({', '.join(f'{a:.2f}' for a in result['accuracies'])}); written to {out}")
     return result
+
+
+def _recorded_dataset(set_path: str) -> Optional[str]:
+    """The dataset ``synthetic.json`` beside a set records, if there is one."""
+    folder = set_path if os.path.isdir(set_path) else os.path.dirname(set_path)
+    for candidate in (folder, os.path.dirname(folder)):    # dd_ranking/ sits one level down
+        try:
+            with open(os.path.join(candidate, "synthetic.json")) as f:
+                name = json.load(f).get("dataset")
+            return name if isinstance(name, str) else None
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """``UserError`` unless ``path`` can be written (checked before any long work)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path} cannot be written (permission denied); choose another "
+                        f"path")
 
 
 def evaluate_entry() -> None:

@@ -218,5 +218,53 @@ def load_set(path: str) -> dict:
             "labels": labels.astype(np.int32), "partition_expand": False}
 
 
-__all__ = ["FORMATS", "export_npz", "load_npz", "expanded_set", "write_png_folders",
+def check_set(saved: dict, path: str, num_classes: int) -> np.ndarray:
+    """Refuse, with one sentence naming ``path``, a loaded set (``load_set``) that cannot be a
+    condensed image set of ``num_classes`` classes: no images, non-float or non-finite values,
+    [0, 1] pixels that are not in [0, 1] (0..255 values, say), labels that are not whole numbers
+    in [0, num_classes), or a recorded partition that cannot cut its images. Returns the labels
+    as int32."""
+    normalized = "images_normalized" in saved
+    images = saved["images_normalized"] if normalized else saved["images"]
+    labels = np.asarray(saved["labels"])
+    if images.shape[0] == 0:
+        raise ValueError(f"{path} holds no images")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"{path}: images are {images.dtype}; a set holds float images ([0, 1] "
+                         f"pixels in .npz; divide 0..255 values by 255)")
+    bad = int(np.size(images) - np.count_nonzero(np.isfinite(images)))
+    if bad:
+        raise ValueError(f"{path}: {bad} image values are NaN or infinite")
+    if "images" in saved:
+        low, high = float(saved["images"].min()), float(saved["images"].max())
+        if low < -1e-3 or high > 1 + 1e-3:
+            hint = ("; they look like 0..255 values: divide them by 255" if high > 2 else "")
+            raise ValueError(f"{path}: 'images' must be pixels in [0, 1], found "
+                             f"[{low:.4g}, {high:.4g}]{hint}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
+            raise ValueError(f"{path}: labels must be whole class numbers, got {labels.dtype} "
+                             f"values such as {labels.ravel()[:3].tolist()}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"{path}: labels lie in [{labels.min():.0f}, {labels.max():.0f}], "
+                         f"outside the {num_classes} classes 0..{num_classes - 1} of the dataset")
+    _check_recorded_partition(saved, path, images.shape[1:3])
+    return labels.astype(np.int32)
+
+
+def _check_recorded_partition(saved: dict, path: str, image_hw) -> None:
+    if not bool(saved.get("partition_expand", False)):
+        return
+    scheme = str(saved.get("partition_scheme", "uniform"))
+    factor, ratio = int(saved.get("partition_factor", 2)), float(saved.get("partition_ratio", 0.4))
+    if scheme not in partition.SCHEMES:
+        raise ValueError(f"{path}: the recorded partition scheme {scheme!r} is none of "
+                         f"{', '.join(partition.SCHEMES)}")
+    if not 1 <= factor <= min(image_hw) or not 0 < ratio < 1:
+        raise ValueError(f"{path}: the recorded partition (factor {factor}, ratio {ratio}) cannot "
+                         f"cut {image_hw[0]}x{image_hw[1]} images; evaluate with --no-expand or "
+                         f"fix the file")
+
+
+__all__ = ["FORMATS", "check_set", "export_npz", "load_npz", "expanded_set", "write_png_folders",
            "dcbench_name", "export_set", "load_set"]

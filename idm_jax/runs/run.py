@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import signal
 import time
@@ -45,6 +46,11 @@ from idm_jax.runs import workdir as workdir_lib
 from idm_jax.base import Method
 from idm_jax.runs.stop import Interrupted, StopRequest
 from idm_jax.config import Config
+
+
+# The gradient norm of each loss term in the first matching pass (config.record_grad_norms),
+# written at iteration 0 so that a resumed run still reports it.
+GRAD_NORMS_FILE = "grad_norms.json"
 
 
 def place_real(dataset: data.Dataset, mesh) -> real_lib.RealData:
@@ -301,6 +307,10 @@ def _iterate(run: _Session, state, mesh, quiet: bool):
     config, policy = run.config, run.eng.policy
     log_every = config.log_every if config.log_every > 0 else (1 if policy.platform == "cpu"
                                                                else 100)
+    if config.record_grad_norms and int(state.iteration) == 0 and config.iterations > 0:
+        norms = engine.first_pass_gradient_norms(run.eng, run.real, state, mesh)
+        if run.main_host:
+            checkpoint.dump_json(os.path.join(run.workdir, GRAD_NORMS_FILE), norms)
     step = engine.make_step(run.eng, run.real, mesh=mesh)
     progress = outputs.progress_bar(config, int(state.iteration), quiet or not run.main_host)
     window = _MetricsWindow(run, progress)
@@ -366,6 +376,10 @@ def _final_results(run: _Session, state, start_it: int, sessions: list,
         "method": dict(name=config.method, **provenance), "sessions": sessions}
     if run.validation is not None:
         results["validation"] = dict(run.validation.record(), **result["validation"])
+    norms_path = os.path.join(run.workdir, GRAD_NORMS_FILE)
+    if config.record_grad_norms and os.path.exists(norms_path):
+        with open(norms_path) as f:
+            results["grad_norms_it0"] = json.load(f)
     if run.main_host:
         results["condense_seconds"] = outputs.logged_seconds(run.workdir)
         checkpoint.dump_json(os.path.join(run.workdir, "results.json"), results)

@@ -78,7 +78,7 @@ VARIANTS: dict[str, tuple[str, Transform]] = {
 # checkpoint_every changes no result: a run killed with its session resumes from the last 25.
 CPU_PROTOCOL = dict(batch_real=256, iterations=100, eval_interval=100, num_eval=3,
                     epoch_eval_train=300, eval_every=0, model="ConvNet", eval_model="ConvNet",
-                    checkpoint_every=25)
+                    checkpoint_every=25, record_grad_norms=True)
 
 
 BUDGETS = ("cpu", "cpu-v1", "paper")
@@ -162,6 +162,8 @@ def aggregate(rows: dict[str, list[dict]]) -> list[dict]:
     table = []
     for variant, results in rows.items():
         accuracies = np.array([a for r in results for a in r["accuracies"]], np.float64)
+        held_out = np.array([a for r in results for a in r.get("validation", {}).get(
+            "accuracies", [])], np.float64)
         table.append({
             "variant": variant, "what": VARIANTS[variant][0], "seeds": len(results),
             "models": int(accuracies.size), "mean": float(accuracies.mean()),
@@ -171,8 +173,18 @@ def aggregate(rows: dict[str, list[dict]]) -> list[dict]:
             "wall_seconds": float(sum(r.get("condense_seconds",
                                             r.get("condense_seconds_this_session", 0.0))
                                       + r.get("eval_seconds", 0.0) for r in results)),
-            "device": results[0].get("device", "?")})
+            "device": results[0].get("device", "?"),
+            # over the runs that held out a validation split (data.split_validation); None
+            # when none did
+            "validation_mean": float(held_out.mean()) if held_out.size else None,
+            "validation_std": float(held_out.std()) if held_out.size else None})
     return table
+
+
+def _validation_cell(row: dict) -> str:
+    if row.get("validation_mean") is None:
+        return "-"
+    return f"{row['validation_mean']:.2f} +- {row['validation_std']:.2f}"
 
 
 def markdown(table: list[dict], header: dict) -> str:
@@ -186,11 +198,13 @@ def markdown(table: list[dict], header: dict) -> str:
                      f"{', '.join(f'`{c}`' for c in runs['commits'])}, "
                      f"{'; '.join(runs['devices'])}, processors: {'; '.join(runs['processors'])}.")
     lines += ["",
-             "| variant | what | accuracy (%) | seeds x models | per-seed means | wall time |",
-             "|---|---|---|---|---|---|"]
+             "| variant | what | test accuracy (%) | validation (%) | seeds x models | "
+             "per-seed means | wall time |",
+             "|---|---|---|---|---|---|---|"]
     for row in table:
         lines.append(f"| `{row['variant']}` | {row['what']} | {row['mean']:.2f} +- "
-                     f"{row['std']:.2f} | {row['seeds']} x {row['models'] // row['seeds']} | "
+                     f"{row['std']:.2f} | {_validation_cell(row)} | "
+                     f"{row['seeds']} x {row['models'] // row['seeds']} | "
                      f"{', '.join(f'{m:.1f}' for m in row['seed_means'])} | "
                      f"{row['wall_seconds'] / 60:.0f} min |")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,83 @@
+"""Tune one method on a validation split, then report it on fresh seeds (``idm_jax.runs.tuning``).
+
+``python -m experiments.tune --method m3d --source npy --data_dir ../shared/data/cifar10`` runs
+the method's grid (10 settings) at ``--trial_seed`` on the CPU protocol, each run holding out
+``--validation_per_class`` training images per class, chooses the setting with the best
+validation accuracy, runs it at ``--test_seeds`` and writes ``<workdir>/<method>/tuning.md``.
+Re-running skips finished runs and resumes an interrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Optional, Sequence
+
+from idm_jax.runs import cli, study, tuning
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m experiments.tune", description=__doc__)
+    parser.add_argument("--method", default="idm", help="idm, dm, m3d or path.py:NAME")
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--ipc", type=int, default=1)
+    parser.add_argument("--budget", default="cpu", choices=study.BUDGETS)
+    parser.add_argument("--validation_per_class", type=int, default=500)
+    parser.add_argument("--trial_seed", type=int, default=100)
+    parser.add_argument("--test_seeds", default="0,1", help="comma-separated seeds")
+    parser.add_argument("--workdir", default="runs/tune")
+    parser.add_argument("--source", default=None)
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--tfds_data_dir", default=None)
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a config field of the budget for every run (repeatable)")
+    args = parser.parse_args(argv)
+    cli.enable_compilation_cache()
+    try:
+        try:
+            test_seeds = [int(s) for s in args.test_seeds.split(",") if s]
+        except ValueError:
+            raise cli.UserError(f"--test_seeds must be comma-separated integers, got "
+                                f"{args.test_seeds!r}") from None
+        if not test_seeds or len(set(test_seeds)) != len(test_seeds):
+            raise cli.UserError(f"--test_seeds must name distinct seeds, got {args.test_seeds!r}")
+        overrides = {}
+        for item in args.set:
+            field, sep, value = item.partition("=")
+            if not sep:
+                raise cli.UserError(f"--set takes FIELD=VALUE, got {item!r}")
+            overrides[field] = value
+        for field in ("validation_per_class", "seed", "lr_img", "ce_weight"):
+            if field in overrides:
+                raise cli.UserError(f"--set {field}=... : the tuning sets {field} itself; use "
+                                    f"its own flag or leave it to the grid")
+        try:
+            base = study.budget_config(args.dataset, args.budget, args.ipc, overrides,
+                                       args.method)
+        except ValueError as err:
+            raise cli.UserError(str(err)) from None
+        args.class_list, args.devices = None, 1
+        dataset = cli.load_data(base, args)
+        command = "python -m experiments.tune " + " ".join(shlex.quote(a) for a in argv)
+        try:
+            summary = tuning.run_tuning(
+                dataset, args.method, args.workdir, ipc=args.ipc, budget=args.budget,
+                validation_per_class=args.validation_per_class, trial_seed=args.trial_seed,
+                test_seeds=test_seeds, overrides=overrides, quiet=args.quiet, command=command)
+        except ValueError as err:
+            raise cli.UserError(str(err)) from None
+    except cli.UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except cli.run_lib.Interrupted as stop:
+        print(f"{stop} Re-run the same command to continue.")
+        raise SystemExit(stop.exit_status) from None
+    print(tuning.markdown(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Tuning a method honestly: a grid chosen on a validation split, reported on fresh seeds.
+
+For one method on one budget (``study.budget_config``), every run holds out the same
+``validation_per_class`` training images per class (``data.split_validation``), so no run
+condenses from them. The grid (``grid``) runs once each at the trial seed; the setting with the
+best mean validation accuracy is chosen (test accuracy takes no part), and that setting alone is
+then run at the test seeds, which must differ from the trial seed. Every method gets
+``TRIALS`` grid points:
+
+- a method with IDM's CE term (``syn_ce``): the image learning rate at 1/100, 1/10, 1, 10 and 100
+  times its default, each with the CE weight at 1/5 and 1 times its default;
+- a method without: the learning rate at 10^(k/2) times its default, k = -4 .. 5.
+
+Runs live in ``<workdir>/<method>/<trial>/seed<k>`` and resume like a study's; a run whose loss
+or images stop being finite (a step size too large) is recorded as failed (``failed.json``) and
+ranks last. Each record carries the gradient norm of every loss term at iteration 0
+(``record_grad_norms``), so the grid table shows why a step size was right or wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Optional, Sequence
+
+from idm_jax import engine
+from idm_jax.config import Config
+from idm_jax.runs import checkpoint, study
+
+TRIALS = 10
+LR_FACTORS_WITH_CE = (0.01, 0.1, 1.0, 10.0, 100.0)
+CE_FACTORS = (0.2, 1.0)
+LR_FACTORS = tuple(10.0 ** (k / 2) for k in range(-4, 6))
+FAILED_FILE = "failed.json"
+
+
+def grid(config: Config) -> list[dict]:
+    """The ``TRIALS`` settings tried for the method of ``config`` (field -> value)."""
+    if config.syn_ce:
+        points = [{"lr_img": config.lr_img * f, "ce_weight": config.ce_weight * g}
+                  for f in LR_FACTORS_WITH_CE for g in CE_FACTORS]
+    else:
+        points = [{"lr_img": config.lr_img * f} for f in LR_FACTORS]
+    assert len(points) == TRIALS
+    return points
+
+
+def trial_name(point: dict) -> str:
+    """A folder name for a grid point: ``lr_img=0.02,ce_weight=0.5``."""
+    return ",".join(f"{k}={v:.4g}" for k, v in point.items())
+
+
+def _run_or_record(config: Config, dataset, directory: str, quiet: bool, label: str) -> dict:
+    """The finished results of ``config`` in ``directory``, running it if needed; a run that
+    stopped being finite is recorded in ``failed.json`` and returned as ``{"failed": why}``."""
+    failed = os.path.join(directory, FAILED_FILE)
+    if os.path.exists(failed):
+        with open(failed) as f:
+            record = json.load(f)
+        if record.get("config") == config.to_dict():
+            return record
+    results = study.finished(directory, config)
+    if results is not None:
+        print(f"== {label}: done ({results['mean']:.2f} %), skipped")
+        return results
+    from idm_jax.runs import run as run_lib
+    print(f"== {label} -> {directory}")
+    try:
+        return run_lib.condense_and_evaluate(config, dataset, directory, quiet=quiet)
+    except engine.NonFiniteError as err:
+        record = {"failed": str(err), "config": config.to_dict()}
+        os.makedirs(directory, exist_ok=True)    # a run that failed at once left no folder
+        checkpoint.dump_json(failed, record)
+        print(f"== {label}: failed ({err})")
+        return record
+
+
+def validation_score(results: dict) -> float:
+    """The mean validation accuracy of a run; -inf for a failed run or one without a split."""
+    held_out = results.get("validation", {})
+    return float(held_out["mean"]) if "mean" in held_out else -math.inf
+
+
+def choose(trials: Sequence[tuple[dict, dict]]) -> int:
+    """Index of the grid point with the best validation score (the first of equals)."""
+    scores = [validation_score(results) for _, results in trials]
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str = "cpu",
+               validation_per_class: int = 500, trial_seed: int = 100,
+               test_seeds: Sequence[int] = (0, 1), overrides: Optional[dict] = None,
+               quiet: bool = False, command: str = "") -> dict:
+    """Run the grid at ``trial_seed``, choose on validation, run the choice at ``test_seeds``;
+    write ``tuning.md`` and ``tuning.json`` under ``<workdir>/<method>``. Returns the summary."""
+    if trial_seed in test_seeds:
+        raise ValueError(f"--test_seeds {list(test_seeds)} include the trial seed "
+                         f"{trial_seed}: the reported accuracy must come from seeds that took "
+                         f"no part in the choice")
+    if validation_per_class < 1:
+        raise ValueError("--validation_per_class must be >= 1: the choice is made on it")
+    overrides = dict(overrides or {}, validation_per_class=validation_per_class)
+    base = study.budget_config(dataset.name, budget, ipc, overrides, method)
+    root = os.path.join(workdir, _folder(method))
+    trials, points = [], grid(base)
+    for number, point in enumerate(points, 1):
+        config = dataclasses.replace(base, seed=trial_seed, **point)
+        directory = os.path.join(root, trial_name(point), f"seed{trial_seed}")
+        trials.append((point, _run_or_record(config, dataset, directory, quiet,
+                                             f"{method} trial {number}/{len(points)}")))
+    best = choose(trials)
+    chosen = trials[best][0]
+    tests = []
+    for seed in test_seeds:
+        config = dataclasses.replace(base, seed=seed, **chosen)
+        directory = os.path.join(root, "chosen", f"seed{seed}")
+        tests.append(_run_or_record(config, dataset, directory, quiet,
+                                    f"{method} chosen setting, test seed {seed}"))
+    summary = _summary(method, base, trials, best, tests, trial_seed, test_seeds, command)
+    write(summary, root)
+    return summary
+
+
+def _folder(method: str) -> str:
+    """A folder name for a method spec (a file spec keeps only its file and object names)."""
+    return method.replace(os.sep, "_").replace(":", "-")
+
+
+def _summary(method, base, trials, best, tests, trial_seed, test_seeds, command) -> dict:
+    rows = []
+    for point, results in trials:
+        rows.append({"setting": point, "failed": results.get("failed"),
+                     "validation": results.get("validation", {}).get("mean"),
+                     "validation_std": results.get("validation", {}).get("std"),
+                     "grad_norms_it0": results.get("grad_norms_it0")})
+    test_accuracies = [a for r in tests if "accuracies" in r for a in r["accuracies"]]
+    n = len(test_accuracies)
+    mean = sum(test_accuracies) / n if n else None
+    std = (math.sqrt(sum((a - mean) ** 2 for a in test_accuracies) / n) if n else None)
+    return {"method": method, "dataset": base.dataset, "ipc": base.ipc,
+            "validation_per_class": base.validation_per_class, "trial_seed": trial_seed,
+            "test_seeds": list(test_seeds), "grid": rows, "chosen": trials[best][0],
+            "test": {"mean": mean, "std": std, "models": n,
+                     "seed_means": [sum(r["accuracies"]) / len(r["accuracies"])
+                                    for r in tests if "accuracies" in r],
+                     "failed": [r["failed"] for r in tests if "failed" in r]},
+            "machine": study.machine(), "command": command}
+
+
+def markdown(summary: dict) -> str:
+    """The grid (validation accuracy and gradient norms at iteration 0) and the chosen row."""
+    lines = [f"Tuning {summary['method']} on {summary['dataset']} IPC {summary['ipc']}: "
+             f"{len(summary['grid'])} settings at seed {summary['trial_seed']}, chosen on "
+             f"{summary['validation_per_class']} held-out training images per class; the "
+             f"choice run at seeds {summary['test_seeds']}.", "",
+             "| setting | validation (%) | grad norm at it 0: loss / each term |", "|---|---|---|"]
+    for row in summary["grid"]:
+        setting = ", ".join(f"{k} {v:.4g}" for k, v in row["setting"].items())
+        mark = " (chosen)" if row["setting"] == summary["chosen"] else ""
+        score = ("failed (not finite)" if row["failed"] else
+                 f"{row['validation']:.2f} +- {row['validation_std']:.2f}"
+                 if row["validation"] is not None else "-")
+        norms = row["grad_norms_it0"] or {}
+        terms = " / ".join(f"{k} {v:.3g}" for k, v in sorted(norms.items()) if k != "ce_scale")
+        lines.append(f"| {setting}{mark} | {score} | {terms or '-'} |")
+    test = summary["test"]
+    result = (f"{test['mean']:.2f} +- {test['std']:.2f} % over {test['models']} models "
+              f"(seed means {', '.join(f'{m:.2f}' for m in test['seed_means'])})"
+              if test["mean"] is not None else "no finished test run")
+    lines += ["", f"Chosen: {summary['chosen']}; test accuracy on fresh seeds: {result}."]
+    return "\n".join(lines) + "\n"
+
+
+def write(summary: dict, root: str) -> None:
+    os.makedirs(root, exist_ok=True)
+    checkpoint.dump_json(os.path.join(root, "tuning.json"), summary)
+    with open(os.path.join(root, "tuning.md"), "w") as f:
+        f.write(markdown(summary))
+
+
+__all__ = ["TRIALS", "grid", "trial_name", "validation_score", "choose", "run_tuning",
+           "markdown", "write"]

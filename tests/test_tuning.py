@@ -1,0 +1,79 @@
+"""Tuning: the same number of trials for every method, the choice made on validation accuracy
+only, failed settings ranked last, and the test seeds disjoint from the trial seed."""
+
+import json
+import math
+import os
+
+import pytest
+
+from idm_jax import config as config_lib, data, engine, methods
+from idm_jax.runs import checkpoint, tuning
+
+
+def test_every_method_gets_the_same_number_of_trials_spanning_four_decades_of_lr():
+    for name in ("idm", "dm", "m3d"):
+        config = methods.with_method(config_lib.get_preset("cifar10-ipc1"), name)
+        points = tuning.grid(config)
+        assert len(points) == tuning.TRIALS, name
+        ratios = sorted({p["lr_img"] / config.lr_img for p in points})
+        assert ratios[0] <= 0.01 * 1.0001 and ratios[-1] >= 100 * 0.9999, name
+        assert any(math.isclose(r, 1.0) for r in ratios), name      # the default itself
+        if config.syn_ce:
+            assert {p["ce_weight"] / config.ce_weight for p in points} == {0.2, 1.0}
+        else:
+            assert all(set(p) == {"lr_img"} for p in points)
+
+
+def test_choice_reads_validation_only_and_ranks_failures_last():
+    trials = [({"lr_img": 1}, {"validation": {"mean": 30.0}, "mean": 99.0}),
+              ({"lr_img": 2}, {"failed": "the loss became nan"}),
+              ({"lr_img": 3}, {"validation": {"mean": 31.0}, "mean": 10.0}),
+              ({"lr_img": 4}, {"validation": {"mean": 31.0}, "mean": 50.0})]
+    assert tuning.choose(trials) == 2        # best validation; the first of equals; test unused
+    assert tuning.validation_score(trials[1][1]) == -math.inf
+
+
+def fake_runs(calls):
+    """condense_and_evaluate's stand-in: writes a finished run's record whose validation
+    accuracy peaks at lr 1 and whose test accuracy peaks elsewhere; blows up above lr 1000."""
+    def condense_and_evaluate(config, dataset, workdir, quiet=False):
+        calls.append((config.lr_img, config.seed))
+        if config.lr_img > 1e3:
+            raise engine.NonFiniteError("the loss became nan at iteration 0")
+        validation = 40.0 - abs(math.log10(config.lr_img))
+        results = {"accuracies": [30.0 + config.seed, 32.0], "mean": 31.0 + config.seed / 2,
+                   "config": config.to_dict(),
+                   "validation": {"mean": validation, "std": 0.0, "accuracies": [validation]},
+                   "grad_norms_it0": {"loss": 2.0, "mmd": 2.0}}
+        os.makedirs(workdir, exist_ok=True)
+        checkpoint.dump_json(os.path.join(workdir, "results.json"), results)
+        return results
+    return condense_and_evaluate
+
+
+def test_a_tuning_runs_its_grid_records_a_blow_up_and_reports_fresh_seeds(tmp_path, monkeypatch):
+    from idm_jax.runs import run as run_lib
+
+    dataset = data.load_dataset("digits")
+    calls = []
+    monkeypatch.setattr(run_lib, "condense_and_evaluate", fake_runs(calls))
+    monkeypatch.setattr(tuning, "grid", lambda c: [{"lr_img": c.lr_img * f}
+                                                   for f in (0.1, 1.0, 1e6)])
+    with pytest.raises(ValueError, match="include the trial seed 5"):
+        tuning.run_tuning(dataset, "dm", str(tmp_path), trial_seed=5, test_seeds=(5,))
+    summary = tuning.run_tuning(dataset, "dm", str(tmp_path), validation_per_class=5,
+                                trial_seed=5, test_seeds=(0, 1), quiet=True)
+    assert calls == [(0.1, 5), (1.0, 5), (1e6, 5), (1.0, 0), (1.0, 1)]
+    assert [bool(row["failed"]) for row in summary["grid"]] == [False, False, True]
+    assert summary["chosen"] == {"lr_img": 1.0}          # DM's default: the best validation
+    assert summary["test"]["models"] == 4 and summary["test"]["seed_means"] == [31.0, 31.5]
+    table = open(tmp_path / "dm" / "tuning.md").read()
+    assert "lr_img 1 (chosen)" in table and "failed (not finite)" in table
+    assert "loss 2 / mmd 2" in table
+    # Re-running reads every record, the failure too, and runs nothing.
+    calls.clear()
+    again = tuning.run_tuning(dataset, "dm", str(tmp_path), validation_per_class=5,
+                              trial_seed=5, test_seeds=(0, 1), quiet=True)
+    assert calls == [] and again["chosen"] == summary["chosen"]
+    assert again["test"] == summary["test"]
