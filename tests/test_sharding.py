@@ -11,7 +11,6 @@ process pays the JAX import and its compiles, so shapes are tiny and the work is
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 

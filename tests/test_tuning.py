@@ -1,7 +1,6 @@
 """Tuning: the same number of trials for every method, the choice made on validation accuracy
 only, failed settings ranked last, and the test seeds disjoint from the trial seed."""
 
-import json
 import math
 import os
 
@@ -31,6 +30,7 @@ def test_choice_reads_validation_only_and_ranks_failures_last():
               ({"lr_img": 3}, {"validation": {"mean": 31.0}, "mean": 10.0}),
               ({"lr_img": 4}, {"validation": {"mean": 31.0}, "mean": 50.0})]
     assert tuning.choose(trials) == 2        # best validation; the first of equals; test unused
+    assert tuning.choose(trials, {"lr_img": 4}) == 3     # among equals, the nearest default
     assert tuning.validation_score(trials[1][1]) == -math.inf
 
 

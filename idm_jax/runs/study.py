@@ -42,6 +42,7 @@ def _set(**fields) -> Transform:
 # to the variant's; none is tuned on the test set.
 VARIANTS: dict[str, tuple[str, Transform]] = {
     "idm": ("faithful IDM", lambda c: c),
+    "method": ("the method of --method at its own settings", lambda c: c),
     "random-real": ("the initial mosaic of random real images (0 iterations)",
                     _set(iterations=0)),
     "dm": ("DM: its optimiser and a fresh random extractor per iteration",

@@ -3,7 +3,8 @@
 For one method on one budget (``study.budget_config``), every run holds out the same
 ``validation_per_class`` training images per class (``data.split_validation``), so no run
 condenses from them. The grid (``grid``) runs once each at the trial seed; the setting with the
-best mean validation accuracy is chosen (test accuracy takes no part), and that setting alone is
+best mean validation accuracy is chosen (test accuracy takes no part; among equals the one nearest
+the method's default), and that setting alone is
 then run at the test seeds, which must differ from the trial seed. Every method gets
 ``TRIALS`` grid points:
 
@@ -83,10 +84,16 @@ def validation_score(results: dict) -> float:
     return float(held_out["mean"]) if "mean" in held_out else -math.inf
 
 
-def choose(trials: Sequence[tuple[dict, dict]]) -> int:
-    """Index of the grid point with the best validation score (the first of equals)."""
+def choose(trials: Sequence[tuple[dict, dict]], default: Optional[dict] = None) -> int:
+    """Index of the grid point with the best validation score; among equals, the one nearest
+    (in decades) to ``default``, the method's own setting, then the first."""
     scores = [validation_score(results) for _, results in trials]
-    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+    def distance(point):
+        return sum(abs(math.log10(point[k] / default[k])) for k in point
+                   if default and default.get(k) and point[k] > 0)
+
+    return max(range(len(scores)), key=lambda i: (scores[i], -distance(trials[i][0]), -i))
 
 
 def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str = "cpu",
@@ -110,7 +117,7 @@ def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str 
         directory = os.path.join(root, trial_name(point), f"seed{trial_seed}")
         trials.append((point, _run_or_record(config, dataset, directory, quiet,
                                              f"{method} trial {number}/{len(points)}")))
-    best = choose(trials)
+    best = choose(trials, {"lr_img": base.lr_img, "ce_weight": base.ce_weight})
     chosen = trials[best][0]
     tests = []
     for seed in test_seeds:
