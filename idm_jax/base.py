@@ -44,9 +44,9 @@ class ImageOptimizer(NamedTuple):
     images. IDM's per-class SGD takes each class's gradient after the momentum-only moves of the
     classes stepped before it (``image_update.per_class_sgd``).
 
-    ``update(grads, state, images, value) -> (new images, state)``: one step, given the images
-    where the gradient was taken (``grad_point``'s, else the images themselves), the gradient
-    of the summed class losses there (shaped like them) and ``value``, that summed loss (), for
+    ``update(grads, state, images, value) -> (new images, state)``: one step from ``images`` (as
+    they were before the step, like optax's params), given the gradient of the summed class
+    losses at ``grad_point``'s images (shaped like them) and ``value``, that summed loss (), for
     optimisers that read it (reduce-on-plateau).
     """
 

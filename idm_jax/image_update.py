@@ -19,7 +19,7 @@ maps images of that shape to (gradient of each class's loss w.r.t. its own rows,
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,8 +98,8 @@ def per_class_sgd(lr: float, mu: float, num_classes: int) -> ImageOptimizer:
     """IDM's optimiser: one SGD-momentum step per class in class order, one shared buffer.
 
     The state is the momentum buffer (N, H, W, C). ``grad_point`` moves each class's rows by
-    the momentum-only steps of the classes before it; ``update``, given the gradient there and
-    those moved images, applies the C sequential steps in closed form (the same operations as
+    the momentum-only steps of the classes before it; ``update``, given the gradient there,
+    applies the C sequential steps in closed form (the same operations as
     ``per_class_image_update``, so the same values to the bit).
     """
     c = jnp.arange(num_classes)
@@ -112,8 +112,9 @@ def per_class_sgd(lr: float, mu: float, num_classes: int) -> ImageOptimizer:
         before = expand(mu * _geometric(mu, c), x.ndim)     # momentum-only moves before step c
         return (x - lr * before * buf).reshape(images.shape)
 
-    def update(grads, momentum, at_point, value):
+    def update(grads, momentum, images, value):
         del value
+        at_point = point(momentum, images)        # the same operations as grad_point's
         at_step = _class_major(at_point, num_classes)
         buf0, g = _class_major(momentum, num_classes), _class_major(grads, num_classes)
         ndim = at_step.ndim
@@ -150,6 +151,104 @@ def from_optax(transformation: optax.GradientTransformation) -> ImageOptimizer:
     return ImageOptimizer(init=tx.init, update=update)
 
 
+def per_class_steps(transformation: optax.GradientTransformation,
+                    num_classes: int) -> ImageOptimizer:
+    """One step of ``transformation`` per class, in class order, over the whole set with one
+    state: what a PyTorch optimiser does when a code calls ``step()`` after each class's loss.
+
+    Rows of the other classes get a zero gradient at each step, yet an optimiser with memory
+    (Adam's moments, weight decay) still moves them, and Adam's step count advances once per
+    class. ``grad_point`` gives each class's rows where they stand at their own step (after the
+    zero-gradient steps of the classes before); ``update`` replays the ``num_classes`` steps.
+    The transformation must act on each pixel on its own (sgd, adam, adamw, ...): the gradient
+    point of a class's rows then does not depend on the other classes' gradients.
+    """
+    def class_of_row(images):
+        ipc = images.shape[0] // num_classes
+        return jnp.repeat(jnp.arange(num_classes), ipc).reshape(
+            (-1,) + (1,) * (images.ndim - 1))
+
+    def steps(state, images, grads):
+        """Run the class steps; returns (images, state, each row's value at its class's step)."""
+        rows = class_of_row(images)
+
+        def step(carry, c):
+            x, st, at_own = carry
+            at_own = jnp.where(rows == c, x, at_own)
+            g = jnp.zeros_like(x) if grads is None else jnp.where(rows == c, grads, 0.0)
+            updates, st = transformation.update(g, st, x)
+            return (optax.apply_updates(x, updates), st, at_own), None
+
+        (x, st, at_own), _ = jax.lax.scan(step, (images, state, images),
+                                          jnp.arange(num_classes))
+        return x, st, at_own
+
+    def point(state, images):
+        return steps(state, images, None)[2]
+
+    def update(grads, state, images, value):
+        del value
+        x, state, _ = steps(state, images, grads)
+        return x, state
+
+    return ImageOptimizer(init=transformation.init, update=update, grad_point=point)
+
+
+class PlateauState(NamedTuple):
+    """``inner``: the optimiser's state; ``lr``: the current rate; ``best``, ``bad``: the
+    plateau counters; ``total``: the loss summed over this iteration's passes so far;
+    ``passes``: passes stepped so far."""
+
+    inner: Any
+    lr: jax.Array
+    best: jax.Array
+    bad: jax.Array
+    total: jax.Array
+    passes: jax.Array
+
+
+def with_plateau(make_optimizer: Callable[[jax.Array], ImageOptimizer], lr: float,
+                 num_classes: int, passes_per_iteration: int = 1, factor: float = 0.5,
+                 patience: int = 500, threshold: float = 1e-4) -> ImageOptimizer:
+    """PyTorch's ``ReduceLROnPlateau`` (mode min, relative threshold, no cooldown) stepped once
+    per outer iteration with the iteration's loss averaged over classes, as NCFM steps it.
+
+    ``make_optimizer(lr)`` builds the optimiser at a (traced) rate; its state must not depend on
+    the rate. Each update adds its ``value`` (the loss summed over classes) to the iteration's
+    total; the first update of the next iteration (every ``passes_per_iteration`` passes) first
+    steps the plateau with ``total / num_classes``, so the new rate applies from that iteration
+    on, as after PyTorch's ``scheduler.step`` at the end of an iteration.
+    """
+    def pending(state):
+        """(rate, best, bad) once the iteration that just ended, if any, is counted."""
+        ended = (state.passes > 0) & (state.passes % passes_per_iteration == 0)
+        metric = state.total / num_classes
+        better = metric < state.best * (1.0 - threshold)
+        best = jnp.where(ended & better, metric, state.best)
+        bad = jnp.where(ended, jnp.where(better, 0, state.bad + 1), state.bad)
+        cut = ended & (bad > patience)
+        return (jnp.where(cut, state.lr * factor, state.lr), best, jnp.where(cut, 0, bad),
+                ended)
+
+    def init(images):
+        inner = make_optimizer(jnp.float32(lr)).init(images)
+        return PlateauState(inner, jnp.float32(lr), jnp.float32(jnp.inf), jnp.int32(0),
+                            jnp.float32(0.0), jnp.int32(0))
+
+    def point(state, images):
+        optimizer = make_optimizer(pending(state)[0])
+        return images if optimizer.grad_point is None else optimizer.grad_point(state.inner,
+                                                                                  images)
+
+    def update(grads, state, images, value):
+        rate, best, bad, ended = pending(state)
+        images, inner = make_optimizer(rate).update(grads, state.inner, images, value)
+        total = jnp.where(ended, 0.0, state.total) + value
+        return images, PlateauState(inner, rate, best, bad, total, state.passes + 1)
+
+    return ImageOptimizer(init=init, update=update, grad_point=point)
+
+
 def in_pixel_space(optimizer: ImageOptimizer, mean, std, clamp: bool = True) -> ImageOptimizer:
     """An optimiser written for images in [0, 1] pixel units, run on the engine's normalised
     images ``(pixels - mean) / std``.
@@ -170,16 +269,18 @@ def in_pixel_space(optimizer: ImageOptimizer, mean, std, clamp: bool = True) -> 
     to_pixels = lambda x: x * std + mean
     to_normalised = lambda p: (p - mean) / std
 
-    def point(state, images):
+    def start(images):         # the pixels where the iteration starts (clamped)
         pixels = to_pixels(images)
-        if clamp:
-            pixels = jnp.clip(pixels, 0.0, 1.0)
+        return jnp.clip(pixels, 0.0, 1.0) if clamp else pixels
+
+    def point(state, images):
+        pixels = start(images)
         if optimizer.grad_point is not None:
             pixels = optimizer.grad_point(state, pixels)
         return to_normalised(pixels)
 
-    def update(grads, state, at_point, value):
-        pixels, state = optimizer.update(grads / std, state, to_pixels(at_point), value)
+    def update(grads, state, images, value):
+        pixels, state = optimizer.update(grads / std, state, start(images), value)
         return to_normalised(pixels), state
 
     return ImageOptimizer(init=lambda images: optimizer.init(to_pixels(images)), update=update,
@@ -205,5 +306,6 @@ def from_config(config, num_classes: int) -> ImageOptimizer:
 
 
 __all__ = ["per_class_image_update", "summed_image_update", "sequential_image_update",
-           "per_class_sgd", "summed_sgd", "from_optax", "in_pixel_space", "OPTIMIZERS",
+           "per_class_sgd", "summed_sgd", "from_optax", "per_class_steps", "PlateauState",
+           "with_plateau", "in_pixel_space", "OPTIMIZERS",
            "from_config"]

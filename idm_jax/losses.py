@@ -186,6 +186,41 @@ def m3d_mmd(real_features, syn_features, real_mask=None,
             + block_mean(real_rows, real_rows))
 
 
+def l2_normalize(features, eps: float = 1e-12):
+    """Rows scaled to unit norm, as PyTorch's ``F.normalize`` (divides by max(norm, eps))."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(features), axis=-1, keepdims=True))
+    return features / jnp.maximum(norm, eps)
+
+
+def ncfm_distance(real_features, syn_features, real_mask=None, *, key,
+                  num_frequencies: int = 4096, alpha: float = 0.5, beta: float = 0.5,
+                  scale: float = 300.0) -> jnp.ndarray:
+    """NCFM's loss: the characteristic-function discrepancy of L2-normalised features.
+
+    Both sides are normalised to unit norm; ``num_frequencies`` frequencies t ~ N(0, I) (D-dim,
+    not scaled) are drawn from ``key`` and shared by the two sides. With Φ the empirical
+    characteristic function at t, the value is ``scale * mean_t sqrt(alpha * amp + beta *
+    phase)`` with ``amp = (|Φ_r| - |Φ_s|)^2`` and ``phase = max(2 (|Φ_r||Φ_s| - Re Φ_r Re Φ_s
+    - Im Φ_r Im Φ_s), 1e-12)``: a modulus, not a square (docs/METHODS.md, "NCFM"). Real features
+    (Nr, D) carry no gradient; syn (Ns, D).
+    """
+    real = l2_normalize(jax.lax.stop_gradient(real_features))
+    syn = l2_normalize(syn_features)
+    freqs = jax.random.normal(key, (num_frequencies, real.shape[1]), real.dtype)
+
+    def phi(features, weights):
+        angles = features @ freqs.T                             # (N, F)
+        total = jnp.maximum(jnp.sum(weights), 1.0)
+        return weights @ jnp.cos(angles) / total, weights @ jnp.sin(angles) / total
+
+    re_r, im_r = phi(real, _weights(real.shape[0], real_mask, real.dtype))
+    re_s, im_s = phi(syn, _weights(syn.shape[0], None, real.dtype))
+    norm_r, norm_s = jnp.sqrt(re_r ** 2 + im_r ** 2), jnp.sqrt(re_s ** 2 + im_s ** 2)
+    amp = jnp.square(norm_r - norm_s)
+    phase = jnp.maximum(2.0 * (norm_r * norm_s - re_r * re_s - im_r * im_s), 1e-12)
+    return scale * jnp.mean(jnp.sqrt(alpha * amp + beta * phase))
+
+
 def _centred(features, weights):
     mean = weights @ features / jnp.maximum(jnp.sum(weights), 1.0)
     return (features - mean) * weights[:, None]
@@ -218,5 +253,5 @@ def variance_gap(real_features, syn_features, real_mask=None) -> jnp.ndarray:
 
 
 __all__ = ["mmd", "class_mmd", "class_aware_ce", "median_bandwidth", "gaussian_mmd",
-           "M3D_MULTIPLIERS", "m3d_mmd",
+           "M3D_MULTIPLIERS", "m3d_mmd", "l2_normalize", "ncfm_distance",
            "characteristic_distance", "covariance_gap", "variance_gap"]

@@ -247,7 +247,7 @@ def match(engine: Engine, real: real_lib.RealData, images: jax.Array, opt_state,
     shape = (real.num_classes, engine.config.ipc) + real.image_shape
     optimizer = engine.image_optimizer
     grads, (loss, terms) = grad_at(layout.constrain(point.reshape(shape)))
-    images, opt_state = optimizer.update(grads.reshape(images.shape), opt_state, point,
+    images, opt_state = optimizer.update(grads.reshape(images.shape), opt_state, images,
                                          jnp.sum(loss))
     metrics = {"loss": jnp.mean(loss), **{k: jnp.mean(v) for k, v in terms.items()},
                "ce_scale": ce_scale, "extractor_acc": accuracy}

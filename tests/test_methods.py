@@ -47,7 +47,7 @@ def test_per_class_sgd_equals_the_official_loop_of_class_steps():
     rows = point.reshape(num_classes, ipc, 4, 4, 1)
     grads = jnp.stack([jax.grad(lambda r, c=c: class_loss(c, r))(rows[c])
                        for c in range(num_classes)]).reshape(x.shape)
-    got_x, got_buf = opt.update(grads, buf, point, jnp.float32(0.0))
+    got_x, got_buf = opt.update(grads, buf, x, jnp.float32(0.0))
     want_x, want_buf = image_update.sequential_image_update(
         x.reshape(num_classes, ipc, 4, 4, 1), buf.reshape(num_classes, ipc, 4, 4, 1),
         lambda c, rows: jax.grad(lambda r: class_loss(c, r))(rows), lr, mu)
@@ -87,9 +87,72 @@ def test_pixel_space_sgd_is_m3ds_loop_of_class_steps_on_clamped_pixels():
     for _ in range(iterations):
         point = opt.grad_point(state, x)
         grads = 2 * weights * (point - target)         # the gradient in normalised units
-        x, state = opt.update(grads, state, point, jnp.float32(0.0))
+        x, state = opt.update(grads, state, x, jnp.float32(0.0))
     np.testing.assert_allclose(np.asarray(x) * std + mean, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(state), buf, rtol=1e-4, atol=1e-4)
+
+
+def test_per_class_adamw_steps_are_pytorchs_adamw_stepped_after_each_class():
+    # NCFM's loop, transcribed: one torch.optim.AdamW over the whole tensor, step() after each
+    # class's loss, so other classes' rows move by their moments and decay, and the step count
+    # advances per class. The class gradient is taken where its rows stand at its own step.
+    rng = np.random.default_rng(5)
+    num_classes, ipc, lr, wd, b1, b2, eps = 3, 2, 0.05, 5e-4, 0.9, 0.999, 1e-8
+    x0 = rng.normal(size=(num_classes * ipc, 2, 2, 1))
+    target = rng.normal(size=x0.shape)
+    weight = np.repeat(np.arange(1.0, num_classes + 1), ipc).reshape(-1, 1, 1, 1)
+
+    def class_grad(c, p):
+        g = np.zeros_like(p)
+        rows = slice(c * ipc, (c + 1) * ipc)
+        g[rows] = 2 * weight[rows] * (np.sin(p[rows]) - target[rows]) * np.cos(p[rows])
+        return g
+
+    p, m, v, t = x0.copy(), np.zeros_like(x0), np.zeros_like(x0), 0
+    for _ in range(2):
+        for c in range(num_classes):
+            g = class_grad(c, p)
+            t += 1
+            p = p * (1 - lr * wd)
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            p = p - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+
+    opt = image_update.per_class_steps(optax.adamw(lr, b1, b2, eps, weight_decay=wd),
+                                       num_classes)
+    x = jnp.asarray(x0, jnp.float32)
+    state = opt.init(x)
+    for _ in range(2):
+        point = np.asarray(opt.grad_point(state, x), np.float64)
+        grads = sum(class_grad(c, point) for c in range(num_classes))   # each at its own rows
+        x, state = opt.update(jnp.asarray(grads, jnp.float32), state, x, jnp.float32(0.0))
+    np.testing.assert_allclose(np.asarray(x), p, rtol=1e-4, atol=1e-5)
+
+
+def test_plateau_halves_the_rate_after_patience_iterations_without_a_relative_gain():
+    # PyTorch's ReduceLROnPlateau(mode min, factor 0.5, patience 2, threshold 1e-4 rel),
+    # stepped once per iteration of 2 passes with the iteration's loss averaged over 2 classes.
+    values = [4.0, 3.0, 3.0, 2.9999, 3.0, 2.0, 2.0, 2.0, 2.0, 1.0]    # per iteration, mean
+    lr, best, bad, want = 1.0, np.inf, 0, []
+    for value in values:
+        want.append(lr)                     # the rate of this iteration
+        if value < best * (1 - 1e-4):
+            best, bad = value, 0
+        else:
+            bad += 1
+        if bad > 2:
+            lr, bad = lr * 0.5, 0
+    opt = image_update.with_plateau(lambda rate: image_update.from_optax(optax.sgd(rate)), 1.0,
+                                    num_classes=2, passes_per_iteration=2, factor=0.5,
+                                    patience=2)
+    x = jnp.zeros((2, 1, 1, 1))
+    state, got = opt.init(x), []
+    for value in values:
+        for part in (0.25, 0.75):           # two passes; their sums add up to 2 classes x mean
+            moved, state = opt.update(jnp.ones_like(x), state, x, jnp.float32(2 * value * part))
+            rate = float(x[0, 0, 0, 0] - moved[0, 0, 0, 0])
+        got.append(rate)
+    np.testing.assert_allclose(got, want)
+    assert want[-1] < 1.0
 
 
 def test_optax_sgd_is_dms_summed_step_and_adam_is_adam():

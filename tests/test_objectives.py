@@ -66,6 +66,49 @@ def np_m3d_mmd(real, syn, bandwidth=None):
     return k[:s, :s].mean() - 2 * k[:s, s:].mean() + k[s:, s:].mean(), b
 
 
+def np_ncfm(real, syn, t):
+    """NCFM's CFLossFunc after F.normalize, transcribed in float64, times 300."""
+    real = real / np.maximum(np.linalg.norm(real, axis=1, keepdims=True), 1e-12)
+    syn = syn / np.maximum(np.linalg.norm(syn, axis=1, keepdims=True), 1e-12)
+
+    def cf(x):
+        angles = t @ x.T                                       # (F, N)
+        re, im = np.cos(angles).mean(1), np.sin(angles).mean(1)
+        return re, im, np.sqrt(re * re + im * im)
+
+    re_s, im_s, n_s = cf(syn)
+    re_r, im_r, n_r = cf(real)
+    amp = (n_r - n_s) ** 2
+    pha = np.maximum(2 * (n_r * n_s - re_s * re_r - im_s * im_r), 1e-12)
+    return 300 * np.mean(np.sqrt(0.5 * amp + 0.5 * pha))
+
+
+def test_ncfm_distance_equals_its_code_in_value_and_gradient():
+    real, syn = features(20, 9, d=5), features(21, 4, d=5, shift=0.5)
+    key = jax.random.PRNGKey(3)
+    t = np.asarray(jax.random.normal(key, (64, 5)), np.float64)   # the frequencies it draws
+    value = lambda s: losses.ncfm_distance(real, s, key=key, num_frequencies=64)
+    np.testing.assert_allclose(value(syn), np_ncfm(real.astype(np.float64), syn, t), rtol=1e-4)
+    grad = np.asarray(jax.grad(value)(syn))
+    numeric = np.zeros_like(grad, np.float64)
+    eps = 1e-5
+    for i in range(syn.shape[0]):
+        for j in range(syn.shape[1]):
+            up, down = syn.astype(np.float64), syn.astype(np.float64)
+            up[i, j] += eps
+            down[i, j] -= eps
+            numeric[i, j] = (np_ncfm(real.astype(np.float64), up, t)
+                             - np_ncfm(real.astype(np.float64), down, t)) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, rtol=2e-3, atol=2e-3)
+    # Unit norm: scaling the features changes nothing; a mask drops real rows.
+    np.testing.assert_allclose(losses.ncfm_distance(3.0 * real, 0.5 * syn, key=key,
+                                                    num_frequencies=64), value(syn), rtol=1e-5)
+    mask = np.arange(9) < 6
+    np.testing.assert_allclose(
+        losses.ncfm_distance(real, syn, mask, key=key, num_frequencies=64),
+        np_ncfm(real[:6].astype(np.float64), syn, t), rtol=1e-4)
+
+
 def test_m3d_mmd_equals_its_code_in_value_and_gradient():
     real, syn = features(10, 7), features(11, 4, shift=0.6)
     want, b = np_m3d_mmd(real, syn)
