@@ -76,12 +76,15 @@ class ExtractorSchedule(NamedTuple):
     ``train(state, real, layout, select_key, batch_key) -> (state, metrics)``: the end of an
     outer iteration; ``real`` is the run's ``RealData``, ``layout`` its ``sharding.ClassLayout``;
     ``metrics`` holds ``trainee_acc`` and ``queue_size`` (scalars).
+    ``calibration(state) -> params``: optional, the network of a calibration pass (NCFM's CE
+    step on a trained network), run after the matching passes when ``calibration_weight`` > 0.
     """
 
     init: Callable[[jax.Array], PyTree]
     refresh: Callable[[PyTree, jax.Array, jax.Array], PyTree]
     draw: Callable[[PyTree, jax.Array], tuple[PyTree, jax.Array]]
     train: Callable[..., tuple[PyTree, dict]]
+    calibration: Optional[Callable[[PyTree], PyTree]] = None
 
 
 @dataclasses.dataclass(frozen=True)

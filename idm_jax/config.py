@@ -34,7 +34,7 @@ class Config:
     ipc: int = 10                       # synthetic images per class (the stored budget)
     model: str = "ConvNet"              # matching / queue architecture (official name string)
     seed: int = 0
-    method: str = "idm"                 # idm | dm | m3d | path/to/file.py:NAME (idm_jax.methods)
+    method: str = "idm"                 # idm | dm | m3d | ncfm | path.py:NAME (idm_jax.methods)
 
     # --- synthetic set and its optimiser (docs/FAITHFULNESS.md, "init", "image update")
     iterations: int = 20000             # outer iterations; the loop runs it = 0..iterations
@@ -70,6 +70,9 @@ class Config:
     moment_weight: float = 0.0          # weight of the moment term; 0 leaves it out
     match_weight: float = 1.0           # weight of the matching distance; 0 is the CE-only
                                         # control (the distance is still logged, unweighted)
+    calibration_weight: float = 0.0     # > 0: after matching, a CE pass on the schedule's
+                                        # calibration network (NCFM: 1)
+    pool_dir: str = ""                  # a pretrained pool (experiments.pretrain; NCFM)
 
     # --- model queue (docs/FAITHFULNESS.md, "model queue")
     net_num: int = 100                  # queue capacity
@@ -140,6 +143,8 @@ class Config:
              f"cf_scale must be a finite number > 0, got {self.cf_scale}")
         need(math.isfinite(self.moment_weight) and self.moment_weight >= 0,
              f"moment_weight must be a finite number >= 0, got {self.moment_weight}")
+        need(self.calibration_weight >= 0,
+             f"calibration_weight must be >= 0, got {self.calibration_weight}")
         need(math.isfinite(self.match_weight) and self.match_weight >= 0,
              f"match_weight must be a finite number >= 0, got {self.match_weight}")
         for f in dataclasses.fields(self):    # inf or nan in any rate or weight is a typo

@@ -6,7 +6,9 @@ iteration of the official ``IDM_cifar10.py`` loop (docs/FAITHFULNESS.md, "outer 
 
 1. refresh the extractors (``schedule.refresh``; IDM: reset the accuracy meters every
    ``eval_interval`` iterations and push a fresh model every ``net_generate_interval``);
-2. ``matching.match``, ``train_net_num`` times: one extractor, every class, one image update;
+2. ``matching.match``, ``train_net_num`` times: one extractor, every class, one image update
+   (then, with ``calibration_weight`` > 0, ``matching.calibrate``: a CE pass on the
+   schedule's calibration network, NCFM's);
 3. train the extractors (``schedule.train``; IDM: ``fetch_net_num`` queue models on real
    batches).
 
@@ -140,6 +142,10 @@ def make_engine(config: Config, num_classes: int, image_shape, *,
                   method.image_optimizer(config, num_classes), method.extractors(config, nets))
     except ValueError as err:          # a setting the method cannot use
         raise validate.InvalidRun(str(err)) from None
+    if config.calibration_weight > 0 and pieces[2].calibration is None:
+        raise validate.InvalidRun(f"--calibration_weight {config.calibration_weight}: the "
+                                  f"method {method.name}'s extractors have no calibration "
+                                  f"network; set it to 0")
     if method.pixel_space:
         if normalization is None:
             raise ValueError(f"method {method.name} steps pixels: make_engine needs "
@@ -230,6 +236,11 @@ def make_step(engine: Engine, real: RealData, jit: bool = True,
         for match_key in jax.random.split(k_match, config.train_net_num):
             images, opt_state, metrics = matching.match(engine, r, images, opt_state,
                                                         extractors, match_key, layout)
+        if config.calibration_weight > 0:     # NCFM: a CE pass on a trained network
+            images, opt_state, calibrated = matching.calibrate(
+                engine, r, images, opt_state, extractors, jax.random.fold_in(k_match, 1),
+                layout)
+            metrics = dict(metrics, **calibrated)
         extractors, trained = schedule.train(extractors, r, layout, k_select, k_batch)
         # The loss is taken before the update, so a blow-up shows in the images one iteration
         # before it shows in the loss (or never, on the last iteration): report both.

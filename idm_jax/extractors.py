@@ -9,6 +9,8 @@
   iterations and never trained: DM (every iteration) and M3D (every 5).
 - ``pool_schedule``: a fixed pool of given networks (pretrained, say), one drawn per matching
   pass, optionally interpolated between its starting and its trained weights.
+- ``interpolated_pool_schedule``: NCFM's: one pool network and one interpolation drawn per
+  iteration, its trained weights for the calibration pass.
 
 The schedule's state is a pytree in ``CondenseState.extractors``.
 """
@@ -152,4 +154,46 @@ def pool_schedule(pool, start=None, mix: tuple[float, float] = (0.0, 1.0),
     return ExtractorSchedule(init=init, refresh=lambda st, it, key: st, draw=draw, train=train)
 
 
-__all__ = ["queue_schedule", "train_queue", "fresh_schedule", "pool_schedule"]
+def interpolated_pool_schedule(start, trained) -> ExtractorSchedule:
+    """NCFM's extractors: once per iteration, one network of a pretrained pool drawn uniformly
+    and an l ~ U(0, 1); every pass of that iteration matches with ``l * start + (1 - l) *
+    trained`` of that network, and the calibration pass uses its trained weights.
+
+    Args:
+      start, trained: the pool's initial and trained params, stacked (leaves (P, ...)).
+
+    The state holds the pool, the drawn index and l, so it is checkpointed with the run.
+    """
+    size = jax.tree.leaves(trained)[0].shape[0]
+
+    def init(key):        # copies: the step donates its state, and a second run reuses the pool
+        return {"start": jax.tree.map(jnp.array, start),
+                "trained": jax.tree.map(jnp.array, trained),
+                "index": jnp.int32(0), "mix": jnp.float32(0.0)}
+
+    def refresh(state, iteration, key):
+        del iteration
+        k_pick, k_mix = jax.random.split(key)
+        return dict(state, index=jax.random.randint(k_pick, (), 0, size),
+                    mix=jax.random.uniform(k_mix, (), jnp.float32))
+
+    def pick(tree, index):
+        return jax.tree.map(lambda leaf: leaf[index], tree)
+
+    def draw(state, key):
+        del key
+        l, i = state["mix"], state["index"]
+        params = jax.tree.map(lambda s, t: l * s + (1.0 - l) * t, pick(state["start"], i),
+                              pick(state["trained"], i))
+        return params, jnp.float32(0.0)
+
+    def train(state, real, layout, select_key, batch_key):
+        del real, layout, select_key, batch_key
+        return state, {"trainee_acc": jnp.float32(0.0), "queue_size": jnp.int32(size)}
+
+    return ExtractorSchedule(init=init, refresh=refresh, draw=draw, train=train,
+                             calibration=lambda state: pick(state["trained"], state["index"]))
+
+
+__all__ = ["queue_schedule", "train_queue", "fresh_schedule", "pool_schedule",
+           "interpolated_pool_schedule"]

@@ -254,6 +254,37 @@ def match(engine: Engine, real: real_lib.RealData, images: jax.Array, opt_state,
     return images, opt_state, metrics
 
 
+def calibrate(engine: Engine, real: real_lib.RealData, images: jax.Array, opt_state,
+              extractors, key: jax.Array, layout: ClassLayout):
+    """A calibration pass (NCFM's): every class's ``calibration_weight`` x cross-entropy of its
+    expanded, augmented synthetic images under the schedule's calibration network (a trained
+    one), then one update of the images with the method's optimiser. No real images.
+
+    Same arguments and returns as ``match``; the metric is ``calibration`` (weighted, mean over
+    classes).
+    """
+    config = engine.config
+    params = engine.extractors.calibration(extractors)
+    dsa_keys = layout.pad(jax.random.split(key, real.num_classes))
+
+    def total_loss(syn):
+        _, logits = synthetic_outputs(engine, params, syn, dsa_keys, layout)
+        labels = jnp.minimum(jnp.arange(syn.shape[0]), logits.shape[-1] - 1)
+        ce = jax.vmap(lambda lg, c: losses.class_aware_ce(
+            lg, jnp.broadcast_to(c, lg.shape[:1]), config.calibration_weight))(logits, labels)
+        ce = layout.unpad(ce)
+        return jnp.sum(ce), ce
+
+    shape = (real.num_classes, config.ipc) + real.image_shape
+    optimizer = engine.image_optimizer
+    point = images if optimizer.grad_point is None else optimizer.grad_point(opt_state, images)
+    grads, ce = jax.grad(total_loss, has_aux=True)(
+        layout.constrain(layout.pad(layout.constrain(point.reshape(shape)))))
+    images, opt_state = optimizer.update(layout.unpad(grads).reshape(images.shape), opt_state,
+                                         images, jnp.sum(ce))
+    return images, opt_state, {"calibration": jnp.mean(ce)}
+
+
 def term_gradient_norms(engine: Engine, real: real_lib.RealData, images, opt_state,
                         extractors, key: jax.Array, layout: ClassLayout) -> dict:
     """L2 norms, over the whole set, of the gradient of the summed loss (``loss``) and of each
@@ -279,5 +310,5 @@ def term_gradient_norms(engine: Engine, real: real_lib.RealData, images, opt_sta
 
 __all__ = ["Distance", "Moment", "linear_distance", "idm_objective",
            "make_distance", "make_objective", "draw_extractor",
-           "real_features", "synthetic_outputs", "class_objectives", "match",
+           "real_features", "synthetic_outputs", "class_objectives", "match", "calibrate",
            "term_gradient_norms"]

@@ -11,15 +11,16 @@ from idm_jax.runs import checkpoint, tuning
 
 
 def test_every_method_gets_the_same_number_of_trials_spanning_four_decades_of_lr():
-    for name in ("idm", "dm", "m3d"):
+    for name in ("idm", "dm", "m3d", "ncfm"):
         config = methods.with_method(config_lib.get_preset("cifar10-ipc1"), name)
         points = tuning.grid(config)
         assert len(points) == tuning.TRIALS, name
         ratios = sorted({p["lr_img"] / config.lr_img for p in points})
         assert ratios[0] <= 0.01 * 1.0001 and ratios[-1] >= 100 * 0.9999, name
         assert any(math.isclose(r, 1.0) for r in ratios), name      # the default itself
-        if config.syn_ce:
-            assert {p["ce_weight"] / config.ce_weight for p in points} == {0.2, 1.0}
+        weight = {"idm": "ce_weight", "ncfm": "calibration_weight"}.get(name)
+        if weight:
+            assert {p[weight] / getattr(config, weight) for p in points} == {0.2, 1.0}
         else:
             assert all(set(p) == {"lr_img"} for p in points)
 

@@ -8,8 +8,9 @@ the method's default), and that setting alone is
 then run at the test seeds, which must differ from the trial seed. Every method gets
 ``TRIALS`` grid points:
 
-- a method with IDM's CE term (``syn_ce``): the image learning rate at 1/100, 1/10, 1, 10 and 100
-  times its default, each with the CE weight at 1/5 and 1 times its default;
+- a method with a CE term (IDM's ``syn_ce``, NCFM's ``calibration_weight``): the image learning
+  rate at 1/100, 1/10, 1, 10 and 100 times its default, each with that term's weight at 1/5 and
+  1 times its default;
 - a method without: the learning rate at 10^(k/2) times its default, k = -4 .. 5.
 
 Runs live in ``<workdir>/<method>/<trial>/seed<k>`` and resume like a study's; a run whose loss
@@ -39,8 +40,10 @@ FAILED_FILE = "failed.json"
 
 def grid(config: Config) -> list[dict]:
     """The ``TRIALS`` settings tried for the method of ``config`` (field -> value)."""
-    if config.syn_ce:
-        points = [{"lr_img": config.lr_img * f, "ce_weight": config.ce_weight * g}
+    weight = ("ce_weight" if config.syn_ce else
+              "calibration_weight" if config.calibration_weight > 0 else None)
+    if weight:
+        points = [{"lr_img": config.lr_img * f, weight: getattr(config, weight) * g}
                   for f in LR_FACTORS_WITH_CE for g in CE_FACTORS]
     else:
         points = [{"lr_img": config.lr_img * f} for f in LR_FACTORS]
@@ -117,7 +120,8 @@ def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str 
         directory = os.path.join(root, trial_name(point), f"seed{trial_seed}")
         trials.append((point, _run_or_record(config, dataset, directory, quiet,
                                              f"{method} trial {number}/{len(points)}")))
-    best = choose(trials, {"lr_img": base.lr_img, "ce_weight": base.ce_weight})
+    best = choose(trials, {"lr_img": base.lr_img, "ce_weight": base.ce_weight,
+                           "calibration_weight": base.calibration_weight})
     chosen = trials[best][0]
     tests = []
     for seed in test_seeds:

@@ -1,0 +1,178 @@
+"""Pools of pretrained networks: trained on the run's own training data, read by a method.
+
+NCFM draws its extractors from networks trained beforehand (each interpolated between its
+initial and trained weights) and IID scores its within-class scatter under pretrained
+ResNet-18s. Nothing downloads weights: ``train_pool`` trains ``num_models`` networks on a
+dataset's training images (after its validation split, so a pool never saw held-out images) and
+``save_pool`` / ``load_pool`` keep them in a folder: ``pool.npz`` (the initial and trained
+parameters of every network, stacked on a leading axis) and ``pool.json`` (what made them).
+
+Recipes (``RECIPES``) follow the authors' pretraining scripts; the CPU-sized defaults of
+``experiments.pretrain`` train fewer networks for fewer epochs (docs/METHODS.md says how much).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from idm_jax import classifier, data
+from idm_jax.accel import backend
+from idm_jax.nn import models
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a pool's networks are trained (SGD with momentum and coupled weight decay)."""
+
+    model: str
+    epochs: int
+    batch: int
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[float, ...] = ()   # fractions of the epochs where lr *= gamma
+    gamma: float = 0.2
+    dsa_strategy: str = ""               # per-image DSA of every batch ("" none)
+
+
+RECIPES = {
+    # NCFM's pretrain_script.py: 60 epochs, batch 128, MultiStepLR at 2/3 and 5/6 (gamma 0.2),
+    # DSA colour + crop per image (its CutMix is not reproduced), 20 networks.
+    "ncfm": Recipe(model="ConvNet", epochs=60, batch=128, milestones=(2 / 3, 5 / 6),
+                   dsa_strategy="color+crop"),
+    # IID's pre_model.py: instance-norm ResNet-18, 40 epochs, batch 256, constant lr, no
+    # augmentation.
+    "iid": Recipe(model="ResNet18", epochs=40, batch=256),
+}
+
+
+def _lr_schedule(recipe: Recipe, steps_per_epoch: int):
+    if not recipe.milestones:
+        return recipe.lr
+    bounds = {int(m * recipe.epochs) * steps_per_epoch: recipe.gamma for m in recipe.milestones}
+    return optax.piecewise_constant_schedule(recipe.lr, bounds)
+
+
+def train_pool(dataset: data.Dataset, recipe: Recipe, num_models: int, key: jax.Array,
+               validation_per_class: int = 0, validation_seed: int = 0,
+               progress: Optional[Callable[[int], None]] = None) -> dict:
+    """Train ``num_models`` networks of ``recipe`` on ``dataset``'s training images (minus the
+    validation split), all at once (a vmapped axis), one compiled epoch at a time. Returns
+    ``{"init", "trained"}`` (params stacked on a leading axis of ``num_models``) and
+    ``"train_accuracy"`` (%, each network's last epoch, on its augmented batches).
+    ``progress(epochs_done)`` is called after every epoch.
+    """
+    train, _ = data.split_validation(dataset, validation_per_class, validation_seed)
+    x = jnp.asarray(data.normalize(train.train_images, train.mean, train.std))
+    y = jnp.asarray(train.train_labels)
+    policy = backend.resolve()           # CPU: its convolution, models one after another
+    net = models.get_model(recipe.model, train.num_classes, in_channels=x.shape[-1],
+                           conv_op=policy.conv_op)
+    steps = max(1, x.shape[0] // recipe.batch)
+    tx = optax.chain(optax.add_decayed_weights(recipe.weight_decay),
+                     optax.sgd(_lr_schedule(recipe, steps), momentum=recipe.momentum))
+
+    def loss_fn(params, batch):      # a sum of per-row terms (the batch mean), so it chunks
+        images, labels = batch
+        _, logits = net.apply({"params": params}, images)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return jnp.sum(ce) / recipe.batch, jnp.argmax(logits, -1) == labels
+
+    def epoch(params, opt_state, epoch_key):
+        k_perm, k_aug = jax.random.split(epoch_key)
+        order = jax.random.permutation(k_perm, x.shape[0])[:steps * recipe.batch]
+
+        def step(carry, inputs):
+            p, st, correct = carry
+            idx, k = inputs
+            images = x[idx]
+            if recipe.dsa_strategy:
+                images = policy.augment(k, images, recipe.dsa_strategy, siamese=False)
+            p, st, hits = classifier.train_step(loss_fn, p, st, (images, y[idx]), tx,
+                                                chunk=policy.chunk)
+            return (p, st, correct + jnp.sum(hits)), None
+
+        (params, opt_state, correct), _ = jax.lax.scan(
+            step, (params, opt_state, jnp.int32(0)),
+            (order.reshape(steps, recipe.batch), jax.random.split(k_aug, steps)))
+        return params, opt_state, 100.0 * correct / (steps * recipe.batch)
+
+    k_init, k_train = jax.random.split(key)
+    init = jax.vmap(lambda k: net.init(k, x[:1])["params"])(jax.random.split(k_init, num_models))
+    run_epoch = jax.jit(policy.map_models(epoch))
+    params, opt_state = init, jax.vmap(tx.init)(init)
+    accuracy = jnp.zeros(num_models)
+    for e, epoch_key in enumerate(jax.random.split(k_train, recipe.epochs)):
+        params, opt_state, accuracy = run_epoch(params, opt_state,
+                                                jax.random.split(epoch_key, num_models))
+        if progress is not None:
+            jax.block_until_ready(accuracy)      # the bar shows finished epochs
+            progress(e + 1)
+    return {"init": init, "trained": params,
+            "train_accuracy": np.asarray(accuracy, np.float64).tolist()}
+
+
+def _flatten(tree, prefix: str) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {prefix + jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def save_pool(directory: str, pool: dict, meta: dict) -> None:
+    """Write ``pool.npz`` and ``pool.json`` into ``directory`` (each atomically)."""
+    os.makedirs(directory, exist_ok=True)
+    arrays = {**_flatten(pool["init"], "init"), **_flatten(pool["trained"], "trained")}
+    tmp = os.path.join(directory, "pool.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, os.path.join(directory, "pool.npz"))
+    record = dict(meta, train_accuracy=pool["train_accuracy"],
+                  date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    tmp = os.path.join(directory, "pool.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, os.path.join(directory, "pool.json"))
+
+
+def load_pool(directory: str, template: Any, expect: Optional[dict] = None) -> dict:
+    """The pool in ``directory`` as ``{"init", "trained", "meta"}``, its params shaped like
+    ``template`` (one network's params) with a leading axis.
+
+    ``expect``: fields of ``pool.json`` that must match (model, dataset, validation split);
+    ValueError names the folder and what to do otherwise.
+    """
+    where = f"--pool_dir {directory}"
+    meta_path, arrays_path = (os.path.join(directory, f) for f in ("pool.json", "pool.npz"))
+    if not (os.path.isfile(meta_path) and os.path.isfile(arrays_path)):
+        raise ValueError(f"{where}: no pretrained pool there (pool.json and pool.npz); make one "
+                         f"with python -m experiments.pretrain")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    for field, value in (expect or {}).items():
+        if meta.get(field) != value:
+            raise ValueError(f"{where}: the pool was made with {field} {meta.get(field)!r}, the "
+                             f"run needs {value!r}; pretrain a pool for this run")
+    with np.load(arrays_path) as arrays:
+        stored = {k: arrays[k] for k in arrays.files}
+    pool = {}
+    for part in ("init", "trained"):
+        paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+        leaves = []
+        for path, leaf in paths:
+            name = part + jax.tree_util.keystr(path)
+            if name not in stored or stored[name].shape[1:] != np.shape(leaf):
+                raise ValueError(f"{where}: pool.npz lacks {name} of shape {np.shape(leaf)}; it "
+                                 f"was made for another network")
+            leaves.append(jnp.asarray(stored[name]))
+        pool[part] = jax.tree_util.tree_unflatten(treedef, leaves)
+    return dict(pool, meta=meta)
+
+
+__all__ = ["Recipe", "RECIPES", "train_pool", "save_pool", "load_pool"]
