@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from idm_jax import data, evaluation
-from idm_jax.runs import checkpoint, cli
+from idm_jax.runs import checkpoint, cli, failures
 
 
 def random_real_baseline(dataset: data.Dataset, config, key) -> dict:
@@ -72,6 +72,7 @@ def _random_real_once(dataset: data.Dataset, config, workdir: str) -> dict:
     return result
 
 
+@failures.user_facing
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m experiments.digits", add_help=False)
     parser.add_argument("--ipcs", default="1,10", help="comma-separated ipc values")

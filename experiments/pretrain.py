@@ -21,9 +21,10 @@ import jax
 
 from idm_jax import config as config_lib, data, pretrain
 from idm_jax.nn import models
-from idm_jax.runs import cli, outputs
+from idm_jax.runs import cli, failures, outputs
 
 
+@failures.user_facing
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m experiments.pretrain", description=__doc__)
     parser.add_argument("--recipe", default="ncfm", choices=sorted(pretrain.RECIPES))

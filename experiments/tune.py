@@ -14,9 +14,10 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
-from idm_jax.runs import cli, study, tuning
+from idm_jax.runs import cli, failures, study, tuning
 
 
+@failures.user_facing
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m experiments.tune", description=__doc__)

@@ -105,9 +105,29 @@ def check_data(config: Config, class_counts: Sequence[int],
 
 
 def check_workdir(workdir: str) -> None:
-    """Raise ``InvalidRun`` when ``workdir`` cannot be a run folder (it is an existing file)."""
+    """Raise ``InvalidRun`` when ``workdir`` cannot be a run folder: empty, an existing file, a
+    path through a file, a name longer than the file system allows, or a folder (or the nearest
+    existing one above it, or its checkpoints) that cannot be written (read-only, no
+    permission). Checked before any work, so a run never computes to a save that must fail."""
+    _need(bool(workdir.strip()), "--workdir is empty; give a folder")
     _need(not os.path.exists(workdir) or os.path.isdir(workdir),
           f"--workdir {workdir} is a file; give a folder")
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    _need(os.path.isdir(existing),
+          f"--workdir {workdir}: {existing} is a file, so no folder can be made under it")
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    long = [p for p in os.path.abspath(workdir).split(os.sep) if len(p.encode()) > name_max]
+    _need(not long, f"--workdir {workdir}: the name {long[0][:24] if long else ''}... is longer "
+                    f"than the {name_max} bytes the file system allows")
+    for folder in (existing, os.path.join(workdir, "checkpoints")):
+        _need(not os.path.isdir(folder) or os.access(folder, os.W_OK | os.X_OK),
+              f"--workdir {workdir}: {folder} cannot be written (read-only or no permission); "
+              f"choose another folder or fix its permissions")
 
 
 def check_devices(requested: int, available: int, hosts: int = 1) -> int:

@@ -73,6 +73,9 @@ CASES = [
     ("preset_ipc", "cifar10", ["--preset", "cifar10-ipc1", "--ipc", "10"], "good",
      ["--preset cifar10-ipc1", "--ipc 10"]),
     ("no_exports", "cifar10", ["--exports", ""], "good", ["exports must name"]),
+    ("workdir_empty", "cifar10", [], "good", ["--workdir is empty"]),
+    ("workdir_through_file", "cifar10", [], "good", ["is a file, so no folder can be made"]),
+    ("workdir_long_name", "cifar10", [], "good", ["is longer than the 255 bytes"]),
     # experiments.digits checks every IPC before the first one runs
     ("digits_late_ipc", "digits", ["--ipcs", "1,500"], None, ["--ipc 500", "only"]),
     ("digits_fraction", "digits", ["--ipcs", "1.5"], None, ["--ipcs", "'1.5'"]),
@@ -83,8 +86,9 @@ CASES = [
 def test_bad_inputs_fail_before_any_work_with_one_error_line(datasets, tmp_path):
     procs = {}
     for name, module, args, dataset, _ in CASES:
-        workdir = (datasets["a_file"] if name.endswith("workdir_file")
-                   else str(tmp_path / name))
+        workdir = {"workdir_empty": "", "workdir_long_name": str(tmp_path / ("n" * 300)),
+                   "workdir_through_file": os.path.join(datasets["a_file"], "sub")}.get(
+            name, datasets["a_file"] if name.endswith("workdir_file") else str(tmp_path / name))
         command = [sys.executable, "-m", f"experiments.{module}", "--quiet", "--workdir",
                    workdir] + args
         if module == "digits":
@@ -102,7 +106,7 @@ def test_bad_inputs_fail_before_any_work_with_one_error_line(datasets, tmp_path)
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         ok = (proc.returncode == 2 and len(errors) == 1 and "Traceback" not in err
               and all(w in errors[0] for w in words)
-              and (name.endswith("workdir_file") or not os.path.exists(workdir)))
+              and (name.endswith("workdir_file") or not workdir or not os.path.exists(workdir)))
         if not ok:
             failures.append(f"{name}: exit {proc.returncode}, stderr: {err[-600:]!r}")
     assert not failures, "\n".join(failures)
@@ -153,3 +157,40 @@ def test_bad_sets_and_outputs_fail_before_training_with_one_error_line(datasets,
         if not ok:
             failures.append(f"{name}: exit {proc.returncode}, stderr: {err[-600:]!r}")
     assert not failures, "\n".join(failures)
+
+
+def test_a_read_only_workdir_is_refused_before_any_work(tmp_path, monkeypatch):
+    # Tests run as root, whom permissions do not stop: the file system's answer is simulated.
+    from idm_jax import validate
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: (
+        not str(path).endswith("checkpoints") and real_access(path, mode)))
+    with pytest.raises(validate.InvalidRun, match="checkpoints cannot be written"):
+        validate.check_workdir(str(tmp_path / "run"))
+
+
+def test_an_actionable_os_error_is_one_line_and_a_bug_keeps_its_traceback(capsys):
+    import errno
+    from idm_jax.runs import failures
+
+    @failures.user_facing
+    def full_disk():
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/metrics.jsonl")
+        except OSError as err:        # wrapped, as orbax and tensorstore wrap it
+            raise RuntimeError("save failed") from err
+
+    with pytest.raises(SystemExit) as stop:
+        full_disk()
+    assert stop.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: /runs/x/metrics.jsonl: No space left on device; free some space or "
+                   "choose another folder"]
+
+    @failures.user_facing
+    def bug():
+        raise KeyError("a genuine bug")
+
+    with pytest.raises(KeyError):
+        bug()

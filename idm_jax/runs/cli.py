@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from idm_jax import config as config_lib, data, engine, evaluation, methods
-from idm_jax.runs import checkpoint, export
+from idm_jax.runs import checkpoint, export, failures
 from idm_jax.nn import models
 from idm_jax.runs import outputs
 from idm_jax.runs import run as run_lib
@@ -232,6 +232,7 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", path)
 
 
+@failures.user_facing
 def main(dataset: str, default_ipc: int = 10, argv: Optional[Sequence[str]] = None) -> dict:
     """Entry point of ``python -m experiments.<dataset>``."""
     enable_compilation_cache()
@@ -270,6 +271,7 @@ def condense_main(argv: Optional[Sequence[str]] = None) -> None:
 
 # Long (over 60 lines) because it is one flat sequence of checks, each with its own error line,
 # before the one evaluation.
+@failures.user_facing
 def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="idm-evaluate", description=EVALUATE_HELP)
     parser.add_argument("--set", required=True,
@@ -378,6 +380,7 @@ def evaluate_entry() -> None:
     evaluate_main()
 
 
+@failures.user_facing
 def report_main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """``python -m experiments.report WORKDIR...``: where each run stands, and its metrics.png."""
     parser = argparse.ArgumentParser(
