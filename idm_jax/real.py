@@ -81,6 +81,9 @@ def prepare_real(images: np.ndarray, labels: np.ndarray, mean, std,
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     if len(mean) != images.shape[-1] or len(std) != images.shape[-1]:
         raise ValueError(f"mean/std need {images.shape[-1]} channels, got {len(mean)}/{len(std)}")
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.min(std) > 0):
+        raise ValueError(f"mean must be finite and std finite and > 0 (pixel units, per "
+                         f"channel), got mean {list(mean)} and std {list(std)}")
     per_class, counts = data_lib.class_arrays(images, labels, num_classes)
     host = RealData(per_class=per_class, counts=counts.astype(np.int32),
                     flat_index=_flat_index(counts), mean=np.asarray(mean, np.float32),

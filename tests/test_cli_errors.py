@@ -76,6 +76,11 @@ CASES = [
     ("workdir_empty", "cifar10", [], "good", ["--workdir is empty"]),
     ("workdir_through_file", "cifar10", [], "good", ["is a file, so no folder can be made"]),
     ("workdir_long_name", "cifar10", [], "good", ["is longer than the 255 bytes"]),
+    ("distributed_alone", "cifar10", ["--distributed"], "good",
+     ["--distributed needs --coordinator_address"]),
+    ("process_id", "cifar10", ["--distributed", "--coordinator_address", "localhost:1",
+                               "--num_processes", "2", "--process_id", "5"], "good",
+     ["--process_id 5", "0..1"]),
     # experiments.digits checks every IPC before the first one runs
     ("digits_late_ipc", "digits", ["--ipcs", "1,500"], None, ["--ipc 500", "only"]),
     ("digits_fraction", "digits", ["--ipcs", "1.5"], None, ["--ipcs", "'1.5'"]),

@@ -112,7 +112,7 @@ def _good_npy_dir(path):
     ("both_forms", "both"),
     ("label_length", "train_y.npy"),
     ("float_labels", "integer labels"),
-    ("label_range", "must lie in"),
+    ("label_range", "gives 10 classes, but the labels"),
     ("meta_other_name", "cifar100"),
     ("missing_test", "test_x"),
 ])
@@ -597,3 +597,12 @@ def test_convert_tfds_known_and_other_dataset(tmp_path):
     np.testing.assert_allclose(ds.mean, x.mean(axis=(0, 1, 2)), rtol=1e-9)
     np.testing.assert_allclose(ds.std, x.std(axis=(0, 1, 2)), rtol=1e-9)
     assert sorted(ds.train_images[:, 0, 0, 0].tolist()) == list(range(20))
+
+
+def test_a_class_names_file_with_too_few_names_is_named(tmp_path):
+    rng = np.random.default_rng(3)
+    d = _write_npy_dir(tmp_path / "d", {0: _rand_u8(rng, 6, 4, 4, 3)}, np.arange(6) % 5,
+                       _rand_u8(rng, 2, 4, 4, 3), np.array([0, 4]), class_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"class_names.txt gives 3 classes, but the labels .* "
+                                         r"go up to 4"):
+        data.load_dataset("cifar10", source="npy", data_dir=d)

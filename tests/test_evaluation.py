@@ -118,3 +118,12 @@ def test_evaluate_refuses_inputs_that_would_train_or_score_silently_wrong():
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
             ev.evaluate_synset(jax.random.PRNGKey(0), *args, num_classes=4, expand=False)
+
+
+def test_condense_refuses_a_zero_or_non_finite_std_before_any_work():
+    from idm_jax import config as config_lib, data, engine
+    ds = data.load_dataset("digits")
+    config = config_lib.smoke(config_lib.get_preset("digits-ipc1"))
+    for std in ((0.0,), (float("nan"),)):
+        with pytest.raises(ValueError, match="std finite and > 0"):
+            engine.condense(config, ds.train_images, ds.train_labels, mean=ds.mean, std=std)

@@ -156,14 +156,18 @@ def load_npy_dir(directory: str, name: Optional[str] = None) -> core.Dataset:
     if os.path.exists(names_path):
         with open(names_path) as f:
             class_names = tuple(line.strip() for line in f if line.strip())
+    top = int(max(train_y.max(initial=-1), test_y.max(initial=-1)))
     if "num_classes" in meta:
-        k = int(meta["num_classes"])
+        k, source = int(meta["num_classes"]), os.path.join(directory, META_FILE)
     elif class_names is not None:
-        k = len(class_names)
+        k, source = len(class_names), names_path
     elif spec is not None:
-        k = spec.num_classes
+        k, source = spec.num_classes, f"dataset {name}"
     else:
-        k = int(max(train_y.max(initial=-1), test_y.max(initial=-1))) + 1
+        k, source = top + 1, ""
+    if top >= k:
+        raise ValueError(f"{source} gives {k} classes, but the labels in {directory} go up to "
+                         f"{top}; list every class (or fix the labels)")
     if class_names is None:
         if spec is not None and spec.class_names is not None:
             class_names = spec.class_names

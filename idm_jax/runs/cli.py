@@ -198,14 +198,36 @@ def check_before_loading(config: Config, args) -> None:
 def build_mesh(args):
     """The device mesh of the run, or None for a single device (the plain code path)."""
     if getattr(args, "distributed", False):
-        sharding.initialize_distributed(args.coordinator_address, args.num_processes,
-                                        args.process_id)
+        _start_distributed(args)
     try:
         count = validate.check_devices(getattr(args, "devices", 0), jax.device_count(),
                                        jax.process_count())
     except validate.InvalidRun as err:
         raise UserError(str(err)) from None
     return sharding.make_mesh(count) if count > 1 else None
+
+
+# Cluster managers that tell jax.distributed where the coordinator is.
+_CLUSTER_VARIABLES = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_ID",
+                      "CLOUD_TPU_TASK_ID", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _start_distributed(args) -> None:
+    """``--distributed``: join the run's hosts, or one ``UserError`` saying what is missing."""
+    if args.coordinator_address is None and not any(v in os.environ
+                                                    for v in _CLUSTER_VARIABLES):
+        raise UserError("--distributed needs --coordinator_address host:port, --num_processes "
+                        "and --process_id on every host (SLURM, Open MPI and Cloud TPU provide "
+                        "them, and this machine is none of those)")
+    if args.num_processes is not None and args.process_id is not None and not (
+            0 <= args.process_id < args.num_processes):
+        raise UserError(f"--process_id {args.process_id} with --num_processes "
+                        f"{args.num_processes}: give a rank in 0..{args.num_processes - 1}")
+    try:
+        sharding.initialize_distributed(args.coordinator_address, args.num_processes,
+                                        args.process_id)
+    except (ValueError, RuntimeError) as err:
+        raise UserError(f"--distributed: {err}") from None
 
 
 def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
@@ -403,7 +425,8 @@ def report_main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     summaries = []
     for folder in args.workdirs:
         s = outputs.summarize(folder)
-        plot = outputs.save_metrics_plot(folder)
+        # A folder shared read-only still gets its summary, without a picture.
+        plot = outputs.save_metrics_plot(folder) if os.access(folder, os.W_OK) else None
         minutes = s["condense_seconds"] / 60
         state = ("finished" if s["final"] else f"running ({s['running']})" if s["running"]
                  else "stopped")
