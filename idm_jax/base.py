@@ -44,14 +44,15 @@ class ImageOptimizer(NamedTuple):
     images. IDM's per-class SGD takes each class's gradient after the momentum-only moves of the
     classes stepped before it (``image_update.per_class_sgd``).
 
-    ``update(grads, state, images, value) -> (new images, state)``: one step from ``images`` (as
-    they were before the step, like optax's params), given the gradient of the summed class
-    losses at ``grad_point``'s images (shaped like them) and ``value``, that summed loss (), for
-    optimisers that read it (reduce-on-plateau).
+    ``update(grads, state, images, value, point=None) -> (new images, state)``: one step from
+    ``images`` (as they were before the step, like optax's params), given the gradient of the
+    summed class losses at ``point`` (``grad_point``'s images, which the engine passes so that
+    they are not recomputed: a recomputation can round differently), ``value``, that summed
+    loss (), for optimisers that read it (reduce-on-plateau).
     """
 
     init: Callable[[jax.Array], PyTree]
-    update: Callable[[jax.Array, PyTree, jax.Array, jax.Array], tuple[jax.Array, PyTree]]
+    update: Callable[..., tuple[jax.Array, PyTree]]
     grad_point: Optional[Callable[[PyTree, jax.Array], jax.Array]] = None
 
 

@@ -112,9 +112,10 @@ def per_class_sgd(lr: float, mu: float, num_classes: int) -> ImageOptimizer:
         before = expand(mu * _geometric(mu, c), x.ndim)     # momentum-only moves before step c
         return (x - lr * before * buf).reshape(images.shape)
 
-    def update(grads, momentum, images, value):
+    def update(grads, momentum, images, value, at_point=None):
         del value
-        at_point = point(momentum, images)        # the same operations as grad_point's
+        if at_point is None:      # the engine passes grad_point's own (recomputing can round
+            at_point = point(momentum, images)           # differently; CIFAR-10 showed it)
         at_step = _class_major(at_point, num_classes)
         buf0, g = _class_major(momentum, num_classes), _class_major(grads, num_classes)
         ndim = at_step.ndim
@@ -130,8 +131,8 @@ def per_class_sgd(lr: float, mu: float, num_classes: int) -> ImageOptimizer:
 def summed_sgd(lr: float, mu: float) -> ImageOptimizer:
     """DM's optimiser: one SGD-momentum step on the loss summed over classes (PyTorch's SGD,
     ``buf = mu * buf + g; x -= lr * buf``). The state is the buffer (N, H, W, C)."""
-    def update(grads, momentum, images, value):
-        del value
+    def update(grads, momentum, images, value, point=None):
+        del value, point
         new_images, buf, _ = summed_image_update(images, momentum, lambda _: (grads, None), lr,
                                                  mu)
         return new_images, buf
@@ -144,7 +145,8 @@ def from_optax(transformation: optax.GradientTransformation) -> ImageOptimizer:
     which transformations that read it (``optax.contrib.reduce_on_plateau``) use."""
     tx = optax.with_extra_args_support(transformation)
 
-    def update(grads, state, images, value):
+    def update(grads, state, images, value, point=None):
+        del point
         updates, state = tx.update(grads, state, images, value=value)
         return optax.apply_updates(images, updates), state
 
@@ -186,8 +188,8 @@ def per_class_steps(transformation: optax.GradientTransformation,
     def point(state, images):
         return steps(state, images, None)[2]
 
-    def update(grads, state, images, value):
-        del value
+    def update(grads, state, images, value, point=None):
+        del value, point
         x, state, _ = steps(state, images, grads)
         return x, state
 
@@ -240,9 +242,9 @@ def with_plateau(make_optimizer: Callable[[jax.Array], ImageOptimizer], lr: floa
         return images if optimizer.grad_point is None else optimizer.grad_point(state.inner,
                                                                                   images)
 
-    def update(grads, state, images, value):
+    def update(grads, state, images, value, point=None):
         rate, best, bad, ended = pending(state)
-        images, inner = make_optimizer(rate).update(grads, state.inner, images, value)
+        images, inner = make_optimizer(rate).update(grads, state.inner, images, value, point)
         total = jnp.where(ended, 0.0, state.total) + value
         return images, PlateauState(inner, rate, best, bad, total, state.passes + 1)
 
@@ -279,8 +281,9 @@ def in_pixel_space(optimizer: ImageOptimizer, mean, std, clamp: bool = True) -> 
             pixels = optimizer.grad_point(state, pixels)
         return to_normalised(pixels)
 
-    def update(grads, state, images, value):
-        pixels, state = optimizer.update(grads / std, state, start(images), value)
+    def update(grads, state, images, value, point=None):
+        at = None if point is None else to_pixels(point)
+        pixels, state = optimizer.update(grads / std, state, start(images), value, at)
         return to_normalised(pixels), state
 
     return ImageOptimizer(init=lambda images: optimizer.init(to_pixels(images)), update=update,

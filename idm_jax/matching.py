@@ -248,7 +248,7 @@ def match(engine: Engine, real: real_lib.RealData, images: jax.Array, opt_state,
     optimizer = engine.image_optimizer
     grads, (loss, terms) = grad_at(layout.constrain(point.reshape(shape)))
     images, opt_state = optimizer.update(grads.reshape(images.shape), opt_state, images,
-                                         jnp.sum(loss))
+                                         jnp.sum(loss), point)
     metrics = {"loss": jnp.mean(loss), **{k: jnp.mean(v) for k, v in terms.items()},
                "ce_scale": ce_scale, "extractor_acc": accuracy}
     return images, opt_state, metrics
@@ -281,7 +281,7 @@ def calibrate(engine: Engine, real: real_lib.RealData, images: jax.Array, opt_st
     grads, ce = jax.grad(total_loss, has_aux=True)(
         layout.constrain(layout.pad(layout.constrain(point.reshape(shape)))))
     images, opt_state = optimizer.update(layout.unpad(grads).reshape(images.shape), opt_state,
-                                         images, jnp.sum(ce))
+                                         images, jnp.sum(ce), point)
     return images, opt_state, {"calibration": jnp.mean(ce)}
 
 

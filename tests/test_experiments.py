@@ -211,15 +211,19 @@ def test_digits_experiment_at_reduced_budget_beats_random_selection(tmp_path, mo
     # Condensed IPC 1 (4 expanded views per class) against 1 random real image per class.
     assert row["idm"] > row["random_real"] + 3.0, row
     assert os.path.exists(os.path.join(str(tmp_path), "comparison.json"))
-    # A re-run of the finished command does not evaluate the random-real baseline again: it
-    # is kept beside the run.
-    def no_evaluation(*args, **kwargs):
-        raise AssertionError("evaluated again")
-
-    monkeypatch.setattr(digits, "random_real_baseline", no_evaluation)
-    again = digits.main(["--ipcs", "1", "--workdir", str(tmp_path), "--iterations", "20",
-                         "--epoch_eval_train", "50", "--num_eval", "2", "--quiet"])
-    assert again[1]["random_real"] == row["random_real"]
+    # Its random-real baseline is kept beside the run: a re-run does not evaluate it again,
+    # a change of what it depends on does.
+    calls = []
+    monkeypatch.setattr(digits, "random_real_baseline",
+                        lambda dataset, config, key: calls.append(config.seed) or {"mean": 1.0})
+    from idm_jax import config as config_lib
+    config = config_lib.override(config_lib.get_preset("digits-ipc1"), {"epoch_eval_train": 50,
+                                                                         "num_eval": 2})
+    folder = str(tmp_path / "ipc1")
+    assert digits._random_real_once(None, config, folder)["mean"] == row["random_real"]
+    assert calls == []
+    digits._random_real_once(None, config_lib.override(config, {"seed": 3}), folder)
+    assert calls == [3]
 
 
 def test_a_set_condensed_with_another_partition_is_evaluated_with_it(tmp_path, monkeypatch):

@@ -83,7 +83,7 @@ def test_sessions_are_recorded_and_an_unused_folder_is_removed(tmp_path):
 
 
 def test_report_summarises_a_run_folder_from_its_files(tmp_path, capsys):
-    from idm_jax.runs import cli
+    from idm_jax.runs import tools
 
     run = tmp_path / "run"
     (run / "checkpoints" / "25").mkdir(parents=True)
@@ -94,20 +94,20 @@ def test_report_summarises_a_run_folder_from_its_files(tmp_path, capsys):
               "seconds": 30.0} for i in range(4)]
     lines.append({"event": "eval", "iteration": 4, "mean": 33.5, "std": 0.5})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    [summary] = cli.report_main([str(run)])
+    [summary] = tools.report_main([str(run)])
     out = capsys.readouterr().out
     assert "iteration 4/100, stopped, 2.0 min condensing" in out
     assert "checkpoints [25], damaged set aside [50]" in out and "33.50 +- 0.50 %" in out
     assert summary["evaluations"] == [(4, 33.5, 0.5)]
     assert (run / "metrics.png").stat().st_size > 1000
     with pytest.raises(SystemExit) as stop:
-        cli.report_main([str(tmp_path)])
+        tools.report_main([str(tmp_path)])
     assert stop.value.code == 2 and "not a run folder" in capsys.readouterr().err
     # A config.json that is not a run's record is named, not summarised as "None ipc None".
     for name, text in (("garbage", "{not json"), ("other", '{"hello": 1}'), ("list", "[1, 2]")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(text)
         with pytest.raises(SystemExit) as stop:
-            cli.report_main([str(tmp_path / name)])
+            tools.report_main([str(tmp_path / name)])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and f"{name}/config.json" in err and "None" not in err
