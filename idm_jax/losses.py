@@ -243,6 +243,31 @@ def covariance_gap(real_features, syn_features, real_mask=None) -> jnp.ndarray:
     return frob(a @ a.T) / na ** 2 + frob(b @ b.T) / nb ** 2 - 2.0 * frob(a @ b.T) / (na * nb)
 
 
+def position_covariance_gap(real_features, syn_features, real_mask=None, *,
+                            channels: int) -> jnp.ndarray:
+    """IID's covariance term (before its weight 0.03): ``|C_real - C_syn|_F^2`` where C is the
+    ``channels x channels`` covariance of the channels over the class's samples, computed at
+    each spatial position (centred by the per-position sample mean, divided by N) and summed
+    over the positions.
+
+    The features are the flattened NHWC output of the network's last block, (N, P * channels)
+    with position-major layout (P = H * W positions); the synthetic mean is not detached, the
+    real features carry no gradient. (docs/METHODS.md, "IID".)
+    """
+    real = jax.lax.stop_gradient(real_features)
+
+    def covariance(features, weights):
+        x = features.reshape(features.shape[0], -1, channels)          # (N, P, C)
+        n = jnp.maximum(jnp.sum(weights), 1.0)
+        mean = jnp.einsum("n,npc->pc", weights, x) / n
+        centred = (x - mean) * weights[:, None, None]
+        return jnp.einsum("npc,npd->cd", centred, centred) / n          # summed over P
+
+    gap = (covariance(real, _weights(real.shape[0], real_mask, real.dtype))
+           - covariance(syn_features, _weights(syn_features.shape[0], None, real.dtype)))
+    return jnp.sum(jnp.square(gap))
+
+
 def variance_gap(real_features, syn_features, real_mask=None) -> jnp.ndarray:
     """``sum_d (var_real[d] - var_syn[d])^2`` of the per-feature (biased) variances."""
     real = jax.lax.stop_gradient(real_features)
@@ -254,4 +279,5 @@ def variance_gap(real_features, syn_features, real_mask=None) -> jnp.ndarray:
 
 __all__ = ["mmd", "class_mmd", "class_aware_ce", "median_bandwidth", "gaussian_mmd",
            "M3D_MULTIPLIERS", "m3d_mmd", "l2_normalize", "ncfm_distance",
-           "characteristic_distance", "covariance_gap", "variance_gap"]
+           "characteristic_distance", "covariance_gap", "position_covariance_gap",
+           "variance_gap"]

@@ -109,6 +109,35 @@ def test_ncfm_distance_equals_its_code_in_value_and_gradient():
         np_ncfm(real[:6].astype(np.float64), syn, t), rtol=1e-4)
 
 
+def np_iid_covariance(real, syn, channels):
+    """IID's L_CM as its code writes it (float64): features [N, C, P]; per-(c, p) mean over N;
+    matmul of the centred [N, C, P] with its transpose -> [N, C, C]; mean over N."""
+    def cov(f):
+        x = f.reshape(len(f), -1, channels).transpose(0, 2, 1).astype(np.float64)   # [N, C, P]
+        sub = x - x.mean(0, keepdims=True)
+        return (sub @ sub.transpose(0, 2, 1)).mean(0)
+    return ((cov(real) - cov(syn)) ** 2).sum()
+
+
+def test_iid_position_covariance_equals_its_code_in_value_and_gradient():
+    real, syn = features(30, 7, d=12), features(31, 4, d=12, shift=0.4)   # 4 positions x 3
+    value = lambda s: losses.position_covariance_gap(real, s, channels=3)
+    np.testing.assert_allclose(value(syn), np_iid_covariance(real, syn, 3), rtol=1e-4)
+    grad = np.asarray(jax.grad(value)(syn))
+    numeric = np.zeros_like(grad, np.float64)
+    for i in range(4):
+        for j in range(12):
+            up, down = syn.astype(np.float64), syn.astype(np.float64)
+            up[i, j] += 1e-5
+            down[i, j] -= 1e-5
+            numeric[i, j] = (np_iid_covariance(real, up, 3)
+                             - np_iid_covariance(real, down, 3)) / 2e-5
+    np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-4)
+    mask = np.arange(7) < 5
+    np.testing.assert_allclose(losses.position_covariance_gap(real, syn, mask, channels=3),
+                               np_iid_covariance(real[:5], syn, 3), rtol=1e-4)
+
+
 def test_m3d_mmd_equals_its_code_in_value_and_gradient():
     real, syn = features(10, 7), features(11, 4, shift=0.6)
     want, b = np_m3d_mmd(real, syn)
