@@ -64,8 +64,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                         tfds_data_dir=args.tfds_data_dir)
             _, split = data.split_validation(dataset, args.validation_per_class,
                                              args.validation_seed)
+            net = models.get_model(recipe.model, dataset.num_classes,
+                                   in_channels=dataset.image_shape[-1])
+            jax.eval_shape(net.init, jax.random.PRNGKey(0),     # the network fits the images
+                           jax.ShapeDtypeStruct((1,) + dataset.image_shape, jax.numpy.float32))
         except (ValueError, FileNotFoundError) as err:
-            raise cli.UserError(str(err)) from None
+            raise cli.UserError(f"{err}" if "--" in str(err) else
+                                f"--recipe {args.recipe} / --model {recipe.model} on "
+                                f"{args.dataset}: {err}") from None
     except cli.UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -30,7 +30,9 @@ Config = Any          # idm_jax.config.Config (not imported: this module is a le
 
 # objective(real_features (B, D), real_mask (B,), syn_features (P, D), syn_logits (P, L),
 #           label (), ce_scale (), key) -> (loss (), {term name: ()}), for one class. The real
-# features are constants; ``key`` is the class's own (its Siamese DSA key).
+# features are constants; ``key`` is the class's own (its Siamese DSA key). With an auxiliary
+# network (``Config.auxiliary_model``) it is also given ``aux_features=`` (P, D_aux), that
+# network's embedding of the same synthetic views (IID's pretrained ResNet-18).
 Objective = Callable[..., tuple[jax.Array, dict]]
 
 
@@ -65,6 +67,7 @@ class Networks(NamedTuple):
     optimizer: Any                          # optax transformation that trains an extractor
     map_models: Callable                    # f -> f over stacked models (jax.vmap, or in turn)
     chunk: int                              # images per network call; 0 whole batches
+    auxiliary_init: Optional[Callable] = None   # key -> params of the auxiliary network
 
 
 class ExtractorSchedule(NamedTuple):
@@ -79,6 +82,8 @@ class ExtractorSchedule(NamedTuple):
     ``metrics`` holds ``trainee_acc`` and ``queue_size`` (scalars).
     ``calibration(state) -> params``: optional, the network of a calibration pass (NCFM's CE
     step on a trained network), run after the matching passes when ``calibration_weight`` > 0.
+    ``auxiliary(state) -> params``: optional, the auxiliary network's params for this
+    iteration (``Config.auxiliary_model``; IID's pretrained ResNet-18).
     """
 
     init: Callable[[jax.Array], PyTree]
@@ -86,6 +91,7 @@ class ExtractorSchedule(NamedTuple):
     draw: Callable[[PyTree, jax.Array], tuple[PyTree, jax.Array]]
     train: Callable[..., tuple[PyTree, dict]]
     calibration: Optional[Callable[[PyTree], PyTree]] = None
+    auxiliary: Optional[Callable[[PyTree], PyTree]] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ class Config:
     ipc: int = 10                       # synthetic images per class (the stored budget)
     model: str = "ConvNet"              # matching / queue architecture (official name string)
     seed: int = 0
-    method: str = "idm"                 # idm | dm | m3d | ncfm | path.py:NAME (idm_jax.methods)
+    method: str = "idm"                 # idm|dm|m3d|ncfm|iid|path.py:NAME (idm_jax.methods)
 
     # --- synthetic set and its optimiser (docs/FAITHFULNESS.md, "init", "image update")
     iterations: int = 20000             # outer iterations; the loop runs it = 0..iterations
@@ -72,7 +72,9 @@ class Config:
                                         # control (the distance is still logged, unweighted)
     calibration_weight: float = 0.0     # > 0: after matching, a CE pass on the schedule's
                                         # calibration network (NCFM: 1)
-    pool_dir: str = ""                  # a pretrained pool (experiments.pretrain; NCFM)
+    pool_dir: str = ""                  # a pretrained pool (experiments.pretrain; NCFM, IID)
+    auxiliary_model: str = ""           # a second network embedding the synthetic views for
+                                        # the objective ("" none; IID: ResNet18)
 
     # --- model queue (docs/FAITHFULNESS.md, "model queue")
     net_num: int = 100                  # queue capacity

@@ -88,6 +88,8 @@ class Engine(NamedTuple):
     image_optimizer: ImageOptimizer   # how the images move (the method's)
     extractors: ExtractorSchedule     # where the extractors come from (the method's)
     method: Method
+    aux_apply: Optional[Callable] = None   # (params, images) -> embedding of the auxiliary
+                                           # network (config.auxiliary_model), else None
 
 
 def make_engine(config: Config, num_classes: int, image_shape, *,
@@ -136,7 +138,9 @@ def make_engine(config: Config, num_classes: int, image_shape, *,
             policy = dataclasses.replace(policy, chunk=budget.chunk, remat=budget.chunk > 0)
     optimizer = classifier.sgd(config.lr_net, config.net_momentum,
                                         config.net_weight_decay)
-    nets = Networks(init_params, apply, optimizer, policy.map_models, policy.chunk)
+    aux_init, aux_apply = _auxiliary_network(config, num_classes, channels, dtype, policy,
+                                             dummy)
+    nets = Networks(init_params, apply, optimizer, policy.map_models, policy.chunk, aux_init)
     try:
         pieces = (method.objective(config) if objective is None else objective,
                   method.image_optimizer(config, num_classes), method.extractors(config, nets))
@@ -151,7 +155,28 @@ def make_engine(config: Config, num_classes: int, image_shape, *,
             raise ValueError(f"method {method.name} steps pixels: make_engine needs "
                              f"normalization=(mean, std) of the data (RealData.mean, .std)")
         pieces = (pieces[0], image_update.in_pixel_space(pieces[1], *normalization), pieces[2])
-    return Engine(config, model, optimizer, init_params, apply, policy, *pieces, method)
+    if config.auxiliary_model and pieces[2].auxiliary is None:
+        raise validate.InvalidRun(f"--auxiliary_model {config.auxiliary_model}: the method "
+                                  f"{method.name}'s extractors give no auxiliary network; "
+                                  f"leave it empty")
+    return Engine(config, model, optimizer, init_params, apply, policy, *pieces, method,
+                  aux_apply)
+
+
+def _auxiliary_network(config: Config, num_classes: int, channels: int, dtype, policy, dummy):
+    """(init, apply -> embedding) of ``config.auxiliary_model``, or (None, None)."""
+    if not config.auxiliary_model:
+        return None, None
+    if config.auxiliary_model not in models.MODEL_NAMES:
+        raise validate.InvalidRun(f"--auxiliary_model {config.auxiliary_model!r} is not a known "
+                                  f"architecture; valid: {', '.join(models.MODEL_NAMES)}")
+    aux = models.get_model(config.auxiliary_model, num_classes, in_channels=channels,
+                           dtype=dtype, conv_op=policy.conv_op)
+
+    def aux_apply(params, images):
+        return aux.apply({"params": params}, images)[0].astype(jnp.float32)
+
+    return (lambda key: aux.init(key, dummy)["params"]), aux_apply
 
 
 def init_synthetic(key: jax.Array, config: Config, real: RealData) -> jax.Array:

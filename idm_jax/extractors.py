@@ -11,6 +11,8 @@
   pass, optionally interpolated between its starting and its trained weights.
 - ``interpolated_pool_schedule``: NCFM's: one pool network and one interpolation drawn per
   iteration, its trained weights for the calibration pass.
+- ``with_auxiliary_pool``: any schedule plus a frozen network drawn per iteration from a pool,
+  for an objective that scores the synthetic views under it too (IID).
 
 The schedule's state is a pytree in ``CondenseState.extractors``.
 """
@@ -195,5 +197,34 @@ def interpolated_pool_schedule(start, trained) -> ExtractorSchedule:
                              calibration=lambda state: pick(state["trained"], state["index"]))
 
 
+def with_auxiliary_pool(schedule: ExtractorSchedule, pool) -> ExtractorSchedule:
+    """``schedule`` plus an auxiliary network drawn uniformly from a fixed ``pool`` (params
+    stacked on a leading axis) once per iteration, for the objective (IID's pretrained
+    ResNet-18s, frozen). The base schedule's state, draws and training are unchanged."""
+    size = jax.tree.leaves(pool)[0].shape[0]
+
+    def init(key):
+        return {"base": schedule.init(key), "pool": jax.tree.map(jnp.array, pool),
+                "index": jnp.int32(0)}
+
+    def refresh(state, iteration, key):
+        # The base schedule keeps the key it would have had alone; the pick folds it.
+        index = jax.random.randint(jax.random.fold_in(key, 7), (), 0, size)
+        return dict(state, base=schedule.refresh(state["base"], iteration, key), index=index)
+
+    def draw(state, key):
+        return schedule.draw(state["base"], key)
+
+    def train(state, real, layout, select_key, batch_key):
+        base, metrics = schedule.train(state["base"], real, layout, select_key, batch_key)
+        return dict(state, base=base), metrics
+
+    calibration = (None if schedule.calibration is None
+                   else lambda state: schedule.calibration(state["base"]))
+    return ExtractorSchedule(
+        init=init, refresh=refresh, draw=draw, train=train, calibration=calibration,
+        auxiliary=lambda state: jax.tree.map(lambda leaf: leaf[state["index"]], state["pool"]))
+
+
 __all__ = ["queue_schedule", "train_queue", "fresh_schedule", "pool_schedule",
-           "interpolated_pool_schedule"]
+           "interpolated_pool_schedule", "with_auxiliary_pool"]

@@ -160,11 +160,12 @@ def real_features(engine: Engine, params, real: real_lib.RealData, idx: jax.Arra
 
 
 def synthetic_outputs(engine: Engine, params, syn: jax.Array, dsa_keys: jax.Array,
-                      layout: ClassLayout):
+                      layout: ClassLayout, aux_params=None):
     """Expand, augment and embed every class's synthetic images.
 
     ``syn`` (K_padded, ipc, H, W, C) -> embeddings (K_padded, P*ipc, D) and logits
-    (K_padded, P*ipc, L), with P pieces per stored image.
+    (K_padded, P*ipc, L), with P pieces per stored image; with ``aux_params`` also the
+    auxiliary network's embeddings of the same views (K_padded, P*ipc, D_aux).
     """
     config = engine.config
 
@@ -177,23 +178,40 @@ def synthetic_outputs(engine: Engine, params, syn: jax.Array, dsa_keys: jax.Arra
     views = layout.constrain(_per_class_views(
         lambda key, images: expand_and_augment(images, key), dsa_keys, syn, layout))
     num_classes, per_class = views.shape[:2]
-    embedding, logits = _embed(engine, params, views.reshape((-1,) + views.shape[2:]), layout)
-    return (layout.constrain(embedding.reshape(num_classes, per_class, -1)),
-            layout.constrain(logits.reshape(num_classes, per_class, -1)))
+    flat = views.reshape((-1,) + views.shape[2:])
+    embedding, logits = _embed(engine, params, flat, layout)
+    outputs = (layout.constrain(embedding.reshape(num_classes, per_class, -1)),
+               layout.constrain(logits.reshape(num_classes, per_class, -1)))
+    if aux_params is None:
+        return outputs
+    aux = layout.per_device(lambda p, x: microbatch.apply_in_chunks(
+        lambda y: engine.aux_apply(p, y), x, engine.policy.chunk,
+        remat=engine.policy.remat))(aux_params, flat)
+    return outputs + (layout.constrain(aux.reshape(num_classes, per_class, -1)),)
 
 
 def class_objectives(engine: Engine, params, syn, features, real_mask, dsa_keys, ce_scale,
-                     layout: ClassLayout):
+                     layout: ClassLayout, extractors=None):
     """Every class's objective at its synthetic images ``syn`` (K_padded, ipc, H, W, C).
 
-    Returns (K,) losses and a dict of (K,) terms; padding classes are dropped.
+    ``extractors`` (the schedule's state) is needed only with an auxiliary network, whose
+    params the schedule holds. Returns (K,) losses and a dict of (K,) terms; padding classes
+    are dropped.
     """
-    embedding, logits = synthetic_outputs(engine, params, syn, dsa_keys, layout)
+    aux_params = None if engine.aux_apply is None else engine.extractors.auxiliary(extractors)
+    outputs = synthetic_outputs(engine, params, syn, dsa_keys, layout, aux_params)
+    embedding, logits = outputs[:2]
     # Padding classes of a sharded run (past the model's classes) borrow the last label; their
     # losses are dropped below.
     labels = jnp.minimum(jnp.arange(syn.shape[0]), logits.shape[-1] - 1)
-    loss, terms = jax.vmap(engine.objective, in_axes=(0, 0, 0, 0, 0, None, 0))(
-        features, real_mask, embedding, logits, labels, ce_scale, dsa_keys)
+    if aux_params is None:
+        loss, terms = jax.vmap(engine.objective, in_axes=(0, 0, 0, 0, 0, None, 0))(
+            features, real_mask, embedding, logits, labels, ce_scale, dsa_keys)
+    else:
+        def objective(f, m, e, lg, lab, key, aux):
+            return engine.objective(f, m, e, lg, lab, ce_scale, key, aux_features=aux)
+        loss, terms = jax.vmap(objective)(features, real_mask, embedding, logits, labels,
+                                          dsa_keys, outputs[2])
     return layout.unpad(loss), jax.tree.map(layout.unpad, terms)
 
 
@@ -215,7 +233,8 @@ def _pass_setup(engine: Engine, real: real_lib.RealData, images, opt_state, extr
     features = real_features(engine, params, real, idx, dsa_keys, layout)
 
     def class_loss(syn):     # syn padded to the layout's classes
-        return class_objectives(engine, params, syn, features, mask, dsa_keys, ce_scale, layout)
+        return class_objectives(engine, params, syn, features, mask, dsa_keys, ce_scale, layout,
+                                extractors)
 
     optimizer = engine.image_optimizer
     point = images if optimizer.grad_point is None else optimizer.grad_point(opt_state, images)
@@ -268,7 +287,7 @@ def calibrate(engine: Engine, real: real_lib.RealData, images: jax.Array, opt_st
     dsa_keys = layout.pad(jax.random.split(key, real.num_classes))
 
     def total_loss(syn):
-        _, logits = synthetic_outputs(engine, params, syn, dsa_keys, layout)
+        _, logits = synthetic_outputs(engine, params, syn, dsa_keys, layout)[:2]
         labels = jnp.minimum(jnp.arange(syn.shape[0]), logits.shape[-1] - 1)
         ce = jax.vmap(lambda lg, c: losses.class_aware_ce(
             lg, jnp.broadcast_to(c, lg.shape[:1]), config.calibration_weight))(logits, labels)

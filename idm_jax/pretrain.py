@@ -175,4 +175,20 @@ def load_pool(directory: str, template: Any, expect: Optional[dict] = None) -> d
     return dict(pool, meta=meta)
 
 
-__all__ = ["Recipe", "RECIPES", "train_pool", "save_pool", "load_pool"]
+def load_pool_for(config, template: Any, model: str) -> dict:
+    """``load_pool(config.pool_dir)`` checked against the run: the pool's network ``model``,
+    the dataset, and the validation split (per class and seed) it held out; ValueError naming
+    ``--pool_dir`` otherwise."""
+    pool = load_pool(config.pool_dir, template, {"model": model, "dataset": config.dataset})
+    split = pool["meta"].get("validation") or {"per_class": 0, "seed": 0}
+    held_out = (split["per_class"], split["seed"] if split["per_class"] else 0)
+    wanted = (config.validation_per_class,
+              config.validation_seed if config.validation_per_class else 0)
+    if held_out != wanted:
+        raise ValueError(f"--pool_dir {config.pool_dir}: the pool held out (per class, seed) "
+                         f"{held_out} of the training set, the run holds out {wanted}; "
+                         f"pretrain with the run's --validation_per_class and seed")
+    return pool
+
+
+__all__ = ["Recipe", "RECIPES", "train_pool", "save_pool", "load_pool", "load_pool_for"]

@@ -3,7 +3,7 @@
 A method (``base.Method``) binds an objective, an image optimiser and an extractor schedule with
 the config settings that define it. The config field ``method`` names one:
 
-- a built-in name (``METHODS``): ``idm`` (the default), ``dm``, ``m3d``, ``ncfm``;
+- a built-in name (``METHODS``): ``idm`` (the default), ``dm``, ``m3d``, ``ncfm``, ``iid``;
 - ``path/to/file.py:NAME``: the ``Method`` called ``NAME`` in that Python file, which is loaded
   from outside the package (``path/to/file.py`` alone takes ``METHOD``).
 
@@ -20,10 +20,10 @@ import importlib.util
 import os
 
 from idm_jax.base import Method
-from idm_jax.methods import dm, idm, m3d, ncfm
+from idm_jax.methods import dm, idm, iid, m3d, ncfm
 
 METHODS: dict[str, Method] = {m.name: m for m in (idm.METHOD, dm.METHOD, m3d.METHOD,
-                                                   ncfm.METHOD)}
+                                                   ncfm.METHOD, iid.METHOD)}
 
 _LOADED: dict[tuple[str, str], Method] = {}
 

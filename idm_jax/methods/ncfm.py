@@ -67,16 +67,7 @@ def pool_extractors(config, nets):
                          "with python -m experiments.pretrain --recipe ncfm and pass "
                          "--pool_dir")
     template = jax.eval_shape(nets.init_params, jax.random.PRNGKey(0))
-    pool = pretrain.load_pool(config.pool_dir, template,
-                              {"model": config.model, "dataset": config.dataset})
-    split = pool["meta"].get("validation") or {"per_class": 0, "seed": 0}
-    held_out = (split["per_class"], split["seed"] if split["per_class"] else 0)
-    wanted = (config.validation_per_class,
-              config.validation_seed if config.validation_per_class else 0)
-    if held_out != wanted:
-        raise ValueError(f"--pool_dir {config.pool_dir}: the pool held out (per class, seed) "
-                         f"{held_out} of the training set, the run holds out {wanted}; "
-                         f"pretrain with the run's --validation_per_class and seed")
+    pool = pretrain.load_pool_for(config, template, config.model)
     return extractors.interpolated_pool_schedule(pool["init"], pool["trained"])
 
 
