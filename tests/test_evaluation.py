@@ -86,7 +86,7 @@ def test_batchnorm_model_trains_and_tests_with_running_stats():
     net = idm_jax.get_model("ConvNetBN", 10, in_channels=1)
     test_x, test_y = jnp.asarray(test_x[:500]), jnp.asarray(test_y[:500])
     accuracy, variables = jax.jit(lambda k: evaluation.train_and_test(
-        k, net, jnp.asarray(train_x), jnp.asarray(train_y), test_x, test_y, epochs=20,
+        k, net, jnp.asarray(train_x), jnp.asarray(train_y), test_x, test_y, epochs=8,
         batch_size=32, test_batch=100, return_variables=True))(jax.random.PRNGKey(2))
     stats = variables["batch_stats"]
     means = np.concatenate([np.ravel(v["mean"]) for v in stats.values()])

@@ -206,7 +206,7 @@ def test_digits_experiment_at_reduced_budget_beats_random_selection(tmp_path, mo
     from experiments import digits
 
     comparison = digits.main(["--ipcs", "1", "--workdir", str(tmp_path), "--iterations", "20",
-                              "--epoch_eval_train", "50", "--num_eval", "2", "--quiet"])
+                              "--epoch_eval_train", "30", "--num_eval", "2", "--quiet"])
     row = comparison[1]
     # Condensed IPC 1 (4 expanded views per class) against 1 random real image per class.
     assert row["idm"] > row["random_real"] + 3.0, row
@@ -217,7 +217,7 @@ def test_digits_experiment_at_reduced_budget_beats_random_selection(tmp_path, mo
     monkeypatch.setattr(digits, "random_real_baseline",
                         lambda dataset, config, key: calls.append(config.seed) or {"mean": 1.0})
     from idm_jax import config as config_lib
-    config = config_lib.override(config_lib.get_preset("digits-ipc1"), {"epoch_eval_train": 50,
+    config = config_lib.override(config_lib.get_preset("digits-ipc1"), {"epoch_eval_train": 30,
                                                                          "num_eval": 2})
     folder = str(tmp_path / "ipc1")
     assert digits._random_real_once(None, config, folder)["mean"] == row["random_real"]

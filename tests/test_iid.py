@@ -61,7 +61,8 @@ def test_iid_runs_with_a_pool_and_refuses_what_cannot_work(tmp_path):
                                  dataset.std)
     config = dataclasses.replace(
         config_lib.smoke(methods.with_method(config_lib.get_preset("digits-ipc1"), "iid")),
-        auxiliary_model="ConvNetW32", batch_real=8, pool_dir=str(tmp_path / "pool"))
+        auxiliary_model="ConvNetW32", batch_real=8, pool_dir=str(tmp_path / "pool"),
+        model_train_steps=0)
     with pytest.raises(validate.InvalidRun, match="no pretrained pool there"):
         engine_lib.make_engine(config, 10, real.image_shape)
     net = engine_lib.make_engine(config_lib.smoke(config_lib.get_preset("digits-ipc1")), 10,

@@ -173,9 +173,9 @@ def test_the_reference_notices_a_miswired_step():
     from idm_jax import matching
     original = matching.synthetic_outputs
 
-    def shifted_keys(engine, params, syn, dsa_keys, layout):
+    def shifted_keys(engine, params, syn, dsa_keys, layout, aux_params=None):
         return original(engine, params, syn, jax.vmap(lambda k: jax.random.fold_in(k, 1))(
-            dsa_keys), layout)
+            dsa_keys), layout, aux_params)
 
     matching.synthetic_outputs = shifted_keys
     try:

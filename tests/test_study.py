@@ -14,7 +14,8 @@ from idm_jax.runs import study
 TINY = ["--dataset", "digits", "--source", "digits", "--quiet",
         "--set", "iterations=2", "--set", "num_eval=1", "--set", "epoch_eval_train=1",
         "--set", "batch_real=16", "--set", "trained_bs=16", "--set", "model_train_steps=1",
-        "--set", "model=ConvNetW32", "--set", "eval_model=ConvNetW32", "--set", "net_num=4"]
+        "--set", "model=ConvNetW32", "--set", "eval_model=ConvNetW32", "--set", "net_num=4",
+        "--set", "record_grad_norms=false"]
 
 
 def test_cpu_budget_is_the_written_protocol():

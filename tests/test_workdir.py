@@ -111,3 +111,16 @@ def test_report_summarises_a_run_folder_from_its_files(tmp_path, capsys):
             tools.report_main([str(tmp_path / name)])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and f"{name}/config.json" in err and "None" not in err
+
+
+def test_evaluate_takes_the_dataset_the_set_records(tmp_path):
+    # Without --dataset, experiments.evaluate reads synthetic.json beside the set (a digits set
+    # is not evaluated on CIFAR-10); with no record it falls back to cifar10.
+    import json
+    from idm_jax.runs import tools
+    (tmp_path / "run" / "dd_ranking").mkdir(parents=True)
+    with open(tmp_path / "run" / "synthetic.json", "w") as f:
+        json.dump({"dataset": "digits"}, f)
+    assert tools._recorded_dataset(str(tmp_path / "run" / "synthetic.npz")) == "digits"
+    assert tools._recorded_dataset(str(tmp_path / "run" / "dd_ranking")) == "digits"
+    assert tools._recorded_dataset(str(tmp_path / "elsewhere.npz")) is None
