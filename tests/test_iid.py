@@ -42,11 +42,11 @@ def test_the_auxiliary_pool_is_drawn_per_iteration_and_leaves_the_queue_alone():
     base = extractors.fresh_schedule(nets, 2)
     schedule = extractors.with_auxiliary_pool(base, pool)
     state, alone = schedule.init(jax.random.PRNGKey(2)), base.init(jax.random.PRNGKey(2))
+    refresh, base_refresh = jax.jit(schedule.refresh), jax.jit(base.refresh)   # one compile
     seen = set()
     for it in range(20):
         key = jax.random.PRNGKey(50 + it)
-        state, alone = schedule.refresh(state, jnp.int32(it), key), base.refresh(
-            alone, jnp.int32(it), key)
+        state, alone = refresh(state, jnp.int32(it), key), base_refresh(alone, jnp.int32(it), key)
         np.testing.assert_array_equal(schedule.draw(state, key)[0]["w"],
                                       base.draw(alone, key)[0]["w"])
         index = int(state["index"])

@@ -206,11 +206,12 @@ def test_fresh_schedule_draws_a_new_untrained_network_exactly_every_k_iterations
     nets = tiny_networks()
     schedule = extractors.fresh_schedule(nets, every)
     state = schedule.init(jax.random.PRNGKey(0))
+    refresh = jax.jit(schedule.refresh)          # one compile for the twelve calls
     key = jax.random.PRNGKey(1)
     previous = None
     for it in range(12):
         key, k_refresh, k_draw = jax.random.split(key, 3)
-        state = schedule.refresh(state, jnp.int32(it), k_refresh)
+        state = refresh(state, jnp.int32(it), k_refresh)
         params, accuracy = schedule.draw(state, k_draw)
         state, metrics = schedule.train(state, None, None, k_draw, k_draw)
         assert float(accuracy) == 0.0 and float(metrics["trainee_acc"]) == 0.0

@@ -20,9 +20,10 @@ def test_interpolated_pool_draws_one_network_and_one_mix_per_iteration():
     start, trained = jax.vmap(nets.init_params)(keys), jax.vmap(nets.init_params)(keys[::-1])
     schedule = extractors.interpolated_pool_schedule(start, trained)
     state = schedule.init(keys[0])
+    refresh = jax.jit(schedule.refresh)
     seen = set()
     for it in range(30):
-        state = schedule.refresh(state, jnp.int32(it), jax.random.PRNGKey(100 + it))
+        state = refresh(state, jnp.int32(it), jax.random.PRNGKey(100 + it))
         i, l = int(state["index"]), float(state["mix"])
         first, _ = schedule.draw(state, jax.random.PRNGKey(1))
         second, accuracy = schedule.draw(state, jax.random.PRNGKey(2))     # same iteration
