@@ -59,12 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
             if twice:     # one run would be counted twice in the table
                 raise cli.UserError(f"{flag} names {', '.join(twice)} more than once; each run "
                                     f"counts once, so name each once")
-        overrides = {}
-        for item in args.set:
-            field, sep, value = item.partition("=")
-            if not sep:
-                raise cli.UserError(f"--set takes FIELD=VALUE, got {item!r}")
-            overrides[field] = value
+        overrides = cli.set_overrides(args.set)
         try:
             base = study.budget_config(args.dataset, args.budget, args.ipc, overrides,
                                        args.method)

@@ -45,12 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                 f"{args.test_seeds!r}") from None
         if not test_seeds or len(set(test_seeds)) != len(test_seeds):
             raise cli.UserError(f"--test_seeds must name distinct seeds, got {args.test_seeds!r}")
-        overrides = {}
-        for item in args.set:
-            field, sep, value = item.partition("=")
-            if not sep:
-                raise cli.UserError(f"--set takes FIELD=VALUE, got {item!r}")
-            overrides[field] = value
+        overrides = cli.set_overrides(args.set)
         for field in ("validation_per_class", "seed", "lr_img", "ce_weight"):
             if field in overrides:
                 raise cli.UserError(f"--set {field}=... : the tuning sets {field} itself; use "

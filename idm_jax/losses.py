@@ -144,15 +144,18 @@ def characteristic_distance(real_features, syn_features, real_mask=None, *, key,
     real = jax.lax.stop_gradient(real_features)
     dim = real.shape[1]
     freqs = jax.random.normal(key, (num_frequencies, dim), real.dtype) * (scale / dim ** 0.5)
-
-    def phi(features, weights):
-        angles = features @ freqs.T                             # (N, F)
-        total = jnp.maximum(jnp.sum(weights), 1.0)
-        return weights @ jnp.cos(angles) / total, weights @ jnp.sin(angles) / total
-
-    cos_r, sin_r = phi(real, _weights(real.shape[0], real_mask, real.dtype))
-    cos_s, sin_s = phi(syn_features, _weights(syn_features.shape[0], None, real.dtype))
+    cos_r, sin_r = _empirical_cf(real, _weights(real.shape[0], real_mask, real.dtype), freqs)
+    cos_s, sin_s = _empirical_cf(syn_features, _weights(syn_features.shape[0], None, real.dtype),
+                                 freqs)
     return jnp.mean(jnp.square(cos_r - cos_s) + jnp.square(sin_r - sin_s))
+
+
+def _empirical_cf(features, weights, freqs):
+    """Real and imaginary parts (F,) of the weighted empirical characteristic function of the
+    rows of ``features`` (N, D) at the frequencies ``freqs`` (F, D)."""
+    angles = features @ freqs.T                                 # (N, F)
+    total = jnp.maximum(jnp.sum(weights), 1.0)
+    return weights @ jnp.cos(angles) / total, weights @ jnp.sin(angles) / total
 
 
 # M3D's kernel: exp(-d^2 / (m b)) summed over these multipliers of its bandwidth b.
@@ -207,14 +210,8 @@ def ncfm_distance(real_features, syn_features, real_mask=None, *, key,
     real = l2_normalize(jax.lax.stop_gradient(real_features))
     syn = l2_normalize(syn_features)
     freqs = jax.random.normal(key, (num_frequencies, real.shape[1]), real.dtype)
-
-    def phi(features, weights):
-        angles = features @ freqs.T                             # (N, F)
-        total = jnp.maximum(jnp.sum(weights), 1.0)
-        return weights @ jnp.cos(angles) / total, weights @ jnp.sin(angles) / total
-
-    re_r, im_r = phi(real, _weights(real.shape[0], real_mask, real.dtype))
-    re_s, im_s = phi(syn, _weights(syn.shape[0], None, real.dtype))
+    re_r, im_r = _empirical_cf(real, _weights(real.shape[0], real_mask, real.dtype), freqs)
+    re_s, im_s = _empirical_cf(syn, _weights(syn.shape[0], None, real.dtype), freqs)
     norm_r, norm_s = jnp.sqrt(re_r ** 2 + im_r ** 2), jnp.sqrt(re_s ** 2 + im_s ** 2)
     amp = jnp.square(norm_r - norm_s)
     phase = jnp.maximum(2.0 * (norm_r * norm_s - re_r * re_s - im_r * im_s), 1e-12)

@@ -175,10 +175,14 @@ def load_pool(directory: str, template: Any, expect: Optional[dict] = None) -> d
     return dict(pool, meta=meta)
 
 
-def load_pool_for(config, template: Any, model: str) -> dict:
+def load_pool_for(config, template: Any, model: str, method: str = "", recipe: str = "") -> dict:
     """``load_pool(config.pool_dir)`` checked against the run: the pool's network ``model``,
     the dataset, and the validation split (per class and seed) it held out; ValueError naming
-    ``--pool_dir`` otherwise."""
+    ``--pool_dir`` otherwise (and, with no ``--pool_dir``, how ``method`` gets one: the
+    ``recipe`` of ``experiments.pretrain``)."""
+    if not config.pool_dir:
+        raise ValueError(f"--method {method} needs a pool of pretrained networks: make one with "
+                         f"python -m experiments.pretrain --recipe {recipe} and pass --pool_dir")
     pool = load_pool(config.pool_dir, template, {"model": model, "dataset": config.dataset})
     split = pool["meta"].get("validation") or {"per_class": 0, "seed": 0}
     held_out = (split["per_class"], split["seed"] if split["per_class"] else 0)

@@ -60,12 +60,8 @@ def objective(config):
 def queue_with_pool(config, nets):
     """IDM's queue, plus a frozen pretrained network drawn per iteration from the pool in
     ``config.pool_dir`` (checked against the run: network, dataset, validation split)."""
-    if not config.pool_dir:
-        raise ValueError("--method iid scores its scatter term under pretrained ResNet-18s: make "
-                         "a pool with python -m experiments.pretrain --recipe iid and pass "
-                         "--pool_dir")
     template = jax.eval_shape(nets.auxiliary_init, jax.random.PRNGKey(0))
-    pool = pretrain.load_pool_for(config, template, config.auxiliary_model)
+    pool = pretrain.load_pool_for(config, template, config.auxiliary_model, "iid", "iid")
     return extractors.with_auxiliary_pool(extractors.queue_schedule(config, nets),
                                           pool["trained"])
 

@@ -62,12 +62,8 @@ def image_optimizer(config, num_classes):
 def pool_extractors(config, nets):
     """The pretrained pool in ``config.pool_dir``, checked against the run (network, dataset,
     validation split)."""
-    if not config.pool_dir:
-        raise ValueError("--method ncfm draws its extractors from a pretrained pool: make one "
-                         "with python -m experiments.pretrain --recipe ncfm and pass "
-                         "--pool_dir")
     template = jax.eval_shape(nets.init_params, jax.random.PRNGKey(0))
-    pool = pretrain.load_pool_for(config, template, config.model)
+    pool = pretrain.load_pool_for(config, template, config.model, "ncfm", "ncfm")
     return extractors.interpolated_pool_schedule(pool["init"], pool["trained"])
 
 

@@ -145,6 +145,17 @@ def _method_label(spec: str) -> str:
     return f"{os.path.splitext(os.path.basename(path))[0]}-{name or 'METHOD'}"
 
 
+def set_overrides(items: Sequence[str]) -> dict:
+    """``--set FIELD=VALUE`` items (repeatable flag of the multi-run commands) as a dict."""
+    overrides = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set takes FIELD=VALUE, got {item!r}")
+        overrides[field] = value
+    return overrides
+
+
 def load_data(config: Config, args) -> data.Dataset:
     """The dataset of the run, with enough images per class for the config
     (``validate.check_data``)."""
