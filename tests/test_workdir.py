@@ -94,6 +94,15 @@ def test_report_summarises_a_run_folder_from_its_files(tmp_path, capsys):
               "seconds": 30.0} for i in range(4)]
     lines.append({"event": "eval", "iteration": 4, "mean": 33.5, "std": 0.5})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    # A folder the report cannot write (a shared read-only copy; simulated, tests run as root)
+    # is summarised without a picture, and nothing is written into it.
+    real_access = os.access
+    os.access = lambda path, mode: False if str(path) == str(run) else real_access(path, mode)
+    try:
+        tools.report_main([str(run)])
+    finally:
+        os.access = real_access
+    assert not (run / "metrics.png").exists() and "; plot" not in capsys.readouterr().out
     [summary] = tools.report_main([str(run)])
     out = capsys.readouterr().out
     assert "iteration 4/100, stopped, 2.0 min condensing" in out
