@@ -1,5 +1,8 @@
 """Typed configuration of a condensation run, and every paper setting as a named preset.
 
+(Over 400 lines: the field list with its checks is one dataclass, and the presets are a table
+read beside it; moving the presets to their own module is the planned cut.)
+
 Field names follow the official IDM flags where one exists (docs/FAITHFULNESS.md, "presets"), so
 a preset can be checked line by line against ``command.txt``. Choices where the official code has
 a quirk carry the faithful behaviour as the default; the fix is an explicit option

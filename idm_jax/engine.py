@@ -1,5 +1,8 @@
 """The condensation engine: explicit state and one jitted outer iteration of a method.
 
+(About 400 lines: the state, the engine's construction and the step share their types and
+are read together; the run loop lives in ``idm_jax.runs.run``.)
+
 The engine is built from a method (``base.Method``, ``idm_jax.methods``): its objective, image
 optimiser and extractor schedule. One call of the step is one outer iteration; for IDM, one
 iteration of the official ``IDM_cifar10.py`` loop (docs/FAITHFULNESS.md, "outer iteration"):
@@ -92,6 +95,8 @@ class Engine(NamedTuple):
                                            # network (config.auxiliary_model), else None
 
 
+# Long (over 60 lines) because it is the one place where the device policy, the networks and
+# the method's three pieces are put together, in order; each step is a few lines.
 def make_engine(config: Config, num_classes: int, image_shape, *,
                 policy: Optional[backend.Policy] = None,
                 method: Optional[Method] = None,

@@ -185,6 +185,8 @@ def _padded_test_set(test_images, test_labels, test_batch: int):
     return test_x, test_y, test_batch
 
 
+# Long (over 60 lines) because most of it is the documented argument list of the library entry
+# point; the work is three calls (check, expand, train and score the models).
 def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
                     model: str = "ConvNet", num_classes: Optional[int] = None,
                     num_models: int = 5, epochs: int = 1000, batch_size: int = 256,
