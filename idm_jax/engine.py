@@ -240,6 +240,12 @@ def state_shapes(engine: Engine, num_classes: int, image_shape) -> CondenseState
 
 
 # --------------------------------------------------------------------------- one iteration
+def iteration_keys(key: jax.Array):
+    """An iteration's keys from the state's key: (next state key, refresh, matching, trainee
+    selection, trainee batches). The step and the diagnostics draw exactly these."""
+    return jax.random.split(key, 5)
+
+
 def make_step(engine: Engine, real: RealData, jit: bool = True,
               mesh: Optional[Mesh] = None) -> Callable:
     """The outer iteration ``step(state, real) -> (state, metrics)``.
@@ -260,7 +266,7 @@ def make_step(engine: Engine, real: RealData, jit: bool = True,
 
     def step(state: CondenseState, r: RealData):
         # ``r`` is an argument, not a closure constant: the dataset is not baked into the program.
-        key, k_refresh, k_match, k_select, k_batch = jax.random.split(state.key, 5)
+        key, k_refresh, k_match, k_select, k_batch = iteration_keys(state.key)
         extractors = schedule.refresh(state.extractors, state.iteration, k_refresh)
         images, opt_state, metrics = state.images, state.image_opt_state, {}
         for match_key in jax.random.split(k_match, config.train_net_num):
@@ -298,7 +304,7 @@ def first_pass_gradient_norms(engine: Engine, real: RealData, state: CondenseSta
     layout = sharding.ClassLayout(real.num_classes, mesh)
 
     def norms(state, r):
-        _, k_refresh, k_match, _, _ = jax.random.split(state.key, 5)    # as in make_step
+        _, k_refresh, k_match, _, _ = iteration_keys(state.key)
         extractors = engine.extractors.refresh(state.extractors, state.iteration, k_refresh)
         match_key = jax.random.split(k_match, engine.config.train_net_num)[0]
         return matching.term_gradient_norms(engine, r, state.images, state.image_opt_state,
