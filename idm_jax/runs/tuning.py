@@ -27,6 +27,8 @@ import math
 import os
 from typing import Optional, Sequence
 
+import numpy as np
+
 from idm_jax import engine
 from idm_jax.config import Config
 from idm_jax.runs import checkpoint, study
@@ -146,15 +148,15 @@ def _summary(method, base, trials, best, tests, trial_seed, test_seeds, command)
                      "validation": results.get("validation", {}).get("mean"),
                      "validation_std": results.get("validation", {}).get("std"),
                      "grad_norms_it0": results.get("grad_norms_it0")})
-    test_accuracies = [a for r in tests if "accuracies" in r for a in r["accuracies"]]
-    n = len(test_accuracies)
-    mean = sum(test_accuracies) / n if n else None
-    std = (math.sqrt(sum((a - mean) ** 2 for a in test_accuracies) / n) if n else None)
+    test_accuracies = np.array([a for r in tests if "accuracies" in r for a in r["accuracies"]])
+    n = int(test_accuracies.size)
+    mean = float(test_accuracies.mean()) if n else None
+    std = float(test_accuracies.std()) if n else None        # population std, as the study
     return {"method": method, "dataset": base.dataset, "ipc": base.ipc,
             "validation_per_class": base.validation_per_class, "trial_seed": trial_seed,
             "test_seeds": list(test_seeds), "grid": rows, "chosen": trials[best][0],
             "test": {"mean": mean, "std": std, "models": n,
-                     "seed_means": [sum(r["accuracies"]) / len(r["accuracies"])
+                     "seed_means": [float(np.mean(r["accuracies"]))
                                     for r in tests if "accuracies" in r],
                      "failed": [r["failed"] for r in tests if "failed" in r]},
             "machine": study.machine(), "command": command}
