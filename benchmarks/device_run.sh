@@ -11,11 +11,12 @@
 #   1. environment line; the cifar10-ipc10 iteration benchmark (compile apart, timed
 #      iterations, TFLOP/s against the reference's 2.06 TFLOP per iteration, peak memory) and
 #      the projected 20,000-iteration time;
-#   2. the faithful `experiments.cifar10 --ipc 10` run with its final 5-model evaluation if the
+#   2. benchmarks.torch_reference on the same device (the side-by-side ratio), capped at 90 s;
+#   3. the faithful `experiments.cifar10 --ipc 10` run with its final 5-model evaluation if the
 #      projection fits the time left, else as many iterations as fit (reported as a partial
 #      run, never as the paper number), checkpoints on the machine's disk;
-#   3. with what is left: benchmarks.torch_reference on the same device (the side-by-side
-#      ratio), then the cifar10-ipc1 and cifar10-ipc50 iteration timings.
+#   4. with what is left: the cifar10-ipc1 and cifar10-ipc50 iteration timings.
+# The stage logs end up in OUT_DIR/logs.tgz (a call brings back at most 8 files).
 # SMOKE=1 runs the same stages at a seconds-long size (to dry-run the script on a CPU).
 set -uo pipefail
 DATA=${1:?usage: bash benchmarks/device_run.sh DATA_DIR OUT_DIR [BUDGET_S]}
@@ -62,7 +63,11 @@ cat "$OUT/env.txt"
 stage iteration_ipc10 150 "$PY" -m benchmarks.iteration --preset cifar10-ipc10 \
   --data_dir "$DATA" "${BENCH[@]}" --json "$JSON"
 
-# 2. The paper run, or as much of it as fits.
+# 2. PyTorch beside us on the same device (on the GPU when PyTorch sees one), with a short cap:
+#    the side-by-side ratio is worth more than the last minute of a run that is partial anyway.
+stage torch_reference 90 "$PY" -m benchmarks.torch_reference "${TORCH[@]}" --json "$JSON"
+
+# 3. The paper run, or as much of it as fits.
 MS=$("$PY" -c "import json,sys
 rows=[json.loads(l) for l in open(sys.argv[1])]
 rows=[r for r in rows if r.get('preset') == 'cifar10-ipc10' and 'iteration_s' in r]
@@ -102,10 +107,11 @@ print(json.dumps({"stage": "paper_run", "planned_iterations": planned, "paper_it
 EOF
 fi
 
-# 3. With what is left: PyTorch beside us, then the other IPCs' iteration timings.
-stage torch_reference 150 "$PY" -m benchmarks.torch_reference "${TORCH[@]}" --json "$JSON"
+# 4. With what is left: the other IPCs' iteration timings.
 for preset in cifar10-ipc1 cifar10-ipc50; do
   stage "iteration_$preset" 120 "$PY" -m benchmarks.iteration --preset "$preset" \
     --data_dir "$DATA" "${BENCH[@]}" --no_parts --json "$JSON"
 done
-echo "[$(date +%H:%M:%S)] done in $(( $(date +%s) - START )) s; records in $JSON"
+# A call brings back at most 8 files: the stage logs travel as one archive.
+(cd "$OUT" && tar czf logs.tgz ./*.log && rm -f ./*.log)
+echo "[$(date +%H:%M:%S)] done in $(( $(date +%s) - START )) s; records in $JSON, logs in $OUT/logs.tgz"

@@ -23,7 +23,10 @@ random tensors of CIFAR-10's shapes (speed does not depend on the values).
 Usage (PyTorch is not a dependency of idm-jax; install it into the same environment)::
 
     pip install torch --index-url https://download.pytorch.org/whl/cpu
-    python -m benchmarks.torch_reference [--iters 2] [--channels_last]
+    python -m benchmarks.torch_reference [--iters 2] [--channels_last] [--device cuda]
+
+``--device auto`` (the default) runs on the GPU when PyTorch sees one, else on the CPU, and the
+record names the device, so a figure is never read as the other device's.
 
 Prints one table row (markdown) and one JSON line; ``--json FILE`` also appends the JSON line.
 """
@@ -81,6 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--channels_last", action="store_true",
                         help="NHWC memory format (not what the official code does)")
     parser.add_argument("--threads", type=int, default=0, help="0: one per core")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda when PyTorch sees a GPU, else cpu), cpu, cuda, cuda:N")
     parser.add_argument("--json", default=None, help="append the JSON record to this file")
     args = parser.parse_args(argv)
 
@@ -89,17 +94,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads or os.cpu_count())
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    # Work on a GPU is queued: without a barrier a timing would measure the launches only.
+    barrier = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def model():
         features, head = convnet3(torch, num_classes=args.classes)
-        return features.to(memory_format=fmt), head
+        return features.to(device, memory_format=fmt), head.to(device)
 
     def sgd(params):
         return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
 
-    pool = torch.randn(50000, 3, 32, 32).contiguous(memory_format=fmt)
-    pool_labels = torch.randint(0, args.classes, (50000,))
-    syn = torch.randn(args.classes * args.ipc, 3, 32, 32, requires_grad=True)
+    pool = torch.randn(50000, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    pool_labels = torch.randint(0, args.classes, (50000,), device=device)
+    syn = torch.randn(args.classes * args.ipc, 3, 32, 32, device=device, requires_grad=True)
     syn_opt = torch.optim.SGD([syn], lr=0.2, momentum=0.5)
     extractor = model()
     trainees = [model() for _ in range(args.trainees)]
@@ -108,14 +118,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     def matching():
         features, head = extractor
         for c in range(args.classes):
-            real = pool[torch.randint(0, 50000, (args.batch_real,))]
+            real = pool[torch.randint(0, 50000, (args.batch_real,), device=device)]
             with torch.no_grad():
                 real_mean = features(real).mean(0)
             expanded = partition_expand(torch, syn[c * args.ipc:(c + 1) * args.ipc])
             expanded = expanded.contiguous(memory_format=fmt)
             syn_mean = features(expanded).mean(0)
             logits = head(features(expanded))      # the official code's second forward
-            target = torch.full((expanded.shape[0],), c)
+            target = torch.full((expanded.shape[0],), c, device=device)
             loss = ((real_mean - syn_mean) ** 2).sum() + 0.5 * F.cross_entropy(logits, target)
             syn_opt.zero_grad()
             loss.backward()
@@ -124,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     def queue_training():
         for (features, head), opt in zip(trainees, trainee_opts):
             for _ in range(args.train_steps):
-                idx = torch.randint(0, 50000, (args.batch_real,))
+                idx = torch.randint(0, 50000, (args.batch_real,), device=device)
                 loss = F.cross_entropy(head(features(pool[idx])), pool_labels[idx])
                 opt.zero_grad()
                 loss.backward()
@@ -132,12 +142,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     eval_features, eval_head = model()
     eval_opt = sgd(list(eval_features.parameters()) + list(eval_head.parameters()))
-    eval_images = torch.randn(4 * args.ipc * args.classes, 3, 32, 32).contiguous(
+    eval_images = torch.randn(4 * args.ipc * args.classes, 3, 32, 32, device=device).contiguous(
         memory_format=fmt)
-    eval_labels = torch.arange(args.classes).repeat_interleave(4 * args.ipc)
+    eval_labels = torch.arange(args.classes, device=device).repeat_interleave(4 * args.ipc)
 
     def eval_epoch():
-        order = torch.randperm(eval_images.shape[0])
+        order = torch.randperm(eval_images.shape[0], device=device)
         for start in range(0, order.numel(), 256):
             idx = order[start:start + 256]
             loss = F.cross_entropy(eval_head(eval_features(eval_images[idx])), eval_labels[idx])
@@ -146,11 +156,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             eval_opt.step()
 
     def timed(fn, name):
-        fn()   # warm-up: oneDNN picks and caches its kernels on the first call
+        fn()   # warm-up: oneDNN / cuDNN pick and cache their kernels on the first call
+        barrier()
         times = []
         for i in range(args.iters):
             start = time.perf_counter()
             fn()
+            barrier()
             times.append(time.perf_counter() - start)
             progress(f"{name} {i + 1}/{args.iters}: {times[-1]:.2f} s")
         return min(times), statistics.median(times)
@@ -161,7 +173,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     eval_s, _ = timed(eval_epoch, "evaluation epoch")
     steps = args.trainees * args.train_steps
     record = {
-        "benchmark": "torch_reference", "torch": torch.__version__,
+        "benchmark": "torch_reference", "torch": torch.__version__, "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else "cpu"),
         "torch_threads": torch.get_num_threads(), "channels_last": args.channels_last,
         "ipc": args.ipc, "classes": args.classes, "iters": args.iters,
         "matching_s": match_s, "matching_median_s": match_med,
@@ -169,11 +183,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "iteration_s": match_s + queue_s, "eval_epoch_s": eval_s,
         "load_before": load_before, "load_after": load_average(),
     }
-    header = ("| date | torch | format | iteration | matching | queue (per step) | eval epoch "
-              "| load |\n|---|---|---|---|---|---|---|---|")
+    header = ("| date | torch | device | format | iteration | matching | queue (per step) "
+              "| eval epoch | load |\n|---|---|---|---|---|---|---|---|---|")
 
     def row(r):
-        return (f"| {r['date']} | {r['torch']} | "
+        return (f"| {r['date']} | {r['torch']} | {r['device_name']} | "
                 f"{'NHWC' if r['channels_last'] else 'NCHW'} | {r['iteration_s']:.2f} s | "
                 f"{r['matching_s']:.2f} s | {r['queue_s']:.2f} s ({r['queue_step_s']:.3f} s) | "
                 f"{r['eval_epoch_s']:.2f} s | {r['load_before']} |")

@@ -8,7 +8,7 @@ it verifies the parts that arrived and keeps them in ``DEST/.parts``; once all a
 rebuilds the files in ``DEST`` and verifies each file's digest, so a damaged or missing part is
 named, never silently used.
 
-    python -m benchmarks.transfer split /work/shared/data/cifar10 .transfer --part_mib 61
+    python -m benchmarks.transfer split /work/shared/data/cifar10 .transfer
     # each call carries one part (and the manifest): .transfer/manifest.json .transfer/part-000
     python -m benchmarks.transfer receive .transfer /tmp/idm-data/cifar10
 """
@@ -125,8 +125,8 @@ def main(argv=None) -> int:
     s = sub.add_parser("split", help="cut a folder into parts and a manifest")
     s.add_argument("source")
     s.add_argument("out")
-    s.add_argument("--part_mib", type=float, default=61.0,
-                   help="part size; one part per 64 MiB call leaves ~3 MiB for the code")
+    s.add_argument("--part_mib", type=float, default=59.5,
+                   help="part size; one part per 64 MiB call leaves 4.5 MiB for the working tree")
     r = sub.add_parser("receive", help="keep arrived parts; rebuild when complete")
     r.add_argument("incoming")
     r.add_argument("dest")
