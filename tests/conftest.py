@@ -14,6 +14,12 @@ if "IDM_JAX_COMPILATION_CACHE" not in os.environ:
     os.environ["IDM_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="idm-jax-test-xla-")
     atexit.register(shutil.rmtree, os.environ["IDM_JAX_COMPILATION_CACHE"], True)
 _CACHE = os.environ["IDM_JAX_COMPILATION_CACHE"]
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each pytest-xdist worker (and the runs it starts) keeps its own cache folder, inside the
+    # controller's (removed with it): one writer family per folder, as in a serial run.
+    _CACHE = os.path.join(_CACHE, os.environ["PYTEST_XDIST_WORKER"])
+    os.makedirs(_CACHE, exist_ok=True)
+    os.environ["IDM_JAX_COMPILATION_CACHE"] = _CACHE
 
 import jax  # noqa: E402  (after the environment is set)
 

@@ -95,6 +95,18 @@ def cli_command(workdir, data_dir, extra=()):
             "--iterations", "150", "--checkpoint_every", "1000"] + list(extra)
 
 
+def flip_one_bit_of_the_largest_file(folder):
+    """Flip the lowest bit of the middle byte of the largest file under ``folder``; its path."""
+    files = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+    target = max(files, key=os.path.getsize)
+    with open(target, "r+b") as f:
+        f.seek(os.path.getsize(target) // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 1]))
+    return target
+
+
 def wait_for_lines(path, count, proc, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -103,7 +115,7 @@ def wait_for_lines(path, count, proc, timeout=300):
         time.sleep(0.2)
 
 
-def test_ctrl_c_and_kill_9_resume_to_the_same_result_with_each_iteration_logged_once(tmp_path):
+def test_ctrl_c_kill_9_and_a_rotten_checkpoint_end_in_the_same_result_logged_once(tmp_path):
     data_dir = str(tmp_path / "npy")
     write_npy_cifar(data_dir)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -140,11 +152,22 @@ def test_ctrl_c_and_kill_9_resume_to_the_same_result_with_each_iteration_logged_
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_lines(metrics, stopped_at + 3, killed)
     killed.send_signal(signal.SIGKILL)
-    killed.communicate(timeout=60)
+    killed_output, _ = killed.communicate(timeout=60)
+    assert f"resuming from iteration {stopped_at}" in killed_output, killed_output
+
+    # Then the only checkpoint rots on disk (one bit of its largest data file flipped): the
+    # next start sets it aside with one warning line, no traceback, and starts over.
+    damaged = flip_one_bit_of_the_largest_file(
+        os.path.join(interrupted, "checkpoints", str(stopped_at)))
     resumed = subprocess.run(cli_command(interrupted, data_dir), cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"resuming from iteration {stopped_at}" in resumed.stdout
+    printed = (resumed.stdout + resumed.stderr).splitlines()
+    assert len([line for line in printed if line.startswith("warning:")]) == 1, printed
+    assert not any("Traceback" in line for line in printed), printed
+    assert os.path.exists(os.path.join(interrupted, "checkpoints-damaged", str(stopped_at),
+                                       os.path.relpath(damaged, os.path.join(
+                                           interrupted, "checkpoints", str(stopped_at)))))
     steps = [json.loads(line)["iteration"] for line in open(metrics)
              if "event" not in json.loads(line)]
     assert steps == list(range(150))
@@ -156,8 +179,9 @@ def test_ctrl_c_and_kill_9_resume_to_the_same_result_with_each_iteration_logged_
     np.testing.assert_array_equal(a["images_normalized"], b["images_normalized"])
     with open(os.path.join(interrupted, "results.json")) as f:
         results = json.load(f)
-    assert results["resumed_from_iteration"] == stopped_at
-    assert [s["from_iteration"] for s in results["sessions"]] == [0, stopped_at, stopped_at]
+    # Three sessions: the first, the resume killed with -9, the start-over past the damage.
+    assert results["resumed_from_iteration"] == 0
+    assert [s["from_iteration"] for s in results["sessions"]] == [0, stopped_at, 0]
 
 
 def test_nan_loss_stops_with_the_iteration_and_the_last_good_checkpoint(tmp_path, capsys):
