@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Optional, Sequence
 
 import jax
@@ -85,32 +84,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print("\nOther flags as every experiment (python -m experiments.cifar10 --help); any "
               "config field can be set with --FIELD VALUE.")
         return {}
-    try:
-        ipcs = _parse_ipcs(own.ipcs)
-        if os.path.exists(own.workdir) and not os.path.isdir(own.workdir):
-            raise cli.UserError(f"--workdir {own.workdir} is a file; give a folder")
-        dataset = data.load_dataset("digits")
-        runs = {}
-        for ipc in ipcs:       # every IPC's settings are checked before the first one runs
-            args, config = cli.parse(["--ipc", str(ipc)] + list(rest), "digits", ipc)
-            args.workdir = os.path.join(own.workdir, f"ipc{ipc}")
-            cli.check_before_loading(config, args)
-            cli.check_data_for(config, dataset)
-            runs[ipc] = (args, config)
-        comparison = {}
-        for ipc, (args, config) in runs.items():
-            print(f"== digits ipc {ipc}: condensing {config.iterations} iterations")
-            idm = cli.run(config, args, dataset)
-            random = _random_real_once(dataset, config, args.workdir)
-            comparison[ipc] = {"idm": idm["mean"], "idm_std": idm["std"],
-                               "random_real": random["mean"], "random_real_std": random["std"],
-                               "num_eval": config.num_eval, "method": config.method}
-    except cli.UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except cli.run_lib.Interrupted as stop:
-        print(stop)
-        raise SystemExit(stop.exit_status) from None
+    ipcs = _parse_ipcs(own.ipcs)
+    if os.path.exists(own.workdir) and not os.path.isdir(own.workdir):
+        raise cli.UserError(f"--workdir {own.workdir} is a file; give a folder")
+    dataset = data.load_dataset("digits")
+    runs = {}
+    for ipc in ipcs:       # every IPC's settings are checked before the first one runs
+        args, config = cli.parse(["--ipc", str(ipc)] + list(rest), "digits", ipc)
+        args.workdir = os.path.join(own.workdir, f"ipc{ipc}")
+        cli.check_before_loading(config, args)
+        cli.check_data_for(config, dataset)
+        runs[ipc] = (args, config)
+    comparison = {}
+    for ipc, (args, config) in runs.items():
+        print(f"== digits ipc {ipc}: condensing {config.iterations} iterations")
+        idm = cli.run(config, args, dataset)
+        random = _random_real_once(dataset, config, args.workdir)
+        comparison[ipc] = {"idm": idm["mean"], "idm_std": idm["std"],
+                           "random_real": random["mean"], "random_real_std": random["std"],
+                           "num_eval": config.num_eval, "method": config.method}
     label = next(iter(comparison.values()), {}).get("method", "idm")
     print(f"\n  ipc | {label + ' condensed (%)':<18} | random real (%)")
     for ipc, row in comparison.items():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 from typing import Optional, Sequence
 
 import jax
@@ -43,38 +42,34 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--out", default=None, help="the pool's folder")
     args = parser.parse_args(argv)
     cli.enable_compilation_cache()
+    for flag in ("models", "epochs"):
+        if getattr(args, flag) < 1:
+            raise cli.UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.dataset not in config_lib.DATASETS:
+        raise cli.UserError(f"--dataset {args.dataset!r} is not known; valid: "
+                            f"{', '.join(config_lib.DATASETS)}")
+    out = args.out or os.path.join("runs", "pools", f"{args.dataset}-{args.recipe}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise cli.UserError(f"--out {out} is a file; give a folder")
+    recipe = dataclasses.replace(pretrain.RECIPES[args.recipe], epochs=args.epochs)
+    if args.model is not None:
+        if args.model not in models.MODEL_NAMES:
+            raise cli.UserError(f"--model {args.model!r} is not a known architecture; "
+                                f"valid: {', '.join(models.MODEL_NAMES)}")
+        recipe = dataclasses.replace(recipe, model=args.model)
     try:
-        for flag in ("models", "epochs"):
-            if getattr(args, flag) < 1:
-                raise cli.UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-        if args.dataset not in config_lib.DATASETS:
-            raise cli.UserError(f"--dataset {args.dataset!r} is not known; valid: "
-                                f"{', '.join(config_lib.DATASETS)}")
-        out = args.out or os.path.join("runs", "pools", f"{args.dataset}-{args.recipe}")
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise cli.UserError(f"--out {out} is a file; give a folder")
-        recipe = dataclasses.replace(pretrain.RECIPES[args.recipe], epochs=args.epochs)
-        if args.model is not None:
-            if args.model not in models.MODEL_NAMES:
-                raise cli.UserError(f"--model {args.model!r} is not a known architecture; "
-                                    f"valid: {', '.join(models.MODEL_NAMES)}")
-            recipe = dataclasses.replace(recipe, model=args.model)
-        try:
-            dataset = data.load_dataset(args.dataset, source=args.source, data_dir=args.data_dir,
-                                        tfds_data_dir=args.tfds_data_dir)
-            _, split = data.split_validation(dataset, args.validation_per_class,
-                                             args.validation_seed)
-            net = models.get_model(recipe.model, dataset.num_classes,
-                                   in_channels=dataset.image_shape[-1])
-            jax.eval_shape(net.init, jax.random.PRNGKey(0),     # the network fits the images
-                           jax.ShapeDtypeStruct((1,) + dataset.image_shape, jax.numpy.float32))
-        except (ValueError, FileNotFoundError) as err:
-            raise cli.UserError(f"{err}" if "--" in str(err) else
-                                f"--recipe {args.recipe} / --model {recipe.model} on "
-                                f"{args.dataset}: {err}") from None
-    except cli.UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        dataset = data.load_dataset(args.dataset, source=args.source, data_dir=args.data_dir,
+                                    tfds_data_dir=args.tfds_data_dir)
+        _, split = data.split_validation(dataset, args.validation_per_class,
+                                         args.validation_seed)
+        net = models.get_model(recipe.model, dataset.num_classes,
+                               in_channels=dataset.image_shape[-1])
+        jax.eval_shape(net.init, jax.random.PRNGKey(0),     # the network fits the images
+                       jax.ShapeDtypeStruct((1,) + dataset.image_shape, jax.numpy.float32))
+    except (ValueError, FileNotFoundError) as err:
+        raise cli.UserError(f"{err}" if "--" in str(err) else
+                            f"--recipe {args.recipe} / --model {recipe.model} on "
+                            f"{args.dataset}: {err}") from None
     print(f"pretraining {args.models} x {recipe.model} for {recipe.epochs} epochs on "
           f"{args.dataset} ({args.recipe} recipe) -> {out}")
     from tqdm import tqdm

@@ -41,54 +41,37 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
                         help="run nothing: write the table of the runs already finished")
     args = parser.parse_args(argv)
     cli.enable_compilation_cache()
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in study.VARIANTS]
+    if unknown or not variants:
+        raise cli.UserError(f"--variants: unknown {unknown or 'empty list'}; valid: "
+                            f"{', '.join(study.VARIANTS)}")
+    cli.refuse_repeats("--variants", variants)
+    seeds = cli.seed_list("--seeds", args.seeds)
+    overrides = cli.set_overrides(args.set)
     try:
-        variants = [v for v in args.variants.split(",") if v]
-        unknown = [v for v in variants if v not in study.VARIANTS]
-        if unknown or not variants:
-            raise cli.UserError(f"--variants: unknown {unknown or 'empty list'}; valid: "
-                                f"{', '.join(study.VARIANTS)}")
-        try:
-            seeds = [int(s) for s in args.seeds.split(",") if s]
-        except ValueError:
-            raise cli.UserError(f"--seeds must be comma-separated integers, got "
-                                f"{args.seeds!r}") from None
-        if not seeds:
-            raise cli.UserError("--seeds is empty")
-        for flag, values in (("--variants", variants), ("--seeds", seeds)):
-            twice = sorted({str(v) for v in values if values.count(v) > 1})
-            if twice:     # one run would be counted twice in the table
-                raise cli.UserError(f"{flag} names {', '.join(twice)} more than once; each run "
-                                    f"counts once, so name each once")
-        overrides = cli.set_overrides(args.set)
-        try:
-            base = study.budget_config(args.dataset, args.budget, args.ipc, overrides,
-                                       args.method)
-            for v in variants:
-                study.variant_config(base, v, seeds[0])
-        except ValueError as err:
-            raise cli.UserError(str(err)) from None
-        command = "python -m experiments.study " + " ".join(shlex.quote(a) for a in argv)
-        try:    # every record already there is read before any work: a bad one is named now
-            rows, missing = study.finished_runs(args.workdir, variants, seeds,
-                                                dataset=args.dataset, budget=args.budget,
-                                                ipc=args.ipc, overrides=overrides,
-                                                method=args.method)
-        except ValueError as err:
-            raise cli.UserError(str(err)) from None
-        if args.table_only:
-            return _table_only(args, rows, missing, overrides, command)
-        args.class_list = None
-        dataset = cli.load_data(base, args)
-        mesh = cli.build_mesh(args)
-        table = study.run_study(dataset, variants, seeds, args.workdir, budget=args.budget,
-                                ipc=args.ipc, overrides=overrides, mesh=mesh, quiet=args.quiet,
-                                command=command, method=args.method)
-    except cli.UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except cli.run_lib.Interrupted as stop:
-        print(f"{stop} Re-run the same study command to continue.")
-        raise SystemExit(stop.exit_status) from None
+        base = study.budget_config(args.dataset, args.budget, args.ipc, overrides,
+                                   args.method)
+        for v in variants:
+            study.variant_config(base, v, seeds[0])
+    except ValueError as err:
+        raise cli.UserError(str(err)) from None
+    command = "python -m experiments.study " + " ".join(shlex.quote(a) for a in argv)
+    try:    # every record already there is read before any work: a bad one is named now
+        rows, missing = study.finished_runs(args.workdir, variants, seeds,
+                                            dataset=args.dataset, budget=args.budget,
+                                            ipc=args.ipc, overrides=overrides,
+                                            method=args.method)
+    except ValueError as err:
+        raise cli.UserError(str(err)) from None
+    if args.table_only:
+        return _table_only(args, rows, missing, overrides, command)
+    args.class_list = None
+    dataset = cli.load_data(base, args)
+    mesh = cli.build_mesh(args)
+    table = study.run_study(dataset, variants, seeds, args.workdir, budget=args.budget,
+                            ipc=args.ipc, overrides=overrides, mesh=mesh, quiet=args.quiet,
+                            command=command, method=args.method)
     print(open(f"{args.workdir}/study.md").read())
     return table
 

@@ -37,40 +37,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         help="override a config field of the budget for every run (repeatable)")
     args = parser.parse_args(argv)
     cli.enable_compilation_cache()
+    test_seeds = cli.seed_list("--test_seeds", args.test_seeds)
+    overrides = cli.set_overrides(args.set)
+    for field in ("validation_per_class", "seed", "lr_img", "ce_weight"):
+        if field in overrides:
+            raise cli.UserError(f"--set {field}=... : the tuning sets {field} itself; use "
+                                f"its own flag or leave it to the grid")
     try:
-        try:
-            test_seeds = [int(s) for s in args.test_seeds.split(",") if s]
-        except ValueError:
-            raise cli.UserError(f"--test_seeds must be comma-separated integers, got "
-                                f"{args.test_seeds!r}") from None
-        if not test_seeds or len(set(test_seeds)) != len(test_seeds):
-            raise cli.UserError(f"--test_seeds must name distinct seeds, got {args.test_seeds!r}")
-        overrides = cli.set_overrides(args.set)
-        for field in ("validation_per_class", "seed", "lr_img", "ce_weight"):
-            if field in overrides:
-                raise cli.UserError(f"--set {field}=... : the tuning sets {field} itself; use "
-                                    f"its own flag or leave it to the grid")
-        try:
-            base = study.budget_config(args.dataset, args.budget, args.ipc, overrides,
-                                       args.method)
-        except ValueError as err:
-            raise cli.UserError(str(err)) from None
-        args.class_list, args.devices = None, 1
-        dataset = cli.load_data(base, args)
-        command = "python -m experiments.tune " + " ".join(shlex.quote(a) for a in argv)
-        try:
-            summary = tuning.run_tuning(
-                dataset, args.method, args.workdir, ipc=args.ipc, budget=args.budget,
-                validation_per_class=args.validation_per_class, trial_seed=args.trial_seed,
-                test_seeds=test_seeds, overrides=overrides, quiet=args.quiet, command=command)
-        except ValueError as err:
-            raise cli.UserError(str(err)) from None
-    except cli.UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except cli.run_lib.Interrupted as stop:
-        print(f"{stop} Re-run the same command to continue.")
-        raise SystemExit(stop.exit_status) from None
+        base = study.budget_config(args.dataset, args.budget, args.ipc, overrides,
+                                   args.method)
+    except ValueError as err:
+        raise cli.UserError(str(err)) from None
+    args.class_list, args.devices = None, 1
+    dataset = cli.load_data(base, args)
+    command = "python -m experiments.tune " + " ".join(shlex.quote(a) for a in argv)
+    try:
+        summary = tuning.run_tuning(
+            dataset, args.method, args.workdir, ipc=args.ipc, budget=args.budget,
+            validation_per_class=args.validation_per_class, trial_seed=args.trial_seed,
+            test_seeds=test_seeds, overrides=overrides, quiet=args.quiet, command=command)
+    except ValueError as err:
+        raise cli.UserError(str(err)) from None
     print(tuning.markdown(summary))
     return summary
 

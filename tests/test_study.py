@@ -165,6 +165,26 @@ def test_a_finished_run_counts_across_versions_and_run_mechanics(tmp_path):
     assert study.finished(str(tmp_path), dataclasses.replace(config, num_eval=2)) is None
 
 
+def test_a_finished_run_of_a_method_file_counts_only_while_the_file_is_unchanged(tmp_path):
+    import hashlib
+
+    from idm_jax.config import Config
+
+    mine = tmp_path / "mine.py"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "examples", "dm_adam.py")) as f:
+        mine.write_text(f.read())
+    spec = f"{mine}:DM_ADAM"
+    config = Config(ipc=1, iterations=100, method=spec)
+    digest = hashlib.sha256(mine.read_bytes()).hexdigest()   # independent of the code
+    record = {"config": config.to_dict(), "mean": 1.0, "accuracies": [1.0],
+              "method": {"name": spec, "method_sha256": digest}}
+    (tmp_path / "results.json").write_text(json.dumps(record))
+    assert study.finished(str(tmp_path), config)["mean"] == 1.0
+    mine.write_text(mine.read_text() + "\n# edited\n")
+    assert study.finished(str(tmp_path), config) is None
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--seeds", "0,0"], "--seeds names 0 more than once"),
     (["--variants", "idm,random-real,idm"], "--variants names idm more than once"),

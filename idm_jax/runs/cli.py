@@ -26,8 +26,7 @@ from idm_jax.config import Config
 
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed without a traceback."""
+UserError = failures.UserError     # raised by the flag checks here and in every entry point
 
 
 # ----------------------------------------------------------------------------- flags
@@ -156,6 +155,26 @@ def set_overrides(items: Sequence[str]) -> dict:
     return overrides
 
 
+def seed_list(flag: str, text: str) -> list[int]:
+    """A multi-run command's ``--seeds``-style flag: distinct comma-separated integers."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise UserError(f"{flag} is empty")
+    refuse_repeats(flag, seeds)
+    return seeds
+
+
+def refuse_repeats(flag: str, values: Sequence) -> None:
+    """A value named twice would count one run twice in a table: refused, naming it."""
+    twice = sorted({str(v) for v in values if list(values).count(v) > 1})
+    if twice:
+        raise UserError(f"{flag} names {', '.join(twice)} more than once; each run counts once, "
+                        f"so name each once")
+
+
 def load_data(config: Config, args) -> data.Dataset:
     """The dataset of the run, with enough images per class for the config
     (``validate.check_data``)."""
@@ -258,17 +277,8 @@ def enable_compilation_cache() -> None:
 def main(dataset: str, default_ipc: int = 10, argv: Optional[Sequence[str]] = None) -> dict:
     """Entry point of ``python -m experiments.<dataset>``."""
     enable_compilation_cache()
-    try:
-        args, config = parse(argv, dataset, default_ipc)
-        return run(config, args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except run_lib.Interrupted as stop:
-        print(stop)
-        raise SystemExit(stop.exit_status) from None
-
-
+    args, config = parse(argv, dataset, default_ipc)
+    return run(config, args)
 def condense_main(argv: Optional[Sequence[str]] = None) -> None:
     """The ``idm-condense`` entry point: ``--dataset NAME`` (default cifar10), then as ``main``.
 

@@ -1,9 +1,14 @@
 """Failures a user can act on, reported as one line; the libraries' log noise kept off the terminal.
 
-Every command-line entry point runs inside ``user_facing``: an OS error a user can fix (a full
-disk, a read-only folder, a missing permission, a name too long, a path through a file) becomes
-one ``error:`` line naming the path and the cause, exit status 1. Anything else, a bug, keeps its
-traceback. A run's own stop handling (``runs.stop``) has already saved what it could by then.
+Every command-line entry point runs inside ``user_facing``, the one place that turns a failure
+into what the user sees:
+- ``UserError`` (a flag, a file or an input the user can correct): one ``error:`` line, exit 2;
+- ``stop.Interrupted`` (a signal stopped the run after its checkpoint): the line saying where it
+  stopped, exit 128 + the signal's number, the status a scheduler's requeue expects;
+- an OS error a user can fix (a full disk, a read-only folder, a missing permission, a name too
+  long, a path through a file): one ``error:`` line naming the path and the cause, exit 1.
+Anything else, a bug, keeps its traceback. A run's own stop handling (``runs.stop``) has already
+saved what it could by then.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import errno
 import functools
 import logging
 import sys
+
+from idm_jax.runs import stop
 
 # The errors that name something the user can change: the disk, the folder, the name.
 ACTIONABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
@@ -26,6 +33,10 @@ _HINTS = {errno.ENOSPC: "free some space or choose another folder",
           errno.ENOTDIR: "a part of the path is a file, not a folder",
           errno.EISDIR: "the path is a folder; give a file name",
           errno.EEXIST: "something is in the way at that path"}
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one ``error:`` line without a traceback."""
 
 
 def message(err: OSError) -> str:
@@ -45,12 +56,19 @@ def actionable(err: BaseException) -> OSError | None:
 
 
 def user_facing(main):
-    """Wrap an entry point: actionable OS errors exit 1 with one ``error:`` line."""
+    """Wrap an entry point: a user's error, a stop and an actionable OS error each end in one
+    line and their exit status (module docstring); anything else propagates."""
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         quiet_libraries()
         try:
             return main(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except stop.Interrupted as interrupted:
+            print(interrupted)
+            raise SystemExit(interrupted.exit_status) from None
         except Exception as err:          # noqa: BLE001 - only the actionable kind is caught
             cause = actionable(err)
             if cause is None:

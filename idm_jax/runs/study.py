@@ -117,7 +117,8 @@ def run_dir(workdir: str, variant: str, seed: int) -> str:
 
 def finished(directory: str, config: Config) -> Optional[dict]:
     """The results of a finished run with this config (up to ``config_lib.MECHANICS``; a field
-    the saved config lacks, from an older version, counts as its default), else None."""
+    the saved config lacks, from an older version, counts as its default) and, for a method
+    file, the same file contents; else None."""
     path = os.path.join(directory, "results.json")
     if not os.path.exists(path):
         return None
@@ -133,6 +134,10 @@ def finished(directory: str, config: Config) -> Optional[dict]:
     same = all(saved.get(name, getattr(defaults, name)) == value
                for name, value in config.to_dict().items()
                if name not in config_lib.MECHANICS)
+    if same and methods.is_file(config.method):
+        # A method file edited since that run is another method under the same name.
+        ran = (results.get("method") or {}).get("method_sha256")
+        same = ran == methods.provenance(config.method)["method_sha256"]
     return results if same else None
 
 

@@ -93,9 +93,6 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(f"evaluating {len(images)} images ({'with' if expand else 'without'} "
           f"partition-and-expand) with {args.num_eval} x {args.arch}, --epochs {args.epochs} "
           f"(epochs 0..{args.epochs}, as the official loop counts them)")
