@@ -23,6 +23,12 @@ from idm_jax.nn import models
 from idm_jax.runs import cli, failures, outputs
 
 
+def _advance(bar, done: int, total: int) -> None:
+    """Move the bar to ``done`` of ``total`` SGD steps (all epochs), with its ETA."""
+    bar.total = total
+    bar.update(done - bar.n)
+
+
 @failures.user_facing
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m experiments.pretrain", description=__doc__)
@@ -73,10 +79,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"pretraining {args.models} x {recipe.model} for {recipe.epochs} epochs on "
           f"{args.dataset} ({args.recipe} recipe) -> {out}")
     from tqdm import tqdm
-    bar = tqdm(total=recipe.epochs, unit="epoch", desc="pretrain", dynamic_ncols=True)
+    bar = tqdm(total=None, unit="step", desc="pretrain", dynamic_ncols=True)
     pool = pretrain.train_pool(dataset, recipe, args.models, jax.random.PRNGKey(args.seed),
                                args.validation_per_class, args.validation_seed,
-                               progress=lambda done: bar.update(1))
+                               progress=lambda done, total: _advance(bar, done, total))
     bar.close()
     meta = {"recipe": args.recipe, "model": recipe.model, "dataset": dataset.name,
             "num_models": args.models, "settings": dataclasses.asdict(recipe), "seed": args.seed,

@@ -46,8 +46,12 @@ def test_a_pretrained_pool_round_trips_and_ncfm_runs_with_calibration(tmp_path):
     dataset = data.load_dataset("digits")
     recipe = dataclasses.replace(pretrain.RECIPES["ncfm"], model="ConvNetW32", epochs=1,
                                  batch=256)
+    seen = []
     pool = pretrain.train_pool(dataset, recipe, 2, jax.random.PRNGKey(0),
-                               validation_per_class=3, validation_seed=1)
+                               validation_per_class=3, validation_seed=1,
+                               progress=lambda done, total: seen.append((done, total)))
+    steps = (len(dataset.train_labels) - 3 * 10) // 256         # one epoch, batch 256
+    assert seen[-1] == (steps, steps) and [d for d, _ in seen] == sorted({d for d, _ in seen})
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), pool["init"],
                          pool["trained"])
     assert min(jax.tree.leaves(moved)) > 0           # every layer trained, both networks
