@@ -12,10 +12,11 @@
 #      iterations, TFLOP/s against the reference's 2.06 TFLOP per iteration, peak memory) and
 #      the projected 20,000-iteration time;
 #   2. benchmarks.torch_reference on the same device (the side-by-side ratio), capped at 90 s;
-#   3. the faithful `experiments.cifar10 --ipc 10` run with its final 5-model evaluation if the
+#   3. where the time goes: the queue-training variants alone, a profile's top ops, bfloat16;
+#   4. the faithful `experiments.cifar10 --ipc 10` run with its final 5-model evaluation if the
 #      projection fits the time left, else as many iterations as fit (reported as a partial
 #      run, never as the paper number), checkpoints on the machine's disk;
-#   4. with what is left: the cifar10-ipc1 and cifar10-ipc50 iteration timings.
+#   5. with what is left: the cifar10-ipc50 and cifar10-ipc1 iteration timings.
 # The stage logs end up in OUT_DIR/logs.tgz (a call brings back at most 8 files).
 # SMOKE=1 runs the same stages at a seconds-long size (to dry-run the script on a CPU).
 set -uo pipefail
@@ -67,7 +68,16 @@ stage iteration_ipc10 150 "$PY" -m benchmarks.iteration --preset cifar10-ipc10 \
 #    the side-by-side ratio is worth more than the last minute of a run that is partial anyway.
 stage torch_reference 90 "$PY" -m benchmarks.torch_reference "${TORCH[@]}" --json "$JSON"
 
-# 3. The paper run, or as much of it as fits.
+# 3. Where the iteration's time goes and what would cut it (on the first H200 session queue
+#    training was 92 of its 95 ms): the queue-training variants alone (the backend's choice,
+#    vmapped and looped trainees), a profile of one iteration (its top ops go to the log; the
+#    trace stays on that machine), then the iteration in bfloat16.
+stage queue_variants_ipc10 150 "$PY" -m benchmarks.iteration --preset cifar10-ipc10 \
+  --data_dir "$DATA" "${BENCH[@]}" --trainees all --profile "$WORK/profile-ipc10" --json "$JSON"
+stage bf16_ipc10 90 "$PY" -m benchmarks.iteration --preset cifar10-ipc10 --data_dir "$DATA" \
+  "${BENCH[@]}" --no_parts --set compute_dtype=bfloat16 --json "$JSON"
+
+# 4. The paper run, or as much of it as fits.
 MS=$("$PY" -c "import json,sys
 rows=[json.loads(l) for l in open(sys.argv[1])]
 rows=[r for r in rows if r.get('preset') == 'cifar10-ipc10' and 'iteration_s' in r]
@@ -107,8 +117,8 @@ print(json.dumps({"stage": "paper_run", "planned_iterations": planned, "paper_it
 EOF
 fi
 
-# 4. With what is left: the other IPCs' iteration timings.
-for preset in cifar10-ipc1 cifar10-ipc50; do
+# 5. With what is left: the other IPCs' iteration timings.
+for preset in cifar10-ipc50 cifar10-ipc1; do
   stage "iteration_$preset" 120 "$PY" -m benchmarks.iteration --preset "$preset" \
     --data_dir "$DATA" "${BENCH[@]}" --no_parts --json "$JSON"
 done
