@@ -45,6 +45,7 @@ from idm_jax import real as real_lib
 from idm_jax import config as config_lib
 from idm_jax import queue as queue_lib
 from idm_jax.config import Config
+from idm_jax import presets
 
 # Image shapes and class counts when no data directory is given (random uint8 stand-ins).
 _SHAPES = {"cifar10": ((32, 32, 3), 10, 5000), "cifar100": ((32, 32, 3), 100, 500),
@@ -267,9 +268,9 @@ def bench_queue_training(config: Config, real, iters: int, seed: int = 0,
 
 # ----------------------------------------------------------------------------- driver
 def make_config(preset: str, smoke: bool, overrides: Optional[dict] = None) -> Config:
-    config = config_lib.get_preset(preset)
+    config = presets.get_preset(preset)
     if smoke:
-        config = config_lib.smoke(config)
+        config = presets.smoke(config)
     return config_lib.override(config, overrides or {})
 
 

@@ -35,9 +35,10 @@ import jax, numpy as np
 from idm_jax import config as config_lib, engine as engine_lib
 from idm_jax.accel import memory, sharding
 from idm_jax import real as real_lib
+from idm_jax import presets
 args = json.loads(sys.argv[1])
 k, ipc, devices = args["classes"], args["ipc"], args["devices"]
-config = config_lib.override(config_lib.get_preset("cifar10-ipc10"), {
+config = config_lib.override(presets.get_preset("cifar10-ipc10"), {
     "ipc": ipc, "batch_real": args["batch_real"], "iterations": 10, "eval_every": 0})
 rng = np.random.default_rng(0)
 labels = np.repeat(np.arange(k), args["per_class"])

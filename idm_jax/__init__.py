@@ -21,7 +21,8 @@ from idm_jax.accel import backend, sharding
 from idm_jax.nn import models
 from idm_jax.runs import checkpoint, export, torch_format, workdir
 from idm_jax.augment import DSAParams, dsa
-from idm_jax.config import Config, get_preset
+from idm_jax.config import Config
+from idm_jax.presets import get_preset
 from idm_jax.engine import condense
 from idm_jax.evaluation import evaluate
 from idm_jax.losses import class_aware_ce, class_mmd, mmd

@@ -1,6 +1,6 @@
 """Typed configuration of a condensation run: its fields, their checks, overrides and resume rules.
 
-The paper settings are named presets in ``idm_jax.presets`` (also readable from here).
+The paper settings are named presets in ``idm_jax.presets``.
 
 Field names follow the official IDM flags where one exists (docs/FAITHFULNESS.md, "presets"), so
 a preset can be checked line by line against ``command.txt``. Choices where the official code has
@@ -304,18 +304,6 @@ def override(config: Config, overrides: Mapping[str, Any]) -> Config:
                              f"{', '.join(field_names())}")
         parsed[name] = _parse_value(name, hints[name], raw)
     return dataclasses.replace(config, **parsed)
-
-
-# The presets live in ``idm_jax.presets``; their names stay readable from here, looked up on
-# first use (PEP 562) because that module builds on ``Config``.
-_PRESET_NAMES = ("PRESETS", "get_preset", "smoke", "SIZE_FIELDS", "without_components")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PRESET_NAMES:
-        from idm_jax import presets
-        return getattr(presets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["DISTANCES", "PARTITIONS", "MOMENTS", "Config", "override", "field_names", "MECHANICS",

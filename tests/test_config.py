@@ -7,6 +7,7 @@ import pytest
 from idm_jax import config as config_lib
 from idm_jax import methods, validate
 from idm_jax.config import Config
+from idm_jax import presets
 
 # Reference 8.3, one row per official command: ipc, ce_weight, batch_real, net_generate_interval,
 # net_num, model_train_steps, eval_interval, batch_train, --aug.
@@ -36,7 +37,7 @@ SHARED = dict(dsa_strategy="color_crop_cutout_flip_scale_rotate", lr_img=0.2, nu
 
 @pytest.mark.parametrize("name", sorted(TABLE_8_3))
 def test_preset_equals_official_command(name):
-    preset = config_lib.get_preset(name)
+    preset = presets.get_preset(name)
     for column, want in zip(COLUMNS, TABLE_8_3[name]):
         assert getattr(preset, column) == want, (name, column)
     for field, want in SHARED.items():
@@ -59,19 +60,19 @@ def test_preset_equals_official_command(name):
 
 
 def test_every_table_row_has_a_preset():
-    assert set(TABLE_8_3) <= set(config_lib.PRESETS)
+    assert set(TABLE_8_3) <= set(presets.PRESETS)
 
 
 def test_smoke_and_dm_variants():
-    smoke = config_lib.get_preset("cifar10-ipc10-smoke")
+    smoke = presets.get_preset("cifar10-ipc10-smoke")
     assert smoke.iterations <= 20 and smoke.ipc == 10 and smoke.dataset == "cifar10"
-    dm = methods.with_method(config_lib.get_preset("cifar10-ipc10"), "dm")
+    dm = methods.with_method(presets.get_preset("cifar10-ipc10"), "dm")
     assert dm.method == "dm" and not dm.partition_expand and not dm.syn_ce
     assert dm.net_generate_interval == 1 and dm.init == "real"
     # DM's own optimiser: one step of lr 1 on the loss summed over classes.
     assert dm.image_update == "summed" and dm.lr_img == 1.0 and dm.img_momentum == 0.5
     # The old ablation keeps IDM's optimiser and says what it is.
-    ablation = config_lib.get_preset("cifar10-ipc10-no-components")
+    ablation = presets.get_preset("cifar10-ipc10-no-components")
     assert ablation.image_update == "per_class" and ablation.lr_img == 0.2
     assert not ablation.partition_expand and not ablation.syn_ce and ablation.fetch_net_num == 0
 
@@ -79,33 +80,33 @@ def test_smoke_and_dm_variants():
 @pytest.mark.parametrize("preset", ["cifar10-ipc1", "cifar10-ipc10", "digits-ipc10",
                                     "imagenet_subset-ipc1"])
 def test_smoke_changes_sizes_only_and_commutes_with_every_method(preset):
-    base = config_lib.get_preset(preset)
+    base = presets.get_preset(preset)
     transforms = {"dm": lambda c: methods.with_method(c, "dm"),
                   "idm": lambda c: methods.with_method(c, "idm"),
-                  "no-components": config_lib.without_components}
+                  "no-components": presets.without_components}
     for name, transform in transforms.items():
-        method_then_smoke = config_lib.smoke(transform(base))
-        assert method_then_smoke == transform(config_lib.smoke(base)), name
+        method_then_smoke = presets.smoke(transform(base))
+        assert method_then_smoke == transform(presets.smoke(base)), name
         changed = {f for f in config_lib.field_names()
                    if getattr(method_then_smoke, f) != getattr(transform(base), f)}
-        assert changed <= set(config_lib.SIZE_FIELDS), (name, changed - set(
-            config_lib.SIZE_FIELDS))
+        assert changed <= set(presets.SIZE_FIELDS), (name, changed - set(
+            presets.SIZE_FIELDS))
     # --smoke --method dm is DM: its schedule and optimiser survive the smoke sizes.
-    dm_smoke = config_lib.smoke(methods.with_method(base, "dm"))
+    dm_smoke = presets.smoke(methods.with_method(base, "dm"))
     assert (dm_smoke.net_generate_interval, dm_smoke.image_update, dm_smoke.lr_img) == (
         1, "summed", 1.0)
     # The ablation's one-model queue pushed every iteration survives too.
-    ablation = config_lib.smoke(config_lib.without_components(base))
+    ablation = presets.smoke(presets.without_components(base))
     assert (ablation.net_num, ablation.net_generate_interval) == (1, 1)
 
 
 def test_unknown_preset_lists_valid_names():
     with pytest.raises(ValueError, match="cifar10-ipc10"):
-        config_lib.get_preset("cifar10-ipc7")
+        presets.get_preset("cifar10-ipc7")
 
 
 def test_override_parses_by_type():
-    base = config_lib.get_preset("cifar10-ipc10")
+    base = presets.get_preset("cifar10-ipc10")
     new = config_lib.override(base, {"ipc": "50", "ce_weight": "0.1", "syn_ce": "false",
                                      "model": "ConvNetD4", "lr_img": 1})
     assert (new.ipc, new.ce_weight, new.syn_ce, new.model, new.lr_img) == (
@@ -142,7 +143,7 @@ def test_method_settings_are_checked_before_any_work(bad, match):
 
 
 def test_json_round_trip():
-    preset = config_lib.get_preset("imagenet_subset-ipc50")
+    preset = presets.get_preset("imagenet_subset-ipc50")
     assert Config.from_json(preset.to_json()) == preset
     with pytest.raises(ValueError, match="unknown config fields"):
         Config.from_dict(dict(dataclasses.asdict(preset), bogus=1))

@@ -13,6 +13,7 @@ from idm_jax import image_update, matching, methods
 from idm_jax import config as config_lib
 from idm_jax import engine as engine_lib
 from idm_jax import real as real_lib
+from idm_jax import presets
 
 
 def tiny_config(**overrides):
@@ -298,7 +299,7 @@ def test_dm_fresh_schedule_equals_a_one_slot_queue_pushed_every_iteration():
     # The reference: DM as the engine ran it before methods, a queue of one model replaced every
     # iteration and never trained, with DM's optimiser. Same keys, so the same images to the bit.
     dm = methods.with_method(tiny_config(iterations=3), "dm")
-    queue_dm = dataclasses.replace(config_lib.without_components(dm), method="idm")
+    queue_dm = dataclasses.replace(presets.without_components(dm), method="idm")
     assert queue_dm.net_num == 1 and queue_dm.model_train_steps == 0
     runs = []
     for config in (dm, queue_dm):

@@ -8,6 +8,7 @@ from sklearn.datasets import load_digits
 
 import idm_jax
 from idm_jax import evaluation
+from idm_jax import presets
 
 
 def official_lr_per_epoch(epochs, lr=0.01):
@@ -121,9 +122,9 @@ def test_evaluate_refuses_inputs_that_would_train_or_score_silently_wrong():
 
 
 def test_condense_refuses_a_zero_or_non_finite_std_before_any_work():
-    from idm_jax import config as config_lib, data, engine
+    from idm_jax import data, engine
     ds = data.load_dataset("digits")
-    config = config_lib.smoke(config_lib.get_preset("digits-ipc1"))
+    config = presets.smoke(presets.get_preset("digits-ipc1"))
     for std in ((0.0,), (float("nan"),)):
         with pytest.raises(ValueError, match="std finite and > 0"):
             engine.condense(config, ds.train_images, ds.train_labels, mean=ds.mean, std=std)
@@ -132,7 +133,7 @@ def test_condense_refuses_a_zero_or_non_finite_std_before_any_work():
 def test_condense_with_zero_iterations_returns_the_finite_initial_set():
     from idm_jax import config as config_lib, data, engine
     ds = data.load_dataset("digits")
-    config = config_lib.override(config_lib.smoke(config_lib.get_preset("digits-ipc1")),
+    config = config_lib.override(presets.smoke(presets.get_preset("digits-ipc1")),
                                  {"iterations": 0})
     synset, state = engine.condense(config, ds.train_images, ds.train_labels, mean=ds.mean,
                                     std=ds.std)

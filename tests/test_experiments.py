@@ -15,6 +15,7 @@ from PIL import Image
 from experiments import evaluate as evaluate_cli
 from idm_jax import data
 from idm_jax.runs import checkpoint, cli, export
+from idm_jax import presets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A few iterations of a small network: what matters here is the plumbing, not accuracy.
@@ -241,7 +242,7 @@ def test_digits_experiment_at_reduced_budget_beats_random_selection(tmp_path, mo
     monkeypatch.setattr(digits, "random_real_baseline",
                         lambda dataset, config, key: calls.append(config.seed) or {"mean": 1.0})
     from idm_jax import config as config_lib
-    config = config_lib.override(config_lib.get_preset("digits-ipc1"), {"epoch_eval_train": 30,
+    config = config_lib.override(presets.get_preset("digits-ipc1"), {"epoch_eval_train": 30,
                                                                          "num_eval": 2})
     folder = str(tmp_path / "ipc1")
     assert digits._random_real_once(None, config, folder)["mean"] == row["random_real"]

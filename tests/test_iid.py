@@ -12,6 +12,7 @@ from idm_jax import config as config_lib, data, engine as engine_lib, extractors
 from idm_jax import methods, pretrain, validate
 from idm_jax import real as real_lib
 from idm_jax.methods import iid
+from idm_jax import presets
 from tests.test_methods import tiny_networks
 from tests.test_objectives import np_iid_covariance
 
@@ -60,12 +61,12 @@ def test_iid_runs_with_a_pool_and_refuses_what_cannot_work(tmp_path):
     real = real_lib.prepare_real(dataset.train_images, dataset.train_labels, dataset.mean,
                                  dataset.std)
     config = dataclasses.replace(
-        config_lib.smoke(methods.with_method(config_lib.get_preset("digits-ipc1"), "iid")),
+        presets.smoke(methods.with_method(presets.get_preset("digits-ipc1"), "iid")),
         auxiliary_model="ConvNetW32", batch_real=8, pool_dir=str(tmp_path / "pool"),
         model_train_steps=0)
     with pytest.raises(validate.InvalidRun, match="no pretrained pool there"):
         engine_lib.make_engine(config, 10, real.image_shape)
-    net = engine_lib.make_engine(config_lib.smoke(config_lib.get_preset("digits-ipc1")), 10,
+    net = engine_lib.make_engine(presets.smoke(presets.get_preset("digits-ipc1")), 10,
                                  real.image_shape)
     keys = jax.random.split(jax.random.PRNGKey(3), 2)
     trained = jax.vmap(net.init_params)(keys)       # any ConvNetW32s stand in for a pool
@@ -78,7 +79,7 @@ def test_iid_runs_with_a_pool_and_refuses_what_cannot_work(tmp_path):
         state, metrics = step(state, real)
     assert float(metrics["scatter"]) > 0 and float(metrics["covariance"]) > 0
     assert int(metrics["queue_size"]) >= 3                  # IDM's queue is running
-    idm = dataclasses.replace(config_lib.smoke(config_lib.get_preset("digits-ipc1")),
+    idm = dataclasses.replace(presets.smoke(presets.get_preset("digits-ipc1")),
                               auxiliary_model="ConvNetW32")
     with pytest.raises(validate.InvalidRun, match="give no auxiliary network"):
         engine_lib.make_engine(idm, 10, real.image_shape)

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idm_jax import config as config_lib, data
+from idm_jax import data
 from idm_jax.accel import backend, memory, microbatch, ops
 from idm_jax.nn import models
 from idm_jax import engine as engine_lib
 from idm_jax import real as real_lib
+from idm_jax import presets
 from tests.test_engine import MEAN, STD, tiny_config, tiny_data
 
 H200_BYTES = 139 * 10 ** 9
@@ -39,7 +40,7 @@ def test_activation_bytes_count_every_intermediate_value():
 
 
 def preset_plan(name, device_bytes=H200_BYTES, **overrides):
-    config = dataclasses.replace(config_lib.get_preset(name), **overrides)
+    config = dataclasses.replace(presets.get_preset(name), **overrides)
     spec = data.DATASET_INFO[config.dataset]
     model = models.get_model(config.model, spec.num_classes, conv_op=jax.lax.conv_general_dilated)
     shape = spec.image_shape
@@ -50,7 +51,7 @@ def preset_plan(name, device_bytes=H200_BYTES, **overrides):
                        params, device_bytes)
 
 
-@pytest.mark.parametrize("name", sorted(config_lib.PRESETS))
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
 def test_every_paper_preset_fits_one_h200_by_the_rule(name):
     plan = preset_plan(name)
     assert plan.peak <= memory.DEVICE_FRACTION * H200_BYTES, memory.describe(plan)
@@ -127,7 +128,7 @@ def test_residual_bytes_count_what_the_backward_pass_keeps_per_image():
 
 
 def cifar_rule(num_classes, ipc, host_bytes=24 * 2 ** 30, **overrides):
-    config = dataclasses.replace(config_lib.get_preset("cifar10-ipc10"), ipc=ipc, **overrides)
+    config = dataclasses.replace(presets.get_preset("cifar10-ipc10"), ipc=ipc, **overrides)
     model = models.get_model(config.model, num_classes, conv_op=ops.conv2d)
     params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)))["params"],
                             jax.random.PRNGKey(0))

@@ -21,6 +21,7 @@ from idm_jax.runs import checkpoint, run
 from idm_jax import config as config_lib
 from idm_jax import real as real_lib
 from idm_jax.base import Method, Networks
+from idm_jax import presets
 from tests.test_experiments import write_npy_cifar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -279,7 +280,7 @@ def test_adam_and_a_fresh_extractor_run_through_condense_and_evaluate(tmp_path):
         image_optimizer=lambda c, k: image_update.from_optax(optax.adam(c.lr_img)),
         extractors=lambda c, nets: extractors.fresh_schedule(nets, every=2),
         defaults={})
-    config = config_lib.override(config_lib.get_preset("digits-ipc1"), {
+    config = config_lib.override(presets.get_preset("digits-ipc1"), {
         "iterations": 4, "num_eval": 1, "epoch_eval_train": 1, "lr_img": 0.01,
         "checkpoint_every": 2})
     workdir = str(tmp_path / "run")
@@ -362,7 +363,7 @@ def test_an_edited_method_file_is_refused_on_resume(tmp_path):
     mine = tmp_path / "mine.py"
     shutil.copy(os.path.join(REPO, EXAMPLE), mine)
     dataset = data.load_dataset("digits")
-    base = config_lib.override(config_lib.get_preset("digits-ipc1"), {
+    base = config_lib.override(presets.get_preset("digits-ipc1"), {
         "iterations": 2, "num_eval": 1, "epoch_eval_train": 0, "exports": "npz"})
     config = methods.with_method(base, f"{mine}:DM_ADAM")
     workdir = str(tmp_path / "run")
@@ -394,7 +395,7 @@ def test_smoke_method_dm_on_the_command_line_is_dm():
 
 # ------------------------------------------------------------------ M3D
 def test_m3d_is_its_codes_loss_pixel_sgd_fresh_extractor_every_5_and_idc_augmentation():
-    config = methods.with_method(config_lib.get_preset("cifar10-ipc1"), "m3d")
+    config = methods.with_method(presets.get_preset("cifar10-ipc1"), "m3d")
     assert (config.lr_img, config.img_momentum, config.image_update, config.batch_real,
             config.net_generate_interval, config.syn_ce, config.partition_factor) == (
         5e-3, 0.5, "per_class", 128, 5, False, 2)
@@ -419,8 +420,8 @@ def test_m3d_is_its_codes_loss_pixel_sgd_fresh_extractor_every_5_and_idc_augment
     dataset = data.load_dataset("digits")
     real_data = real_lib.prepare_real(dataset.train_images, dataset.train_labels, dataset.mean,
                                       dataset.std)
-    small = config_lib.override(config_lib.smoke(methods.with_method(
-        config_lib.get_preset("digits-ipc1"), "m3d")), {"batch_real": 8})
+    small = config_lib.override(presets.smoke(methods.with_method(
+        presets.get_preset("digits-ipc1"), "m3d")), {"batch_real": 8})
     with pytest.raises(ValueError, match="normalization"):
         engine_lib.make_engine(small, real_data.num_classes, real_data.image_shape)
     eng = engine_lib.make_engine(small, real_data.num_classes, real_data.image_shape,
@@ -442,8 +443,8 @@ def test_first_pass_gradient_norms_are_those_of_the_first_step():
     dataset = data.load_dataset("digits")
     real = real_lib.prepare_real(dataset.train_images, dataset.train_labels, dataset.mean,
                                  dataset.std)
-    config = config_lib.override(config_lib.smoke(methods.with_method(
-        config_lib.get_preset("digits-ipc1"), "dm")), {"batch_real": 8, "img_momentum": 0.0})
+    config = config_lib.override(presets.smoke(methods.with_method(
+        presets.get_preset("digits-ipc1"), "dm")), {"batch_real": 8, "img_momentum": 0.0})
     eng = engine_lib.make_engine(config, real.num_classes, real.image_shape)
     state = engine_lib.init_state(eng, real, 0)
     before = np.asarray(state.images)

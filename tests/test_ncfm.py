@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idm_jax import config as config_lib, data, engine as engine_lib, extractors, methods
+from idm_jax import data, engine as engine_lib, extractors, methods
 from idm_jax import pretrain, validate
 from idm_jax import real as real_lib
+from idm_jax import presets
 from tests.test_methods import tiny_networks
 
 
@@ -37,7 +38,7 @@ def test_interpolated_pool_draws_one_network_and_one_mix_per_iteration():
 
 
 def smoke_ncfm(pool_dir, **fields):
-    config = config_lib.smoke(methods.with_method(config_lib.get_preset("digits-ipc1"), "ncfm"))
+    config = presets.smoke(methods.with_method(presets.get_preset("digits-ipc1"), "ncfm"))
     return dataclasses.replace(config, pool_dir=str(pool_dir), batch_real=8, iterations=2,
                                num_eval=1, epoch_eval_train=1, cf_frequencies=64, **fields)
 
@@ -80,7 +81,7 @@ def test_a_pretrained_pool_round_trips_and_ncfm_runs_with_calibration(tmp_path):
     assert float(metrics["calibration"]) > 0 and np.isfinite(float(metrics["loss"]))
     assert int(state.image_opt_state.inner[0].count) == 2 * 2 * 10   # 2 passes x 10 classes
     # A method without a calibration network refuses the pass.
-    idm = dataclasses.replace(config_lib.smoke(config_lib.get_preset("digits-ipc1")),
+    idm = dataclasses.replace(presets.smoke(presets.get_preset("digits-ipc1")),
                               calibration_weight=1.0)
     with pytest.raises(validate.InvalidRun, match="no calibration network"):
         engine_lib.make_engine(idm, 10, real.image_shape)

@@ -11,6 +11,7 @@ from idm_jax import config as config_lib
 from idm_jax import engine as engine_lib
 from idm_jax import losses, matching
 from idm_jax import real as real_lib
+from idm_jax import presets
 
 
 def features(seed, n, d=6, shift=0.0):
@@ -222,7 +223,7 @@ def test_objective_settings_are_validated(overrides, message):
 
 def test_faithful_presets_keep_the_linear_objective():
     for name in ("cifar10-ipc1", "cifar10-ipc10", "cifar10-ipc50", "digits-ipc10"):
-        config = config_lib.get_preset(name)
+        config = presets.get_preset(name)
         assert config.distance == "linear" and config.moment_weight == 0.0
         objective = matching.make_objective(config)
         assert objective.keywords["distance"] is matching.linear_distance

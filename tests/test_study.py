@@ -10,6 +10,7 @@ from experiments import study as study_cli
 from idm_jax import config as config_lib
 from idm_jax.runs import run as run_lib
 from idm_jax.runs import study
+from idm_jax import presets
 
 TINY = ["--dataset", "digits", "--source", "digits", "--quiet",
         "--set", "iterations=2", "--set", "num_eval=1", "--set", "epoch_eval_train=1",
@@ -34,7 +35,7 @@ def test_cpu_budget_is_the_written_protocol():
 @pytest.mark.parametrize("ipc", [1, 10, 50])
 def test_cpu_budget_takes_the_preset_of_the_ipc_studied(ipc):
     config = study.budget_config("cifar10", "cpu", ipc)
-    preset = config_lib.get_preset(f"cifar10-ipc{ipc}")
+    preset = presets.get_preset(f"cifar10-ipc{ipc}")
     # Every field the CPU protocol does not set is the preset's own (queue interval, CE weight).
     for name in config_lib.field_names():
         if name not in study.CPU_PROTOCOL:

@@ -6,13 +6,14 @@ import os
 
 import pytest
 
-from idm_jax import config as config_lib, data, engine, methods
+from idm_jax import data, engine, methods
 from idm_jax.runs import checkpoint, tuning
+from idm_jax import presets
 
 
 def test_every_method_gets_the_same_number_of_trials_spanning_four_decades_of_lr():
     for name in ("idm", "dm", "m3d", "ncfm"):
-        config = methods.with_method(config_lib.get_preset("cifar10-ipc1"), name)
+        config = methods.with_method(presets.get_preset("cifar10-ipc1"), name)
         points = tuning.grid(config)
         assert len(points) == tuning.TRIALS, name
         ratios = sorted({p["lr_img"] / config.lr_img for p in points})

@@ -8,6 +8,7 @@ import jax
 
 from idm_jax import config as config_lib, data, evaluation
 from idm_jax.runs import run
+from idm_jax import presets
 
 
 def numbered_dataset(num_classes=3, per_class=7):
@@ -44,7 +45,7 @@ def test_split_holds_out_per_class_images_disjointly_and_stably():
 def test_a_run_condenses_without_the_held_out_images_and_scores_the_same_models_on_them(
         tmp_path, monkeypatch):
     dataset = data.load_dataset("digits")
-    config = config_lib.override(config_lib.smoke(config_lib.get_preset("digits-ipc1")), {
+    config = config_lib.override(presets.smoke(presets.get_preset("digits-ipc1")), {
         "iterations": 1, "num_eval": 2, "epoch_eval_train": 1, "validation_per_class": 10,
         "model_train_steps": 0,
         "validation_seed": 3, "exports": "npz"})

@@ -23,6 +23,7 @@ from idm_jax import validate
 from idm_jax.accel import sharding
 from idm_jax.runs import workdir as workdir_lib
 from idm_jax.config import Config
+from idm_jax import presets
 
 
 
@@ -42,7 +43,7 @@ def build_parser(dataset: str, default_ipc: int,
                              f"preset's, and a different --ipc is refused)")
     parser.add_argument("--preset", default=None,
                         help=f"named preset (default {dataset}-ipc<IPC>); "
-                             f"one of {', '.join(sorted(config_lib.PRESETS))}")
+                             f"one of {', '.join(sorted(presets.PRESETS))}")
     parser.add_argument("--workdir", default=None, help="run folder (default runs/<preset>)")
     parser.add_argument("--smoke", action="store_true", help="tiny variant that runs in seconds")
     parser.add_argument("--method", default=None,
@@ -99,14 +100,14 @@ def parse(argv: Optional[Sequence[str]], dataset: str, default_ipc: int,
     args.ipc = args.ipc if explicit_ipc else default_ipc
     preset = args.preset or f"{dataset}-ipc{args.ipc}"
     try:
-        if preset in config_lib.PRESETS or args.preset:
-            config = config_lib.get_preset(preset)
+        if preset in presets.PRESETS or args.preset:
+            config = presets.get_preset(preset)
             if args.preset and explicit_ipc and config.ipc != args.ipc:
                 raise UserError(f"--preset {args.preset} is IPC {config.ipc} but --ipc "
                                 f"{args.ipc} was given; pass one of them (a preset of another "
                                 f"IPC, or --ipc alone)")
         else:  # an ipc without a paper preset: the ipc10 setting with this ipc
-            base = config_lib.get_preset(f"{dataset}-ipc10")
+            base = presets.get_preset(f"{dataset}-ipc10")
             config = dataclasses.replace(base, ipc=args.ipc)
         if args.dm:
             if args.method not in (None, "dm"):
@@ -118,9 +119,9 @@ def parse(argv: Optional[Sequence[str]], dataset: str, default_ipc: int,
         if args.method is not None:
             config = methods.with_method(config, args.method)
         if args.no_components:
-            config = config_lib.without_components(config)
+            config = presets.without_components(config)
         if args.smoke:
-            config = config_lib.smoke(config)
+            config = presets.smoke(config)
         if args.preset is None:
             overrides.setdefault("ipc", str(args.ipc))
         config = config_lib.override(config, overrides)

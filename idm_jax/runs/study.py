@@ -30,6 +30,7 @@ from idm_jax import config as config_lib
 from idm_jax import methods
 from idm_jax.runs import outputs
 from idm_jax.config import Config
+from idm_jax import presets
 
 Transform = Callable[[Config], Config]
 
@@ -98,7 +99,7 @@ def budget_config(dataset: str, budget: str, ipc: int = 1,
                          "applies the method's own settings")
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; use one of {', '.join(BUDGETS)}")
-    preset = config_lib.get_preset(f"{dataset}-ipc{10 if budget == 'cpu-v1' else ipc}")
+    preset = presets.get_preset(f"{dataset}-ipc{10 if budget == 'cpu-v1' else ipc}")
     base = methods.with_method(preset, method)
     if budget != "paper":
         base = dataclasses.replace(base, **dict(CPU_PROTOCOL, ipc=ipc))
