@@ -16,14 +16,15 @@ the table of modules):
 The data loaders (``idm_jax.data``) import tensorflow-datasets lazily, only for TFDS sources.
 """
 
-from idm_jax import config, engine, evaluation, image_update, matching, queue, real, validate
+from idm_jax import (config, engine, evaluation, image_update, iterating, matching, queue, real,
+                     validate)
 from idm_jax.accel import backend, sharding
 from idm_jax.nn import models
 from idm_jax.runs import checkpoint, export, torch_format, workdir
 from idm_jax.augment import DSAParams, dsa
 from idm_jax.config import Config
 from idm_jax.presets import get_preset
-from idm_jax.engine import condense
+from idm_jax.iterating import condense
 from idm_jax.evaluation import evaluate
 from idm_jax.losses import class_aware_ce, class_mmd, mmd
 from idm_jax.matching import idm_objective
@@ -34,7 +35,7 @@ from idm_jax.runs.run import condense_and_evaluate
 __version__ = "0.2.0"
 
 __all__ = ["backend", "checkpoint", "config", "engine", "evaluation", "export", "image_update",
-           "matching", "models", "queue", "real", "sharding", "torch_format", "validate", "workdir",
+           "iterating", "matching", "models", "queue", "real", "sharding", "torch_format", "validate", "workdir",
            "DSAParams", "dsa", "Config", "get_preset",
            "condense", "evaluate", "class_aware_ce", "class_mmd", "mmd", "idm_objective",
            "get_model", "mosaic", "partition_expand", "partition_expand_labels",

@@ -1,8 +1,5 @@
 """The condensation engine: explicit state and one jitted outer iteration of a method.
 
-(About 400 lines: the state, the engine's construction and the step share their types and
-are read together; the run loop lives in ``idm_jax.runs.run``.)
-
 The engine is built from a method (``base.Method``, ``idm_jax.methods``): its objective, image
 optimiser and extractor schedule. One call of the step is one outer iteration; for IDM, one
 iteration of the official ``IDM_cifar10.py`` loop (docs/FAITHFULNESS.md, "outer iteration"):
@@ -18,13 +15,14 @@ iteration of the official ``IDM_cifar10.py`` loop (docs/FAITHFULNESS.md, "outer 
 Classes are a vmapped axis, every piece's state is a pytree, and nothing leaves the device. The
 same step runs on one device or, given a ``jax.sharding`` mesh, with the class axis split over
 several devices (``sharding.ClassLayout``) and the queue trainees data-parallel. The run loop
-with checkpoints and outputs is ``idm_jax.runs.run``; ``condense`` here is the minimal library call.
+with checkpoints and outputs is ``idm_jax.runs.run``; ``idm_jax.iterating`` drives the step
+(``iterate``, the NaN/Inf policy, ``condense``: the minimal library call).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.struct
 import jax
@@ -40,7 +38,7 @@ from idm_jax import validate
 from idm_jax.accel import sharding
 from idm_jax.base import ExtractorSchedule, ImageOptimizer, Method, Networks, Objective
 from idm_jax.config import Config
-from idm_jax.real import RealData, prepare_real
+from idm_jax.real import RealData
 
 
 # --------------------------------------------------------------------------- state
@@ -95,8 +93,6 @@ class Engine(NamedTuple):
                                            # network (config.auxiliary_model), else None
 
 
-# Long (over 60 lines) because it is the one place where the device policy, the networks and
-# the method's three pieces are put together, in order; each step is a few lines.
 def make_engine(config: Config, num_classes: int, image_shape, *,
                 policy: Optional[backend.Policy] = None,
                 method: Optional[Method] = None,
@@ -132,20 +128,36 @@ def make_engine(config: Config, num_classes: int, image_shape, *,
         return embedding.astype(jnp.float32), logits.astype(jnp.float32)
 
     if automatic and max_per_class:
-        params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
-        if policy.platform == "cpu":    # cache-sized chunks; remat only when memory is short
-            remat = memory.cpu_needs_remat(config, num_classes, image_shape, max_per_class,
-                                           apply, params, memory.host_memory_bytes())
-            policy = dataclasses.replace(policy, remat=remat)
-        else:             # whole batches where they fit, else chunks sized to the memory
-            budget = memory.plan(config, num_classes, image_shape, max_per_class, apply,
-                                 params, memory.device_memory_bytes())
-            policy = dataclasses.replace(policy, chunk=budget.chunk, remat=budget.chunk > 0)
+        policy = _memory_policy(config, num_classes, image_shape, max_per_class, policy, apply,
+                                init_params)
     optimizer = classifier.sgd(config.lr_net, config.net_momentum,
                                         config.net_weight_decay)
     aux_init, aux_apply = _auxiliary_network(config, num_classes, channels, dtype, policy,
                                              dummy)
     nets = Networks(init_params, apply, optimizer, policy.map_models, policy.chunk, aux_init)
+    pieces = _method_pieces(config, num_classes, method, objective, nets, normalization)
+    return Engine(config, model, optimizer, init_params, apply, policy, *pieces, method,
+                  aux_apply)
+
+
+def _memory_policy(config: Config, num_classes: int, image_shape, max_per_class: int,
+                   policy: backend.Policy, apply, init_params) -> backend.Policy:
+    """The automatic policy sized to memory: on CPU, remat only when the kept activations would
+    not fit the host; elsewhere whole batches where they fit, else chunks sized to the device."""
+    params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+    if policy.platform == "cpu":
+        remat = memory.cpu_needs_remat(config, num_classes, image_shape, max_per_class,
+                                       apply, params, memory.host_memory_bytes())
+        return dataclasses.replace(policy, remat=remat)
+    budget = memory.plan(config, num_classes, image_shape, max_per_class, apply,
+                         params, memory.device_memory_bytes())
+    return dataclasses.replace(policy, chunk=budget.chunk, remat=budget.chunk > 0)
+
+
+def _method_pieces(config: Config, num_classes: int, method: Method,
+                   objective: Optional[Objective], nets: Networks, normalization):
+    """The method's (objective, image optimiser, extractor schedule), checked against the
+    settings it cannot honour; a pixel-space method's optimiser wrapped to step pixels."""
     try:
         pieces = (method.objective(config) if objective is None else objective,
                   method.image_optimizer(config, num_classes), method.extractors(config, nets))
@@ -164,8 +176,7 @@ def make_engine(config: Config, num_classes: int, image_shape, *,
         raise validate.InvalidRun(f"--auxiliary_model {config.auxiliary_model}: the method "
                                   f"{method.name}'s extractors give no auxiliary network; "
                                   f"leave it empty")
-    return Engine(config, model, optimizer, init_params, apply, policy, *pieces, method,
-                  aux_apply)
+    return pieces
 
 
 def _auxiliary_network(config: Config, num_classes: int, channels: int, dtype, policy, dummy):
@@ -313,102 +324,6 @@ def first_pass_gradient_norms(engine: Engine, real: RealData, state: CondenseSta
     return {k: float(v) for k, v in jax.device_get(jax.jit(norms)(state, real)).items()}
 
 
-# --------------------------------------------------------------------------- iterating
-class CondensedSet(NamedTuple):
-    """A condensed set in normalised space, as stored (before partition-and-expand)."""
-
-    images: np.ndarray      # (K*ipc, H, W, C) float32
-    labels: np.ndarray      # (K*ipc,) int32
-    mean: np.ndarray        # (C,) normalisation mean, [0,1] units
-    std: np.ndarray         # (C,)
-
-
-def condensed_set(state: CondenseState, real: RealData, ipc: int) -> CondensedSet:
-    images = sharding.to_host(state.images)
-    return CondensedSet(images, np.asarray(synthetic_labels(real.num_classes, ipc)),
-                        np.asarray(real.mean), np.asarray(real.std))
-
-
-def iterate(engine: Engine, real: RealData, state: CondenseState,
-            until: Optional[int] = None, step: Optional[Callable] = None,
-            mesh: Optional[Mesh] = None) -> Iterator[tuple[int, CondenseState, dict]]:
-    """Run iterations from ``state.iteration`` up to ``until`` (default config.iterations).
-
-    Yields ``(iteration, state, metrics)`` after every iteration: ``iteration`` is the host
-    count of iterations done, ``metrics`` the step's device scalars. Nothing waits for the
-    device: fetch the metrics when you need them (``jax.device_get``), so an accelerator keeps
-    running ahead. The yielded state is the only live copy (the step donates its input), so
-    keep it if you stop early. Pass ``step`` (from ``make_step``) to reuse one compiled program.
-    """
-    if mesh is not None:
-        real, state = real_lib.shard_real(real, mesh), shard_state(state, mesh)
-    step = make_step(engine, real, mesh=mesh) if step is None else step
-    until = engine.config.iterations if until is None else until
-    done = int(state.iteration)        # the one host read, before the loop
-    while done < until:
-        state, metrics = step(state, real)
-        done += 1
-        yield done, state, metrics
-
-
-class NonFiniteError(FloatingPointError):
-    """The loss or the synthetic images stopped being finite."""
-
-
-def check_finite(metrics: dict, iteration: int) -> None:
-    """The one NaN/Inf policy: raise ``NonFiniteError`` if the loss of ``iteration`` (0-based) or
-    the images after it are not finite. ``metrics`` are host values."""
-    loss = float(metrics["loss"])
-    if not np.isfinite(loss):
-        raise NonFiniteError(f"the loss became {loss} at iteration {iteration}")
-    if float(metrics.get("images_finite", 1.0)) != 1.0:
-        raise NonFiniteError(f"the synthetic images became NaN or Inf at iteration {iteration}")
-
-
-def condense(config: Config, train_images: np.ndarray, train_labels: np.ndarray, *, mean, std,
-             num_classes: Optional[int] = None, state: Optional[CondenseState] = None,
-             callback: Optional[Callable[[CondenseState, dict], None]] = None,
-             mesh: Optional[Mesh] = None,
-             method: Optional[Method] = None) -> tuple[CondensedSet, CondenseState]:
-    """Condense a labelled uint8 image set with the config's method (IDM by default); the
-    minimal library entry point.
-
-    Args:
-      config: run configuration (see ``idm_jax.config``).
-      train_images: (N, H, W, C) uint8 real images; train_labels: (N,) ints.
-      mean, std: per-channel normalisation constants in [0,1] pixel units.
-      state: continue from this state (e.g. restored from a checkpoint) instead of a fresh one.
-      callback: called as ``callback(state, metrics)`` after every iteration with host metrics
-        (and ``iteration``, 0-based); raise from it to stop. Fetching those metrics waits for
-        the device each iteration; leave it None to let an accelerator run ahead.
-      mesh: run over the devices of this mesh (``sharding.make_mesh()``); None: one device.
-      method: a ``base.Method`` object to run instead of the one ``config.method`` names.
-
-    Raises ``NonFiniteError`` when the loss or the images stop being finite (checked every
-    iteration with a callback, else at the end). For checkpoints, resuming and outputs use
-    ``idm_jax.runs.run.condense_and_evaluate``.
-
-    Returns (the condensed set, the final state).
-    """
-    real = prepare_real(train_images, train_labels, mean, std, num_classes, mesh=mesh)
-    engine = make_engine(config, real.num_classes, real.image_shape, method=method,
-                         max_per_class=real.max_per_class,
-                         normalization=(mean, std))
-    if state is None:
-        state = init_state(engine, real, config.seed)
-    metrics, done = None, int(state.iteration)
-    for done, state, metrics in iterate(engine, real, state, mesh=mesh):
-        if callback is not None:
-            host = dict(jax.device_get(metrics), iteration=done - 1)
-            check_finite(host, done - 1)
-            callback(state, host)
-    if metrics is not None and callback is None:
-        check_finite(jax.device_get(metrics), done - 1)
-    return condensed_set(state, real, config.ipc), state
-
-
 __all__ = ["CondenseState", "shard_state", "synthetic_labels", "Engine", "make_engine",
            "init_synthetic", "init_state", "state_shapes", "make_step",
-           "first_pass_gradient_norms",
-           "CondensedSet", "condensed_set", "iterate", "NonFiniteError", "check_finite",
-           "condense"]
+           "first_pass_gradient_norms", "iteration_keys"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +41,6 @@ def lr_phases(epochs: int) -> tuple[int, int]:
     return first, epochs + 1 - first
 
 
-# Long on purpose (over 60 lines): the two lr phases, the epoch and the step are nested scans that
-# share the model, the data and the loss; split apart they would pass a dozen arguments each.
 def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array,
                    test_x: jax.Array, test_y: jax.Array, *, epochs: int = 1000,
                    batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9,
@@ -66,18 +64,42 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
         vmap over models on CPU).
       return_variables: also return the trained ``{"params", "batch_stats"}`` (to inspect).
     """
-    n = train_x.shape[0]
-    steps, padded = _batch_plan(n, batch_size)
     k_init, k_train = jax.random.split(key)
     variables = model.init(k_init, train_x[:1])
-    params = variables["params"]
-    stats = variables.get("batch_stats", {})
-    has_stats = bool(stats)
+    params, stats = variables["params"], variables.get("batch_stats", {})
     # BatchNorm statistics need the whole batch; per-sample networks may run in chunks.
-    chunked = chunk > 0 and not has_stats
+    chunked = chunk if chunk > 0 and not stats else 0
+    epochs_of = _Epochs(train_x, train_y, batch_size, augment_images, dsa_strategy)
+    sgd_step = _sgd_step(_loss(model, bool(stats)), chunked)
+    # The second phase starts from a fresh optimiser: the official code rebuilds it (momentum 0).
+    first, second = lr_phases(epochs)
+    k_first, k_second = jax.random.split(k_train)
+    carry = _run_phase(epochs_of, sgd_step, (params, stats), k_first, first,
+                       classifier.sgd(lr, momentum, weight_decay))
+    if second > 0:
+        carry = _run_phase(epochs_of, sgd_step, carry, k_second, second,
+                           classifier.sgd(lr * 0.1, momentum, weight_decay))
+    params, stats = carry
+    accuracy = test_accuracy(model, params, stats, test_x, test_y, test_batch, chunked)
+    if return_variables:
+        return accuracy, {"params": params, "batch_stats": stats}
+    return accuracy
 
+
+class _Epochs(NamedTuple):
+    """What every training epoch of an evaluation reads: the set, its batch size, its DSA."""
+
+    train_x: jax.Array
+    train_y: jax.Array
+    batch_size: int
+    augment_images: Callable
+    dsa_strategy: str
+
+
+def _loss(model, has_stats: bool) -> Callable:
+    """``(params, stats, x, y, mask, valid_rows=None) -> (loss, stats)``: the mean CE over the
+    valid rows (over ``valid_rows`` instead when ``x`` is one chunk of the batch)."""
     def loss_fn(p, s, x, y, mask, valid_rows=None):
-        """Mean CE over the valid rows; over ``valid_rows`` instead when ``x`` is one chunk."""
         if has_stats:
             (_, logits), updated = model.apply({"params": p, "batch_stats": s}, x, train=True,
                                                mask=mask, mutable=["batch_stats"])
@@ -87,63 +109,57 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
         ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
         weights = mask.astype(jnp.float32)
         return jnp.sum(ce * weights) / (jnp.sum(weights) if valid_rows is None else valid_rows), s
+    return loss_fn
 
-    def run_phase(carry, phase_key, num_epochs, optimizer):
-        params, stats = carry
-        opt_state = optimizer.init(params)
 
-        def epoch(carry, epoch_key):
-            params, stats, opt_state = carry
-            k_perm, k_aug = jax.random.split(epoch_key)
-            order = jax.random.permutation(k_perm, n)
-            order = jnp.concatenate([order, jnp.zeros(padded - n, order.dtype)])
-            valid = jnp.arange(padded) < n
+def _sgd_step(loss_fn: Callable, chunk: int) -> Callable:
+    """``(params, stats, opt_state, x, y, mask, optimizer) -> (params, stats, opt_state)``: one
+    step on a batch, whole or (``chunk`` > 0) with its gradient summed over chunks."""
+    def step(params, stats, opt_state, x, y, mask, optimizer):
+        if not chunk:
+            def batch_loss(p, batch):
+                return loss_fn(p, stats, *batch)
 
-            def step(carry, inputs):
-                params, stats, opt_state = carry
-                idx, mask, aug_key = inputs
-                x = augment_images(aug_key, train_x[idx], dsa_strategy, siamese=False)
-                if not chunked:
-                    def batch_loss(p, batch):
-                        return loss_fn(p, stats, *batch)
+            params, opt_state, stats = classifier.train_step(
+                batch_loss, params, opt_state, (x, y, mask), optimizer)
+            return params, stats, opt_state
+        valid_rows = jnp.sum(mask.astype(jnp.float32))
 
-                    params, opt_state, stats = classifier.train_step(
-                        batch_loss, params, opt_state, (x, train_y[idx], mask), optimizer)
-                else:
-                    valid_rows = jnp.sum(mask.astype(jnp.float32))
+        def chunk_loss(p, part):   # this chunk's share of the batch mean
+            return loss_fn(p, stats, *part, valid_rows=valid_rows)[0], ()
 
-                    def chunk_loss(p, part):   # this chunk's share of the batch mean
-                        return loss_fn(p, stats, *part, valid_rows=valid_rows)[0], ()
+        params, opt_state, _ = classifier.train_step(
+            chunk_loss, params, opt_state, (x, y, mask), optimizer, chunk=chunk, row_valid=mask)
+        return params, stats, opt_state
+    return step
 
-                    params, opt_state, _ = classifier.train_step(
-                        chunk_loss, params, opt_state, (x, train_y[idx], mask), optimizer,
-                        chunk=chunk, row_valid=mask)
-                return (params, stats, opt_state), None
 
-            inputs = (order.reshape(steps, batch_size), valid.reshape(steps, batch_size),
-                      jax.random.split(k_aug, steps))
-            carry, _ = jax.lax.scan(step, (params, stats, opt_state), inputs)
-            return carry, None
-
-        (params, stats, _), _ = jax.lax.scan(epoch, (params, stats, opt_state),
-                                             jax.random.split(phase_key, num_epochs))
-        return params, stats
-
-    # The second phase starts from a fresh optimiser: the official code rebuilds it (momentum 0).
-    first, second = lr_phases(epochs)
-    k_first, k_second = jax.random.split(k_train)
-    carry = run_phase((params, stats), k_first, first,
-                      classifier.sgd(lr, momentum, weight_decay))
-    if second > 0:
-        carry = run_phase(carry, k_second, second,
-                          classifier.sgd(lr * 0.1, momentum, weight_decay))
+def _run_phase(data: _Epochs, sgd_step: Callable, carry, phase_key: jax.Array,
+               num_epochs: int, optimizer) -> tuple:
+    """``num_epochs`` epochs from a fresh ``optimizer`` state: a reshuffle per epoch, the last
+    partial batch padded and masked, DSA on every batch. Returns (params, stats)."""
     params, stats = carry
+    n = data.train_x.shape[0]
+    steps, padded = _batch_plan(n, data.batch_size)
 
-    accuracy = test_accuracy(model, params, stats, test_x, test_y, test_batch,
-                             chunk if chunked else 0)
-    if return_variables:
-        return accuracy, {"params": params, "batch_stats": stats}
-    return accuracy
+    def epoch(carry, epoch_key):
+        k_perm, k_aug = jax.random.split(epoch_key)
+        order = jax.random.permutation(k_perm, n)
+        order = jnp.concatenate([order, jnp.zeros(padded - n, order.dtype)])
+        valid = jnp.arange(padded) < n
+
+        def step(carry, inputs):
+            idx, mask, aug_key = inputs
+            x = data.augment_images(aug_key, data.train_x[idx], data.dsa_strategy, siamese=False)
+            return sgd_step(*carry, x, data.train_y[idx], mask, optimizer), None
+
+        inputs = (order.reshape(steps, data.batch_size), valid.reshape(steps, data.batch_size),
+                  jax.random.split(k_aug, steps))
+        return jax.lax.scan(step, carry, inputs)[0], None
+
+    (params, stats, _), _ = jax.lax.scan(epoch, (params, stats, optimizer.init(params)),
+                                         jax.random.split(phase_key, num_epochs))
+    return params, stats
 
 
 def test_accuracy(model, params, stats, test_x: jax.Array, test_y: jax.Array, test_batch: int,
@@ -185,8 +201,6 @@ def _padded_test_set(test_images, test_labels, test_batch: int):
     return test_x, test_y, test_batch
 
 
-# Long (over 60 lines) because most of it is the documented argument list of the library entry
-# point; the work is three calls (check, expand, train and score the models).
 def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
                     model: str = "ConvNet", num_classes: Optional[int] = None,
                     num_models: int = 5, epochs: int = 1000, batch_size: int = 256,
@@ -223,40 +237,44 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
     """
     num_classes = _check_inputs(images, labels, test_images, test_labels, num_classes,
                                 validation)
-    images = jnp.asarray(images, jnp.float32)
-    labels = jnp.asarray(labels, jnp.int32)
+    images, labels = jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)
     if expand:
         images = partition.expand(images, partition_scheme, partition_factor, partition_ratio)
         labels = partition.expand_labels(labels, partition_scheme, partition_factor)
     policy = backend.resolve(microbatch_size) if policy is None else policy
     net = models.get_model(model, num_classes, in_channels=images.shape[-1], dtype=compute_dtype,
                            conv_op=policy.conv_op)
-
-    test_x, test_y, test_batch = _padded_test_set(test_images, test_labels, test_batch)
-    if validation is not None:
-        val_x, val_y, val_batch = _padded_test_set(*validation, test_batch)
-
-    def one(k):
-        accuracy, variables = train_and_test(
-            k, net, images, labels, test_x, test_y, epochs=epochs, batch_size=batch_size, lr=lr,
-            momentum=momentum, weight_decay=weight_decay, dsa_strategy=dsa_strategy,
-            test_batch=test_batch, chunk=policy.chunk, augment_images=policy.augment,
-            return_variables=True)
-        if validation is None:
-            return accuracy, accuracy
-        chunk = 0 if variables["batch_stats"] else policy.chunk
-        return accuracy, test_accuracy(net, variables["params"], variables["batch_stats"],
-                                       val_x, val_y, val_batch, chunk)
-
+    test = _padded_test_set(test_images, test_labels, test_batch)
+    held_out = None if validation is None else _padded_test_set(*validation, test[2])
+    one = _one_model(net, images, labels, policy, test, held_out, dict(
+        epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, dsa_strategy=dsa_strategy))
     start = time.perf_counter()
     map_models = policy.map_models if parallel is None else (
         jax.vmap if parallel else backend.sequential)
-    many = map_models(one)
-    test_acc, val_acc = jax.device_get(jax.jit(many)(jax.random.split(key, num_models)))
+    test_acc, val_acc = jax.device_get(jax.jit(map_models(one))(jax.random.split(key, num_models)))
     result = {"model": model, **_summary(test_acc), "seconds": time.perf_counter() - start}
     if validation is not None:
         result["validation"] = _summary(val_acc)
     return result
+
+
+def _one_model(net, images, labels, policy: backend.Policy, test: tuple,
+               held_out: Optional[tuple], training: dict) -> Callable:
+    """``key -> (test accuracy, validation accuracy)`` of one fresh ``net`` trained on the set
+    (the test accuracy twice without ``held_out``); ``test``, ``held_out``: padded sets."""
+    test_x, test_y, test_batch = test
+
+    def one(k):
+        accuracy, variables = train_and_test(
+            k, net, images, labels, test_x, test_y, test_batch=test_batch, chunk=policy.chunk,
+            augment_images=policy.augment, return_variables=True, **training)
+        if held_out is None:
+            return accuracy, accuracy
+        chunk = 0 if variables["batch_stats"] else policy.chunk
+        return accuracy, test_accuracy(net, variables["params"], variables["batch_stats"],
+                                       *held_out, chunk)
+    return one
 
 
 def _check_inputs(images, labels, test_images, test_labels, num_classes, validation) -> int:

@@ -88,6 +88,31 @@ def train_pool(dataset: data.Dataset, recipe: Recipe, num_models: int, key: jax.
     tx = optax.chain(optax.add_decayed_weights(recipe.weight_decay),
                      optax.sgd(_lr_schedule(recipe, steps), momentum=recipe.momentum))
 
+    run_block, plan = _epoch_programs(net, x, y, recipe, tx, policy, steps)
+    k_init, k_train = jax.random.split(key)
+    init = jax.vmap(lambda k: net.init(k, x[:1])["params"])(jax.random.split(k_init, num_models))
+    params, opt_state = init, jax.vmap(tx.init)(init)
+    accuracy = jnp.zeros(num_models)
+    size = max(1, -(-steps // PROGRESS_BLOCKS))
+    for e, epoch_key in enumerate(jax.random.split(k_train, recipe.epochs)):
+        rows, keys = plan(jax.random.split(epoch_key, num_models))
+        correct = jnp.zeros(num_models, jnp.int32)
+        for start in range(0, steps, size):
+            params, opt_state, correct = run_block(params, opt_state, correct,
+                                                   rows[:, start:start + size],
+                                                   keys[:, start:start + size])
+            if progress is not None:
+                jax.block_until_ready(correct)      # the bar shows finished steps
+                progress(e * steps + min(start + size, steps), recipe.epochs * steps)
+        accuracy = 100.0 * correct / (steps * recipe.batch)
+    return {"init": init, "trained": params,
+            "train_accuracy": np.asarray(accuracy, np.float64).tolist()}
+
+
+def _epoch_programs(net, x, y, recipe: Recipe, tx, policy, steps: int):
+    """The jitted pieces of a pretraining epoch, vmapped or mapped over models: ``run_block``
+    (SGD steps over given batches and keys; compiles once per block length, at most 2) and
+    ``plan`` (an epoch's batches and per-step keys, as one scan over the epoch would draw)."""
     def loss_fn(params, batch):      # a sum of per-row terms (the batch mean), so it chunks
         images, labels = batch
         _, logits = net.apply({"params": params}, images)
@@ -114,26 +139,7 @@ def train_pool(dataset: data.Dataset, recipe: Recipe, num_models: int, key: jax.
         order = jax.random.permutation(k_perm, x.shape[0])[:steps * recipe.batch]
         return order.reshape(steps, recipe.batch), jax.random.split(k_aug, steps)
 
-    k_init, k_train = jax.random.split(key)
-    init = jax.vmap(lambda k: net.init(k, x[:1])["params"])(jax.random.split(k_init, num_models))
-    run_block = jax.jit(policy.map_models(block))      # compiles once per block length (<= 2)
-    plan = jax.jit(jax.vmap(epoch_plan))
-    params, opt_state = init, jax.vmap(tx.init)(init)
-    accuracy = jnp.zeros(num_models)
-    size = max(1, -(-steps // PROGRESS_BLOCKS))
-    for e, epoch_key in enumerate(jax.random.split(k_train, recipe.epochs)):
-        rows, keys = plan(jax.random.split(epoch_key, num_models))
-        correct = jnp.zeros(num_models, jnp.int32)
-        for start in range(0, steps, size):
-            params, opt_state, correct = run_block(params, opt_state, correct,
-                                                   rows[:, start:start + size],
-                                                   keys[:, start:start + size])
-            if progress is not None:
-                jax.block_until_ready(correct)      # the bar shows finished steps
-                progress(e * steps + min(start + size, steps), recipe.epochs * steps)
-        accuracy = 100.0 * correct / (steps * recipe.batch)
-    return {"init": init, "trained": params,
-            "train_accuracy": np.asarray(accuracy, np.float64).tolist()}
+    return jax.jit(policy.map_models(block)), jax.jit(jax.vmap(epoch_plan))
 
 
 def _flatten(tree, prefix: str) -> dict[str, np.ndarray]:

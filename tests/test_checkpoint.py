@@ -12,6 +12,7 @@ import pytest
 from idm_jax.runs import checkpoint
 from idm_jax import config as config_lib
 from idm_jax import engine as engine_lib
+from idm_jax import iterating
 from idm_jax import real as real_lib
 from tests.test_engine import MEAN, STD, tiny_config, tiny_data
 
@@ -24,7 +25,7 @@ def build(config):
 
 
 def run(engine, real, state, until, step):
-    for _, state, _ in engine_lib.iterate(engine, real, state, until=until, step=step):
+    for _, state, _ in iterating.iterate(engine, real, state, until=until, step=step):
         pass
     return state
 

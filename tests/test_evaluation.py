@@ -122,20 +122,20 @@ def test_evaluate_refuses_inputs_that_would_train_or_score_silently_wrong():
 
 
 def test_condense_refuses_a_zero_or_non_finite_std_before_any_work():
-    from idm_jax import data, engine
+    from idm_jax import data, iterating
     ds = data.load_dataset("digits")
     config = presets.smoke(presets.get_preset("digits-ipc1"))
     for std in ((0.0,), (float("nan"),)):
         with pytest.raises(ValueError, match="std finite and > 0"):
-            engine.condense(config, ds.train_images, ds.train_labels, mean=ds.mean, std=std)
+            iterating.condense(config, ds.train_images, ds.train_labels, mean=ds.mean, std=std)
 
 
 def test_condense_with_zero_iterations_returns_the_finite_initial_set():
-    from idm_jax import config as config_lib, data, engine
+    from idm_jax import config as config_lib, data, iterating
     ds = data.load_dataset("digits")
     config = config_lib.override(presets.smoke(presets.get_preset("digits-ipc1")),
                                  {"iterations": 0})
-    synset, state = engine.condense(config, ds.train_images, ds.train_labels, mean=ds.mean,
-                                    std=ds.std)
+    synset, state = iterating.condense(config, ds.train_images, ds.train_labels, mean=ds.mean,
+                                       std=ds.std)
     assert int(state.iteration) == 0 and np.all(np.isfinite(synset.images))
     assert synset.images.shape == (10, 16, 16, 1)

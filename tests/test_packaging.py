@@ -46,7 +46,7 @@ def test_every_subpackage_is_included_by_the_package_finder():
 def test_entry_functions_are_plain_functions_next_to_their_modules():
     # No callable-module trick: condense and evaluate are functions with real signatures,
     # and the modules they live in are ordinary modules.
-    for fn, module in ((idm_jax.condense, idm_jax.engine),
+    for fn, module in ((idm_jax.condense, idm_jax.iterating),
                        (idm_jax.evaluate, idm_jax.evaluation),
                        (idm_jax.condense_and_evaluate,
                         importlib.import_module("idm_jax.runs.run"))):

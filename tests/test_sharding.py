@@ -40,6 +40,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 from idm_jax.runs import checkpoint
 from idm_jax import engine as engine_lib
+from idm_jax import iterating
 from idm_jax import real as real_lib
 from tests.test_engine import MEAN, STD, tiny_config, tiny_data
 
@@ -64,7 +65,7 @@ def setup(k):
     return config, images, labels, engine_lib.make_engine(config, k, real.image_shape), real
 
 def run(engine, real, state, until, **kw):
-    for _, state, _ in engine_lib.iterate(engine, real, state, until=until, **kw):
+    for _, state, _ in iterating.iterate(engine, real, state, until=until, **kw):
         pass
     return state
 
@@ -86,7 +87,7 @@ elif mode == "four":  # K=4 on 4 devices; checkpoint at iteration 2
     first, _ = step(state, real)
     facts["donated"] = bool(state.images.is_deleted())
     ckpt = checkpoint.Checkpointer(CKPT)
-    for _, state, _ in engine_lib.iterate(engine, real, first, until=4, step=step, mesh=mesh):
+    for _, state, _ in iterating.iterate(engine, real, first, until=4, step=step, mesh=mesh):
         if int(state.iteration) == 2:
             ckpt.save(state, config, checkpoint.data_meta(real))
     ckpt.close()
@@ -98,7 +99,7 @@ elif mode == "four":  # K=4 on 4 devices; checkpoint at iteration 2
     # K=3 on 4 devices: one device holds only a padding class, and the 6 synthetic rows are
     # stored replicated.
     config3, images3, labels3, _, _ = setup(3)
-    _, state3 = engine_lib.condense(config3, images3, labels3, mean=MEAN, std=STD, mesh=mesh)
+    _, state3 = iterating.condense(config3, images3, labels3, mean=MEAN, std=STD, mesh=mesh)
     dump("k3_it3", state3)
     facts["images3"] = spec(state3.images)
 
@@ -124,7 +125,7 @@ elif mode == "two":
                 for field in ("per_class", "counts", "flat_index", "mean", "std")},
              plain_per_class=np.asarray(real_plain.per_class))
     # The library entry point on the mesh (uneven classes).
-    _, state3 = engine_lib.condense(config3, images3, labels3, mean=MEAN, std=STD, mesh=mesh)
+    _, state3 = iterating.condense(config3, images3, labels3, mean=MEAN, std=STD, mesh=mesh)
     dump("k3_it3", state3)
     facts.update(images3=spec(state3.images), per_class3=spec(placed["prepare_real"].per_class),
                  padded={f"{k},2": sharding.padded_size(k, mesh) for k in (1, 3, 4, 10)})
@@ -143,7 +144,7 @@ elif mode == "one":  # resume the 4-device checkpoint on one device, without and
     facts["joined"], facts["processes"] = joined, jax.process_count()
     # (Also the plain K=3 reference: this process has the least to compile.)
     config3, images3, labels3, _, _ = setup(3)
-    _, state3 = engine_lib.condense(config3, images3, labels3, mean=MEAN, std=STD)
+    _, state3 = iterating.condense(config3, images3, labels3, mean=MEAN, std=STD)
     dump("k3_it3", state3)
     config, images, labels, engine, real = setup(4)
     ckpt = checkpoint.Checkpointer(CKPT)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from idm_jax import data, engine, methods
+from idm_jax import data, iterating, methods
 from idm_jax.runs import checkpoint, tuning
 from idm_jax import presets
 
@@ -42,7 +42,7 @@ def fake_runs(calls):
     def condense_and_evaluate(config, dataset, workdir, quiet=False):
         calls.append((config.lr_img, config.seed))
         if config.lr_img > 1e3:
-            raise engine.NonFiniteError("the loss became nan at iteration 0")
+            raise iterating.NonFiniteError("the loss became nan at iteration 0")
         validation = 40.0 - abs(math.log10(config.lr_img))
         results = {"accuracies": [30.0 + config.seed, 32.0], "mean": 31.0 + config.seed / 2,
                    "config": config.to_dict(),

@@ -31,7 +31,6 @@ def _need_dir(data_dir: Optional[str], name: str, source: str) -> str:
     return str(data_dir)
 
 
-# Long (over 60 lines) because it is one branch per source, each a few lines.
 def load_dataset(name: str, source: Optional[str] = None,
                  data_dir: Optional[str] = None,
                  tfds_data_dir: Optional[str] = None, *,
@@ -84,17 +83,25 @@ def load_dataset(name: str, source: Optional[str] = None,
         return cifar_pickle.load_cifar_pickle(_need_dir(data_dir, name, source),
                                               name)
     if source == "folder":
-        root = _need_dir(data_dir, name, source)
-        size = image_size or spec.image_shape[0]
-        if name == "tinyimagenet":
-            if class_list is not None:
-                raise ValueError("class_list applies to imagenet_subset only")
-            return folders.load_tinyimagenet(root, size, num_workers)
-        return folders.load_imagenet_subset(root, size, class_list, num_workers)
+        return _load_folder(name, spec, _need_dir(data_dir, name, source), image_size,
+                            class_list, num_workers)
+    return _load_tfds(name, spec, tfds_data_dir if tfds_data_dir is not None else data_dir)
 
-    # source == "tfds"
-    arrays, _ = tfds_source.load_tfds_arrays(
-        spec.tfds_name, tfds_data_dir if tfds_data_dir is not None else data_dir)
+
+def _load_folder(name: str, spec, root: str, image_size: Optional[int],
+                 class_list: Optional[str], num_workers: Optional[int]) -> core.Dataset:
+    """TinyImageNet or the ImageNet subset from image-file folders, at ``image_size``."""
+    size = image_size or spec.image_shape[0]
+    if name == "tinyimagenet":
+        if class_list is not None:
+            raise ValueError("class_list applies to imagenet_subset only")
+        return folders.load_tinyimagenet(root, size, num_workers)
+    return folders.load_imagenet_subset(root, size, class_list, num_workers)
+
+
+def _load_tfds(name: str, spec, tfds_data_dir: Optional[str]) -> core.Dataset:
+    """A prepared TFDS dataset (read without TensorFlow), its shape checked against the spec."""
+    arrays, _ = tfds_source.load_tfds_arrays(spec.tfds_name, tfds_data_dir)
     (train_x, train_y), (test_x, test_y) = arrays["train"], arrays["test"]
     if train_x.shape[1:] != spec.image_shape:
         raise ValueError(f"TFDS {spec.tfds_name!r} images are {train_x.shape[1:]}"

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import jax
 
-from idm_jax import config as config_lib, data, engine, methods
+from idm_jax import config as config_lib, data, iterating, methods
 from idm_jax.runs import checkpoint, failures
 from idm_jax.runs import run as run_lib
 from idm_jax import validate
@@ -259,7 +259,7 @@ def run(config: Config, args, dataset: Optional[data.Dataset] = None) -> dict:
         return run_lib.condense_and_evaluate(config, dataset, args.workdir, mesh=mesh,
                                              restart=args.restart, quiet=args.quiet)
     except (validate.InvalidRun, workdir_lib.WorkdirBusy, checkpoint.CheckpointMismatchError,
-            engine.NonFiniteError) as err:
+            iterating.NonFiniteError) as err:
         raise UserError(str(err)) from None
 
 

@@ -20,7 +20,7 @@ to ``previous/<time>/`` instead of deleting it. Every setting and the data are c
 The loop never waits for the device on every iteration: metrics are fetched every
 ``log_every`` iterations (and before every checkpoint and evaluation), so an accelerator keeps
 running ahead. Before a checkpoint is written, the fetched metrics of every iteration up to it
-have passed the NaN/Inf policy (``engine.check_finite``), so every checkpoint holds finite images.
+have passed the NaN/Inf policy (``iterating.check_finite``), so every checkpoint holds finite images.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from idm_jax import data, engine, evaluation, methods
+from idm_jax import data, engine, evaluation, iterating, methods
 from idm_jax.accel import backend, sharding
 from idm_jax.runs import checkpoint, outputs
 from idm_jax import validate
@@ -112,7 +112,7 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
       workdir.WorkdirBusy: another process is running in ``workdir``.
       checkpoint.CheckpointMismatchError: the workdir's checkpoint was made with settings that
         change the result.
-      engine.NonFiniteError: the loss or images stopped being finite (the message names the
+      iterating.NonFiniteError: the loss or images stopped being finite (the message names the
         newest intact checkpoint).
       Interrupted: Ctrl-C, SIGTERM or SIGUSR1 (``runs.stop``); a checkpoint was saved.
     """
@@ -229,15 +229,15 @@ class _MetricsWindow:
 
     def _check(self, record: dict, iteration: int) -> None:
         try:
-            engine.check_finite(record, iteration)
-        except engine.NonFiniteError as err:
+            iterating.check_finite(record, iteration)
+        except iterating.NonFiniteError as err:
             # Every checkpoint holds images that passed this check, and the run is
             # deterministic: resuming would repeat the failure with the same settings.
             run = self.run
             where = (f"the newest intact checkpoint is iteration {run.last_saved} in "
                      f"{run.checkpointer.directory}" if run.last_saved is not None
                      else "no checkpoint was written")
-            raise engine.NonFiniteError(
+            raise iterating.NonFiniteError(
                 f"{err}; {where}. Lower --lr_img or check the data, then start over with "
                 f"--restart (or use another --workdir)") from None
 
@@ -317,7 +317,7 @@ def _iterate(run: _Session, state, mesh, quiet: bool):
     last_plot = time.perf_counter()
     try:
         with StopRequest() as interrupt:
-            for it, state, metrics in engine.iterate(run.eng, run.real, state, step=step):
+            for it, state, metrics in iterating.iterate(run.eng, run.real, state, step=step):
                 window.pending.append((it, metrics))
                 done = it >= config.iterations
                 save = done or it % config.checkpoint_every == 0

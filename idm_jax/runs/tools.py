@@ -31,10 +31,7 @@ EVALUATE_HELP = ("Evaluate a condensed set with the official protocol: a .npz of
                  "--expand / --no-expand says.")
 
 
-# Long (over 60 lines) because it is one flat sequence of checks, each with its own error line,
-# before the one evaluation.
-@failures.user_facing
-def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
+def _evaluate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="idm-evaluate", description=EVALUATE_HELP)
     parser.add_argument("--set", required=True,
                         help="the condensed set: .npz, DC-BENCH .pt, DD-Ranking images.pt or "
@@ -55,52 +52,66 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--expand", dest="expand", action="store_true", default=None)
     parser.add_argument("--no-expand", dest="expand", action="store_false")
     parser.add_argument("--out", default=None, help="results JSON (default: next to the set)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _check_evaluate_flags(args) -> None:
+    if args.arch not in models.MODEL_NAMES:
+        raise UserError(f"unknown --arch {args.arch!r}; valid: {', '.join(models.MODEL_NAMES)}")
+    for flag in ("num_eval", "batch_train"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.epochs < 0 or not np.isfinite(args.lr) or args.lr < 0:
+        raise UserError("--epochs must be >= 0 and --lr a finite number >= 0")
+
+
+def _prepared_set(args) -> tuple:
+    """The set of ``--set`` checked against its dataset, before any training: (dataset,
+    normalised images, labels, the partition arguments of ``evaluate_synset``, the --out path,
+    checked writable)."""
+    saved = export.load_set(args.set)
+    args.dataset = args.dataset or _recorded_dataset(args.set) or "cifar10"
+    out = args.out or os.path.splitext(args.set)[0] + f"_eval_{args.arch}.json"
+    _check_writable(out, "--out")
+    dataset = data.load_dataset(args.dataset, source=args.source, data_dir=args.data_dir,
+                                tfds_data_dir=args.tfds_data_dir)
+    shape = (saved["images_normalized"] if "images_normalized" in saved
+             else saved["images"]).shape[1:]
+    if tuple(shape) != dataset.image_shape:
+        raise UserError(f"the set's images are {tuple(shape)} but {args.dataset} images "
+                        f"are {dataset.image_shape}; pass the --dataset the set was "
+                        f"condensed from")
+    labels = export.check_set(saved, args.set, dataset.num_classes)
+    if "images_normalized" in saved:      # exact stored values of our own sets
+        images = saved["images_normalized"]
+    else:
+        images = (saved["images"] - np.asarray(dataset.mean)) / np.asarray(dataset.std)
+    partition_args = dict(
+        expand=bool(saved.get("partition_expand", False)) if args.expand is None else args.expand,
+        partition_factor=int(saved.get("partition_factor", 2)),
+        partition_scheme=str(saved.get("partition_scheme", "uniform")),
+        partition_ratio=float(saved.get("partition_ratio", 0.4)))
+    return dataset, images, labels, partition_args, out
+
+
+@failures.user_facing
+def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = _evaluate_parser().parse_args(argv)
     enable_compilation_cache()
+    _check_evaluate_flags(args)
     try:
-        if args.arch not in models.MODEL_NAMES:
-            raise UserError(f"unknown --arch {args.arch!r}; valid: "
-                                   f"{', '.join(models.MODEL_NAMES)}")
-        for flag in ("num_eval", "batch_train"):
-            if getattr(args, flag) < 1:
-                raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-        if args.epochs < 0 or not np.isfinite(args.lr) or args.lr < 0:
-            raise UserError("--epochs must be >= 0 and --lr a finite number >= 0")
-        saved = export.load_set(args.set)
-        args.dataset = args.dataset or _recorded_dataset(args.set) or "cifar10"
-        out = args.out or os.path.splitext(args.set)[0] + f"_eval_{args.arch}.json"
-        _check_writable(out, "--out")
-        dataset = data.load_dataset(args.dataset, source=args.source, data_dir=args.data_dir,
-                                    tfds_data_dir=args.tfds_data_dir)
-        shape = (saved["images_normalized"] if "images_normalized" in saved
-                 else saved["images"]).shape[1:]
-        if tuple(shape) != dataset.image_shape:
-            raise UserError(f"the set's images are {tuple(shape)} but {args.dataset} images "
-                            f"are {dataset.image_shape}; pass the --dataset the set was "
-                            f"condensed from")
-        labels = export.check_set(saved, args.set, dataset.num_classes)
-        if "images_normalized" in saved:      # exact stored values of our own sets
-            images = saved["images_normalized"]
-        else:
-            images = (saved["images"] - np.asarray(dataset.mean)) / np.asarray(dataset.std)
-        expand = args.expand
-        if expand is None:
-            expand = bool(saved.get("partition_expand", False))
-        factor = int(saved.get("partition_factor", 2))
-        scheme = str(saved.get("partition_scheme", "uniform"))
-        ratio = float(saved.get("partition_ratio", 0.4))
-        test_x = data.normalize(dataset.test_images, dataset.mean, dataset.std)
+        dataset, images, labels, partition_args, out = _prepared_set(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise UserError(str(err)) from None
+    expand = partition_args["expand"]
+    test_x = data.normalize(dataset.test_images, dataset.mean, dataset.std)
     print(f"evaluating {len(images)} images ({'with' if expand else 'without'} "
           f"partition-and-expand) with {args.num_eval} x {args.arch}, --epochs {args.epochs} "
           f"(epochs 0..{args.epochs}, as the official loop counts them)")
     result = evaluation.evaluate_synset(
         jax.random.PRNGKey(args.seed), images, labels, test_x, dataset.test_labels,
         model=args.arch, num_classes=dataset.num_classes, num_models=args.num_eval,
-        epochs=args.epochs, batch_size=args.batch_train, lr=args.lr, expand=expand,
-        partition_factor=factor, partition_scheme=scheme, partition_ratio=ratio)
+        epochs=args.epochs, batch_size=args.batch_train, lr=args.lr, **partition_args)
     result.update(set=os.path.abspath(args.set), dataset=args.dataset, expand=expand,
                   device=outputs.device_description(), jax_version=jax.__version__)
     checkpoint.dump_json(out, result)

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from idm_jax import engine
+from idm_jax import iterating
 from idm_jax.config import Config
 from idm_jax.runs import checkpoint, study
 
@@ -75,7 +75,7 @@ def _run_or_record(config: Config, dataset, directory: str, quiet: bool, label: 
     print(f"== {label} -> {directory}")
     try:
         return run_lib.condense_and_evaluate(config, dataset, directory, quiet=quiet)
-    except engine.NonFiniteError as err:
+    except iterating.NonFiniteError as err:
         record = {"failed": str(err), "config": config.to_dict()}
         os.makedirs(directory, exist_ok=True)    # a run that failed at once left no folder
         checkpoint.dump_json(failed, record)
