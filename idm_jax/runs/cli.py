@@ -26,7 +26,6 @@ from idm_jax.config import Config
 from idm_jax import presets
 
 
-
 UserError = failures.UserError     # raised by the flag checks here and in every entry point
 
 
@@ -280,6 +279,8 @@ def main(dataset: str, default_ipc: int = 10, argv: Optional[Sequence[str]] = No
     enable_compilation_cache()
     args, config = parse(argv, dataset, default_ipc)
     return run(config, args)
+
+
 def condense_main(argv: Optional[Sequence[str]] = None) -> None:
     """The ``idm-condense`` entry point: ``--dataset NAME`` (default cifar10), then as ``main``.
 
