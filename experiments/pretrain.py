@@ -3,6 +3,8 @@
 ``python -m experiments.pretrain --recipe ncfm --source npy --data_dir ../shared/data/cifar10``
 trains the networks NCFM draws its extractors from and writes ``pool.npz`` and ``pool.json`` to
 ``--out`` (default ``runs/pools/<dataset>-<recipe>``); ``--method ncfm --pool_dir`` reads it.
+The job keeps its place in ``--out`` (``progress.npz``, every two minutes and on Ctrl-C or
+SIGTERM): the same command continues it.
 The defaults are sized for 2 CPU cores (4 networks, 2 epochs); the authors' sizes are
 ``--models 20 --epochs 60`` (NCFM) and ``--models 1000 --epochs 40`` (IID). Hold out the same
 ``--validation_per_class`` (and seed) as the runs that will use the pool, so that it never saw
@@ -20,17 +22,21 @@ import jax
 
 from idm_jax import config as config_lib, data, pretrain
 from idm_jax.nn import models
-from idm_jax.runs import cli, failures, outputs
+from idm_jax.runs import cli, failures, pretraining
+
+SAVE_EVERY_S = 120.0     # seconds of training a stop can lose at most (SIGKILL, power cut)
 
 
 def _advance(bar, done: int, total: int) -> None:
     """Move the bar to ``done`` of ``total`` SGD steps (all epochs), with its ETA."""
-    bar.total = total
-    bar.update(done - bar.n)
+    if bar.total is None:     # the first block of this session (maybe resumed): rates start here
+        bar.total, bar.initial, bar.n, bar.last_print_n = total, done, done, done
+        bar.refresh()
+    else:
+        bar.update(done - bar.n)
 
 
-@failures.user_facing
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.pretrain", description=__doc__)
     parser.add_argument("--recipe", default="ncfm", choices=sorted(pretrain.RECIPES))
     parser.add_argument("--dataset", default="cifar10")
@@ -46,7 +52,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--validation_seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="the pool's folder")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@failures.user_facing
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = _parser().parse_args(argv)
     cli.enable_compilation_cache()
     for flag in ("models", "epochs"):
         if getattr(args, flag) < 1:
@@ -80,17 +91,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           f"{args.dataset} ({args.recipe} recipe) -> {out}")
     from tqdm import tqdm
     bar = tqdm(total=None, unit="step", desc="pretrain", dynamic_ncols=True)
-    pool = pretrain.train_pool(dataset, recipe, args.models, jax.random.PRNGKey(args.seed),
-                               args.validation_per_class, args.validation_seed,
-                               progress=lambda done, total: _advance(bar, done, total))
-    bar.close()
-    meta = {"recipe": args.recipe, "model": recipe.model, "dataset": dataset.name,
-            "num_models": args.models, "settings": dataclasses.asdict(recipe), "seed": args.seed,
-            "validation": split.record() if split is not None else None,
-            "code_version": outputs.code_version(), "processor": outputs.processor()}
-    pretrain.save_pool(out, pool, meta)
-    print(f"pool written to {out}; training accuracy of the last epoch "
-          f"{', '.join(f'{a:.1f}' for a in pool['train_accuracy'])} %")
+    try:
+        meta = pretraining.pretrain_pool(out, dataset, args.recipe, recipe, args.models,
+                                         args.seed, args.validation_per_class,
+                                         args.validation_seed,
+                                         progress=lambda done, total: _advance(bar, done, total),
+                                         save_every_s=SAVE_EVERY_S)
+    finally:
+        bar.close()
+    print(f"pool in {out}; training accuracy of the last epoch "
+          f"{', '.join(f'{a:.1f}' for a in meta['train_accuracy'])} %")
     return meta
 
 

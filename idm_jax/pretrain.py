@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -66,9 +66,23 @@ def _lr_schedule(recipe: Recipe, steps_per_epoch: int):
 PROGRESS_BLOCKS = 20
 
 
+class PoolProgress(NamedTuple):
+    """Where a pretraining stands after a block: ``epoch`` (0-based) and ``step`` (SGD steps
+    done in it), the params and optimiser state (leading axis: networks) and ``correct``, each
+    network's hits in this epoch so far."""
+
+    epoch: int
+    step: int
+    params: Any
+    opt_state: Any
+    correct: jax.Array
+
+
 def train_pool(dataset: data.Dataset, recipe: Recipe, num_models: int, key: jax.Array,
                validation_per_class: int = 0, validation_seed: int = 0,
-               progress: Optional[Callable[[int, int], None]] = None) -> dict:
+               progress: Optional[Callable[[int, int], None]] = None,
+               resume: Optional[dict] = None,
+               after_block: Optional[Callable[[PoolProgress], None]] = None) -> dict:
     """Train ``num_models`` networks of ``recipe`` on ``dataset``'s training images (minus the
     validation split), all at once (a vmapped axis). Returns ``{"init", "trained"}`` (params
     stacked on a leading axis of ``num_models``) and ``"train_accuracy"`` (%, each network's
@@ -76,7 +90,10 @@ def train_pool(dataset: data.Dataset, recipe: Recipe, num_models: int, key: jax.
 
     An epoch runs as a few compiled blocks of SGD steps (``PROGRESS_BLOCKS`` per epoch, the
     same steps, keys and order as one scan over the epoch), so ``progress(steps_done,
-    steps_total)`` can report within an hour-long epoch on a CPU.
+    steps_total)`` can report within an hour-long epoch on a CPU, and ``after_block`` receives
+    the ``PoolProgress`` after each block (to save it; raise from it to stop). ``resume``: the
+    arrays ``progress_arrays`` made of such a progress; training continues from there and ends
+    bit-identical to an uninterrupted run.
     """
     train, _ = data.split_validation(dataset, validation_per_class, validation_seed)
     x = jnp.asarray(data.normalize(train.train_images, train.mean, train.std))
@@ -91,20 +108,29 @@ def train_pool(dataset: data.Dataset, recipe: Recipe, num_models: int, key: jax.
     run_block, plan = _epoch_programs(net, x, y, recipe, tx, policy, steps)
     k_init, k_train = jax.random.split(key)
     init = jax.vmap(lambda k: net.init(k, x[:1])["params"])(jax.random.split(k_init, num_models))
-    params, opt_state = init, jax.vmap(tx.init)(init)
-    accuracy = jnp.zeros(num_models)
+    at = PoolProgress(0, 0, init, jax.vmap(tx.init)(init), jnp.zeros(num_models, jnp.int32))
+    if resume is not None:
+        at = _unflatten(resume, at, "progress", "the saved progress")
+        at = at._replace(epoch=int(at.epoch), step=int(at.step))
+    params, opt_state, correct = at.params, at.opt_state, at.correct
     size = max(1, -(-steps // PROGRESS_BLOCKS))
     for e, epoch_key in enumerate(jax.random.split(k_train, recipe.epochs)):
+        if e < at.epoch:
+            continue
         rows, keys = plan(jax.random.split(epoch_key, num_models))
-        correct = jnp.zeros(num_models, jnp.int32)
-        for start in range(0, steps, size):
+        if e > at.epoch:
+            correct = jnp.zeros(num_models, jnp.int32)
+        for start in range(at.step if e == at.epoch else 0, steps, size):
             params, opt_state, correct = run_block(params, opt_state, correct,
                                                    rows[:, start:start + size],
                                                    keys[:, start:start + size])
+            done = min(start + size, steps)
             if progress is not None:
                 jax.block_until_ready(correct)      # the bar shows finished steps
-                progress(e * steps + min(start + size, steps), recipe.epochs * steps)
-        accuracy = 100.0 * correct / (steps * recipe.batch)
+                progress(e * steps + done, recipe.epochs * steps)
+            if after_block is not None:
+                after_block(PoolProgress(e, done, params, opt_state, correct))
+    accuracy = 100.0 * correct / (steps * recipe.batch)
     return {"init": init, "trained": params,
             "train_accuracy": np.asarray(accuracy, np.float64).tolist()}
 
@@ -147,6 +173,25 @@ def _flatten(tree, prefix: str) -> dict[str, np.ndarray]:
     return {prefix + jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
+def _unflatten(stored: dict, template: Any, prefix: str, where: str) -> Any:
+    """``template``'s tree with its leaves read from ``stored`` (names as ``_flatten`` gives);
+    ValueError naming ``where`` when a leaf is missing or shaped otherwise."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = []
+    for path, leaf in paths:
+        name = prefix + jax.tree_util.keystr(path)
+        if name not in stored or stored[name].shape != np.shape(leaf):
+            raise ValueError(f"{where}: {name} of shape {np.shape(leaf)} is missing; it was made "
+                             f"for another network")
+        leaves.append(jnp.asarray(stored[name]))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def progress_arrays(at: PoolProgress) -> dict[str, np.ndarray]:
+    """``at`` as named host arrays (what ``train_pool(resume=...)`` reads back)."""
+    return _flatten(at, "progress")
+
+
 def save_pool(directory: str, pool: dict, meta: dict) -> None:
     """Write ``pool.npz`` and ``pool.json`` into ``directory`` (each atomically)."""
     os.makedirs(directory, exist_ok=True)
@@ -182,18 +227,11 @@ def load_pool(directory: str, template: Any, expect: Optional[dict] = None) -> d
                              f"run needs {value!r}; pretrain a pool for this run")
     with np.load(arrays_path) as arrays:
         stored = {k: arrays[k] for k in arrays.files}
-    pool = {}
-    for part in ("init", "trained"):
-        paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-        leaves = []
-        for path, leaf in paths:
-            name = part + jax.tree_util.keystr(path)
-            if name not in stored or stored[name].shape[1:] != np.shape(leaf):
-                raise ValueError(f"{where}: pool.npz lacks {name} of shape {np.shape(leaf)}; it "
-                                 f"was made for another network")
-            leaves.append(jnp.asarray(stored[name]))
-        pool[part] = jax.tree_util.tree_unflatten(treedef, leaves)
-    return dict(pool, meta=meta)
+    count = next(iter(stored.values())).shape[0] if stored else 0
+    stacked = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((count,) + np.shape(leaf),
+                                                             np.float32), template)
+    return dict({part: _unflatten(stored, stacked, part, f"{where}: pool.npz")
+                 for part in ("init", "trained")}, meta=meta)
 
 
 def load_pool_for(config, template: Any, model: str, method: str = "", recipe: str = "") -> dict:
@@ -216,4 +254,4 @@ def load_pool_for(config, template: Any, model: str, method: str = "", recipe: s
     return pool
 
 
-__all__ = ["Recipe", "RECIPES", "train_pool", "save_pool", "load_pool", "load_pool_for"]
+__all__ = ["Recipe", "RECIPES", "PoolProgress", "train_pool", "progress_arrays", "save_pool", "load_pool", "load_pool_for"]

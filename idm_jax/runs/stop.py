@@ -21,9 +21,10 @@ SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGU
 class Interrupted(Exception):
     """The run stopped on a signal after saving a checkpoint; calling again resumes it."""
 
-    def __init__(self, iteration: int, directory: str, signum: int = signal.SIGINT):
+    def __init__(self, iteration: int, directory: str, signum: int = signal.SIGINT,
+                 unit: str = "iteration"):
         name = signal.Signals(signum).name
-        super().__init__(f"{name}: stopped at iteration {iteration}; checkpoint saved in "
+        super().__init__(f"{name}: stopped at {unit} {iteration}; checkpoint saved in "
                          f"{directory}. Re-run the same command to resume.")
         self.iteration, self.directory, self.signum = iteration, directory, int(signum)
 
