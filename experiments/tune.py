@@ -4,7 +4,10 @@
 the method's grid (10 settings) at ``--trial_seed`` on the CPU protocol, each run holding out
 ``--validation_per_class`` training images per class, chooses the setting with the best
 validation accuracy, runs it at ``--test_seeds`` and writes ``<workdir>/<method>/tuning.md``.
-Re-running skips finished runs and resumes an interrupted one.
+The grid's settings are condensed together, sharing one extractor schedule (the queue: it never
+sees the images), which gives each the images of its own run at about one run's queue cost;
+``--separate`` runs them one by one. Re-running skips finished runs and resumes an interrupted
+one.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--tfds_data_dir", default=None)
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--separate", action="store_true",
+                        help="condense the grid's settings one after another instead of in one "
+                             "program sharing their extractors (same images, about T times "
+                             "the queue training)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field of the budget for every run (repeatable)")
     args = parser.parse_args(argv)
@@ -55,7 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         summary = tuning.run_tuning(
             dataset, args.method, args.workdir, ipc=args.ipc, budget=args.budget,
             validation_per_class=args.validation_per_class, trial_seed=args.trial_seed,
-            test_seeds=test_seeds, overrides=overrides, quiet=args.quiet, command=command)
+            test_seeds=test_seeds, overrides=overrides, quiet=args.quiet, command=command,
+            together=not args.separate)
     except ValueError as err:
         raise cli.UserError(str(err)) from None
     print(tuning.markdown(summary))

@@ -257,6 +257,25 @@ def iteration_keys(key: jax.Array):
     return jax.random.split(key, 5)
 
 
+def match_phase(engine: Engine, r: RealData, images: jax.Array, opt_state, extractors,
+                k_match: jax.Array, layout: sharding.ClassLayout):
+    """Phase 2 of an iteration: ``train_net_num`` matching passes, then the calibration pass
+    if the method has one. Returns (images, image optimiser state, metrics); the extractors'
+    state is read, never changed, so several image sets can match against one schedule."""
+    metrics = {}
+    for match_key in jax.random.split(k_match, engine.config.train_net_num):
+        images, opt_state, metrics = matching.match(engine, r, images, opt_state, extractors,
+                                                    match_key, layout)
+    if engine.config.calibration_weight > 0:     # NCFM: a CE pass on a trained network
+        images, opt_state, calibrated = matching.calibrate(
+            engine, r, images, opt_state, extractors, jax.random.fold_in(k_match, 1), layout)
+        metrics = dict(metrics, **calibrated)
+    # The loss is taken before the update, so a blow-up shows in the images one iteration
+    # before it shows in the loss (or never, on the last iteration): report both.
+    return images, opt_state, dict(
+        metrics, images_finite=jnp.all(jnp.isfinite(images)).astype(jnp.float32))
+
+
 def make_step(engine: Engine, real: RealData, jit: bool = True,
               mesh: Optional[Mesh] = None) -> Callable:
     """The outer iteration ``step(state, real) -> (state, metrics)``.
@@ -266,7 +285,6 @@ def make_step(engine: Engine, real: RealData, jit: bool = True,
     (``sharding.make_mesh``) it expects ``real`` placed by ``real.shard_real`` and ``state`` by
     ``shard_state``, and returns the state in that layout. ``metrics`` are device scalars.
     """
-    config = engine.config
     if mesh is not None and real.per_class.shape[0] % sharding.mesh_size(mesh):
         raise ValueError(f"the real data has {real.per_class.shape[0]} classes, which the "
                          f"{sharding.mesh_size(mesh)}-device mesh does not divide; place it "
@@ -279,22 +297,11 @@ def make_step(engine: Engine, real: RealData, jit: bool = True,
         # ``r`` is an argument, not a closure constant: the dataset is not baked into the program.
         key, k_refresh, k_match, k_select, k_batch = iteration_keys(state.key)
         extractors = schedule.refresh(state.extractors, state.iteration, k_refresh)
-        images, opt_state, metrics = state.images, state.image_opt_state, {}
-        for match_key in jax.random.split(k_match, config.train_net_num):
-            images, opt_state, metrics = matching.match(engine, r, images, opt_state,
-                                                        extractors, match_key, layout)
-        if config.calibration_weight > 0:     # NCFM: a CE pass on a trained network
-            images, opt_state, calibrated = matching.calibrate(
-                engine, r, images, opt_state, extractors, jax.random.fold_in(k_match, 1),
-                layout)
-            metrics = dict(metrics, **calibrated)
+        images, opt_state, metrics = match_phase(engine, r, state.images, state.image_opt_state,
+                                                 extractors, k_match, layout)
         extractors, trained = schedule.train(extractors, r, layout, k_select, k_batch)
-        # The loss is taken before the update, so a blow-up shows in the images one iteration
-        # before it shows in the loss (or never, on the last iteration): report both.
-        metrics = dict(metrics, **trained,
-                       images_finite=jnp.all(jnp.isfinite(images)).astype(jnp.float32))
         return CondenseState(images=images, image_opt_state=opt_state, extractors=extractors,
-                             key=key, iteration=state.iteration + 1), metrics
+                             key=key, iteration=state.iteration + 1), dict(metrics, **trained)
 
     if not jit:
         return step
@@ -325,5 +332,5 @@ def first_pass_gradient_norms(engine: Engine, real: RealData, state: CondenseSta
 
 
 __all__ = ["CondenseState", "shard_state", "synthetic_labels", "Engine", "make_engine",
-           "init_synthetic", "init_state", "state_shapes", "make_step",
+           "init_synthetic", "init_state", "state_shapes", "match_phase", "make_step",
            "first_pass_gradient_norms", "iteration_keys"]

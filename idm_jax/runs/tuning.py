@@ -83,6 +83,31 @@ def _run_or_record(config: Config, dataset, directory: str, quiet: bool, label: 
         return record
 
 
+def _settled(config: Config, directory: str) -> bool:
+    """Finished, recorded as failed, or condensed to its last iteration (only its
+    evaluation left)."""
+    failed = os.path.join(directory, FAILED_FILE)
+    if os.path.exists(failed):
+        with open(failed) as f:
+            if json.load(f).get("config") == config.to_dict():
+                return True
+    if study.finished(directory, config) is not None:
+        return True
+    return os.path.isdir(os.path.join(directory, "checkpoints", str(config.iterations)))
+
+
+def _condense_together(configs, dataset, directories, grid_dir: str, quiet: bool) -> None:
+    """The unsettled settings of the grid condensed in one program (two or more of them)."""
+    pending = [i for i, (c, d) in enumerate(zip(configs, directories)) if not _settled(c, d)]
+    if len(pending) < 2:
+        return
+    from idm_jax.runs import grid_run
+    print(f"== condensing {len(pending)} settings together, sharing their extractors "
+          f"-> {grid_dir}")
+    grid_run.condense_grid([configs[i] for i in pending], dataset,
+                           [directories[i] for i in pending], grid_dir, quiet=quiet)
+
+
 def validation_score(results: dict) -> float:
     """The mean validation accuracy of a run; -inf for a failed run or one without a split."""
     held_out = results.get("validation", {})
@@ -104,9 +129,13 @@ def choose(trials: Sequence[tuple[dict, dict]], default: Optional[dict] = None) 
 def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str = "cpu",
                validation_per_class: int = 500, trial_seed: int = 100,
                test_seeds: Sequence[int] = (0, 1), overrides: Optional[dict] = None,
-               quiet: bool = False, command: str = "") -> dict:
+               quiet: bool = False, command: str = "", together: bool = True) -> dict:
     """Run the grid at ``trial_seed``, choose on validation, run the choice at ``test_seeds``;
-    write ``tuning.md`` and ``tuning.json`` under ``<workdir>/<method>``. Returns the summary."""
+    write ``tuning.md`` and ``tuning.json`` under ``<workdir>/<method>``. Returns the summary.
+
+    ``together``: condense the grid's unfinished settings in one program sharing the
+    extractors (``runs.grid_run``; the same images as separate runs, about one queue's cost);
+    False runs them one after another."""
     if trial_seed in test_seeds:
         raise ValueError(f"--test_seeds {list(test_seeds)} include the trial seed "
                          f"{trial_seed}: the reported accuracy must come from seeds that took "
@@ -116,10 +145,15 @@ def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str 
     overrides = dict(overrides or {}, validation_per_class=validation_per_class)
     base = study.budget_config(dataset.name, budget, ipc, overrides, method)
     root = os.path.join(workdir, _folder(method))
-    trials, points = [], grid(base)
-    for number, point in enumerate(points, 1):
-        config = dataclasses.replace(base, seed=trial_seed, **point)
-        directory = os.path.join(root, trial_name(point), f"seed{trial_seed}")
+    points = grid(base)
+    configs = [dataclasses.replace(base, seed=trial_seed, **point) for point in points]
+    directories = [os.path.join(root, trial_name(point), f"seed{trial_seed}")
+                   for point in points]
+    if together:
+        _condense_together(configs, dataset, directories,
+                           os.path.join(root, f"grid-seed{trial_seed}"), quiet)
+    trials = []
+    for number, (point, config, directory) in enumerate(zip(points, configs, directories), 1):
         trials.append((point, _run_or_record(config, dataset, directory, quiet,
                                              f"{method} trial {number}/{len(points)}")))
     best = choose(trials, {"lr_img": base.lr_img, "ce_weight": base.ce_weight,

@@ -1,0 +1,185 @@
+"""Condensing a grid of settings together (``idm_jax.grid``), each left as its own run.
+
+``condense_grid`` runs the settings of a tuning grid with one extractor schedule between them
+and leaves each setting's folder as its own run would be after its last iteration: its final
+checkpoint, ``metrics.jsonl``, ``sessions.jsonl``, ``config.json`` and, with
+``record_grad_norms``, ``grad_norms.json``; plus ``grid.json`` saying it was condensed in a grid.
+``run.condense_and_evaluate`` on that folder then finds the run done and only evaluates it, so
+a grid's results are read, tabled and resumed like any run's. Each setting's images and
+optimiser state are the very ones its own run computes (``tests/test_grid.py`` checks them
+bit for bit against separate runs).
+
+The grid keeps its own checkpoints in ``grid_dir`` and resumes from them; a setting whose loss or
+images stop being finite gets ``failed.json`` (what ``runs.tuning`` records for a failed run)
+and the others go on. The seconds logged per iteration are the grid's, divided among its
+settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from idm_jax import data, engine, grid, iterating, methods, validate
+from idm_jax.config import Config
+from idm_jax.runs import checkpoint, outputs
+from idm_jax.runs import workdir as workdir_lib
+from idm_jax.runs.run import GRAD_NORMS_FILE, place_real
+from idm_jax.runs.stop import Interrupted, StopRequest
+from idm_jax.runs.tuning import FAILED_FILE
+
+GRID_FILE = "grid.json"
+
+
+def _label(config: Config) -> dict:
+    return {k: getattr(config, k) for k in grid.SHAREABLE}
+
+
+def _start_trials(configs, directories, meta: dict, start_it: int, grid_dir: str) -> list:
+    """Each setting's folder as a run's at ``start_it``: its log trimmed to it, this session
+    recorded, its config written. Returns the open metrics logs."""
+    logs = []
+    for config, directory in zip(configs, directories):
+        workdir_lib.trim_metrics(directory, start_it)
+        workdir_lib.record_session(directory, config.to_dict(), start_it)
+        checkpoint.dump_json(os.path.join(directory, "config.json"),
+                             dict(config.to_dict(), data=meta))
+        checkpoint.dump_json(os.path.join(directory, GRID_FILE),
+                             {"grid_dir": os.path.abspath(grid_dir),
+                              "settings": [_label(c) for c in configs]})
+        logs.append(outputs.MetricsLog(os.path.join(directory, "metrics.jsonl")))
+    return logs
+
+
+def _log_iteration(configs, directories, logs, metrics: dict, it: int, seconds: float,
+                   failed: dict) -> None:
+    """One line per setting still finite; a setting that stops being finite gets failed.json."""
+    for t, (config, directory, log) in enumerate(zip(configs, directories, logs)):
+        if t in failed:
+            continue
+        record = {k: float(v[t] if getattr(v, "ndim", 0) else v) for k, v in metrics.items()}
+        record.update(iteration=it, seconds=seconds / len(configs))
+        log.write(record)
+        try:
+            iterating.check_finite(record, it)
+        except iterating.NonFiniteError as err:
+            failed[t] = f"{err} (condensed in the grid of {os.path.abspath(directory)})"
+            checkpoint.dump_json(os.path.join(directory, FAILED_FILE),
+                                 {"failed": failed[t], "config": config.to_dict()})
+
+
+def _set_aside_failed(state, failed: dict):
+    """Zeros for the images and optimiser state of the settings that failed: their results are
+    no longer read, and the grid's checkpoints stay finite (a restore refuses NaN images)."""
+    rows = jnp.asarray(sorted(failed))
+
+    def zero(leaf):
+        return leaf.at[rows].set(0)
+
+    return state.replace(images=zero(state.images),
+                         image_opt_state=jax.tree.map(zero, state.image_opt_state))
+
+
+def condense_grid(configs: Sequence[Config], dataset: data.Dataset,
+                  directories: Sequence[str], grid_dir: str, quiet: bool = False) -> dict:
+    """Condense ``configs`` (settings of one method and seed that differ only in
+    ``grid.SHAREABLE``) together; leave each in its directory as a run done condensing.
+
+    Returns {index of a setting that stopped being finite: why}. Raises ValueError (settings that
+    cannot share, data that cannot make the run), ``workdir.WorkdirBusy`` and ``Interrupted``
+    (a signal; the grid's checkpoint is saved, calling again resumes).
+    """
+    grid.check_shareable(configs)
+    config = configs[0]
+    try:
+        dataset, _ = data.split_validation(dataset, config.validation_per_class,
+                                           config.validation_seed)
+    except ValueError as err:
+        raise validate.InvalidRun(str(err)) from None
+    validate.check_data(config, dataset.class_counts, source=f"dataset {dataset.name}")
+    real = place_real(dataset, None)
+    engines = [engine.make_engine(c, real.num_classes, real.image_shape,
+                                  max_per_class=real.max_per_class,
+                                  normalization=(dataset.mean, dataset.std)) for c in configs]
+    meta = checkpoint.data_meta(real, methods.provenance(config.method))
+    grid_meta = dict(meta, grid=[_label(c) for c in configs])
+    with contextlib.ExitStack() as stack:
+        for directory in (grid_dir, *directories):
+            os.makedirs(directory, exist_ok=True)
+            stack.enter_context(workdir_lib.lock(directory))
+        saver = checkpoint.Checkpointer(os.path.join(grid_dir, "checkpoints"), keep=2)
+        stack.callback(saver.close)
+        state = grid.init_grid_state(engines, real, config.seed)
+        try:
+            restored, _ = saver.restore_latest(state, config, grid_meta)
+        except checkpoint.CheckpointMismatchError:      # another grid's: start this one over
+            saver.close()
+            shutil.rmtree(os.path.join(grid_dir, "checkpoints"))
+            saver = checkpoint.Checkpointer(os.path.join(grid_dir, "checkpoints"), keep=2)
+            stack.callback(saver.close)
+            restored = None
+        state = state if restored is None else restored
+        start_it = int(state.iteration)
+        logs = _start_trials(configs, directories, meta, start_it, grid_dir)
+        for log in logs:
+            stack.callback(log.close)
+        if config.record_grad_norms and start_it == 0:
+            for t, (eng, directory) in enumerate(zip(engines, directories)):
+                norms = engine.first_pass_gradient_norms(eng, real, grid.trial_state(state, t))
+                checkpoint.dump_json(os.path.join(directory, GRAD_NORMS_FILE), norms)
+        state, failed = _iterate(configs, directories, engines, real, state, logs, saver,
+                                 grid_meta, quiet)
+        for t, (c, directory) in enumerate(zip(configs, directories)):
+            if t not in failed:
+                own = checkpoint.Checkpointer(os.path.join(directory, "checkpoints"),
+                                              keep=c.keep_checkpoints)
+                own.save(grid.trial_state(state, t), c, meta)
+                own.close()
+    shutil.rmtree(os.path.join(grid_dir, "checkpoints"), ignore_errors=True)
+    return failed
+
+
+def _iterate(configs, directories, engines, real, state, logs, saver, grid_meta,
+             quiet: bool):
+    """The grid's iterations with its checkpoints and stop signals; returns (state, failed)."""
+    config = configs[0]
+    step = grid.make_grid_step(engines, real)
+    failed: dict[int, str] = {}
+    bar = None if quiet else outputs.progress_bar(config, int(state.iteration), False)
+    if bar is not None:
+        bar.set_description(f"grid of {len(configs)}")
+    try:
+        with StopRequest() as interrupt:
+            it = int(state.iteration)
+            while it < config.iterations:
+                started = time.perf_counter()
+                state, metrics = step(state, real)
+                metrics = jax.device_get(metrics)
+                _log_iteration(configs, directories, logs, metrics, it,
+                               time.perf_counter() - started, failed)
+                if failed:
+                    state = _set_aside_failed(state, failed)
+                it += 1
+                if bar is not None:
+                    bar.update(1)
+                if len(failed) == len(configs):
+                    break
+                stopping = interrupt.requested
+                if stopping or it % config.checkpoint_every == 0:
+                    saver.save(state, config, grid_meta)
+                if stopping:
+                    raise Interrupted(it, saver.directory, interrupt.signum or signal.SIGINT)
+    finally:
+        if bar is not None:
+            bar.close()
+    return state, failed
+
+
+__all__ = ["GRID_FILE", "condense_grid"]

@@ -1,0 +1,122 @@
+"""A grid of settings condensed together (sharing one extractor schedule) gives each setting
+the very state, and so the results, of its own separate run."""
+
+import dataclasses
+import json
+import os
+import signal
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from idm_jax import data, engine as engine_lib, grid, presets
+from idm_jax.runs import grid_run, tuning
+from idm_jax.runs.stop import Interrupted
+
+# The CPU protocol shrunk to seconds on digits, with IDM's CE term on (the digits preset has it
+# off) so that the grid varies both settings a tuning varies.
+SMALL = dict(iterations=6, batch_real=16, trained_bs=32, model_train_steps=2, net_num=4,
+             initial_models=2, num_eval=1, epoch_eval_train=2, batch_train=64,
+             model="ConvNetW32", eval_model="ConvNetW32", checkpoint_every=3, syn_ce=True,
+             ce_weight=0.5, exports="npz")
+POINTS = [{"lr_img": 1.0, "ce_weight": 1.0}, {"lr_img": 10.0, "ce_weight": 0.2}]   # factors
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_dataset("digits")
+
+
+def test_only_the_image_update_settings_may_differ():
+    base = presets.get_preset("cifar10-ipc1")
+    grid.check_shareable([base, dataclasses.replace(base, lr_img=1.0, ce_weight=2.0)])
+    for field, value in (("seed", 1), ("partition_factor", 4), ("net_generate_interval", 7)):
+        with pytest.raises(ValueError, match=field):
+            grid.check_shareable([base, dataclasses.replace(base, **{field: value})])
+
+
+class StopAfter:
+    """``StopRequest``'s stand-in: asked once per iteration, it answers yes at the ``n``-th."""
+
+    def __init__(self, n: int):
+        self.asked, self.n, self.signum = 0, n, int(signal.SIGTERM)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    @property
+    def requested(self) -> bool:
+        self.asked += 1
+        return self.asked >= self.n
+
+
+def test_a_tuning_condensed_together_and_stopped_once_matches_a_separate_run(
+        digits, tmp_path, monkeypatch):
+    from idm_jax.runs import run as run_lib
+
+    monkeypatch.setattr(tuning, "grid", lambda c: [{k: getattr(c, k) * f for k, f in p.items()}
+                                                   for p in POINTS])
+    common = dict(validation_per_class=5, trial_seed=5, test_seeds=(), overrides=SMALL,
+                  quiet=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(grid_run, "StopRequest", lambda: StopAfter(2))
+        with pytest.raises(Interrupted, match="stopped at iteration 2"):
+            tuning.run_tuning(digits, "idm", str(tmp_path), **common)
+    summary = tuning.run_tuning(digits, "idm", str(tmp_path), **common)
+    root = tmp_path / "idm"
+    for row in summary["grid"]:
+        run = root / tuning.trial_name(row["setting"]) / "seed5"
+        sessions = [json.loads(line)["from_iteration"] for line in open(run / "sessions.jsonl")]
+        assert sessions == [0, 2, 6]          # the grid, the grid resumed, the evaluation
+        assert (run / grid_run.GRID_FILE).exists()
+        logged = [json.loads(line)["iteration"] for line in open(run / "metrics.jsonl")
+                  if "event" not in json.loads(line)]
+        assert logged == list(range(6))       # each iteration logged once
+    assert not os.path.exists(root / "grid-seed5" / "checkpoints")
+    # The second setting run on its own: the same images and evaluation, to the last bit.
+    config = tuning.study.budget_config("digits", "cpu", 1, dict(SMALL, validation_per_class=5),
+                                        "idm")
+    setting = summary["grid"][1]["setting"]
+    config = dataclasses.replace(config, seed=5, **setting)
+    alone = run_lib.condense_and_evaluate(config, digits, str(tmp_path / "alone"), quiet=True)
+    run = root / tuning.trial_name(setting) / "seed5"
+    together = json.load(open(run / "results.json"))
+    for field in ("accuracies", "validation", "grad_norms_it0"):
+        assert together[field] == alone[field], field
+    def images(folder):
+        with np.load(folder / "synthetic.npz") as stored:
+            return stored["images"]
+
+    np.testing.assert_array_equal(images(run), images(tmp_path / "alone"))
+    first = root / tuning.trial_name(summary["grid"][0]["setting"]) / "seed5"
+    assert not np.array_equal(images(first), images(run))       # two settings, two sets
+
+
+def test_a_setting_that_stops_being_finite_is_recorded_failed_and_set_aside(tmp_path):
+    base = presets.get_preset("digits-ipc1")
+    configs = [base, dataclasses.replace(base, lr_img=1e3)]
+    directories = [str(tmp_path / "a"), str(tmp_path / "b")]
+    for directory in directories:
+        os.makedirs(directory)
+    logs = grid_run._start_trials(configs, directories, {}, 0, str(tmp_path / "grid"))
+    metrics = {"loss": np.array([1.0, np.nan]), "images_finite": np.array([1.0, 1.0]),
+               "queue_size": np.float32(3)}
+    failed = {}
+    grid_run._log_iteration(configs, directories, logs, metrics, 4, 2.0, failed)
+    for log in logs:
+        log.close()
+    assert list(failed) == [1] and "iteration 4" in failed[1]
+    record = json.load(open(tmp_path / "b" / tuning.FAILED_FILE))
+    assert record["config"] == configs[1].to_dict()
+    line = json.loads(open(tmp_path / "a" / "metrics.jsonl").read())
+    assert (line["loss"], line["seconds"], line["queue_size"]) == (1.0, 1.0, 3.0)
+    state = engine_lib.CondenseState(images=jnp.ones((2, 3)), image_opt_state=(jnp.ones((2, 3)),),
+                                     extractors=(), key=np.zeros(2, np.uint32),
+                                     iteration=np.int32(4))
+    state = grid_run._set_aside_failed(state, failed)
+    np.testing.assert_array_equal(state.images, [[1, 1, 1], [0, 0, 0]])
+    np.testing.assert_array_equal(state.image_opt_state[0], [[1, 1, 1], [0, 0, 0]])
