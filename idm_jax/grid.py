@@ -43,6 +43,12 @@ def check_shareable(configs: Sequence[Config]) -> None:
         if differ:
             raise ValueError(f"settings condensed together may differ only in "
                              f"{', '.join(SHAREABLE)}; these also differ in {', '.join(differ)}")
+    if len({c.calibration_weight > 0 for c in configs}) > 1:
+        raise ValueError("settings condensed together either all have a calibration pass "
+                         "(calibration_weight > 0) or none has")
+    if configs[0].eval_every:
+        raise ValueError("a grid makes no evaluation during the condensation: eval_every "
+                         "must be 0 (each setting is evaluated at its end)")
 
 
 def _stack(trees):
@@ -51,11 +57,15 @@ def _stack(trees):
 
 def init_grid_state(engines: Sequence[Engine], real: RealData, seed: int) -> CondenseState:
     """Every setting's fresh state (``engine.init_state``), the images and image optimiser
-    states stacked on a leading axis, the extractors, key and iteration of the first (the
-    same for all: they follow from the seed)."""
-    states = [engine_lib.init_state(e, real, seed) for e in engines]
-    return states[0].replace(images=_stack([s.images for s in states]),
-                             image_opt_state=_stack([s.image_opt_state for s in states]))
+    states stacked on a leading axis, and one extractor state, key and iteration (the same
+    for all: they follow from the seed)."""
+    first = engine_lib.init_state(engines[0], real, seed)
+    # The init draws nothing from the shareable settings: every setting starts from the same
+    # images; each optimiser's state is initialised as ``engine.init_state`` does it.
+    opt_states = [first.image_opt_state] + [
+        jax.tree.map(jnp.array, e.image_optimizer.init(first.images)) for e in engines[1:]]
+    return first.replace(images=jnp.stack([first.images] * len(engines)),
+                         image_opt_state=_stack(opt_states))
 
 
 def trial_state(state: CondenseState, t: int) -> CondenseState:

@@ -29,9 +29,10 @@ def digits():
 
 
 def test_only_the_image_update_settings_may_differ():
-    base = presets.get_preset("cifar10-ipc1")
+    base = dataclasses.replace(presets.get_preset("cifar10-ipc1"), eval_every=0)
     grid.check_shareable([base, dataclasses.replace(base, lr_img=1.0, ce_weight=2.0)])
-    for field, value in (("seed", 1), ("partition_factor", 4), ("net_generate_interval", 7)):
+    for field, value in (("seed", 1), ("partition_factor", 4), ("net_generate_interval", 7),
+                         ("calibration_weight", 0.5), ("eval_every", 50)):
         with pytest.raises(ValueError, match=field):
             grid.check_shareable([base, dataclasses.replace(base, **{field: value})])
 

@@ -44,6 +44,10 @@ def job(out, dataset, stop_request=None, seed=0, seen=None):
         progress=None if seen is None else lambda done, total: seen.append(done))
 
 
+def listing(folder):
+    return sorted(name for name in os.listdir(folder) if name != ".lock")
+
+
 def arrays(folder):
     with np.load(os.path.join(folder, "pool.npz")) as stored:
         return {k: stored[k] for k in stored.files}
@@ -65,7 +69,7 @@ def test_a_job_stopped_twice_ends_bit_identical_to_an_uninterrupted_one(digits, 
     out = tmp_path / "pool"
     with pytest.raises(stop.Interrupted, match="stopped at step 3"):
         job(out, digits, StopAfter(2))                       # mid first epoch
-    assert sorted(os.listdir(out)) == ["progress.npz"]        # no pool until it is finished
+    assert listing(out) == ["progress.npz"]        # no pool until it is finished
     seen = []
     with pytest.raises(stop.Interrupted, match="stopped at step 9"):
         job(out, digits, StopAfter(5), seen=seen)             # into the second epoch (steps 6 to 10)
@@ -73,7 +77,7 @@ def test_a_job_stopped_twice_ends_bit_identical_to_an_uninterrupted_one(digits, 
     seen = []
     meta = job(out, digits, seen=seen)
     assert seen == [10]
-    assert sorted(os.listdir(out)) == ["pool.json", "pool.npz"]
+    assert listing(out) == ["pool.json", "pool.npz"]
     want, got = arrays(whole[0]), arrays(out)
     assert sorted(got) == sorted(want)
     for name in want:
@@ -103,7 +107,7 @@ def test_a_damaged_progress_is_set_aside_and_the_job_starts_over(digits, whole, 
     job(out, digits, seen=seen)
     assert seen[0] == 1                                        # from the start
     assert "warning:" in capsys.readouterr().err
-    assert sorted(os.listdir(out)) == ["pool.json", "pool.npz", "progress.npz.damaged"]
+    assert listing(out) == ["pool.json", "pool.npz", "progress.npz.damaged"]
     for name, value in arrays(whole[0]).items():
         np.testing.assert_array_equal(arrays(out)[name], value, err_msg=name)
 

@@ -18,6 +18,7 @@ settings.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -27,15 +28,17 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from idm_jax import config as config_lib
 from idm_jax import data, engine, grid, iterating, methods, validate
 from idm_jax.config import Config
-from idm_jax.runs import checkpoint, outputs
+from idm_jax.runs import checkpoint, outputs, study
 from idm_jax.runs import workdir as workdir_lib
 from idm_jax.runs.run import GRAD_NORMS_FILE, place_real
 from idm_jax.runs.stop import Interrupted, StopRequest
 from idm_jax.runs.tuning import FAILED_FILE
 
-GRID_FILE = "grid.json"
+GRID_FILE = "grid.json"          # in each setting's folder: condensed in a grid, with whom
+MEMBERS_FILE = "members.json"    # in the grid's folder: its settings' folders, in order
 
 
 def _label(config: Config) -> dict:
@@ -70,7 +73,7 @@ def _log_iteration(configs, directories, logs, metrics: dict, it: int, seconds: 
         try:
             iterating.check_finite(record, it)
         except iterating.NonFiniteError as err:
-            failed[t] = f"{err} (condensed in the grid of {os.path.abspath(directory)})"
+            failed[t] = f"{err} (condensed in a grid of {len(configs)} settings)"
             checkpoint.dump_json(os.path.join(directory, FAILED_FILE),
                                  {"failed": failed[t], "config": config.to_dict()})
 
@@ -87,71 +90,133 @@ def _set_aside_failed(state, failed: dict):
                          image_opt_state=jax.tree.map(zero, state.image_opt_state))
 
 
+def _failed_record(config: Config, directory: str) -> bool:
+    path = os.path.join(directory, FAILED_FILE)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("config") == config.to_dict()
+
+
+def settled(config: Config, directory: str) -> bool:
+    """Finished, recorded as failed, or condensed to its last iteration (only its
+    evaluation left)."""
+    if _failed_record(config, directory) or study.finished(directory, config) is not None:
+        return True
+    return os.path.isdir(os.path.join(directory, "checkpoints", str(config.iterations)))
+
+
+def _foreign(config: Config, directory: str) -> bool:
+    """The folder holds a run of other result-changing settings (its config.json says so):
+    it is left to the separate path, which refuses or resumes it as any run."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return bool(config_lib.result_differences(json.load(f), config))
+
+
+def members(configs: Sequence[Config], directories: Sequence[str], grid_dir: str) -> list[int]:
+    """The settings the grid condenses: those recorded by an unfinished grid in ``grid_dir``
+    (settings that failed since stay in it, so its checkpoints still fit), else every one that
+    is not settled and whose folder holds no run of other settings."""
+    pending = [i for i, (c, d) in enumerate(zip(configs, directories))
+               if not settled(c, d) and not _foreign(c, d)]
+    record = os.path.join(grid_dir, MEMBERS_FILE)
+    if os.path.exists(record) and os.path.isdir(os.path.join(grid_dir, "checkpoints")):
+        with open(record) as f:
+            names = json.load(f)
+        folders = [os.path.abspath(d) for d in directories]
+        if all(n in folders for n in names) and {folders[i] for i in pending} <= set(names):
+            return [folders.index(n) for n in names]
+    return pending
+
+
 def condense_grid(configs: Sequence[Config], dataset: data.Dataset,
                   directories: Sequence[str], grid_dir: str, quiet: bool = False) -> dict:
-    """Condense ``configs`` (settings of one method and seed that differ only in
-    ``grid.SHAREABLE``) together; leave each in its directory as a run done condensing.
+    """Condense the ``members`` of ``configs`` (settings of one method and seed that differ only
+    in ``grid.SHAREABLE``) together; leave each in its directory as a run done condensing.
 
-    Returns {index of a setting that stopped being finite: why}. Raises ValueError (settings that
-    cannot share, data that cannot make the run), ``workdir.WorkdirBusy`` and ``Interrupted``
-    (a signal; the grid's checkpoint is saved, calling again resumes).
+    Returns {directory of a setting that stopped being finite: why}; nothing is done when fewer
+    than 2 settings are left. Raises ValueError (settings that cannot share, data that cannot
+    make the run), ``workdir.WorkdirBusy`` and ``Interrupted`` (a signal; the grid's checkpoint
+    is saved, calling again resumes).
     """
+    chosen = members(configs, directories, grid_dir)
+    if len(chosen) < 2:
+        return {}
+    configs = [configs[i] for i in chosen]
+    directories = [os.path.abspath(directories[i]) for i in chosen]
     grid.check_shareable(configs)
-    config = configs[0]
-    try:
-        dataset, _ = data.split_validation(dataset, config.validation_per_class,
-                                           config.validation_seed)
-    except ValueError as err:
-        raise validate.InvalidRun(str(err)) from None
-    validate.check_data(config, dataset.class_counts, source=f"dataset {dataset.name}")
-    real = place_real(dataset, None)
+    real, dataset = _real(configs[0], dataset)
     engines = [engine.make_engine(c, real.num_classes, real.image_shape,
                                   max_per_class=real.max_per_class,
                                   normalization=(dataset.mean, dataset.std)) for c in configs]
-    meta = checkpoint.data_meta(real, methods.provenance(config.method))
+    meta = checkpoint.data_meta(real, methods.provenance(configs[0].method))
     grid_meta = dict(meta, grid=[_label(c) for c in configs])
     with contextlib.ExitStack() as stack:
         for directory in (grid_dir, *directories):
             os.makedirs(directory, exist_ok=True)
             stack.enter_context(workdir_lib.lock(directory))
-        saver = checkpoint.Checkpointer(os.path.join(grid_dir, "checkpoints"), keep=2)
-        stack.callback(saver.close)
-        state = grid.init_grid_state(engines, real, config.seed)
-        try:
-            restored, _ = saver.restore_latest(state, config, grid_meta)
-        except checkpoint.CheckpointMismatchError:      # another grid's: start this one over
-            saver.close()
-            shutil.rmtree(os.path.join(grid_dir, "checkpoints"))
-            saver = checkpoint.Checkpointer(os.path.join(grid_dir, "checkpoints"), keep=2)
-            stack.callback(saver.close)
-            restored = None
-        state = state if restored is None else restored
+        state, saver = _grid_start(stack, engines, real, grid_dir, grid_meta)
+        checkpoint.dump_json(os.path.join(grid_dir, MEMBERS_FILE), directories)
         start_it = int(state.iteration)
         logs = _start_trials(configs, directories, meta, start_it, grid_dir)
         for log in logs:
             stack.callback(log.close)
-        if config.record_grad_norms and start_it == 0:
+        if configs[0].record_grad_norms and start_it == 0:
             for t, (eng, directory) in enumerate(zip(engines, directories)):
                 norms = engine.first_pass_gradient_norms(eng, real, grid.trial_state(state, t))
                 checkpoint.dump_json(os.path.join(directory, GRAD_NORMS_FILE), norms)
-        state, failed = _iterate(configs, directories, engines, real, state, logs, saver,
-                                 grid_meta, quiet)
+        failed = {t: "failed before" for t, (c, d) in enumerate(zip(configs, directories))
+                  if _failed_record(c, d)}
+        state = _iterate(configs, directories, engines, real, state, logs, saver, grid_meta,
+                         failed, quiet)
         for t, (c, directory) in enumerate(zip(configs, directories)):
             if t not in failed:
                 own = checkpoint.Checkpointer(os.path.join(directory, "checkpoints"),
                                               keep=c.keep_checkpoints)
                 own.save(grid.trial_state(state, t), c, meta)
                 own.close()
-    shutil.rmtree(os.path.join(grid_dir, "checkpoints"), ignore_errors=True)
-    return failed
+        saver.close()
+        shutil.rmtree(os.path.join(grid_dir, "checkpoints"), ignore_errors=True)
+    return {directories[t]: why for t, why in failed.items()}
+
+
+def _real(config: Config, dataset: data.Dataset):
+    """The run's real data on the device, after its validation split (as ``run`` does)."""
+    try:
+        dataset, _ = data.split_validation(dataset, config.validation_per_class,
+                                           config.validation_seed)
+    except ValueError as err:
+        raise validate.InvalidRun(str(err)) from None
+    validate.check_data(config, dataset.class_counts, source=f"dataset {dataset.name}")
+    return place_real(dataset, None), dataset
+
+
+def _grid_start(stack, engines, real, grid_dir: str, grid_meta: dict):
+    """The grid's state: its newest checkpoint if one fits these settings, else a fresh one
+    (a grid of other settings is removed). Returns (state, checkpointer)."""
+    directory = os.path.join(grid_dir, "checkpoints")
+    config = engines[0].config
+    saver = checkpoint.Checkpointer(directory, keep=2)
+    state = grid.init_grid_state(engines, real, config.seed)
+    try:
+        restored, _ = saver.restore_latest(state, config, grid_meta)
+    except checkpoint.CheckpointMismatchError:
+        saver.close()
+        shutil.rmtree(directory)
+        saver, restored = checkpoint.Checkpointer(directory, keep=2), None
+    stack.callback(saver.close)
+    return (state if restored is None else restored), saver
 
 
 def _iterate(configs, directories, engines, real, state, logs, saver, grid_meta,
-             quiet: bool):
-    """The grid's iterations with its checkpoints and stop signals; returns (state, failed)."""
+             failed: dict, quiet: bool):
+    """The grid's iterations with its checkpoints and stop signals; the grid's last state is
+    saved too. Fills ``failed`` (setting -> why) and returns the final state."""
     config = configs[0]
     step = grid.make_grid_step(engines, real)
-    failed: dict[int, str] = {}
     bar = None if quiet else outputs.progress_bar(config, int(state.iteration), False)
     if bar is not None:
         bar.set_description(f"grid of {len(configs)}")
@@ -169,17 +234,15 @@ def _iterate(configs, directories, engines, real, state, logs, saver, grid_meta,
                 it += 1
                 if bar is not None:
                     bar.update(1)
-                if len(failed) == len(configs):
-                    break
                 stopping = interrupt.requested
-                if stopping or it % config.checkpoint_every == 0:
+                if stopping or it % config.checkpoint_every == 0 or it == config.iterations:
                     saver.save(state, config, grid_meta)
                 if stopping:
                     raise Interrupted(it, saver.directory, interrupt.signum or signal.SIGINT)
     finally:
         if bar is not None:
             bar.close()
-    return state, failed
+    return state
 
 
-__all__ = ["GRID_FILE", "condense_grid"]
+__all__ = ["GRID_FILE", "MEMBERS_FILE", "settled", "members", "condense_grid"]

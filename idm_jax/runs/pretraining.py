@@ -11,6 +11,7 @@ one, made with other settings is refused before any work rather than overwritten
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,6 +25,7 @@ import numpy as np
 
 from idm_jax import data, pretrain
 from idm_jax.runs import outputs
+from idm_jax.runs import workdir as workdir_lib
 from idm_jax.runs.failures import UserError
 from idm_jax.runs.stop import Interrupted, StopRequest
 
@@ -54,13 +56,38 @@ def _read_progress(out: str, wanted: dict) -> Optional[dict]:
             arrays = {k: stored[k] for k in stored.files}
         found = json.loads(str(arrays.pop("settings")))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
-        aside = path + ".damaged"
-        os.replace(path, aside)
-        print(f"warning: {path} could not be read ({type(err).__name__}); moved to {aside}, "
-              f"pretraining starts over", file=sys.stderr)
+        _set_aside(path, f"could not be read ({type(err).__name__})")
         return None
     _refuse_other_settings(out, found, wanted, "the progress of a pool")
     return arrays
+
+
+def _set_aside(path: str, why: str) -> None:
+    aside = path + ".damaged"
+    os.replace(path, aside)
+    print(f"warning: {path} {why}; moved to {aside}, pretraining starts over", file=sys.stderr)
+
+
+def _finished(out: str, wanted: dict) -> Optional[dict]:
+    """The record (pool.json) of the finished pool in ``out``, None if there is none; a pool of
+    other settings is refused."""
+    path = os.path.join(out, "pool.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        finished = json.load(f)
+    _refuse_other_settings(out, _settings(finished), wanted, "a pool")
+    return finished
+
+
+def _lock(stack: contextlib.ExitStack, out: str) -> None:
+    """One job per pool folder: two would rename each other's half-written files."""
+    os.makedirs(out, exist_ok=True)
+    try:
+        stack.enter_context(workdir_lib.lock(out))
+    except workdir_lib.WorkdirBusy:
+        raise UserError(f"--out {out} is in use by another pretraining; wait for it to end or "
+                        f"give another --out") from None
 
 
 def _write_progress(out: str, at: pretrain.PoolProgress, settings: dict) -> None:
@@ -88,13 +115,9 @@ def pretrain_pool(out: str, dataset: data.Dataset, recipe_name: str, recipe: pre
             "num_models": num_models, "settings": dataclasses.asdict(recipe), "seed": seed,
             "validation": split.record() if split is not None else None}
     wanted = _settings(meta)
-    pool_json = os.path.join(out, "pool.json")
-    if os.path.isfile(pool_json):
-        with open(pool_json) as f:
-            finished = json.load(f)
-        _refuse_other_settings(out, _settings(finished), wanted, "a pool")
+    finished = _finished(out, wanted)
+    if finished is not None:
         return finished
-    resume = _read_progress(out, wanted)
     last_save, steps_done = time.monotonic(), 0
 
     def count(done: int, total: int) -> None:
@@ -112,16 +135,28 @@ def pretrain_pool(out: str, dataset: data.Dataset, recipe_name: str, recipe: pre
         if stopping:
             raise Interrupted(steps_done, out, interrupt.signum, unit="step")
 
-    with (stop_request or StopRequest()) as interrupt:
-        pool = pretrain.train_pool(dataset, recipe, num_models, jax.random.PRNGKey(seed),
+    def train(resume):
+        return pretrain.train_pool(dataset, recipe, num_models, jax.random.PRNGKey(seed),
                                    validation_per_class, validation_seed, progress=count,
                                    resume=resume, after_block=after_block)
-    meta.update(code_version=outputs.code_version(), processor=outputs.processor())
-    pretrain.save_pool(out, pool, meta)
-    if os.path.exists(os.path.join(out, PROGRESS_FILE)):
-        os.remove(os.path.join(out, PROGRESS_FILE))
-    with open(pool_json) as f:
-        return json.load(f)
+
+    with contextlib.ExitStack() as stack:
+        _lock(stack, out)
+        resume = _read_progress(out, wanted)
+        interrupt = stack.enter_context(stop_request or StopRequest())
+        try:
+            pool = train(resume)
+        except ValueError as err:
+            if resume is None or "the saved progress" not in str(err):
+                raise
+            # Arrays of another shape or name: a progress written by another version.
+            _set_aside(os.path.join(out, PROGRESS_FILE), "does not fit this version's networks")
+            pool = train(None)
+        meta.update(code_version=outputs.code_version(), processor=outputs.processor())
+        pretrain.save_pool(out, pool, meta)
+        if os.path.exists(os.path.join(out, PROGRESS_FILE)):
+            os.remove(os.path.join(out, PROGRESS_FILE))
+    return _finished(out, wanted)
 
 
 __all__ = ["PROGRESS_FILE", "pretrain_pool"]

@@ -83,29 +83,13 @@ def _run_or_record(config: Config, dataset, directory: str, quiet: bool, label: 
         return record
 
 
-def _settled(config: Config, directory: str) -> bool:
-    """Finished, recorded as failed, or condensed to its last iteration (only its
-    evaluation left)."""
-    failed = os.path.join(directory, FAILED_FILE)
-    if os.path.exists(failed):
-        with open(failed) as f:
-            if json.load(f).get("config") == config.to_dict():
-                return True
-    if study.finished(directory, config) is not None:
-        return True
-    return os.path.isdir(os.path.join(directory, "checkpoints", str(config.iterations)))
-
-
 def _condense_together(configs, dataset, directories, grid_dir: str, quiet: bool) -> None:
-    """The unsettled settings of the grid condensed in one program (two or more of them)."""
-    pending = [i for i, (c, d) in enumerate(zip(configs, directories)) if not _settled(c, d)]
-    if len(pending) < 2:
-        return
+    """The grid's unsettled settings condensed in one program (``runs.grid_run``)."""
     from idm_jax.runs import grid_run
-    print(f"== condensing {len(pending)} settings together, sharing their extractors "
-          f"-> {grid_dir}")
-    grid_run.condense_grid([configs[i] for i in pending], dataset,
-                           [directories[i] for i in pending], grid_dir, quiet=quiet)
+    if len(grid_run.members(configs, directories, grid_dir)) >= 2:
+        print(f"== condensing the grid's settings together, sharing their extractors "
+              f"-> {grid_dir}")
+        grid_run.condense_grid(configs, dataset, directories, grid_dir, quiet=quiet)
 
 
 def validation_score(results: dict) -> float:
