@@ -121,3 +121,24 @@ def test_a_setting_that_stops_being_finite_is_recorded_failed_and_set_aside(tmp_
     state = grid_run._set_aside_failed(state, failed)
     np.testing.assert_array_equal(state.images, [[1, 1, 1], [0, 0, 0]])
     np.testing.assert_array_equal(state.image_opt_state[0], [[1, 1, 1], [0, 0, 0]])
+
+
+def test_a_grid_keeps_its_members_and_leaves_a_folder_of_other_settings_alone(tmp_path):
+    base = dataclasses.replace(presets.get_preset("digits-ipc1"), eval_every=0)
+    configs = [dataclasses.replace(base, lr_img=base.lr_img * f) for f in (1, 10, 100)]
+    folders = [str(tmp_path / name) for name in ("a", "b", "c")]
+    grid_dir = tmp_path / "grid"
+    for folder in folders:
+        os.makedirs(folder)
+    assert grid_run.members(configs, folders, str(grid_dir)) == [0, 1, 2]
+    # b failed, c holds a run of another seed: a new grid takes a alone (so none is run).
+    with open(os.path.join(folders[1], tuning.FAILED_FILE), "w") as f:
+        json.dump({"failed": "nan", "config": configs[1].to_dict()}, f)
+    with open(os.path.join(folders[2], "config.json"), "w") as f:
+        json.dump(dataclasses.replace(configs[2], seed=9).to_dict(), f)
+    assert grid_run.members(configs, folders, str(grid_dir)) == [0]
+    # An unfinished grid of a, b and c keeps all three, so its checkpoints still fit.
+    os.makedirs(grid_dir / "checkpoints")
+    with open(grid_dir / grid_run.MEMBERS_FILE, "w") as f:
+        json.dump(folders, f)
+    assert grid_run.members(configs, folders, str(grid_dir)) == [0, 1, 2]
