@@ -63,9 +63,11 @@ def test_a_tuning_runs_its_grid_records_a_blow_up_and_reports_fresh_seeds(tmp_pa
     monkeypatch.setattr(tuning, "grid", lambda c: [{"lr_img": c.lr_img * f}
                                                    for f in (0.1, 1.0, 1e6)])
     with pytest.raises(ValueError, match="include the trial seed 5"):
-        tuning.run_tuning(dataset, "dm", str(tmp_path), trial_seed=5, test_seeds=(5,))
+        tuning.run_tuning(dataset, "dm", str(tmp_path), trial_seed=5, test_seeds=(5,),
+                          together=False)
     summary = tuning.run_tuning(dataset, "dm", str(tmp_path), validation_per_class=5,
-                                trial_seed=5, test_seeds=(0, 1), quiet=True)
+                                trial_seed=5, test_seeds=(0, 1), quiet=True,
+                                together=False)
     assert calls == [(0.1, 5), (1.0, 5), (1e6, 5), (1.0, 0), (1.0, 1)]
     assert [bool(row["failed"]) for row in summary["grid"]] == [False, False, True]
     assert summary["chosen"] == {"lr_img": 1.0}          # DM's default: the best validation
@@ -76,6 +78,7 @@ def test_a_tuning_runs_its_grid_records_a_blow_up_and_reports_fresh_seeds(tmp_pa
     # Re-running reads every record, the failure too, and runs nothing.
     calls.clear()
     again = tuning.run_tuning(dataset, "dm", str(tmp_path), validation_per_class=5,
-                              trial_seed=5, test_seeds=(0, 1), quiet=True)
+                              trial_seed=5, test_seeds=(0, 1), quiet=True,
+                                together=False)
     assert calls == [] and again["chosen"] == summary["chosen"]
     assert again["test"] == summary["test"]

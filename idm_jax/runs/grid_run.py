@@ -35,8 +35,7 @@ from idm_jax.runs import checkpoint, outputs, study
 from idm_jax.runs import workdir as workdir_lib
 from idm_jax.runs.run import GRAD_NORMS_FILE, place_real
 from idm_jax.runs.stop import Interrupted, StopRequest
-from idm_jax.runs.tuning import FAILED_FILE
-
+FAILED_FILE = "failed.json"      # a setting whose loss or images stopped being finite
 GRID_FILE = "grid.json"          # in each setting's folder: condensed in a grid, with whom
 MEMBERS_FILE = "members.json"    # in the grid's folder: its settings' folders, in order
 
@@ -245,4 +244,4 @@ def _iterate(configs, directories, engines, real, state, logs, saver, grid_meta,
     return state
 
 
-__all__ = ["GRID_FILE", "MEMBERS_FILE", "settled", "members", "condense_grid"]
+__all__ = ["FAILED_FILE", "GRID_FILE", "MEMBERS_FILE", "settled", "members", "condense_grid"]

@@ -31,13 +31,13 @@ import numpy as np
 
 from idm_jax import iterating
 from idm_jax.config import Config
-from idm_jax.runs import checkpoint, study
+from idm_jax.runs import checkpoint, grid_run, study
+from idm_jax.runs.grid_run import FAILED_FILE
 
 TRIALS = 10
 LR_FACTORS_WITH_CE = (0.01, 0.1, 1.0, 10.0, 100.0)
 CE_FACTORS = (0.2, 1.0)
 LR_FACTORS = tuple(10.0 ** (k / 2) for k in range(-4, 6))
-FAILED_FILE = "failed.json"
 
 
 def grid(config: Config) -> list[dict]:
@@ -85,7 +85,6 @@ def _run_or_record(config: Config, dataset, directory: str, quiet: bool, label: 
 
 def _condense_together(configs, dataset, directories, grid_dir: str, quiet: bool) -> None:
     """The grid's unsettled settings condensed in one program (``runs.grid_run``)."""
-    from idm_jax.runs import grid_run
     if len(grid_run.members(configs, directories, grid_dir)) >= 2:
         print(f"== condensing the grid's settings together, sharing their extractors "
               f"-> {grid_dir}")
