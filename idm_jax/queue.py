@@ -118,7 +118,6 @@ def gather(tree: PyTree, slots: jax.Array) -> PyTree:
     return jax.tree.map(lambda leaf: leaf[slots], tree)
 
 
-# Long (over 60 lines) mostly in its docstring; the body is one nested training scan.
 def train_slots(queue: ModelQueue, key: jax.Array, slots: jax.Array, active: jax.Array,
                 logits_fn: LogitsFn, sample_batch: BatchFn,
                 optimizer: optax.GradientTransformation, steps: int,
@@ -132,10 +131,9 @@ def train_slots(queue: ModelQueue, key: jax.Array, slots: jax.Array, active: jax
     ``jax.vmap`` (one batched program) or ``backend.sequential`` (one after another; the engine
     passes its backend policy's ``map_models``, sequential on CPU). Values are the same.
 
-    Each step is ``classifier.train_step``: ``chunk`` > 0 computes its gradient over chunks of
-    that many images, accumulated (same values, faster on CPU); 0 uses the whole batch.
-
-    Returns the updated queue and the trainees' accuracy over these steps, in percent, (n,).
+    Each step is ``classifier.train_step``: ``chunk`` > 0 sums the gradient over chunks of that
+    many images (same values, faster on CPU); 0 uses the whole batch. Returns the updated queue
+    and the trainees' accuracy over these steps, in percent, (n,).
     """
     if steps == 0 or slots.shape[0] == 0:
         return queue, jnp.zeros(slots.shape, jnp.float32)

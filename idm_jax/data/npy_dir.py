@@ -111,46 +111,24 @@ def read_meta(directory: str) -> dict:
     return meta
 
 
-# Long (over 60 lines) because it is one flat sequence of file checks, each with its own error
-# naming the file.
-def load_npy_dir(directory: str, name: Optional[str] = None) -> core.Dataset:
-    """Loads a NumPy directory (layout in the module docstring).
-
-    Args:
-      directory: the folder.
-      name: expected dataset name. When given and meta.json names another
-        dataset, that is an error (it catches loading the wrong folder). When
-        None, meta.json must name the dataset.
-
-    Returns:
-      A Dataset. Mean/std come from meta.json when present, else from
-      `DATASET_INFO[name]`; class names from class_names.txt, else
-      `DATASET_INFO`, else "0", "1", ...
-    """
-    if not os.path.isdir(directory):
-        raise ValueError(f"NumPy dataset directory {directory!r} does not exist")
-    meta = read_meta(directory)
+def _dataset_name(directory: str, meta: dict, name: Optional[str]) -> str:
+    """The dataset's name: ``name``, checked against meta.json's, or meta.json's."""
     meta_name = meta.get("name")
     if name is None:
         if meta_name is None:
             raise ValueError(f"{directory}: give the dataset name, or write it in "
                              f"{META_FILE} as \"name\"")
-        name = meta_name
-    elif meta_name is not None and meta_name != name:
+        return meta_name
+    if meta_name is not None and meta_name != name:
         raise ValueError(f"{directory} holds dataset {meta_name!r} (see "
                          f"{META_FILE}), not {name!r}")
-    spec = core.DATASET_INFO.get(name)
-    if spec is None and not ("mean" in meta and "std" in meta):
-        raise ValueError(
-            f"Unknown dataset {name!r}: valid names are "
-            f"{', '.join(core.VALID_NAMES)}; a NumPy directory of another dataset "
-            f"needs \"mean\" and \"std\" in its {META_FILE}")
+    return name
 
-    train_x = _load_images(directory, "train_x")
-    test_x = _load_images(directory, "test_x")
-    train_y = _load_labels(os.path.join(directory, "train_y.npy"), len(train_x))
-    test_y = _load_labels(os.path.join(directory, "test_y.npy"), len(test_x))
 
+def _classes(directory: str, meta: dict, spec, name: str, train_y: np.ndarray,
+             test_y: np.ndarray) -> tuple[int, tuple]:
+    """(number of classes, class names): meta.json, class_names.txt, the known dataset, or
+    the labels, in that order; the labels must fit."""
     names_path = os.path.join(directory, CLASS_NAMES_FILE)
     class_names = None
     if os.path.exists(names_path):
@@ -175,6 +153,38 @@ def load_npy_dir(directory: str, name: Optional[str] = None) -> core.Dataset:
             class_names = tuple(str(i) for i in range(k))
     if len(class_names) != k:
         raise ValueError(f"{names_path}: {len(class_names)} names for {k} classes")
+    return k, class_names
+
+
+def load_npy_dir(directory: str, name: Optional[str] = None) -> core.Dataset:
+    """Loads a NumPy directory (layout in the module docstring).
+
+    Args:
+      directory: the folder.
+      name: expected dataset name. When given and meta.json names another
+        dataset, that is an error (it catches loading the wrong folder). When
+        None, meta.json must name the dataset.
+
+    Returns:
+      A Dataset. Mean/std come from meta.json when present, else from
+      `DATASET_INFO[name]`; class names from class_names.txt, else
+      `DATASET_INFO`, else "0", "1", ...
+    """
+    if not os.path.isdir(directory):
+        raise ValueError(f"NumPy dataset directory {directory!r} does not exist")
+    meta = read_meta(directory)
+    name = _dataset_name(directory, meta, name)
+    spec = core.DATASET_INFO.get(name)
+    if spec is None and not ("mean" in meta and "std" in meta):
+        raise ValueError(
+            f"Unknown dataset {name!r}: valid names are "
+            f"{', '.join(core.VALID_NAMES)}; a NumPy directory of another dataset "
+            f"needs \"mean\" and \"std\" in its {META_FILE}")
+    train_x = _load_images(directory, "train_x")
+    test_x = _load_images(directory, "test_x")
+    train_y = _load_labels(os.path.join(directory, "train_y.npy"), len(train_x))
+    test_y = _load_labels(os.path.join(directory, "test_y.npy"), len(test_x))
+    k, class_names = _classes(directory, meta, spec, name, train_y, test_y)
     mean = meta.get("mean", spec.mean if spec else None)
     std = meta.get("std", spec.std if spec else None)
     return core.Dataset(name, train_x, train_y, test_x, test_y, k, class_names,

@@ -73,11 +73,9 @@ def build_parser(dataset: str, default_ipc: int,
     return parser
 
 
-def parse(argv: Optional[Sequence[str]], dataset: str, default_ipc: int,
-          prog: Optional[str] = None):
-    """Parse run flags and config overrides; returns (args, Config)."""
-    parser = build_parser(dataset, default_ipc, prog)
-    args, rest = parser.parse_known_args(argv)
+def _overrides(rest: Sequence[str]) -> dict:
+    """The flags argparse did not know, as config overrides: ``--FIELD VALUE`` or
+    ``--FIELD=VALUE`` -> {FIELD: VALUE (a string)}."""
     overrides, i = {}, 0
     while i < len(rest):
         token = rest[i]
@@ -91,6 +89,15 @@ def parse(argv: Optional[Sequence[str]], dataset: str, default_ipc: int,
             value, i = rest[i + 1], i + 1
         overrides[name] = value
         i += 1
+    return overrides
+
+
+def parse(argv: Optional[Sequence[str]], dataset: str, default_ipc: int,
+          prog: Optional[str] = None):
+    """Parse run flags and config overrides; returns (args, Config)."""
+    parser = build_parser(dataset, default_ipc, prog)
+    args, rest = parser.parse_known_args(argv)
+    overrides = _overrides(rest)
     if "dataset" in overrides and overrides["dataset"] != dataset:
         raise UserError(f"--dataset {overrides['dataset']}: this command condenses {dataset}; "
                         f"run python -m experiments.{overrides['dataset']} (or idm-condense "

@@ -110,7 +110,19 @@ def dcbench_name(dataset: str, model: str, ipc: int) -> str:
     return f"res_IDM_{_DCBENCH_NAMES.get(dataset, dataset)}_{model}_{ipc}ipc.pt"
 
 
-# Long (over 60 lines) because it is one branch per layout; each is a few lines.
+def _export_torch(directory: str, train_x: np.ndarray, train_y: np.ndarray,
+                  name: str) -> dict:
+    """The expanded set as DC-BENCH's ``name`` and DD-Ranking's images.pt / labels.pt (NCHW
+    float32, int64 labels); returns the files written."""
+    nchw = np.ascontiguousarray(train_x.transpose(0, 3, 1, 2))
+    torch_labels = train_y.astype(np.int64)
+    torch_format.save(os.path.join(directory, name), {"data": [[nchw, torch_labels]]})
+    os.makedirs(os.path.join(directory, "dd_ranking"), exist_ok=True)
+    torch_format.save(os.path.join(directory, "dd_ranking", "images.pt"), nchw)
+    torch_format.save(os.path.join(directory, "dd_ranking", "labels.pt"), torch_labels)
+    return {"dcbench": name, "dd_ranking": "dd_ranking/"}
+
+
 def export_set(directory: str, images: np.ndarray, labels: np.ndarray, mean, std, *,
                dataset: str, class_names: Sequence[str], model: str, ipc: int,
                partition_expand: bool, partition_scheme: str, partition_factor: int,
@@ -151,14 +163,8 @@ def export_set(directory: str, images: np.ndarray, labels: np.ndarray, mean, std
                               train_x * std + mean, train_y, class_names)
             files["png"] = "synthetic_png/"
         if "torch" in formats:
-            nchw = np.ascontiguousarray(train_x.transpose(0, 3, 1, 2))
-            torch_labels = train_y.astype(np.int64)
-            name = dcbench_name(dataset, model, ipc)
-            torch_format.save(os.path.join(directory, name), {"data": [[nchw, torch_labels]]})
-            os.makedirs(os.path.join(directory, "dd_ranking"), exist_ok=True)
-            torch_format.save(os.path.join(directory, "dd_ranking", "images.pt"), nchw)
-            torch_format.save(os.path.join(directory, "dd_ranking", "labels.pt"), torch_labels)
-            files.update(dcbench=name, dd_ranking="dd_ranking/")
+            files.update(_export_torch(directory, train_x, train_y,
+                                       dcbench_name(dataset, model, ipc)))
     meta = {
         "dataset": dataset, "num_classes": len(class_names), "class_names": list(class_names),
         "image_shape": list(images.shape[1:]), "layout": "NHWC, class-major",

@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 
 from idm_jax import config as config_lib
-from idm_jax import data, engine, grid, iterating, methods, validate
+from idm_jax import data, engine, grid, iterating, methods
 from idm_jax.config import Config
 from idm_jax.runs import checkpoint, outputs, study
 from idm_jax.runs import workdir as workdir_lib
-from idm_jax.runs.run import GRAD_NORMS_FILE, place_real
+from idm_jax.runs.run import GRAD_NORMS_FILE, prepare_data
 from idm_jax.runs.stop import Interrupted, StopRequest
 FAILED_FILE = "failed.json"      # a setting whose loss or images stopped being finite
 GRID_FILE = "grid.json"          # in each setting's folder: condensed in a grid, with whom
@@ -147,7 +147,7 @@ def condense_grid(configs: Sequence[Config], dataset: data.Dataset,
     configs = [configs[i] for i in chosen]
     directories = [os.path.abspath(directories[i]) for i in chosen]
     grid.check_shareable(configs)
-    real, dataset = _real(configs[0], dataset)
+    dataset, _, real = prepare_data(configs[0], dataset)
     engines = [engine.make_engine(c, real.num_classes, real.image_shape,
                                   max_per_class=real.max_per_class,
                                   normalization=(dataset.mean, dataset.std)) for c in configs]
@@ -180,17 +180,6 @@ def condense_grid(configs: Sequence[Config], dataset: data.Dataset,
         saver.close()
         shutil.rmtree(os.path.join(grid_dir, "checkpoints"), ignore_errors=True)
     return {directories[t]: why for t, why in failed.items()}
-
-
-def _real(config: Config, dataset: data.Dataset):
-    """The run's real data on the device, after its validation split (as ``run`` does)."""
-    try:
-        dataset, _ = data.split_validation(dataset, config.validation_per_class,
-                                           config.validation_seed)
-    except ValueError as err:
-        raise validate.InvalidRun(str(err)) from None
-    validate.check_data(config, dataset.class_counts, source=f"dataset {dataset.name}")
-    return place_real(dataset, None), dataset
 
 
 def _grid_start(stack, engines, real, grid_dir: str, grid_meta: dict):

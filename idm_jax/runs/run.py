@@ -91,6 +91,21 @@ def evaluate_images(images, dataset: data.Dataset, config: Config, key, test_x,
         microbatch_size=config.microbatch, policy=policy, validation=held_out)
 
 
+def prepare_data(config: Config, dataset: data.Dataset, mesh=None,
+                 workdir: Optional[str] = None):
+    """The run's data, checked before any work: (the dataset less its validation split, that
+    split or None, the real data placed on ``mesh``). Raises ``validate.InvalidRun``."""
+    try:    # the held-out images leave the dataset before anything can draw from it
+        dataset, validation = data.split_validation(dataset, config.validation_per_class,
+                                                    config.validation_seed)
+    except ValueError as err:
+        raise validate.InvalidRun(str(err)) from None
+    validate.check_data(config, dataset.class_counts, source=f"dataset {dataset.name}")
+    if workdir is not None:
+        validate.check_workdir(workdir)
+    return dataset, validation, place_real(dataset, mesh)
+
+
 def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *,
                           mesh=None, restart: bool = False, quiet: bool = False,
                           method: Optional[Method] = None) -> dict:
@@ -118,14 +133,7 @@ def condense_and_evaluate(config: Config, dataset: data.Dataset, workdir: str, *
     """
     if method is not None and config.method != method.name:
         config = dataclasses.replace(config, method=method.name)
-    try:    # the held-out images leave the dataset before anything can draw from it
-        dataset, validation = data.split_validation(dataset, config.validation_per_class,
-                                                    config.validation_seed)
-    except ValueError as err:
-        raise validate.InvalidRun(str(err)) from None
-    validate.check_data(config, dataset.class_counts, source=f"dataset {dataset.name}")
-    validate.check_workdir(workdir)
-    real = place_real(dataset, mesh)
+    dataset, validation, real = prepare_data(config, dataset, mesh, workdir)
     # make_engine checks the config against the images (validate.check_config) and sizes the
     # network calls to memory; both can refuse the run, so both come before the folder exists.
     eng = engine.make_engine(config, real.num_classes, real.image_shape, method=method,
@@ -393,4 +401,5 @@ def _final_results(run: _Session, state, start_it: int, sessions: list,
     return results
 
 
-__all__ = ["Interrupted", "place_real", "evaluate_images", "condense_and_evaluate"]
+__all__ = ["Interrupted", "place_real", "prepare_data", "evaluate_images",
+           "condense_and_evaluate"]
