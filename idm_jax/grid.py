@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from idm_jax import engine as engine_lib
 from idm_jax.accel import sharding
@@ -55,17 +56,30 @@ def _stack(trees):
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
+def stack_trials(states: Sequence[CondenseState]) -> CondenseState:
+    """The grid state of settings' own states at one iteration (``trial_state``'s inverse):
+    their images and image optimiser states stacked, the extractors, key and iteration of the
+    first. ValueError unless all hold the same key and iteration: the key is drawn from the seed
+    iteration by iteration, so runs of one seed at one iteration (of settings that pass
+    ``check_shareable``) hold the same extractors too."""
+    first = jax.device_get((states[0].key, states[0].iteration))
+    for state in states[1:]:
+        if not all(np.array_equal(a, b) for a, b in
+                   zip(first, jax.device_get((state.key, state.iteration)))):
+            raise ValueError("the settings' states are not at one iteration of one seed")
+    return states[0].replace(images=jnp.stack([s.images for s in states]),
+                             image_opt_state=_stack([s.image_opt_state for s in states]))
+
+
 def init_grid_state(engines: Sequence[Engine], real: RealData, seed: int) -> CondenseState:
-    """Every setting's fresh state (``engine.init_state``), the images and image optimiser
-    states stacked on a leading axis, and one extractor state, key and iteration (the same
-    for all: they follow from the seed)."""
+    """Every setting's fresh state (``engine.init_state``) stacked (``stack_trials``)."""
     first = engine_lib.init_state(engines[0], real, seed)
     # The init draws nothing from the shareable settings: every setting starts from the same
     # images; each optimiser's state is initialised as ``engine.init_state`` does it.
-    opt_states = [first.image_opt_state] + [
-        jax.tree.map(jnp.array, e.image_optimizer.init(first.images)) for e in engines[1:]]
-    return first.replace(images=jnp.stack([first.images] * len(engines)),
-                         image_opt_state=_stack(opt_states))
+    return stack_trials([first] + [
+        first.replace(image_opt_state=jax.tree.map(jnp.array,
+                                                   e.image_optimizer.init(first.images)))
+        for e in engines[1:]])
 
 
 def trial_state(state: CondenseState, t: int) -> CondenseState:
@@ -107,4 +121,5 @@ def make_grid_step(engines: Sequence[Engine], real: RealData, jit: bool = True) 
     return jax.jit(step, donate_argnums=0) if jit else step
 
 
-__all__ = ["SHAREABLE", "check_shareable", "init_grid_state", "trial_state", "make_grid_step"]
+__all__ = ["SHAREABLE", "check_shareable", "stack_trials", "init_grid_state", "trial_state",
+           "make_grid_step"]

@@ -2,7 +2,10 @@
 
 Tests run on CPU with float32; they must never touch an accelerator or the network. Many tests
 build the same programs through different closures; a session-wide persistent compilation cache
-lets XLA reuse them instead of recompiling (the largest cost of this suite on 2 cores).
+lets XLA reuse them instead of recompiling (the largest cost of this suite on 2 cores), and
+the CPU backend compiles without LLVM's optimisations: most tests run a program a few times, so
+compiling it costs more than running it (about half the time of the grid test; the same choice
+the sharding and multi-host workers made). Runs and benchmarks keep XLA's default.
 """
 import atexit
 import os
@@ -10,6 +13,9 @@ import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=0").strip()
 if "IDM_JAX_COMPILATION_CACHE" not in os.environ:
     os.environ["IDM_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="idm-jax-test-xla-")
     atexit.register(shutil.rmtree, os.environ["IDM_JAX_COMPILATION_CACHE"], True)

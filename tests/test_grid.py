@@ -4,6 +4,7 @@ the very state, and so the results, of its own separate run."""
 import dataclasses
 import json
 import os
+import shutil
 import signal
 
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from idm_jax.runs.stop import Interrupted
 SMALL = dict(iterations=6, batch_real=16, trained_bs=32, model_train_steps=2, net_num=4,
              initial_models=2, num_eval=1, epoch_eval_train=2, batch_train=64,
              model="ConvNetW32", eval_model="ConvNetW32", checkpoint_every=3, syn_ce=True,
-             ce_weight=0.5, exports="npz")
+             ce_weight=0.5, exports="npz", log_every=2)
 POINTS = [{"lr_img": 1.0, "ce_weight": 1.0}, {"lr_img": 10.0, "ce_weight": 0.2}]   # factors
 
 
@@ -61,18 +62,23 @@ def test_a_tuning_condensed_together_and_stopped_once_matches_a_separate_run(
 
     monkeypatch.setattr(tuning, "grid", lambda c: [{k: getattr(c, k) * f for k, f in p.items()}
                                                    for p in POINTS])
-    common = dict(validation_per_class=5, trial_seed=5, test_seeds=(), overrides=SMALL,
-                  quiet=True)
+    common = dict(validation_per_class=5, trial_seed=5, test_seeds=(), quiet=True)
+    # A tuning at 3 iterations, raised to 6: the grid starts from its settings' own
+    # checkpoints at 3, is stopped at 5 and resumes from its own checkpoint.
+    tuning.run_tuning(digits, "idm", str(tmp_path), overrides=dict(SMALL, iterations=3),
+                      **common)
     with monkeypatch.context() as patch:
         patch.setattr(grid_run, "StopRequest", lambda: StopAfter(2))
-        with pytest.raises(Interrupted, match="stopped at iteration 2"):
-            tuning.run_tuning(digits, "idm", str(tmp_path), **common)
-    summary = tuning.run_tuning(digits, "idm", str(tmp_path), **common)
+        with pytest.raises(Interrupted, match="stopped at iteration 5"):
+            tuning.run_tuning(digits, "idm", str(tmp_path), overrides=SMALL, **common)
+    summary = tuning.run_tuning(digits, "idm", str(tmp_path), overrides=SMALL, **common)
     root = tmp_path / "idm"
     for row in summary["grid"]:
         run = root / tuning.trial_name(row["setting"]) / "seed5"
         sessions = [json.loads(line)["from_iteration"] for line in open(run / "sessions.jsonl")]
-        assert sessions == [0, 2, 6]          # the grid, the grid resumed, the evaluation
+        # The grid, the evaluation at 3, the grid from the settings' checkpoints, the grid
+        # resumed, the evaluation at 6.
+        assert sessions == [0, 3, 3, 5, 6]
         assert (run / grid_run.GRID_FILE).exists()
         logged = [json.loads(line)["iteration"] for line in open(run / "metrics.jsonl")
                   if "event" not in json.loads(line)]
@@ -142,3 +148,14 @@ def test_a_grid_keeps_its_members_and_leaves_a_folder_of_other_settings_alone(tm
     with open(grid_dir / grid_run.MEMBERS_FILE, "w") as f:
         json.dump(folders, f)
     assert grid_run.members(configs, folders, str(grid_dir)) == [0, 1, 2]
+    # Without that grid: settings condensed before to one iteration join a grid together; when
+    # their own runs stopped at different iterations, only those not begun do.
+    shutil.rmtree(grid_dir)
+    os.remove(os.path.join(folders[1], tuning.FAILED_FILE))
+    os.remove(os.path.join(folders[2], "config.json"))
+    for folder in folders:
+        os.makedirs(os.path.join(folder, "checkpoints", "3"))
+    assert grid_run.members(configs, folders, str(grid_dir)) == [0, 1, 2]
+    os.makedirs(os.path.join(folders[1], "checkpoints", "5"))
+    shutil.rmtree(os.path.join(folders[2], "checkpoints"))
+    assert grid_run.members(configs, folders, str(grid_dir)) == [2]

@@ -9,7 +9,9 @@ a grid's results are read, tabled and resumed like any run's. Each setting's ima
 optimiser state are the very ones its own run computes (``tests/test_grid.py`` checks them
 bit for bit against separate runs).
 
-The grid keeps its own checkpoints in ``grid_dir`` and resumes from them; a setting whose loss or
+The grid keeps its own checkpoints in ``grid_dir`` and resumes from them, or, when it has none,
+from its settings' own final checkpoints if all stopped at one iteration (a grid re-run with
+more ``iterations`` continues where it ended); a setting whose loss or
 images stop being finite gets ``failed.json`` (what ``runs.tuning`` records for a failed run)
 and the others go on. The seconds logged per iteration are the grid's, divided among its
 settings.
@@ -23,7 +25,7 @@ import os
 import shutil
 import signal
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +35,7 @@ from idm_jax import data, engine, grid, iterating, methods
 from idm_jax.config import Config
 from idm_jax.runs import checkpoint, outputs, study
 from idm_jax.runs import workdir as workdir_lib
-from idm_jax.runs.run import GRAD_NORMS_FILE, prepare_data
+from idm_jax.runs.run import GRAD_NORMS_FILE, log_window, prepare_data
 from idm_jax.runs.stop import Interrupted, StopRequest
 FAILED_FILE = "failed.json"      # a setting whose loss or images stopped being finite
 GRID_FILE = "grid.json"          # in each setting's folder: condensed in a grid, with whom
@@ -89,18 +91,21 @@ def _set_aside_failed(state, failed: dict):
                          image_opt_state=jax.tree.map(zero, state.image_opt_state))
 
 
-def _failed_record(config: Config, directory: str) -> bool:
+def failed_record(config: Config, directory: str) -> Optional[dict]:
+    """The ``failed.json`` record of ``config`` in ``directory`` (``{"failed": why, "config":
+    ...}``), or None when there is none or it records other settings."""
     path = os.path.join(directory, FAILED_FILE)
     if not os.path.exists(path):
-        return False
+        return None
     with open(path) as f:
-        return json.load(f).get("config") == config.to_dict()
+        record = json.load(f)
+    return record if record.get("config") == config.to_dict() else None
 
 
 def settled(config: Config, directory: str) -> bool:
     """Finished, recorded as failed, or condensed to its last iteration (only its
     evaluation left)."""
-    if _failed_record(config, directory) or study.finished(directory, config) is not None:
+    if failed_record(config, directory) or study.finished(directory, config) is not None:
         return True
     return os.path.isdir(os.path.join(directory, "checkpoints", str(config.iterations)))
 
@@ -118,7 +123,9 @@ def _foreign(config: Config, directory: str) -> bool:
 def members(configs: Sequence[Config], directories: Sequence[str], grid_dir: str) -> list[int]:
     """The settings the grid condenses: those recorded by an unfinished grid in ``grid_dir``
     (settings that failed since stay in it, so its checkpoints still fit), else every one that
-    is not settled and whose folder holds no run of other settings."""
+    is not settled and whose folder holds no run of other settings; when some of those were
+    condensed before (their own checkpoints) and not all to one iteration, only those that were
+    not."""
     pending = [i for i, (c, d) in enumerate(zip(configs, directories))
                if not settled(c, d) and not _foreign(c, d)]
     record = os.path.join(grid_dir, MEMBERS_FILE)
@@ -128,7 +135,21 @@ def members(configs: Sequence[Config], directories: Sequence[str], grid_dir: str
         folders = [os.path.abspath(d) for d in directories]
         if all(n in folders for n in names) and {folders[i] for i in pending} <= set(names):
             return [folders.index(n) for n in names]
+    begun = {i: _own_latest(directories[i]) for i in pending}
+    if len(set(begun.values())) > 1:
+        # Own runs stopped at different iterations resume on their own; the others start.
+        pending = [i for i in pending if begun[i] is None]
     return pending
+
+
+def _own_latest(directory: str) -> Optional[int]:
+    """The newest iteration of a setting's own checkpoints (a grid condensed to fewer
+    iterations left them, or a separate run), or None."""
+    try:
+        steps = [int(n) for n in os.listdir(os.path.join(directory, "checkpoints")) if n.isdigit()]
+    except FileNotFoundError:
+        return None
+    return max(steps, default=None)
 
 
 def condense_grid(configs: Sequence[Config], dataset: data.Dataset,
@@ -136,6 +157,8 @@ def condense_grid(configs: Sequence[Config], dataset: data.Dataset,
     """Condense the ``members`` of ``configs`` (settings of one method and seed that differ only
     in ``grid.SHAREABLE``) together; leave each in its directory as a run done condensing.
 
+    The grid starts from its own newest checkpoint, else from its settings' own ones when all
+    stopped at one iteration (e.g. a grid condensed before to fewer ``iterations``), else fresh.
     Returns {directory of a setting that stopped being finite: why}; nothing is done when fewer
     than 2 settings are left. Raises ValueError (settings that cannot share, data that cannot
     make the run), ``workdir.WorkdirBusy`` and ``Interrupted`` (a signal; the grid's checkpoint
@@ -144,6 +167,8 @@ def condense_grid(configs: Sequence[Config], dataset: data.Dataset,
     chosen = members(configs, directories, grid_dir)
     if len(chosen) < 2:
         return {}
+    print(f"== condensing {len(chosen)} settings together, sharing their extractors "
+          f"-> {grid_dir}")
     configs = [configs[i] for i in chosen]
     directories = [os.path.abspath(directories[i]) for i in chosen]
     grid.check_shareable(configs)
@@ -157,7 +182,8 @@ def condense_grid(configs: Sequence[Config], dataset: data.Dataset,
         for directory in (grid_dir, *directories):
             os.makedirs(directory, exist_ok=True)
             stack.enter_context(workdir_lib.lock(directory))
-        state, saver = _grid_start(stack, engines, real, grid_dir, grid_meta)
+        state, saver = _grid_start(stack, engines, real, grid_dir, grid_meta, directories,
+                                   meta)
         checkpoint.dump_json(os.path.join(grid_dir, MEMBERS_FILE), directories)
         start_it = int(state.iteration)
         logs = _start_trials(configs, directories, meta, start_it, grid_dir)
@@ -168,7 +194,7 @@ def condense_grid(configs: Sequence[Config], dataset: data.Dataset,
                 norms = engine.first_pass_gradient_norms(eng, real, grid.trial_state(state, t))
                 checkpoint.dump_json(os.path.join(directory, GRAD_NORMS_FILE), norms)
         failed = {t: "failed before" for t, (c, d) in enumerate(zip(configs, directories))
-                  if _failed_record(c, d)}
+                  if failed_record(c, d)}
         state = _iterate(configs, directories, engines, real, state, logs, saver, grid_meta,
                          failed, quiet)
         for t, (c, directory) in enumerate(zip(configs, directories)):
@@ -182,9 +208,10 @@ def condense_grid(configs: Sequence[Config], dataset: data.Dataset,
     return {directories[t]: why for t, why in failed.items()}
 
 
-def _grid_start(stack, engines, real, grid_dir: str, grid_meta: dict):
-    """The grid's state: its newest checkpoint if one fits these settings, else a fresh one
-    (a grid of other settings is removed). Returns (state, checkpointer)."""
+def _grid_start(stack, engines, real, grid_dir: str, grid_meta: dict, directories, meta):
+    """The grid's state: its newest checkpoint if one fits these settings (a grid of other
+    settings is removed), else ``_from_own_checkpoints``, else a fresh one.
+    Returns (state, the grid's checkpointer)."""
     directory = os.path.join(grid_dir, "checkpoints")
     config = engines[0].config
     saver = checkpoint.Checkpointer(directory, keep=2)
@@ -196,34 +223,70 @@ def _grid_start(stack, engines, real, grid_dir: str, grid_meta: dict):
         shutil.rmtree(directory)
         saver, restored = checkpoint.Checkpointer(directory, keep=2), None
     stack.callback(saver.close)
+    if restored is None:
+        restored = _from_own_checkpoints(engines, directories, meta, state)
     return (state if restored is None else restored), saver
+
+
+def _from_own_checkpoints(engines, directories, meta: dict, fresh):
+    """The grid's state stacked from its settings' own newest checkpoints, when every one has
+    a readable checkpoint of its settings and all are at one iteration; else None."""
+    if any(_own_latest(d) is None for d in directories):
+        return None
+    states = []
+    for t, (eng, directory) in enumerate(zip(engines, directories)):
+        own = checkpoint.Checkpointer(os.path.join(directory, "checkpoints"),
+                                      keep=eng.config.keep_checkpoints)
+        try:
+            restored, _ = own.restore_latest(grid.trial_state(fresh, t), eng.config, meta)
+        except checkpoint.CheckpointMismatchError:
+            restored = None
+        finally:
+            own.close()
+        if restored is None:
+            return None
+        states.append(restored)
+    try:
+        state = grid.stack_trials(states)
+    except ValueError:
+        return None
+    print(f"resuming the grid from its settings' own checkpoints at iteration "
+          f"{int(state.iteration)}")
+    return state
 
 
 def _iterate(configs, directories, engines, real, state, logs, saver, grid_meta,
              failed: dict, quiet: bool):
-    """The grid's iterations with its checkpoints and stop signals; the grid's last state is
-    saved too. Fills ``failed`` (setting -> why) and returns the final state."""
+    """The grid's iterations with its checkpoints and stop signals, the metrics fetched in
+    windows (``run.log_window``); the grid's last state is saved too. Fills ``failed``
+    (setting -> why) and returns the final state."""
     config = configs[0]
     step = grid.make_grid_step(engines, real)
+    window = log_window(config, engines[0].policy.platform)
     bar = None if quiet else outputs.progress_bar(config, int(state.iteration), False)
     if bar is not None:
         bar.set_description(f"grid of {len(configs)}")
+    pending, started = [], time.perf_counter()
     try:
         with StopRequest() as interrupt:
             it = int(state.iteration)
             while it < config.iterations:
-                started = time.perf_counter()
                 state, metrics = step(state, real)
-                metrics = jax.device_get(metrics)
-                _log_iteration(configs, directories, logs, metrics, it,
-                               time.perf_counter() - started, failed)
+                pending.append(metrics)
+                it += 1
+                stopping = interrupt.requested
+                save = stopping or it % config.checkpoint_every == 0 or it == config.iterations
+                if not (save or len(pending) >= window):
+                    continue
+                seconds = (time.perf_counter() - started) / len(pending)
+                for done, values in enumerate(jax.device_get(pending), it - len(pending)):
+                    _log_iteration(configs, directories, logs, values, done, seconds, failed)
                 if failed:
                     state = _set_aside_failed(state, failed)
-                it += 1
                 if bar is not None:
-                    bar.update(1)
-                stopping = interrupt.requested
-                if stopping or it % config.checkpoint_every == 0 or it == config.iterations:
+                    bar.update(len(pending))
+                pending, started = [], time.perf_counter()
+                if save:
                     saver.save(state, config, grid_meta)
                 if stopping:
                     raise Interrupted(it, saver.directory, interrupt.signum or signal.SIGINT)
@@ -233,4 +296,5 @@ def _iterate(configs, directories, engines, real, state, logs, saver, grid_meta,
     return state
 
 
-__all__ = ["FAILED_FILE", "GRID_FILE", "MEMBERS_FILE", "settled", "members", "condense_grid"]
+__all__ = ["FAILED_FILE", "GRID_FILE", "MEMBERS_FILE", "failed_record", "settled", "members",
+           "condense_grid"]

@@ -309,12 +309,20 @@ def _resume(run: _Session, mesh):
     return state, sessions
 
 
+def log_window(config: Config, platform: str) -> int:
+    """How many iterations' metrics are fetched from the device at once: ``log_every``, else 1
+    on a CPU (the host waits for each step anyway) and 100 on an accelerator (so it runs
+    ahead; a NaN is then caught up to 99 iterations late, before any checkpoint)."""
+    if config.log_every > 0:
+        return config.log_every
+    return 1 if platform == "cpu" else 100
+
+
 def _iterate(run: _Session, state, mesh, quiet: bool):
     """Phase 2: the iterations, metrics fetched in windows of ``log_every``, checkpoints,
     evaluations, stop signals. Returns (final state, seconds spent condensing in this session)."""
-    config, policy = run.config, run.eng.policy
-    log_every = config.log_every if config.log_every > 0 else (1 if policy.platform == "cpu"
-                                                               else 100)
+    config = run.config
+    log_every = log_window(config, run.eng.policy.platform)
     if config.record_grad_norms and int(state.iteration) == 0 and config.iterations > 0:
         norms = engine.first_pass_gradient_norms(run.eng, run.real, state, mesh)
         if run.main_host:

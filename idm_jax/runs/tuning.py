@@ -22,7 +22,6 @@ ranks last. Each record carries the gradient norm of every loss term at iteratio
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Optional, Sequence
@@ -61,12 +60,9 @@ def trial_name(point: dict) -> str:
 def _run_or_record(config: Config, dataset, directory: str, quiet: bool, label: str) -> dict:
     """The finished results of ``config`` in ``directory``, running it if needed; a run that
     stopped being finite is recorded in ``failed.json`` and returned as ``{"failed": why}``."""
-    failed = os.path.join(directory, FAILED_FILE)
-    if os.path.exists(failed):
-        with open(failed) as f:
-            record = json.load(f)
-        if record.get("config") == config.to_dict():
-            return record
+    record = grid_run.failed_record(config, directory)
+    if record is not None:
+        return record
     results = study.finished(directory, config)
     if results is not None:
         print(f"== {label}: done ({results['mean']:.2f} %), skipped")
@@ -78,17 +74,9 @@ def _run_or_record(config: Config, dataset, directory: str, quiet: bool, label: 
     except iterating.NonFiniteError as err:
         record = {"failed": str(err), "config": config.to_dict()}
         os.makedirs(directory, exist_ok=True)    # a run that failed at once left no folder
-        checkpoint.dump_json(failed, record)
+        checkpoint.dump_json(os.path.join(directory, FAILED_FILE), record)
         print(f"== {label}: failed ({err})")
         return record
-
-
-def _condense_together(configs, dataset, directories, grid_dir: str, quiet: bool) -> None:
-    """The grid's unsettled settings condensed in one program (``runs.grid_run``)."""
-    if len(grid_run.members(configs, directories, grid_dir)) >= 2:
-        print(f"== condensing the grid's settings together, sharing their extractors "
-              f"-> {grid_dir}")
-        grid_run.condense_grid(configs, dataset, directories, grid_dir, quiet=quiet)
 
 
 def validation_score(results: dict) -> float:
@@ -133,8 +121,8 @@ def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str 
     directories = [os.path.join(root, trial_name(point), f"seed{trial_seed}")
                    for point in points]
     if together:
-        _condense_together(configs, dataset, directories,
-                           os.path.join(root, f"grid-seed{trial_seed}"), quiet)
+        grid_run.condense_grid(configs, dataset, directories,
+                               os.path.join(root, f"grid-seed{trial_seed}"), quiet=quiet)
     trials = []
     for number, (point, config, directory) in enumerate(zip(points, configs, directories), 1):
         trials.append((point, _run_or_record(config, dataset, directory, quiet,
