@@ -7,21 +7,23 @@ validation accuracy, runs it at ``--test_seeds`` and writes ``<workdir>/<method>
 The grid's settings are condensed together, sharing one extractor schedule (the queue: it never
 sees the images), which gives each the images of its own run at about one run's queue cost;
 ``--separate`` runs them one by one. Re-running skips finished runs and resumes an interrupted
-one.
+one. ``--compare idm,m3d,dm`` runs nothing: it tables the methods tuned in ``--workdir`` side by
+side (``comparison.md``, ``.json``, ``.png``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from typing import Optional, Sequence
 
-from idm_jax.runs import cli, failures, study, tuning
+from idm_jax.runs import cli, comparison, failures, study, tuning
 
 
 @failures.user_facing
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Optional[Sequence[str]] = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m experiments.tune", description=__doc__)
     parser.add_argument("--method", default="idm", help="idm, dm, m3d or path.py:NAME")
@@ -42,7 +44,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                              "the queue training)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field of the budget for every run (repeatable)")
+    parser.add_argument("--compare", default=None, metavar="METHODS",
+                        help="run nothing: table the tuned methods (comma-separated) found in "
+                             "--workdir side by side (comparison.md, .json, .png)")
     args = parser.parse_args(argv)
+    command = "python -m experiments.tune " + " ".join(shlex.quote(a) for a in argv)
+    if args.compare is not None:
+        return _compare(args, command)
     cli.enable_compilation_cache()
     test_seeds = cli.seed_list("--test_seeds", args.test_seeds)
     overrides = cli.set_overrides(args.set)
@@ -57,7 +65,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise cli.UserError(str(err)) from None
     args.class_list, args.devices = None, 1
     dataset = cli.load_data(base, args)
-    command = "python -m experiments.tune " + " ".join(shlex.quote(a) for a in argv)
     try:
         summary = tuning.run_tuning(
             dataset, args.method, args.workdir, ipc=args.ipc, budget=args.budget,
@@ -68,6 +75,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise cli.UserError(str(err)) from None
     print(tuning.markdown(summary))
     return summary
+
+
+def _compare(args, command: str) -> list:
+    tuned = [m.strip() for m in args.compare.split(",") if m.strip()]
+    if not tuned:
+        raise cli.UserError("--compare: name the tuned methods to table, e.g. --compare idm,m3d")
+    if not os.path.isdir(args.workdir):
+        raise cli.UserError(f"--workdir {args.workdir} does not exist: it must hold the tunings "
+                            f"to compare")
+    try:
+        table = comparison.compare(args.workdir, tuned, command)
+    except ValueError as err:
+        raise cli.UserError(str(err)) from None
+    with open(os.path.join(args.workdir, "comparison.md")) as f:
+        print(f.read())
+    return table
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Tuning: the same number of trials for every method, the choice made on validation accuracy
 only, failed settings ranked last, and the test seeds disjoint from the trial seed."""
 
+import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 from idm_jax import data, iterating, methods
@@ -82,3 +84,42 @@ def test_a_tuning_runs_its_grid_records_a_blow_up_and_reports_fresh_seeds(tmp_pa
                                 together=False)
     assert calls == [] and again["chosen"] == summary["chosen"]
     assert again["test"] == summary["test"]
+
+
+def test_tuned_methods_are_tabled_side_by_side_from_their_records(tmp_path, monkeypatch,
+                                                                 capsys):
+    from experiments import tune
+    from idm_jax.runs import run as run_lib
+
+    dataset = data.load_dataset("digits")
+    monkeypatch.setattr(run_lib, "condense_and_evaluate", fake_runs([]))
+    monkeypatch.setattr(tuning, "grid", lambda c: [{"lr_img": c.lr_img * f} for f in (0.1, 1.0)])
+    for method, seeds in (("dm", (0, 1)), ("m3d", (0,)), ("idm", (0, 1))):
+        tuning.run_tuning(dataset, method, str(tmp_path), validation_per_class=5, trial_seed=5,
+                          test_seeds=seeds, quiet=True, together=False)
+    # idm's seed-1 run is of another setting (its choice changed since): idm is not finished.
+    record = tmp_path / "idm" / "chosen" / "seed1" / "results.json"
+    changed = json.loads(record.read_text())
+    changed["config"]["lr_img"] *= 10
+    record.write_text(json.dumps(changed))
+    capsys.readouterr()
+    table = tune.main(["--compare", "idm,m3d,dm", "--workdir", str(tmp_path)])
+    # The fake runs score [30 + seed, 32] on test and their validation peaks at the default lr.
+    dm_test, m3d_test = [30.0, 32.0, 31.0, 32.0], [30.0, 32.0]
+    assert [row["variant"] for row in table] == ["dm", "m3d"]          # best test mean first
+    assert table[0]["mean"] == pytest.approx(np.mean(dm_test))
+    assert table[0]["std"] == pytest.approx(np.std(dm_test))
+    assert table[1]["mean"] == pytest.approx(np.mean(m3d_test)) and table[1]["seeds"] == 1
+    assert table[0]["chosen"] == {"lr_img": methods.with_method(
+        presets.get_preset("digits-ipc1"), "dm").lr_img}
+    assert table[0]["trial_validation"] == pytest.approx(40.0)
+    text = (tmp_path / "comparison.md").read_text()
+    assert "Not finished, so not in the table: idm." in text and "-0.25 / 1.00 = -0.2" in text
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+    assert "| 1 | `dm` |" in capsys.readouterr().out
+    # Nothing finished among the methods named: one error line.
+    with pytest.raises(SystemExit) as stopped:
+        tune.main(["--compare", "idm", "--workdir", str(tmp_path)])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "idm" in err[0]

@@ -115,7 +115,7 @@ def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str 
         raise ValueError("--validation_per_class must be >= 1: the choice is made on it")
     overrides = dict(overrides or {}, validation_per_class=validation_per_class)
     base = study.budget_config(dataset.name, budget, ipc, overrides, method)
-    root = os.path.join(workdir, _folder(method))
+    root = os.path.join(workdir, folder(method))
     points = grid(base)
     configs = [dataclasses.replace(base, seed=trial_seed, **point) for point in points]
     directories = [os.path.join(root, trial_name(point), f"seed{trial_seed}")
@@ -141,7 +141,7 @@ def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str 
     return summary
 
 
-def _folder(method: str) -> str:
+def folder(method: str) -> str:
     """A folder name for a method spec (a file spec keeps only its file and object names)."""
     return method.replace(os.sep, "_").replace(":", "-")
 
@@ -198,5 +198,5 @@ def write(summary: dict, root: str) -> None:
         f.write(markdown(summary))
 
 
-__all__ = ["TRIALS", "grid", "trial_name", "validation_score", "choose", "run_tuning",
+__all__ = ["TRIALS", "grid", "trial_name", "folder", "validation_score", "choose", "run_tuning",
            "markdown", "write"]
