@@ -8,6 +8,7 @@ from sklearn.datasets import load_digits
 
 import idm_jax
 from idm_jax import evaluation
+from idm_jax.accel import ops
 from idm_jax import presets
 
 
@@ -84,7 +85,8 @@ def test_batchnorm_model_trains_and_tests_with_running_stats():
     # what the test pass uses: the trained network beats chance (10 %) by a wide margin, and
     # the same network scored with the initial statistics instead does far worse.
     train_x, train_y, test_x, test_y = digits_split(per_class_train=10)
-    net = idm_jax.get_model("ConvNetBN", 10, in_channels=1)
+    # The CPU policy's convolution: XLA's own kernel gradient takes about a second per step here.
+    net = idm_jax.get_model("ConvNetBN", 10, in_channels=1, conv_op=ops.conv2d)
     test_x, test_y = jnp.asarray(test_x[:500]), jnp.asarray(test_y[:500])
     accuracy, variables = jax.jit(lambda k: evaluation.train_and_test(
         k, net, jnp.asarray(train_x), jnp.asarray(train_y), test_x, test_y, epochs=8,
