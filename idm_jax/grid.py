@@ -59,9 +59,9 @@ def _stack(trees):
 def stack_trials(states: Sequence[CondenseState]) -> CondenseState:
     """The grid state of settings' own states at one iteration (``trial_state``'s inverse):
     their images and image optimiser states stacked, the extractors, key and iteration of the
-    first. ValueError unless all hold the same key and iteration: the key is drawn from the seed
-    iteration by iteration, so runs of one seed at one iteration (of settings that pass
-    ``check_shareable``) hold the same extractors too."""
+    first. ValueError unless all hold the same key and iteration (one seed, one iteration). The
+    extractors are not compared: states of one grid share them by construction, and a caller
+    gathering states of separate runs compares them itself (``runs.grid_run``)."""
     first = jax.device_get((states[0].key, states[0].iteration))
     for state in states[1:]:
         if not all(np.array_equal(a, b) for a, b in

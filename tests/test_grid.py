@@ -119,6 +119,12 @@ def test_a_setting_that_stops_being_finite_is_recorded_failed_and_set_aside(tmp_
     assert list(failed) == [1] and "iteration 4" in failed[1]
     record = json.load(open(tmp_path / "b" / tuning.FAILED_FILE))
     assert record["config"] == configs[1].to_dict()
+    # Deterministic: a failure within N iterations holds for more, not for fewer or other settings.
+    more, fewer = (dataclasses.replace(configs[1], iterations=configs[1].iterations + k)
+                   for k in (10, -1))
+    assert grid_run.failed_record(more, directories[1]) == record
+    assert grid_run.failed_record(fewer, directories[1]) is None
+    assert grid_run.failed_record(dataclasses.replace(more, lr_img=1.0), directories[1]) is None
     line = json.loads(open(tmp_path / "a" / "metrics.jsonl").read())
     assert (line["loss"], line["seconds"], line["queue_size"]) == (1.0, 1.0, 3.0)
     state = engine_lib.CondenseState(images=jnp.ones((2, 3)), image_opt_state=(jnp.ones((2, 3)),),
@@ -159,3 +165,55 @@ def test_a_grid_keeps_its_members_and_leaves_a_folder_of_other_settings_alone(tm
     os.makedirs(os.path.join(folders[1], "checkpoints", "5"))
     shutil.rmtree(os.path.join(folders[2], "checkpoints"))
     assert grid_run.members(configs, folders, str(grid_dir)) == [2]
+
+
+def test_a_grid_fetches_metrics_in_windows_timed_once_they_arrive(tmp_path, monkeypatch):
+    """The loop with a stand-in step: metrics fetched every ``log_every`` iterations (and at the
+    save), each line timed after its window's fetch, a NaN caught in its window."""
+    import time
+    import types
+
+    from idm_jax.runs import outputs
+
+    base = dataclasses.replace(presets.get_preset("digits-ipc1"), iterations=5, eval_every=0,
+                               checkpoint_every=100, log_every=2)
+    configs = [base, dataclasses.replace(base, lr_img=base.lr_img * 10)]
+    directories = [str(tmp_path / name) for name in ("a", "b")]
+    for directory in directories:
+        os.makedirs(directory)
+    logs = [outputs.MetricsLog(os.path.join(d, "metrics.jsonl")) for d in directories]
+
+    def step(state, real):      # returns at once; setting b's loss is NaN from iteration 3
+        it = int(state.iteration)
+        return state.replace(iteration=state.iteration + 1), {
+            "loss": np.array([1.0, np.nan if it >= 3 else 2.0]), "images_finite": np.ones(2)}
+
+    fetches = []
+
+    def slow_fetch(tree):       # the device's work arrives with the fetch
+        fetches.append(len(tree))
+        time.sleep(0.05 * len(tree))
+        return tree
+
+    saved = []
+    saver = types.SimpleNamespace(directory=str(tmp_path / "grid"),
+                                  save=lambda state, *_: saved.append(int(state.iteration)))
+    monkeypatch.setattr(grid, "make_grid_step", lambda engines, real: step)
+    monkeypatch.setattr(grid_run.jax, "device_get", slow_fetch)
+    engines = [types.SimpleNamespace(policy=types.SimpleNamespace(platform="cpu"))] * 2
+    state = engine_lib.CondenseState(images=jnp.ones((2, 3)), image_opt_state=(jnp.ones((2, 3)),),
+                                     extractors=(), key=np.zeros(2, np.uint32),
+                                     iteration=np.int32(0))
+    failed = {}
+    state = grid_run._iterate(configs, directories, engines, None, state, logs, saver, {},
+                              failed, quiet=True)
+    for log in logs:
+        log.close()
+    assert fetches == [2, 2, 1] and saved == [5]
+    assert list(failed) == [1] and "iteration 3" in failed[1]
+    np.testing.assert_array_equal(state.images[1], 0)
+    for directory, last in zip(directories, (4, 3)):
+        lines = [json.loads(line) for line in open(os.path.join(directory, "metrics.jsonl"))]
+        assert [line["iteration"] for line in lines] == list(range(last + 1))
+        # 0.05 s per iteration fetched, shared by the 2 settings.
+        assert all(line["seconds"] >= 0.02 for line in lines), lines

@@ -94,16 +94,26 @@ def test_tuned_methods_are_tabled_side_by_side_from_their_records(tmp_path, monk
     dataset = data.load_dataset("digits")
     monkeypatch.setattr(run_lib, "condense_and_evaluate", fake_runs([]))
     monkeypatch.setattr(tuning, "grid", lambda c: [{"lr_img": c.lr_img * f} for f in (0.1, 1.0)])
-    for method, seeds in (("dm", (0, 1)), ("m3d", (0,)), ("idm", (0, 1))):
+    for method, seeds in (("dm", (0, 1)), ("m3d", (0,)), ("idm", (0, 1)), ("iid", (0, 1)),
+                          ("ncfm", (0, 1))):
         tuning.run_tuning(dataset, method, str(tmp_path), validation_per_class=5, trial_seed=5,
                           test_seeds=seeds, quiet=True, together=False)
-    # idm's seed-1 run is of another setting (its choice changed since): idm is not finished.
-    record = tmp_path / "idm" / "chosen" / "seed1" / "results.json"
-    changed = json.loads(record.read_text())
-    changed["config"]["lr_img"] *= 10
-    record.write_text(json.dumps(changed))
+
+    def edit(method, seed, change):
+        record = tmp_path / method / "chosen" / f"seed{seed}" / "results.json"
+        results = json.loads(record.read_text())
+        change(results["config"])
+        record.write_text(json.dumps(results))
+
+    # idm's seed-1 run is of another setting (its choice changed since), iid's of other
+    # iterations than its seed 0: neither is finished. ncfm's seed 1 stopped being finite.
+    edit("idm", 1, lambda c: c.update(lr_img=c["lr_img"] * 10))
+    edit("iid", 1, lambda c: c.update(iterations=c["iterations"] + 1))
+    (tmp_path / "ncfm" / "chosen" / "seed1" / "results.json").unlink()
+    (tmp_path / "ncfm" / "chosen" / "seed1" / "failed.json").write_text(
+        json.dumps({"failed": "the loss became nan at iteration 3", "config": {}}))
     capsys.readouterr()
-    table = tune.main(["--compare", "idm,m3d,dm", "--workdir", str(tmp_path)])
+    table = tune.main(["--compare", "idm,m3d,dm,iid,ncfm", "--workdir", str(tmp_path)])
     # The fake runs score [30 + seed, 32] on test and their validation peaks at the default lr.
     dm_test, m3d_test = [30.0, 32.0, 31.0, 32.0], [30.0, 32.0]
     assert [row["variant"] for row in table] == ["dm", "m3d"]          # best test mean first
@@ -114,7 +124,9 @@ def test_tuned_methods_are_tabled_side_by_side_from_their_records(tmp_path, monk
         presets.get_preset("digits-ipc1"), "dm").lr_img}
     assert table[0]["trial_validation"] == pytest.approx(40.0)
     text = (tmp_path / "comparison.md").read_text()
-    assert "Not finished, so not in the table: idm." in text and "-0.25 / 1.00 = -0.2" in text
+    assert "Not finished, so not in the table: idm, iid." in text
+    assert "ncfm (seed 1: the loss became nan at iteration 3)" in text
+    assert "-0.25 / 1.00 = -0.2" in text
     assert (tmp_path / "comparison.png").stat().st_size > 0
     assert "| 1 | `dm` |" in capsys.readouterr().out
     # Nothing finished among the methods named: one error line.

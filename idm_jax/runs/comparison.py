@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from idm_jax.runs import study, tuning
+from idm_jax import config as config_lib
+from idm_jax.runs import grid_run, study, tuning
 
 
 def _read(path: str) -> Optional[dict]:
@@ -33,8 +34,14 @@ def _spread(values) -> tuple[Optional[float], Optional[float]]:
     return (float(values.mean()), float(values.std())) if values.size else (None, None)
 
 
+def _comparable(config: dict) -> dict:
+    """A run's settings less its seed and what cannot change its result."""
+    return {k: v for k, v in config.items() if k != "seed" and k not in config_lib.MECHANICS}
+
+
 def method_row(workdir: str, method: str) -> Optional[dict]:
-    """The row of one tuned method, or None until its tuning and every test seed finished."""
+    """The row of one tuned method; ``{"variant", "failed": why}`` when a test seed of its
+    choice stopped being finite; None until its tuning and every test seed finished."""
     root = os.path.join(workdir, tuning.folder(method))
     summary = _read(os.path.join(root, "tuning.json"))
     if summary is None or not summary.get("test_seeds"):
@@ -42,19 +49,25 @@ def method_row(workdir: str, method: str) -> Optional[dict]:
     chosen = summary["chosen"]
     runs = []
     for seed in summary["test_seeds"]:
-        results = _read(os.path.join(root, "chosen", f"seed{seed}", "results.json"))
-        # A run of another setting (the choice changed since) does not count.
-        if results is None or any(results.get("config", {}).get(k) != v
-                                  for k, v in chosen.items()):
+        directory = os.path.join(root, "chosen", f"seed{seed}")
+        results = _read(os.path.join(directory, "results.json"))
+        if results is None and os.path.exists(os.path.join(directory, grid_run.FAILED_FILE)):
+            return {"variant": method, "failed": f"seed {seed}: "
+                    f"{_read(os.path.join(directory, grid_run.FAILED_FILE)).get('failed')}"}
+        # A run of another setting (the choice changed since) does not count, nor test seeds
+        # run with other settings (a re-run with more iterations half done).
+        if (results is None or not results.get("accuracies")
+                or any(results.get("config", {}).get(k) != v for k, v in chosen.items())
+                or (runs and _comparable(results["config"]) != _comparable(runs[0]["config"]))):
             return None
         runs.append(results)
-    trial = next(row for row in summary["grid"] if row["setting"] == chosen)
+    trial = next((row for row in summary["grid"] if row["setting"] == chosen), {})
     mean, std = _spread([a for r in runs for a in r["accuracies"]])
     held_mean, held_std = _spread([a for r in runs
                                    for a in r.get("validation", {}).get("accuracies", [])])
     return {"variant": method, "chosen": chosen, "trial_seed": summary["trial_seed"],
-            "trial_validation": trial["validation"],
-            "trial_validation_std": trial["validation_std"],
+            "trial_validation": trial.get("validation"),
+            "trial_validation_std": trial.get("validation_std"),
             "grid_failed": sum(1 for row in summary["grid"] if row["failed"]),
             "mean": mean, "std": std, "validation_mean": held_mean,
             "validation_std": held_std, "seeds": len(runs),
@@ -98,6 +111,9 @@ def markdown(table: list[dict], header: dict) -> str:
             f"{row['seeds']} x {row['models'] // row['seeds']} | "
             f"{', '.join(f'{m:.2f}' for m in row['seed_means'])} | "
             f"{row['condense_minutes']:.0f} / {row['eval_minutes']:.1f} | {gap} |")
+    if header["failed"]:
+        lines += ["", "Failed (not finite) at a test seed of the chosen setting: "
+                  + "; ".join(f"{m} ({why})" for m, why in header["failed"].items()) + "."]
     if header["missing"]:
         lines += ["", f"Not finished, so not in the table: {', '.join(header['missing'])}."]
     return "\n".join(lines) + "\n"
@@ -107,15 +123,21 @@ def compare(workdir: str, methods: Sequence[str], command: str = "") -> list[dic
     """Write the comparison of the tuned ``methods`` in ``workdir``; returns its rows, best
     first. ValueError when none of them has finished its tuning and test seeds."""
     rows = {m: method_row(workdir, m) for m in methods}
-    table = sorted((r for r in rows.values() if r is not None), key=lambda r: -r["mean"])
+    failed = {m: r["failed"] for m, r in rows.items() if r is not None and "failed" in r}
+    table = sorted((r for m, r in rows.items() if r is not None and m not in failed),
+                   key=lambda r: -r["mean"])
     missing = [m for m, r in rows.items() if r is None]
     if not table:
         raise ValueError(f"no method of {', '.join(methods)} has a finished tuning with its "
                          f"test seeds in {workdir}; run experiments.tune for them first")
     records = {r["variant"]: r.pop("records") for r in table}
-    first = records[table[0]["variant"]][0]
-    header = dict(study.machine(), dataset=first.get("dataset", "?"), ipc=first.get("ipc", "?"),
-                  command=command, missing=missing, runs=study.provenance(records))
+    settings = {(r[0].get("dataset"), r[0].get("ipc")) for r in records.values()}
+    if len(settings) > 1:
+        raise ValueError(f"the tunings in {workdir} are of different datasets or IPCs "
+                         f"({sorted(settings, key=str)}); compare one setting at a time")
+    dataset, ipc = settings.pop()
+    header = dict(study.machine(), dataset=dataset, ipc=ipc, command=command, missing=missing,
+                  failed=failed, runs=study.provenance(records))
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
         f.write(markdown(table, header))
     with open(os.path.join(workdir, "comparison.json"), "w") as f:

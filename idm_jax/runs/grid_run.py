@@ -10,7 +10,7 @@ optimiser state are the very ones its own run computes (``tests/test_grid.py`` c
 bit for bit against separate runs).
 
 The grid keeps its own checkpoints in ``grid_dir`` and resumes from them, or, when it has none,
-from its settings' own final checkpoints if all stopped at one iteration (a grid re-run with
+from its settings' own newest checkpoints if all stopped at one iteration (a grid re-run with
 more ``iterations`` continues where it ended); a setting whose loss or
 images stop being finite gets ``failed.json`` (what ``runs.tuning`` records for a failed run)
 and the others go on. The seconds logged per iteration are the grid's, divided among its
@@ -92,14 +92,18 @@ def _set_aside_failed(state, failed: dict):
 
 
 def failed_record(config: Config, directory: str) -> Optional[dict]:
-    """The ``failed.json`` record of ``config`` in ``directory`` (``{"failed": why, "config":
-    ...}``), or None when there is none or it records other settings."""
+    """The ``failed.json`` record (``{"failed": why, "config": ...}``) in ``directory`` that
+    holds for ``config``, or None. It holds for the same result-changing settings and at least
+    as many iterations: a run is deterministic, so one that failed within fewer iterations
+    fails again within more."""
     path = os.path.join(directory, FAILED_FILE)
     if not os.path.exists(path):
         return None
     with open(path) as f:
         record = json.load(f)
-    return record if record.get("config") == config.to_dict() else None
+    saved = record.get("config", {})
+    same = not config_lib.result_differences(saved, config)
+    return record if same and saved.get("iterations", 0) <= config.iterations else None
 
 
 def settled(config: Config, directory: str) -> bool:
@@ -145,11 +149,7 @@ def members(configs: Sequence[Config], directories: Sequence[str], grid_dir: str
 def _own_latest(directory: str) -> Optional[int]:
     """The newest iteration of a setting's own checkpoints (a grid condensed to fewer
     iterations left them, or a separate run), or None."""
-    try:
-        steps = [int(n) for n in os.listdir(os.path.join(directory, "checkpoints")) if n.isdigit()]
-    except FileNotFoundError:
-        return None
-    return max(steps, default=None)
+    return max(outputs.saved_steps(os.path.join(directory, "checkpoints")), default=None)
 
 
 def condense_grid(configs: Sequence[Config], dataset: data.Dataset,
@@ -244,11 +244,17 @@ def _from_own_checkpoints(engines, directories, meta: dict, fresh):
         finally:
             own.close()
         if restored is None:
+            print(f"the grid starts from iteration 0: {directory} holds no readable checkpoint "
+                  f"of its settings")
             return None
         states.append(restored)
+    digests = {json.dumps(checkpoint.state_digest(s.extractors), sort_keys=True) for s in states}
     try:
+        if len(digests) > 1:
+            raise ValueError("the settings' own runs hold different extractors")
         state = grid.stack_trials(states)
-    except ValueError:
+    except ValueError as err:
+        print(f"the grid starts from iteration 0: {err}")
         return None
     print(f"resuming the grid from its settings' own checkpoints at iteration "
           f"{int(state.iteration)}")
@@ -278,8 +284,9 @@ def _iterate(configs, directories, engines, real, state, logs, saver, grid_meta,
                 save = stopping or it % config.checkpoint_every == 0 or it == config.iterations
                 if not (save or len(pending) >= window):
                     continue
+                fetched = jax.device_get(pending)      # waits for the device: time after it
                 seconds = (time.perf_counter() - started) / len(pending)
-                for done, values in enumerate(jax.device_get(pending), it - len(pending)):
+                for done, values in enumerate(fetched, it - len(pending)):
                     _log_iteration(configs, directories, logs, values, done, seconds, failed)
                 if failed:
                     state = _set_aside_failed(state, failed)

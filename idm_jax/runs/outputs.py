@@ -184,6 +184,13 @@ def save_metrics_plot(workdir: str, path: str | None = None) -> str | None:
     return path
 
 
+def saved_steps(directory: str) -> list[int]:
+    """The iterations of the checkpoints in a checkpoint folder, ascending ([] when none)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
 def summarize(workdir: str) -> dict:
     """Where a run stands, from its files alone (nothing is locked or changed): target and
     logged iterations, who runs it now, its checkpoints (and damaged ones set aside), seconds
@@ -197,11 +204,6 @@ def summarize(workdir: str) -> dict:
         except (OSError, ValueError):
             return None
 
-    def steps_in(folder):
-        path = os.path.join(workdir, folder)
-        return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(
-            path) else []
-
     config, results = read_json("config.json") or {}, read_json("results.json")
     steps, evals = read_metrics(workdir)
     return {
@@ -209,7 +211,8 @@ def summarize(workdir: str) -> dict:
         "target_iterations": config.get("iterations"),
         "logged_iterations": (steps[-1]["iteration"] + 1) if steps else 0,
         "running": workdir_lib.holder(workdir),
-        "checkpoints": steps_in("checkpoints"), "damaged": steps_in("checkpoints-damaged"),
+        "checkpoints": saved_steps(os.path.join(workdir, "checkpoints")),
+        "damaged": saved_steps(os.path.join(workdir, "checkpoints-damaged")),
         "sessions": len(workdir_lib.read_sessions(workdir)),
         "condense_seconds": _seconds(steps),
         "last_loss": steps[-1].get("loss") if steps else None,
@@ -219,5 +222,4 @@ def summarize(workdir: str) -> dict:
 
 __all__ = ["save_grid", "MetricsLog", "device_description", "pixel_converter", "progress_bar",
            "export_set", "code_version", "processor", "read_metrics", "logged_seconds",
-           "save_metrics_plot",
-           "summarize"]
+           "save_metrics_plot", "saved_steps", "summarize"]
