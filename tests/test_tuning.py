@@ -77,6 +77,7 @@ def test_a_tuning_runs_its_grid_records_a_blow_up_and_reports_fresh_seeds(tmp_pa
     table = open(tmp_path / "dm" / "tuning.md").read()
     assert "lr_img 1 (chosen)" in table and "failed (not finite)" in table
     assert "loss 2 / mmd 2" in table
+    assert (tmp_path / "dm" / "tuning.png").stat().st_size > 0        # the grid's picture
     # Re-running reads every record, the failure too, and runs nothing.
     calls.clear()
     again = tuning.run_tuning(dataset, "dm", str(tmp_path), validation_per_class=5,

@@ -191,12 +191,51 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(summary: dict, path: str) -> None:
+    """A PNG of the grid: validation accuracy (mean +- std over models) against the image
+    learning rate (log scale), one line per value of the other setting; failed settings are
+    crosses at the bottom, the chosen one is circled."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict = {}
+    for row in summary["grid"]:
+        other = ", ".join(f"{k} {v:.3g}" for k, v in row["setting"].items() if k != "lr_img")
+        lines.setdefault(other, []).append(row)
+    fig, ax = plt.subplots(figsize=(5.0, 3.4), dpi=120)
+    scored = [r["validation"] for r in summary["grid"] if r["validation"] is not None]
+    floor = min(scored, default=0.0) - 2.0
+    for label, rows in lines.items():
+        ok = [r for r in rows if r["validation"] is not None]
+        ax.errorbar([r["setting"]["lr_img"] for r in ok], [r["validation"] for r in ok],
+                    yerr=[r["validation_std"] for r in ok], marker="o", capsize=3,
+                    label=label or "lr_img alone")
+        bad = [r["setting"]["lr_img"] for r in rows if r["validation"] is None]
+        ax.plot(bad, [floor] * len(bad), "x", color="red")
+    chosen = next((r for r in summary["grid"] if r["setting"] == summary["chosen"]), None)
+    if chosen is not None and chosen["validation"] is not None:
+        ax.plot(chosen["setting"]["lr_img"], chosen["validation"], "o", markersize=14,
+                markerfacecolor="none", color="black", label="chosen")
+    ax.set_xscale("log")
+    ax.set_xlabel("image learning rate (lr_img)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"{summary['method']} on {summary['dataset']} IPC {summary['ipc']}: grid at seed "
+                 f"{summary['trial_seed']} (x: not finite)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def write(summary: dict, root: str) -> None:
+    """``tuning.json``, ``tuning.md`` and the grid's picture ``tuning.png`` in ``root``."""
     os.makedirs(root, exist_ok=True)
     checkpoint.dump_json(os.path.join(root, "tuning.json"), summary)
     with open(os.path.join(root, "tuning.md"), "w") as f:
         f.write(markdown(summary))
+    plot(summary, os.path.join(root, "tuning.png"))
 
 
 __all__ = ["TRIALS", "grid", "trial_name", "folder", "validation_score", "choose", "run_tuning",
-           "markdown", "write"]
+           "markdown", "plot", "write"]
