@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import time
 from typing import Optional, Sequence
 
 import jax
@@ -35,7 +34,8 @@ from idm_jax import data, engine, grid, iterating, methods
 from idm_jax.config import Config
 from idm_jax.runs import checkpoint, outputs, study
 from idm_jax.runs import workdir as workdir_lib
-from idm_jax.runs.run import GRAD_NORMS_FILE, log_window, prepare_data
+from idm_jax.runs import window as window_lib
+from idm_jax.runs.run import GRAD_NORMS_FILE, prepare_data
 from idm_jax.runs.stop import Interrupted, StopRequest
 FAILED_FILE = "failed.json"      # a setting whose loss or images stopped being finite
 GRID_FILE = "grid.json"          # in each setting's folder: condensed in a grid, with whom
@@ -264,35 +264,33 @@ def _from_own_checkpoints(engines, directories, meta: dict, fresh):
 def _iterate(configs, directories, engines, real, state, logs, saver, grid_meta,
              failed: dict, quiet: bool):
     """The grid's iterations with its checkpoints and stop signals, the metrics fetched in
-    windows (``run.log_window``); the grid's last state is saved too. Fills ``failed``
+    windows (``window.MetricsWindow``); the grid's last state is saved too. Fills ``failed``
     (setting -> why) and returns the final state."""
     config = configs[0]
     step = grid.make_grid_step(engines, real)
-    window = log_window(config, engines[0].policy.platform)
+    size = window_lib.log_window(config, engines[0].policy.platform)
+    window = window_lib.MetricsWindow(
+        lambda it, values, seconds: _log_iteration(configs, directories, logs, values, it,
+                                                   seconds, failed))
     bar = None if quiet else outputs.progress_bar(config, int(state.iteration), False)
     if bar is not None:
         bar.set_description(f"grid of {len(configs)}")
-    pending, started = [], time.perf_counter()
     try:
         with StopRequest() as interrupt:
             it = int(state.iteration)
             while it < config.iterations:
                 state, metrics = step(state, real)
-                pending.append(metrics)
+                window.add(it, metrics)
                 it += 1
                 stopping = interrupt.requested
                 save = stopping or it % config.checkpoint_every == 0 or it == config.iterations
-                if not (save or len(pending) >= window):
+                if not (save or len(window) >= size):
                     continue
-                fetched = jax.device_get(pending)      # waits for the device: time after it
-                seconds = (time.perf_counter() - started) / len(pending)
-                for done, values in enumerate(fetched, it - len(pending)):
-                    _log_iteration(configs, directories, logs, values, done, seconds, failed)
+                flushed = window.flush()
                 if failed:
                     state = _set_aside_failed(state, failed)
                 if bar is not None:
-                    bar.update(len(pending))
-                pending, started = [], time.perf_counter()
+                    bar.update(flushed)
                 if save:
                     saver.save(state, config, grid_meta)
                 if stopping:

@@ -40,6 +40,7 @@ import numpy as np
 from idm_jax import data, engine, evaluation, iterating, methods
 from idm_jax.accel import backend, sharding
 from idm_jax.runs import checkpoint, outputs
+from idm_jax.runs import window as window_lib
 from idm_jax import validate
 from idm_jax import real as real_lib
 from idm_jax.runs import workdir as workdir_lib
@@ -207,33 +208,25 @@ class _Session:
                                        np.asarray(self.real.std))
 
 
-class _MetricsWindow:
-    """The iterations whose device metrics are not fetched yet; ``flush`` fetches them at once,
-    logs one line each, applies the NaN/Inf policy and moves the progress bar."""
+class _RunLog:
+    """What a run does with each fetched iteration: one line in ``metrics.jsonl`` and the
+    NaN/Inf policy; ``moved`` advances the progress bar after a flush."""
 
     def __init__(self, run: _Session, progress):
-        self.run, self.progress = run, progress
-        self.pending: list = []            # (iterations done, device metrics)
-        self.started = time.perf_counter()
-        self.condense_seconds = 0.0
+        self.run, self.progress, self.last = run, progress, None
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        fetched = jax.device_get([m for _, m in self.pending])
-        seconds = (time.perf_counter() - self.started) / len(self.pending)
-        self.condense_seconds += seconds * len(self.pending)
-        for (done, _), values in zip(self.pending, fetched):
-            record = {k: float(v) for k, v in values.items()}
-            record.update(iteration=done - 1, seconds=seconds)
-            self.run.log.write(record)
-            self._check(record, done - 1)
-        if self.progress is not None:
-            self.progress.update(len(self.pending))
-            self.progress.set_postfix(loss=f"{record['loss']:.3g}",
-                                      acc=f"{record['extractor_acc']:.0f}%")
-        self.pending.clear()
-        self.started = time.perf_counter()
+    def __call__(self, iteration: int, values: dict, seconds: float) -> None:
+        record = {k: float(v) for k, v in values.items()}
+        record.update(iteration=iteration, seconds=seconds)
+        self.run.log.write(record)
+        self.last = record
+        self._check(record, iteration)
+
+    def moved(self, count: int) -> None:
+        if self.progress is not None and count:
+            self.progress.update(count)
+            self.progress.set_postfix(loss=f"{self.last['loss']:.3g}",
+                                      acc=f"{self.last['extractor_acc']:.0f}%")
 
     def _check(self, record: dict, iteration: int) -> None:
         try:
@@ -309,42 +302,34 @@ def _resume(run: _Session, mesh):
     return state, sessions
 
 
-def log_window(config: Config, platform: str) -> int:
-    """How many iterations' metrics are fetched from the device at once: ``log_every``, else 1
-    on a CPU (the host waits for each step anyway) and 100 on an accelerator (so it runs
-    ahead; a NaN is then caught up to 99 iterations late, before any checkpoint)."""
-    if config.log_every > 0:
-        return config.log_every
-    return 1 if platform == "cpu" else 100
-
-
 def _iterate(run: _Session, state, mesh, quiet: bool):
     """Phase 2: the iterations, metrics fetched in windows of ``log_every``, checkpoints,
     evaluations, stop signals. Returns (final state, seconds spent condensing in this session)."""
     config = run.config
-    log_every = log_window(config, run.eng.policy.platform)
+    log_every = window_lib.log_window(config, run.eng.policy.platform)
     if config.record_grad_norms and int(state.iteration) == 0 and config.iterations > 0:
         norms = engine.first_pass_gradient_norms(run.eng, run.real, state, mesh)
         if run.main_host:
             checkpoint.dump_json(os.path.join(run.workdir, GRAD_NORMS_FILE), norms)
     step = engine.make_step(run.eng, run.real, mesh=mesh)
     progress = outputs.progress_bar(config, int(state.iteration), quiet or not run.main_host)
-    window = _MetricsWindow(run, progress)
+    written = _RunLog(run, progress)
+    window = window_lib.MetricsWindow(written)
     last_plot = time.perf_counter()
     try:
         with StopRequest() as interrupt:
             for it, state, metrics in iterating.iterate(run.eng, run.real, state, step=step):
-                window.pending.append((it, metrics))
+                window.add(it - 1, metrics)
                 done = it >= config.iterations
                 save = done or it % config.checkpoint_every == 0
                 evaluate_now = bool(config.eval_every) and it % config.eval_every == 0 and not done
                 # Where to flush must not depend on this host alone (any_host below is a
                 # collective): with several hosts a signal waits for the next regular flush.
                 stop_here = interrupt.requested and jax.process_count() == 1
-                if not (save or evaluate_now or done or len(window.pending) >= log_every
+                if not (save or evaluate_now or done or len(window) >= log_every
                         or stop_here):
                     continue
-                window.flush()
+                written.moved(window.flush())
                 # All hosts stop at the same iteration even if the signal reached only some of them.
                 stop = sharding.any_host(interrupt.requested)
                 if stop or save:
@@ -363,7 +348,7 @@ def _iterate(run: _Session, state, mesh, quiet: bool):
     finally:
         if progress is not None:
             progress.close()
-    return state, window.condense_seconds
+    return state, window.seconds
 
 
 def _final_results(run: _Session, state, start_it: int, sessions: list,
