@@ -38,6 +38,17 @@ def test_only_the_image_update_settings_may_differ():
             grid.check_shareable([base, dataclasses.replace(base, **{field: value})])
 
 
+def test_states_of_other_iterations_are_not_stacked_into_a_grid():
+    state = engine_lib.CondenseState(images=jnp.ones((2, 3)), image_opt_state=(jnp.ones((2, 3)),),
+                                     extractors=(), key=np.zeros(2, np.uint32),
+                                     iteration=np.int32(4))
+    stacked = grid.stack_trials([state, state.replace(images=jnp.zeros((2, 3)))])
+    np.testing.assert_array_equal(grid.trial_state(stacked, 1).images, np.zeros((2, 3)))
+    for other in (state.replace(iteration=np.int32(5)), state.replace(key=np.ones(2, np.uint32))):
+        with pytest.raises(ValueError, match="one iteration of one seed"):
+            grid.stack_trials([state, other])
+
+
 class StopAfter:
     """``StopRequest``'s stand-in: asked once per iteration, it answers yes at the ``n``-th."""
 

@@ -130,6 +130,14 @@ def test_tuned_methods_are_tabled_side_by_side_from_their_records(tmp_path, monk
     assert "-0.25 / 1.00 = -0.2" in text
     assert (tmp_path / "comparison.png").stat().st_size > 0
     assert "| 1 | `dm` |" in capsys.readouterr().out
+    # Tunings of another IPC are not tabled beside these.
+    edit("m3d", 0, lambda c: None)
+    record = tmp_path / "m3d" / "chosen" / "seed0" / "results.json"
+    results = json.loads(record.read_text())
+    record.write_text(json.dumps(dict(results, dataset="cifar10", ipc=10)))
+    with pytest.raises(SystemExit):
+        tune.main(["--compare", "m3d,dm", "--workdir", str(tmp_path)])
+    assert "different datasets or IPCs" in capsys.readouterr().err
     # Nothing finished among the methods named: one error line.
     with pytest.raises(SystemExit) as stopped:
         tune.main(["--compare", "idm", "--workdir", str(tmp_path)])
