@@ -81,6 +81,7 @@ def _compare(args, command: str) -> list:
     tuned = [m.strip() for m in args.compare.split(",") if m.strip()]
     if not tuned:
         raise cli.UserError("--compare: name the tuned methods to table, e.g. --compare idm,m3d")
+    cli.refuse_repeats("--compare", tuned)
     if not os.path.isdir(args.workdir):
         raise cli.UserError(f"--workdir {args.workdir} does not exist: it must hold the tunings "
                             f"to compare")

@@ -110,9 +110,11 @@ def test_tuned_methods_are_tabled_side_by_side_from_their_records(tmp_path, monk
     # iterations than its seed 0: neither is finished. ncfm's seed 1 stopped being finite.
     edit("idm", 1, lambda c: c.update(lr_img=c["lr_img"] * 10))
     edit("iid", 1, lambda c: c.update(iterations=c["iterations"] + 1))
-    (tmp_path / "ncfm" / "chosen" / "seed1" / "results.json").unlink()
-    (tmp_path / "ncfm" / "chosen" / "seed1" / "failed.json").write_text(
-        json.dumps({"failed": "the loss became nan at iteration 3", "config": {}}))
+    failed_run = tmp_path / "ncfm" / "chosen" / "seed1"
+    ran = json.loads((failed_run / "results.json").read_text())["config"]
+    (failed_run / "results.json").unlink()
+    (failed_run / "failed.json").write_text(
+        json.dumps({"failed": "the loss became nan at iteration 3", "config": ran}))
     capsys.readouterr()
     table = tune.main(["--compare", "idm,m3d,dm,iid,ncfm", "--workdir", str(tmp_path)])
     # The fake runs score [30 + seed, 32] on test and their validation peaks at the default lr.

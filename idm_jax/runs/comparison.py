@@ -12,13 +12,14 @@ divided by the larger of the two spreads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 
-from idm_jax import config as config_lib
+from idm_jax.config import Config
 from idm_jax.runs import grid_run, study, tuning
 
 
@@ -29,14 +30,22 @@ def _read(path: str) -> Optional[dict]:
         return json.load(f)
 
 
-def _spread(values) -> tuple[Optional[float], Optional[float]]:
-    values = np.asarray(values, np.float64)
-    return (float(values.mean()), float(values.std())) if values.size else (None, None)
-
-
-def _comparable(config: dict) -> dict:
-    """A run's settings less its seed and what cannot change its result."""
-    return {k: v for k, v in config.items() if k != "seed" and k not in config_lib.MECHANICS}
+def _test_run(directory: str, chosen: dict, first: Optional[Config]):
+    """A test seed's ``results.json`` if it ran ``chosen`` (and, after the first seed, the
+    first seed's settings but its seed: ``study.finished``); its ``failed.json`` record if that
+    run stopped being finite; else None."""
+    failure = _read(os.path.join(directory, grid_run.FAILED_FILE))
+    results = _read(os.path.join(directory, "results.json"))
+    for record, key in ((results, "results"), (failure, "failed")):
+        config = (record or {}).get("config", {})
+        if record is None or any(config.get(k) != v for k, v in chosen.items()):
+            continue
+        if key == "failed":
+            return {"failed": record.get("failed")}
+        if first is None or study.finished(directory, dataclasses.replace(
+                first, seed=config.get("seed", first.seed))) is not None:
+            return record if record.get("accuracies") else None
+    return None
 
 
 def method_row(workdir: str, method: str) -> Optional[dict]:
@@ -46,53 +55,36 @@ def method_row(workdir: str, method: str) -> Optional[dict]:
     summary = _read(os.path.join(root, "tuning.json"))
     if summary is None or not summary.get("test_seeds"):
         return None
-    chosen = summary["chosen"]
-    runs = []
+    chosen, runs, first = summary["chosen"], [], None
     for seed in summary["test_seeds"]:
-        directory = os.path.join(root, "chosen", f"seed{seed}")
-        results = _read(os.path.join(directory, "results.json"))
-        if results is None and os.path.exists(os.path.join(directory, grid_run.FAILED_FILE)):
-            return {"variant": method, "failed": f"seed {seed}: "
-                    f"{_read(os.path.join(directory, grid_run.FAILED_FILE)).get('failed')}"}
         # A run of another setting (the choice changed since) does not count, nor test seeds
         # run with other settings (a re-run with more iterations half done).
-        if (results is None or not results.get("accuracies")
-                or any(results.get("config", {}).get(k) != v for k, v in chosen.items())
-                or (runs and _comparable(results["config"]) != _comparable(runs[0]["config"]))):
+        results = _test_run(os.path.join(root, "chosen", f"seed{seed}"), chosen, first)
+        if results is None:
             return None
+        if "failed" in results:
+            return {"variant": method, "failed": f"seed {seed}: {results['failed']}"}
         runs.append(results)
+        first = first or Config.from_dict(results["config"])
     trial = next((row for row in summary["grid"] if row["setting"] == chosen), {})
-    mean, std = _spread([a for r in runs for a in r["accuracies"]])
-    held_mean, held_std = _spread([a for r in runs
-                                   for a in r.get("validation", {}).get("accuracies", [])])
-    return {"variant": method, "chosen": chosen, "trial_seed": summary["trial_seed"],
-            "trial_validation": trial.get("validation"),
-            "trial_validation_std": trial.get("validation_std"),
-            "grid_failed": sum(1 for row in summary["grid"] if row["failed"]),
-            "mean": mean, "std": std, "validation_mean": held_mean,
-            "validation_std": held_std, "seeds": len(runs),
-            "models": sum(len(r["accuracies"]) for r in runs),
-            "seed_means": [float(np.mean(r["accuracies"])) for r in runs],
-            "condense_minutes": float(np.mean([r.get("condense_seconds", 0.0) for r in runs])) / 60,
-            "eval_minutes": float(np.mean([r.get("eval_seconds", 0.0) for r in runs])) / 60,
-            "records": runs}
+    return dict(study.stats(runs), variant=method, chosen=chosen,
+                trial_seed=summary["trial_seed"], trial_validation=trial.get("validation"),
+                trial_validation_std=trial.get("validation_std"),
+                grid_failed=sum(1 for row in summary["grid"] if row["failed"]),
+                condense_minutes=float(np.mean([r.get("condense_seconds", 0.0)
+                                                for r in runs])) / 60,
+                eval_minutes=float(np.mean([r.get("eval_seconds", 0.0) for r in runs])) / 60,
+                records=runs)
 
 
 def _setting(chosen: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in chosen.items())
 
 
-def _cell(mean: Optional[float], std: Optional[float]) -> str:
-    return "-" if mean is None else f"{mean:.2f} +- {std:.2f}"
-
-
 def markdown(table: list[dict], header: dict) -> str:
     runs = header["runs"]
     lines = [f"Tuned methods on {header['dataset']} IPC {header['ipc']}, tabled "
-             f"{header['date']}, commit `{header['commit']}`. Runs made "
-             f"{' to '.join(runs['dates'])} on commits "
-             f"{', '.join(f'`{c}`' for c in runs['commits'])}, {'; '.join(runs['devices'])}, "
-             f"processors: {'; '.join(runs['processors'])}.",
+             f"{header['date']}, commit `{header['commit']}`. {study.runs_line(runs)}",
              f"Command: `{header['command']}`", "",
              "| rank | method | chosen setting (grid failures) | validation at the trial seed (%) "
              "| test (%) | validation, test seeds (%) | seeds x models | per-seed means | "
@@ -103,10 +95,10 @@ def markdown(table: list[dict], header: dict) -> str:
         gap = ("" if rank == 1 else
                f"{row['mean'] - first['mean']:+.2f} / {max(row['std'], first['std']):.2f} = "
                f"{(row['mean'] - first['mean']) / max(row['std'], first['std'], 1e-9):.1f}")
-        held = _cell(row["validation_mean"], row["validation_std"])
+        held = study.cell(row["validation_mean"], row["validation_std"])
         lines.append(
             f"| {rank} | `{row['variant']}` | {_setting(row['chosen'])} ({row['grid_failed']}) | "
-            f"{_cell(row['trial_validation'], row['trial_validation_std'])} | "
+            f"{study.cell(row['trial_validation'], row['trial_validation_std'])} | "
             f"**{row['mean']:.2f} +- {row['std']:.2f}** | {held} | "
             f"{row['seeds']} x {row['models'] // row['seeds']} | "
             f"{', '.join(f'{m:.2f}' for m in row['seed_means'])} | "

@@ -75,8 +75,7 @@ def _log_iteration(configs, directories, logs, metrics: dict, it: int, seconds: 
             iterating.check_finite(record, it)
         except iterating.NonFiniteError as err:
             failed[t] = f"{err} (condensed in a grid of {len(configs)} settings)"
-            checkpoint.dump_json(os.path.join(directory, FAILED_FILE),
-                                 {"failed": failed[t], "config": config.to_dict()})
+            record_failure(config, directory, failed[t])
 
 
 def _set_aside_failed(state, failed: dict):
@@ -89,6 +88,15 @@ def _set_aside_failed(state, failed: dict):
 
     return state.replace(images=zero(state.images),
                          image_opt_state=jax.tree.map(zero, state.image_opt_state))
+
+
+def record_failure(config: Config, directory: str, why: str) -> dict:
+    """Write and return the ``failed.json`` record of a run of ``config`` that stopped being
+    finite (``failed_record`` reads it)."""
+    record = {"failed": why, "config": config.to_dict()}
+    os.makedirs(directory, exist_ok=True)      # a run that failed at once left no folder
+    checkpoint.dump_json(os.path.join(directory, FAILED_FILE), record)
+    return record
 
 
 def failed_record(config: Config, directory: str) -> Optional[dict]:
@@ -249,13 +257,11 @@ def _from_own_checkpoints(engines, directories, meta: dict, fresh):
             return None
         states.append(restored)
     digests = {json.dumps(checkpoint.state_digest(s.extractors), sort_keys=True) for s in states}
-    try:
-        if len(digests) > 1:
-            raise ValueError("the settings' own runs hold different extractors")
-        state = grid.stack_trials(states)
-    except ValueError as err:
-        print(f"the grid starts from iteration 0: {err}")
+    if len(digests) > 1 or len({int(s.iteration) for s in states}) > 1:
+        print("the grid starts from iteration 0: its settings' own runs hold different "
+              "extractors or iterations")
         return None
+    state = grid.stack_trials(states)
     print(f"resuming the grid from its settings' own checkpoints at iteration "
           f"{int(state.iteration)}")
     return state
@@ -301,5 +307,6 @@ def _iterate(configs, directories, engines, real, state, logs, saver, grid_meta,
     return state
 
 
-__all__ = ["FAILED_FILE", "GRID_FILE", "MEMBERS_FILE", "failed_record", "settled", "members",
+__all__ = ["FAILED_FILE", "GRID_FILE", "MEMBERS_FILE", "record_failure", "failed_record",
+           "settled", "members",
            "condense_grid"]

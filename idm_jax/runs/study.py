@@ -164,34 +164,44 @@ def provenance(rows: dict[str, list[dict]]) -> dict:
             "dates": [dates[0], dates[-1]] if dates else []}
 
 
+def stats(results: list[dict]) -> dict:
+    """The runs of one row (seeds) pooled: mean +- population std over every model of every
+    seed, on test and, over the runs that held out a validation split, on validation (None
+    when none did); seeds, models and each seed's mean."""
+    accuracies = np.array([a for r in results for a in r["accuracies"]], np.float64)
+    held_out = np.array([a for r in results for a in r.get("validation", {}).get(
+        "accuracies", [])], np.float64)
+    return {"seeds": len(results), "models": int(accuracies.size),
+            "mean": float(accuracies.mean()), "std": float(accuracies.std()),
+            "seed_means": [float(np.mean(r["accuracies"])) for r in results],
+            "validation_mean": float(held_out.mean()) if held_out.size else None,
+            "validation_std": float(held_out.std()) if held_out.size else None}
+
+
 def aggregate(rows: dict[str, list[dict]]) -> list[dict]:
-    """One line per variant: mean +- population std over every model of every seed."""
+    """One line per variant: ``stats`` of its seeds, its wall time and device."""
     table = []
     for variant, results in rows.items():
-        accuracies = np.array([a for r in results for a in r["accuracies"]], np.float64)
-        held_out = np.array([a for r in results for a in r.get("validation", {}).get(
-            "accuracies", [])], np.float64)
-        table.append({
-            "variant": variant, "what": VARIANTS[variant][0], "seeds": len(results),
-            "models": int(accuracies.size), "mean": float(accuracies.mean()),
-            "std": float(accuracies.std()),
-            "seed_means": [float(np.mean(r["accuracies"])) for r in results],
+        table.append(dict(
+            stats(results), variant=variant, what=VARIANTS[variant][0],
             # condense_seconds sums every session of a resumed run (this-session for older runs)
-            "wall_seconds": float(sum(r.get("condense_seconds",
-                                            r.get("condense_seconds_this_session", 0.0))
-                                      + r.get("eval_seconds", 0.0) for r in results)),
-            "device": results[0].get("device", "?"),
-            # over the runs that held out a validation split (data.split_validation); None
-            # when none did
-            "validation_mean": float(held_out.mean()) if held_out.size else None,
-            "validation_std": float(held_out.std()) if held_out.size else None})
+            wall_seconds=float(sum(r.get("condense_seconds",
+                                         r.get("condense_seconds_this_session", 0.0))
+                                   + r.get("eval_seconds", 0.0) for r in results)),
+            device=results[0].get("device", "?")))
     return table
 
 
-def _validation_cell(row: dict) -> str:
-    if row.get("validation_mean") is None:
-        return "-"
-    return f"{row['validation_mean']:.2f} +- {row['validation_std']:.2f}"
+def cell(mean: Optional[float], std: Optional[float]) -> str:
+    """``mean +- std`` to 2 decimals, ``-`` when there is no value."""
+    return "-" if mean is None else f"{mean:.2f} +- {std:.2f}"
+
+
+def runs_line(runs: dict) -> str:
+    """Where tabled runs were made (``provenance``), as one sentence."""
+    return (f"Runs made {' to '.join(runs['dates'])} on commits "
+            f"{', '.join(f'`{c}`' for c in runs['commits'])}, {'; '.join(runs['devices'])}, "
+            f"processors: {'; '.join(runs['processors'])}.")
 
 
 def markdown(table: list[dict], header: dict) -> str:
@@ -201,16 +211,14 @@ def markdown(table: list[dict], header: dict) -> str:
              f"Command: `{header['command']}`"]
     runs = header.get("runs")
     if runs:
-        lines.append(f"Runs made {' to '.join(runs['dates'])} on commits "
-                     f"{', '.join(f'`{c}`' for c in runs['commits'])}, "
-                     f"{'; '.join(runs['devices'])}, processors: {'; '.join(runs['processors'])}.")
+        lines.append(runs_line(runs))
     lines += ["",
              "| variant | what | test accuracy (%) | validation (%) | seeds x models | "
              "per-seed means | wall time |",
              "|---|---|---|---|---|---|---|"]
     for row in table:
         lines.append(f"| `{row['variant']}` | {row['what']} | {row['mean']:.2f} +- "
-                     f"{row['std']:.2f} | {_validation_cell(row)} | "
+                     f"{row['std']:.2f} | {cell(row['validation_mean'], row['validation_std'])} | "
                      f"{row['seeds']} x {row['models'] // row['seeds']} | "
                      f"{', '.join(f'{m:.1f}' for m in row['seed_means'])} | "
                      f"{row['wall_seconds'] / 60:.0f} min |")
@@ -315,5 +323,6 @@ def run_study(dataset, variants: Sequence[str], seeds: Sequence[int], workdir: s
 
 
 __all__ = ["VARIANTS", "CPU_PROTOCOL", "BUDGETS", "budget_config", "variant_config", "run_dir",
-           "finished", "finished_runs", "machine", "provenance", "aggregate", "markdown",
+           "finished", "finished_runs", "machine", "provenance", "stats", "aggregate", "cell",
+           "runs_line", "markdown",
            "bar_chart", "write_table", "run_study"]

@@ -72,9 +72,7 @@ def _run_or_record(config: Config, dataset, directory: str, quiet: bool, label: 
     try:
         return run_lib.condense_and_evaluate(config, dataset, directory, quiet=quiet)
     except iterating.NonFiniteError as err:
-        record = {"failed": str(err), "config": config.to_dict()}
-        os.makedirs(directory, exist_ok=True)    # a run that failed at once left no folder
-        checkpoint.dump_json(os.path.join(directory, FAILED_FILE), record)
+        record = grid_run.record_failure(config, directory, str(err))
         print(f"== {label}: failed ({err})")
         return record
 
@@ -237,5 +235,5 @@ def write(summary: dict, root: str) -> None:
     plot(summary, os.path.join(root, "tuning.png"))
 
 
-__all__ = ["TRIALS", "grid", "trial_name", "folder", "validation_score", "choose", "run_tuning",
+__all__ = ["FAILED_FILE", "TRIALS", "grid", "trial_name", "folder", "validation_score", "choose", "run_tuning",
            "markdown", "plot", "write"]
