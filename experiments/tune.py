@@ -7,8 +7,10 @@ validation accuracy, runs it at ``--test_seeds`` and writes ``<workdir>/<method>
 The grid's settings are condensed together, sharing one extractor schedule (the queue: it never
 sees the images), which gives each the images of its own run at about one run's queue cost;
 ``--separate`` runs them one by one. Re-running skips finished runs and resumes an interrupted
-one. ``--compare idm,m3d,dm`` runs nothing: it tables the methods tuned in ``--workdir`` side by
-side (``comparison.md``, ``.json``, ``.png``).
+one. ``--carry_from W --ipc 10`` runs no grid: it takes the setting the method's tuning in ``W``
+chose at another IPC and runs it at ``--ipc`` on the test seeds. ``--compare idm,m3d,dm`` runs
+nothing: it tables the methods tuned in ``--workdir`` side by side (``comparison.md``, ``.json``,
+``.png``), with ``--baselines STUDY_WORKDIR:random-real,idm`` adding untuned study rows.
 """
 
 from __future__ import annotations
@@ -44,13 +46,24 @@ def main(argv: Optional[Sequence[str]] = None):
                              "the queue training)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field of the budget for every run (repeatable)")
+    parser.add_argument("--carry_from", default=None, metavar="WORKDIR",
+                        help="no grid: run the setting that the method's tuning in WORKDIR "
+                             "chose at another IPC, at --ipc on --test_seeds (the same "
+                             "--validation_per_class)")
     parser.add_argument("--compare", default=None, metavar="METHODS",
                         help="run nothing: table the tuned methods (comma-separated) found in "
                              "--workdir side by side (comparison.md, .json, .png)")
+    parser.add_argument("--baselines", action="append", default=[],
+                        metavar="STUDY_WORKDIR:VARIANTS",
+                        help="with --compare: add these study variants (comma-separated; every "
+                             "finished seed in the study's workdir) as untuned rows; "
+                             "repeatable")
     args = parser.parse_args(argv)
     command = "python -m experiments.tune " + " ".join(shlex.quote(a) for a in argv)
     if args.compare is not None:
         return _compare(args, command)
+    if args.baselines:
+        raise cli.UserError("--baselines: only with --compare (it adds rows to the table)")
     cli.enable_compilation_cache()
     test_seeds = cli.seed_list("--test_seeds", args.test_seeds)
     overrides = cli.set_overrides(args.set)
@@ -63,14 +76,26 @@ def main(argv: Optional[Sequence[str]] = None):
                                    args.method)
     except ValueError as err:
         raise cli.UserError(str(err)) from None
+    if args.carry_from is not None:     # checked before any data is read
+        try:
+            tuning.carried_choice(args.carry_from, args.method, args.dataset, args.ipc,
+                                  args.validation_per_class)
+        except ValueError as err:
+            raise cli.UserError(str(err)) from None
     args.class_list, args.devices = None, 1
     dataset = cli.load_data(base, args)
     try:
-        summary = tuning.run_tuning(
-            dataset, args.method, args.workdir, ipc=args.ipc, budget=args.budget,
-            validation_per_class=args.validation_per_class, trial_seed=args.trial_seed,
-            test_seeds=test_seeds, overrides=overrides, quiet=args.quiet, command=command,
-            together=not args.separate)
+        if args.carry_from is not None:
+            summary = tuning.run_carried(
+                dataset, args.method, args.workdir, args.carry_from, ipc=args.ipc,
+                budget=args.budget, validation_per_class=args.validation_per_class,
+                test_seeds=test_seeds, overrides=overrides, quiet=args.quiet, command=command)
+        else:
+            summary = tuning.run_tuning(
+                dataset, args.method, args.workdir, ipc=args.ipc, budget=args.budget,
+                validation_per_class=args.validation_per_class, trial_seed=args.trial_seed,
+                test_seeds=test_seeds, overrides=overrides, quiet=args.quiet,
+                command=command, together=not args.separate)
     except ValueError as err:
         raise cli.UserError(str(err)) from None
     print(tuning.markdown(summary))
@@ -85,8 +110,20 @@ def _compare(args, command: str) -> list:
     if not os.path.isdir(args.workdir):
         raise cli.UserError(f"--workdir {args.workdir} does not exist: it must hold the tunings "
                             f"to compare")
+    baselines = []
+    for spec in args.baselines:
+        directory, _, names = spec.rpartition(":")
+        variants = [v for v in names.split(",") if v]
+        unknown = [v for v in variants if v not in study.VARIANTS]
+        if not directory or not variants or unknown:
+            raise cli.UserError(f"--baselines {spec}: give STUDY_WORKDIR:VARIANT[,VARIANT...] "
+                                f"with variants of {', '.join(study.VARIANTS)}")
+        if not os.path.isdir(directory):
+            raise cli.UserError(f"--baselines {spec}: {directory} does not exist")
+        baselines += [(directory, v) for v in variants]
+    cli.refuse_repeats("--baselines", [v for _, v in baselines])
     try:
-        table = comparison.compare(args.workdir, tuned, command)
+        table = comparison.compare(args.workdir, tuned, command, baselines)
     except ValueError as err:
         raise cli.UserError(str(err)) from None
     with open(os.path.join(args.workdir, "comparison.md")) as f:

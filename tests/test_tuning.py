@@ -1,6 +1,7 @@
 """Tuning: the same number of trials for every method, the choice made on validation accuracy
 only, failed settings ranked last, and the test seeds disjoint from the trial seed."""
 
+import dataclasses
 import json
 import math
 import os
@@ -133,16 +134,85 @@ def test_tuned_methods_are_tabled_side_by_side_from_their_records(tmp_path, monk
     assert (tmp_path / "comparison.png").stat().st_size > 0
     assert "| 1 | `dm` |" in capsys.readouterr().out
     # Tunings of another IPC are not tabled beside these.
-    edit("m3d", 0, lambda c: None)
-    record = tmp_path / "m3d" / "chosen" / "seed0" / "results.json"
-    results = json.loads(record.read_text())
-    record.write_text(json.dumps(dict(results, dataset="cifar10", ipc=10)))
+    edit("m3d", 0, lambda c: c.update(ipc=10))
     with pytest.raises(SystemExit):
         tune.main(["--compare", "m3d,dm", "--workdir", str(tmp_path)])
-    assert "different datasets or IPCs" in capsys.readouterr().err
+    assert "the rows differ in ipc" in capsys.readouterr().err
     # Nothing finished among the methods named: one error line.
     with pytest.raises(SystemExit) as stopped:
         tune.main(["--compare", "idm", "--workdir", str(tmp_path)])
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "idm" in err[0]
+
+
+def _study_run(root, variant, seed, accuracies, **changes):
+    """A finished study run's record as ``experiments.study`` writes it (digits, CPU budget,
+    5 images per class held out unless ``changes`` say otherwise)."""
+    from idm_jax.runs import study
+    base = study.budget_config("digits", "cpu", 10, dict(validation_per_class=5))
+    config = study.variant_config(base, variant, seed)
+    config = dataclasses.replace(config, **changes)
+    directory = root / variant / f"seed{seed}"
+    directory.mkdir(parents=True)
+    checkpoint.dump_json(str(directory / "results.json"), {
+        "accuracies": accuracies, "mean": float(np.mean(accuracies)), "config": config.to_dict(),
+        "condense_seconds": 60.0, "eval_seconds": 30.0})
+
+
+def test_a_choice_carried_to_another_ipc_runs_no_grid_and_tables_beside_study_baselines(
+        tmp_path, monkeypatch, capsys):
+    from experiments import tune
+    from idm_jax.runs import run as run_lib
+
+    dataset = data.load_dataset("digits")
+    calls = []
+    monkeypatch.setattr(run_lib, "condense_and_evaluate", fake_runs(calls))
+    monkeypatch.setattr(tuning, "grid", lambda c: [{"lr_img": c.lr_img * f} for f in (0.1, 10.0)])
+    ipc1, ipc10 = tmp_path / "ipc1", tmp_path / "ipc10"
+    tuning.run_tuning(dataset, "dm", str(ipc1), validation_per_class=5, trial_seed=5,
+                      test_seeds=(0,), quiet=True, together=False)
+    chosen = json.loads((ipc1 / "dm" / "tuning.json").read_text())["chosen"]
+    calls.clear()
+    summary = tuning.run_carried(dataset, "dm", str(ipc10), str(ipc1), ipc=10,
+                                 validation_per_class=5, test_seeds=(0, 1), quiet=True)
+    # The IPC 1 choice, and nothing else, runs at IPC 10 on the test seeds.
+    assert calls == [(chosen["lr_img"], 0), (chosen["lr_img"], 1)]
+    ran = json.loads((ipc10 / "dm" / "chosen" / "seed1" / "results.json").read_text())
+    assert ran["config"]["ipc"] == 10 and ran["config"]["validation_per_class"] == 5
+    assert summary["grid"] == [] and summary["carried_from"]["ipc"] == 1
+    assert summary["carried_from"]["validation"] == pytest.approx(
+        40.0 - abs(math.log10(chosen["lr_img"])))
+    assert "no grid at IPC 10" in (ipc10 / "dm" / "tuning.md").read_text()
+    # Carrying within one IPC, from another split or a missing tuning: refused before any run.
+    for flags, words in ((["--ipc", "1"], "at IPC 1"),
+                         (["--ipc", "10", "--validation_per_class", "7"], "validation_per_class"),
+                         (["--ipc", "10", "--method", "m3d"], "no tuning of m3d")):
+        with pytest.raises(SystemExit):
+            tune.main(["--method", "dm", "--dataset", "digits", "--carry_from", str(ipc1),
+                       "--validation_per_class", "5", "--workdir", str(ipc10)] + flags)
+        assert words in capsys.readouterr().err
+    assert len(calls) == 2
+    # The carried row beside untuned study rows: each its own records' accuracies.
+    studies = tmp_path / "study"
+    _study_run(studies, "random-real", 0, [20.0, 22.0])
+    _study_run(studies, "random-real", 1, [24.0, 26.0])
+    _study_run(studies, "idm", 0, [50.0, 52.0])
+    table = tune.main(["--compare", "dm", "--workdir", str(ipc10),
+                       "--baselines", f"{studies}:idm,random-real"])
+    assert [row["variant"] for row in table] == ["idm (study)", "dm", "random-real (study)"]
+    assert table[2]["mean"] == pytest.approx(23.0) and table[2]["seeds"] == 2
+    assert table[2]["std"] == pytest.approx(np.std([20.0, 22.0, 24.0, 26.0]))
+    assert table[1]["trial_validation"] == summary["carried_from"]["validation"]
+    text = (ipc10 / "comparison.md").read_text()
+    assert "(chosen at IPC 1)" in text and "untuned: the initial mosaic" in text
+    # A baseline under another evaluation protocol, or a flag without --compare: one error line.
+    _study_run(studies, "dm", 0, [30.0, 31.0], epoch_eval_train=7)
+    for argv, words in ((["--compare", "dm", "--baselines", f"{studies}:idm,dm"],
+                         "differ in epoch_eval_train"),
+                        (["--compare", "dm", "--baselines", f"{studies}:nope"], "variants of"),
+                        (["--baselines", f"{studies}:idm"], "only with --compare")):
+        with pytest.raises(SystemExit):
+            tune.main(argv + ["--workdir", str(ipc10)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and words in err[0], err

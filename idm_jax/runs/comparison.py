@@ -66,19 +66,77 @@ def method_row(workdir: str, method: str) -> Optional[dict]:
             return {"variant": method, "failed": f"seed {seed}: {results['failed']}"}
         runs.append(results)
         first = first or Config.from_dict(results["config"])
-    trial = next((row for row in summary["grid"] if row["setting"] == chosen), {})
+    # A choice carried from another IPC shows the validation that choice saw there.
+    origin = summary.get("carried_from")
+    trial = origin or next((row for row in summary["grid"] if row["setting"] == chosen), {})
     return dict(study.stats(runs), variant=method, chosen=chosen,
                 trial_seed=summary["trial_seed"], trial_validation=trial.get("validation"),
                 trial_validation_std=trial.get("validation_std"),
-                grid_failed=sum(1 for row in summary["grid"] if row["failed"]),
-                condense_minutes=float(np.mean([r.get("condense_seconds", 0.0)
-                                                for r in runs])) / 60,
-                eval_minutes=float(np.mean([r.get("eval_seconds", 0.0) for r in runs])) / 60,
-                records=runs)
+                chosen_at_ipc=origin["ipc"] if origin else summary["ipc"],
+                grid_failed=(origin["grid_failed"] if origin else
+                             sum(1 for row in summary["grid"] if row["failed"])),
+                ipc=summary["ipc"], **_minutes(runs), records=runs)
 
 
-def _setting(chosen: dict) -> str:
-    return ", ".join(f"{k} {v:.4g}" for k, v in chosen.items())
+# What every row of one table shares: the data, the budget and the evaluation; the condensing
+# rows (iterations > 0) also share their length and real batch. The validation split may differ
+# (a baseline run before splits existed condensed from all training images): the table says so.
+SHARED = ("dataset", "ipc", "num_eval", "epoch_eval_train", "eval_model", "batch_train")
+SHARED_CONDENSING = ("iterations", "batch_real")
+
+
+def baseline_row(workdir: str, variant: str) -> Optional[dict]:
+    """The row of a study variant (``<workdir>/<variant>/seed<k>``, every finished seed there),
+    untuned, beside the tuned methods; None when no seed has finished. ValueError when its
+    seeds ran other settings than each other."""
+    runs = []
+    for name in sorted(os.listdir(os.path.join(workdir, variant))
+                       if os.path.isdir(os.path.join(workdir, variant)) else []):
+        results = _read(os.path.join(workdir, variant, name, "results.json"))
+        if name.startswith("seed") and results and results.get("accuracies"):
+            runs.append(results)
+    if not runs:
+        return None
+    first = Config.from_dict(runs[0]["config"])
+    for results in runs[1:]:
+        seed = results["config"].get("seed", 0)
+        if study.finished(os.path.join(workdir, variant, f"seed{seed}"),
+                          dataclasses.replace(first, seed=seed)) is None:
+            raise ValueError(f"{workdir}/{variant}: seed {seed} ran other settings than seed "
+                             f"{first.seed}; move one away")
+    return dict(study.stats(runs), variant=f"{variant} (study)", study_variant=variant,
+                chosen=None, trial_seed=None,
+                trial_validation=None, trial_validation_std=None, chosen_at_ipc=None,
+                grid_failed=0, **_minutes(runs), records=runs)
+
+
+def _minutes(runs: list[dict]) -> dict:
+    return {"condense_minutes": float(np.mean([r.get("condense_seconds", 0.0)
+                                               for r in runs])) / 60,
+            "eval_minutes": float(np.mean([r.get("eval_seconds", 0.0) for r in runs])) / 60}
+
+
+def check_protocol(records: dict[str, list[dict]]) -> dict[str, int]:
+    """Refuse rows run under different protocols (``SHARED``, and ``SHARED_CONDENSING`` among
+    the rows that condense); returns each row's held-out images per class."""
+    configs = {row: Config.from_dict(runs[0]["config"]) for row, runs in records.items()}
+    condensing = {row: c for row, c in configs.items() if c.iterations > 0}
+    for fields, group in ((SHARED, configs), (SHARED_CONDENSING, condensing)):
+        for field in fields:
+            values = {row: getattr(c, field) for row, c in group.items()}
+            if len(set(values.values())) > 1:
+                raise ValueError(f"the rows differ in {field} ({values}); compare one protocol "
+                                 f"at a time")
+    return {row: c.validation_per_class for row, c in configs.items()}
+
+
+def _setting(row: dict, split: int) -> str:
+    held = f"{split} held out per class" if split else "no split: all training images"
+    if row["chosen"] is None:
+        return f"untuned: {study.VARIANTS[row['study_variant']][0]} ({held})"
+    at = "" if row["chosen_at_ipc"] == row.get("ipc") else f" (chosen at IPC {row['chosen_at_ipc']})"
+    return (", ".join(f"{k} {v:.4g}" for k, v in row["chosen"].items())
+            + f"{at} ({row['grid_failed']})")
 
 
 def markdown(table: list[dict], header: dict) -> str:
@@ -86,6 +144,8 @@ def markdown(table: list[dict], header: dict) -> str:
     lines = [f"Tuned methods on {header['dataset']} IPC {header['ipc']}, tabled "
              f"{header['date']}, commit `{header['commit']}`. {study.runs_line(runs)}",
              f"Command: `{header['command']}`", "",
+             "A `(study)` row is a study variant at its own settings, tuned on nothing; a "
+             "setting chosen at another IPC shows the validation its choice saw there.", "",
              "| rank | method | chosen setting (grid failures) | validation at the trial seed (%) "
              "| test (%) | validation, test seeds (%) | seeds x models | per-seed means | "
              "condense / eval min per run | gap to first / larger std |",
@@ -97,7 +157,7 @@ def markdown(table: list[dict], header: dict) -> str:
                f"{(row['mean'] - first['mean']) / max(row['std'], first['std'], 1e-9):.1f}")
         held = study.cell(row["validation_mean"], row["validation_std"])
         lines.append(
-            f"| {rank} | `{row['variant']}` | {_setting(row['chosen'])} ({row['grid_failed']}) | "
+            f"| {rank} | `{row['variant']}` | {_setting(row, header['splits'][row['variant']])} | "
             f"{study.cell(row['trial_validation'], row['trial_validation_std'])} | "
             f"**{row['mean']:.2f} +- {row['std']:.2f}** | {held} | "
             f"{row['seeds']} x {row['models'] // row['seeds']} | "
@@ -111,25 +171,28 @@ def markdown(table: list[dict], header: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(workdir: str, methods: Sequence[str], command: str = "") -> list[dict]:
-    """Write the comparison of the tuned ``methods`` in ``workdir``; returns its rows, best
-    first. ValueError when none of them has finished its tuning and test seeds."""
+def compare(workdir: str, methods: Sequence[str], command: str = "",
+            baselines: Sequence[tuple[str, str]] = ()) -> list[dict]:
+    """Write the comparison of the tuned ``methods`` in ``workdir`` and of the untuned
+    ``baselines`` (``(study workdir, variant)`` pairs); returns its rows, best first.
+    ValueError when none of the methods has finished its tuning and test seeds, or when the
+    rows ran under different protocols (``check_protocol``)."""
     rows = {m: method_row(workdir, m) for m in methods}
+    for directory, variant in baselines:
+        rows[f"{variant} (study)"] = baseline_row(directory, variant)
     failed = {m: r["failed"] for m, r in rows.items() if r is not None and "failed" in r}
     table = sorted((r for m, r in rows.items() if r is not None and m not in failed),
                    key=lambda r: -r["mean"])
     missing = [m for m, r in rows.items() if r is None]
-    if not table:
+    if not any(r["chosen"] is not None for r in table):
         raise ValueError(f"no method of {', '.join(methods)} has a finished tuning with its "
                          f"test seeds in {workdir}; run experiments.tune for them first")
     records = {r["variant"]: r.pop("records") for r in table}
-    settings = {(r[0].get("dataset"), r[0].get("ipc")) for r in records.values()}
-    if len(settings) > 1:
-        raise ValueError(f"the tunings in {workdir} are of different datasets or IPCs "
-                         f"({sorted(settings, key=str)}); compare one setting at a time")
-    dataset, ipc = settings.pop()
-    header = dict(study.machine(), dataset=dataset, ipc=ipc, command=command, missing=missing,
-                  failed=failed, runs=study.provenance(records))
+    splits = check_protocol(records)
+    config = Config.from_dict(records[table[0]["variant"]][0]["config"])
+    header = dict(study.machine(), dataset=config.dataset, ipc=config.ipc, command=command,
+                  missing=missing, failed=failed, splits=splits,
+                  runs=study.provenance(records))
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
         f.write(markdown(table, header))
     with open(os.path.join(workdir, "comparison.json"), "w") as f:

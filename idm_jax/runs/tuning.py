@@ -22,6 +22,7 @@ ranks last. Each record carries the gradient norm of every loss term at iteratio
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from typing import Optional, Sequence
@@ -127,14 +128,71 @@ def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str 
                                              f"{method} trial {number}/{len(points)}")))
     best = choose(trials, {"lr_img": base.lr_img, "ce_weight": base.ce_weight,
                            "calibration_weight": base.calibration_weight})
-    chosen = trials[best][0]
+    tests = _run_test_seeds(base, trials[best][0], test_seeds, dataset, root, quiet, method)
+    summary = _summary(method, base, trials, best, tests, trial_seed, test_seeds, command)
+    write(summary, root)
+    return summary
+
+
+def _run_test_seeds(base: Config, chosen: dict, test_seeds, dataset, root: str, quiet: bool,
+                    method: str) -> list[dict]:
     tests = []
     for seed in test_seeds:
         config = dataclasses.replace(base, seed=seed, **chosen)
         directory = os.path.join(root, "chosen", f"seed{seed}")
         tests.append(_run_or_record(config, dataset, directory, quiet,
                                     f"{method} chosen setting, test seed {seed}"))
-    summary = _summary(method, base, trials, best, tests, trial_seed, test_seeds, command)
+    return tests
+
+
+def carried_choice(source: str, method: str, dataset: str, ipc: int,
+                   validation_per_class: int) -> dict:
+    """The tuning of ``method`` in the workdir ``source`` whose choice is to be carried to
+    ``ipc``: its ``tuning.json``, checked to be a finished tuning of this method and dataset on
+    the same validation split at another IPC. ValueError says what does not fit."""
+    path = os.path.join(source, folder(method), "tuning.json")
+    if not os.path.exists(path):
+        raise ValueError(f"--carry_from {source}: no tuning of {method} there ({path} is "
+                         f"missing); run experiments.tune for it first")
+    with open(path) as f:
+        summary = json.load(f)
+    wrong = {k: (summary.get(k), v) for k, v in (
+        ("method", method), ("dataset", dataset),
+        ("validation_per_class", validation_per_class)) if summary.get(k) != v}
+    if wrong:
+        raise ValueError(f"--carry_from {source}: that tuning differs in "
+                         + ", ".join(f"{k} ({a!r} there, {b!r} here)"
+                                     for k, (a, b) in wrong.items()))
+    if summary.get("ipc") == ipc or summary.get("carried_from"):
+        raise ValueError(f"--carry_from {source}: that is a tuning at IPC {ipc} or itself "
+                         f"carried; carry a grid's own choice to another IPC")
+    return summary
+
+
+def run_carried(dataset, method: str, workdir: str, source: str, *, ipc: int,
+                budget: str = "cpu", validation_per_class: int = 500,
+                test_seeds: Sequence[int] = (0, 1), overrides: Optional[dict] = None,
+                quiet: bool = False, command: str = "") -> dict:
+    """Run the setting a tuning in ``source`` chose at another IPC, at ``ipc`` on
+    ``test_seeds`` (no grid here: the choice was made there, on the same validation split);
+    write ``tuning.json`` and ``tuning.md`` under ``<workdir>/<method>`` with an empty grid and
+    ``carried_from`` naming the tuning, its IPC and the validation accuracy the choice saw."""
+    origin = carried_choice(source, method, dataset.name, ipc, validation_per_class)
+    if origin["trial_seed"] in test_seeds:
+        raise ValueError(f"--test_seeds {list(test_seeds)} include the trial seed "
+                         f"{origin['trial_seed']} of the tuning carried from {source}")
+    overrides = dict(overrides or {}, validation_per_class=validation_per_class)
+    base = study.budget_config(dataset.name, budget, ipc, overrides, method)
+    root = os.path.join(workdir, folder(method))
+    chosen = origin["chosen"]
+    tests = _run_test_seeds(base, chosen, test_seeds, dataset, root, quiet, method)
+    summary = _summary(method, base, [], None, tests, origin["trial_seed"], test_seeds,
+                       command, chosen=chosen)
+    trial = next(row for row in origin["grid"] if row["setting"] == chosen)
+    summary["carried_from"] = {
+        "workdir": source, "ipc": origin["ipc"], "trials": len(origin["grid"]),
+        "grid_failed": sum(1 for row in origin["grid"] if row["failed"]),
+        "validation": trial["validation"], "validation_std": trial["validation_std"]}
     write(summary, root)
     return summary
 
@@ -144,7 +202,8 @@ def folder(method: str) -> str:
     return method.replace(os.sep, "_").replace(":", "-")
 
 
-def _summary(method, base, trials, best, tests, trial_seed, test_seeds, command) -> dict:
+def _summary(method, base, trials, best, tests, trial_seed, test_seeds, command,
+             chosen: Optional[dict] = None) -> dict:
     rows = []
     for point, results in trials:
         rows.append({"setting": point, "failed": results.get("failed"),
@@ -157,7 +216,8 @@ def _summary(method, base, trials, best, tests, trial_seed, test_seeds, command)
     std = float(test_accuracies.std()) if n else None        # population std, as the study
     return {"method": method, "dataset": base.dataset, "ipc": base.ipc,
             "validation_per_class": base.validation_per_class, "trial_seed": trial_seed,
-            "test_seeds": list(test_seeds), "grid": rows, "chosen": trials[best][0],
+            "test_seeds": list(test_seeds), "grid": rows,
+            "chosen": trials[best][0] if chosen is None else chosen,
             "test": {"mean": mean, "std": std, "models": n,
                      "seed_means": [float(np.mean(r["accuracies"]))
                                     for r in tests if "accuracies" in r],
@@ -167,6 +227,9 @@ def _summary(method, base, trials, best, tests, trial_seed, test_seeds, command)
 
 def markdown(summary: dict) -> str:
     """The grid (validation accuracy and gradient norms at iteration 0) and the chosen row."""
+    origin = summary.get("carried_from")
+    if origin:
+        return _carried_markdown(summary, origin)
     lines = [f"Tuning {summary['method']} on {summary['dataset']} IPC {summary['ipc']}: "
              f"{len(summary['grid'])} settings at seed {summary['trial_seed']}, chosen on "
              f"{summary['validation_per_class']} held-out training images per class; the "
@@ -181,12 +244,26 @@ def markdown(summary: dict) -> str:
         norms = row["grad_norms_it0"] or {}
         terms = " / ".join(f"{k} {v:.3g}" for k, v in sorted(norms.items()) if k != "ce_scale")
         lines.append(f"| {setting}{mark} | {score} | {terms or '-'} |")
-    test = summary["test"]
-    result = (f"{test['mean']:.2f} +- {test['std']:.2f} % over {test['models']} models "
-              f"(seed means {', '.join(f'{m:.2f}' for m in test['seed_means'])})"
-              if test["mean"] is not None else "no finished test run")
-    lines += ["", f"Chosen: {summary['chosen']}; test accuracy on fresh seeds: {result}."]
+    lines += ["", f"Chosen: {summary['chosen']}; test accuracy on fresh seeds: "
+              f"{_test_line(summary['test'])}."]
     return "\n".join(lines) + "\n"
+
+
+def _test_line(test: dict) -> str:
+    return (f"{test['mean']:.2f} +- {test['std']:.2f} % over {test['models']} models "
+            f"(seed means {', '.join(f'{m:.2f}' for m in test['seed_means'])})"
+            if test["mean"] is not None else "no finished test run")
+
+
+def _carried_markdown(summary: dict, origin: dict) -> str:
+    return (f"{summary['method']} on {summary['dataset']} IPC {summary['ipc']} at the setting "
+            f"its tuning at IPC {origin['ipc']} chose ({origin['workdir']}: {origin['trials']} "
+            f"settings at seed {summary['trial_seed']}, {origin['grid_failed']} failed), "
+            f"{summary['chosen']}, with validation "
+            f"{study.cell(origin['validation'], origin['validation_std'])} % there on {summary['validation_per_class']} "
+            f"held-out images per class; no grid at IPC {summary['ipc']}.\n\n"
+            f"Test accuracy at IPC {summary['ipc']} on seeds {summary['test_seeds']}: "
+            f"{_test_line(summary['test'])}.\n")
 
 
 def plot(summary: dict, path: str) -> None:
@@ -232,8 +309,9 @@ def write(summary: dict, root: str) -> None:
     checkpoint.dump_json(os.path.join(root, "tuning.json"), summary)
     with open(os.path.join(root, "tuning.md"), "w") as f:
         f.write(markdown(summary))
-    plot(summary, os.path.join(root, "tuning.png"))
+    if summary["grid"]:
+        plot(summary, os.path.join(root, "tuning.png"))
 
 
 __all__ = ["FAILED_FILE", "TRIALS", "grid", "trial_name", "folder", "validation_score", "choose", "run_tuning",
-           "markdown", "plot", "write"]
+           "carried_choice", "run_carried", "markdown", "plot", "write"]
