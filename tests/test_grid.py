@@ -49,6 +49,44 @@ def test_states_of_other_iterations_are_not_stacked_into_a_grid():
             grid.stack_trials([state, other])
 
 
+def test_settings_own_checkpoints_of_different_extractors_are_not_stacked(monkeypatch, capsys):
+    """Resuming a grid from its settings' own checkpoints requires one extractor schedule:
+    with the extractors' arrays equal the states are stacked, with one array differing the grid
+    starts over and says why."""
+    from idm_jax.runs import checkpoint
+
+    def state(extractor_value):
+        return engine_lib.CondenseState(
+            images=jnp.ones((2, 3)), image_opt_state=(jnp.ones((2, 3)),),
+            extractors={"w": jnp.full((4,), extractor_value)}, key=np.zeros(2, np.uint32),
+            iteration=np.int32(3))
+
+    saved = {}
+
+    class OwnCheckpoints:          # each setting's folder restores the state saved for it
+        def __init__(self, directory, keep):
+            self.directory = directory
+
+        def restore_latest(self, template, config, meta):
+            return saved[os.path.dirname(self.directory)], None
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(grid_run, "_own_latest", lambda directory: 3)
+    monkeypatch.setattr(checkpoint, "Checkpointer", OwnCheckpoints)
+    engines = [type("Engine", (), {"config": presets.get_preset("digits-ipc1")})()] * 2
+    fresh = grid.stack_trials([state(0.0), state(0.0)])
+    saved.update(a=state(1.0), b=state(1.0))
+    stacked = grid_run._from_own_checkpoints(engines, ["a", "b"], {}, fresh)
+    np.testing.assert_array_equal(grid.trial_state(stacked, 1).extractors["w"], np.ones(4))
+    assert "resuming the grid from its settings' own checkpoints at iteration 3" in \
+        capsys.readouterr().out
+    saved.update(b=state(2.0))
+    assert grid_run._from_own_checkpoints(engines, ["a", "b"], {}, fresh) is None
+    assert "hold different extractors or iterations" in capsys.readouterr().out
+
+
 class StopAfter:
     """``StopRequest``'s stand-in: asked once per iteration, it answers yes at the ``n``-th."""
 
