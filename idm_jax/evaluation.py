@@ -46,7 +46,8 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
                    batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9,
                    weight_decay: float = 5e-4, dsa_strategy: str = augment.DEFAULT_STRATEGY,
                    test_batch: int = 500, chunk: int = 0,
-                   augment_images: Callable = augment.dsa, return_variables: bool = False):
+                   augment_images: Callable = augment.dsa, return_variables: bool = False,
+                   on_epoch: Optional[Callable[[jax.Array], None]] = None):
     """Train one fresh ``model`` on (train_x, train_y) and return its test accuracy in [0, 1].
 
     Pure and vmappable over ``key`` (that is how several models train at once).
@@ -63,22 +64,26 @@ def train_and_test(key: jax.Array, model, train_x: jax.Array, train_y: jax.Array
         passes its policy's (``backend.Policy.augment``, which loops over keys batched by a
         vmap over models on CPU).
       return_variables: also return the trained ``{"params", "batch_stats"}`` (to inspect).
+      on_epoch: a host function called with the number of epochs done (an int32 scalar) about
+        ``REPORTS`` times in all (``jax.debug.callback``: values are unchanged; under a vmap
+        over models it is called once for all of them). None compiles no callback.
     """
     k_init, k_train = jax.random.split(key)
     variables = model.init(k_init, train_x[:1])
     params, stats = variables["params"], variables.get("batch_stats", {})
     # BatchNorm statistics need the whole batch; per-sample networks may run in chunks.
     chunked = chunk if chunk > 0 and not stats else 0
-    epochs_of = _Epochs(train_x, train_y, batch_size, augment_images, dsa_strategy)
+    epochs_of = _Epochs(train_x, train_y, batch_size, augment_images, dsa_strategy, on_epoch,
+                        max(1, (epochs + 1) // REPORTS))
     sgd_step = _sgd_step(_loss(model, bool(stats)), chunked)
     # The second phase starts from a fresh optimiser: the official code rebuilds it (momentum 0).
     first, second = lr_phases(epochs)
     k_first, k_second = jax.random.split(k_train)
     carry = _run_phase(epochs_of, sgd_step, (params, stats), k_first, first,
-                       classifier.sgd(lr, momentum, weight_decay))
+                       classifier.sgd(lr, momentum, weight_decay), 0, epochs + 1)
     if second > 0:
         carry = _run_phase(epochs_of, sgd_step, carry, k_second, second,
-                           classifier.sgd(lr * 0.1, momentum, weight_decay))
+                           classifier.sgd(lr * 0.1, momentum, weight_decay), first, epochs + 1)
     params, stats = carry
     accuracy = test_accuracy(model, params, stats, test_x, test_y, test_batch, chunked)
     if return_variables:
@@ -94,6 +99,13 @@ class _Epochs(NamedTuple):
     batch_size: int
     augment_images: Callable
     dsa_strategy: str
+    on_epoch: Optional[Callable] = None    # progress: called with the epochs done
+    report_every: int = 1
+
+
+# How often an evaluation with a progress function reports, per model: often enough for a bar,
+# rarely enough that the host callbacks cost nothing on an accelerator.
+REPORTS = 100
 
 
 def _loss(model, has_stats: bool) -> Callable:
@@ -135,14 +147,16 @@ def _sgd_step(loss_fn: Callable, chunk: int) -> Callable:
 
 
 def _run_phase(data: _Epochs, sgd_step: Callable, carry, phase_key: jax.Array,
-               num_epochs: int, optimizer) -> tuple:
+               num_epochs: int, optimizer, first_epoch: int = 0, all_epochs: int = 0) -> tuple:
     """``num_epochs`` epochs from a fresh ``optimizer`` state: a reshuffle per epoch, the last
-    partial batch padded and masked, DSA on every batch. Returns (params, stats)."""
+    partial batch padded and masked, DSA on every batch. Returns (params, stats).
+    ``first_epoch``, ``all_epochs``: where the phase lies in the training, for ``on_epoch``."""
     params, stats = carry
     n = data.train_x.shape[0]
     steps, padded = _batch_plan(n, data.batch_size)
 
-    def epoch(carry, epoch_key):
+    def epoch(carry, inputs):
+        epoch_key, done = inputs
         k_perm, k_aug = jax.random.split(epoch_key)
         order = jax.random.permutation(k_perm, n)
         order = jnp.concatenate([order, jnp.zeros(padded - n, order.dtype)])
@@ -155,10 +169,15 @@ def _run_phase(data: _Epochs, sgd_step: Callable, carry, phase_key: jax.Array,
 
         inputs = (order.reshape(steps, data.batch_size), valid.reshape(steps, data.batch_size),
                   jax.random.split(k_aug, steps))
-        return jax.lax.scan(step, carry, inputs)[0], None
+        carry = jax.lax.scan(step, carry, inputs)[0]
+        if data.on_epoch is not None:
+            jax.lax.cond((done % data.report_every == 0) | (done == all_epochs),
+                         lambda: jax.debug.callback(data.on_epoch, done), lambda: None)
+        return carry, None
 
+    done = jnp.arange(first_epoch + 1, first_epoch + num_epochs + 1, dtype=jnp.int32)
     (params, stats, _), _ = jax.lax.scan(epoch, (params, stats, optimizer.init(params)),
-                                         jax.random.split(phase_key, num_epochs))
+                                         (jax.random.split(phase_key, num_epochs), done))
     return params, stats
 
 
@@ -211,7 +230,8 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
                     compute_dtype=jnp.float32, microbatch_size: int = -1,
                     parallel: Optional[bool] = None,
                     policy: Optional[backend.Policy] = None,
-                    validation: Optional[tuple] = None) -> dict:
+                    validation: Optional[tuple] = None,
+                    progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Evaluate a condensed set with the official protocol; the library entry point.
 
     Args:
@@ -230,6 +250,8 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
         ``microbatch_size``. The engine passes its own.
       validation: (images (V, H, W, C) normalised, labels (V,)): held-out training images
         (``data.split_validation``) on which every trained model is also scored.
+      progress: a host function ``(model-epochs done, of all)``, called about ``REPORTS`` times
+        per model while the models train (for a progress bar); it changes no value.
 
     Returns a dict: ``accuracies`` (list of num_models floats, %), ``mean`` and ``std``
     (population std, %), ``seconds`` (wall time including compilation), ``model``; with
@@ -246,17 +268,37 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
                            conv_op=policy.conv_op)
     test = _padded_test_set(test_images, test_labels, test_batch)
     held_out = None if validation is None else _padded_test_set(*validation, test[2])
+    together = policy.vmap_models if parallel is None else parallel
     one = _one_model(net, images, labels, policy, test, held_out, dict(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, dsa_strategy=dsa_strategy))
+        weight_decay=weight_decay, dsa_strategy=dsa_strategy,
+        on_epoch=None if progress is None else _ModelEpochs(progress, num_models, epochs + 1,
+                                                            together)))
     start = time.perf_counter()
-    map_models = policy.map_models if parallel is None else (
-        jax.vmap if parallel else backend.sequential)
+    map_models = jax.vmap if together else backend.sequential
     test_acc, val_acc = jax.device_get(jax.jit(map_models(one))(jax.random.split(key, num_models)))
     result = {"model": model, **_summary(test_acc), "seconds": time.perf_counter() - start}
     if validation is not None:
         result["validation"] = _summary(val_acc)
     return result
+
+
+class _ModelEpochs:
+    """The host side of ``on_epoch``: epochs done, reported for all models at once (a vmap) or
+    for one model after another, as model-epochs done of all, to ``progress``."""
+
+    def __init__(self, progress: Callable[[int, int], None], num_models: int, epochs: int,
+                 together: bool):
+        self.progress, self.num_models, self.epochs = progress, num_models, epochs
+        self.together, self.models_done = together, 0
+
+    def __call__(self, done) -> None:
+        done = int(done)
+        if self.together:
+            self.progress(done * self.num_models, self.num_models * self.epochs)
+            return
+        self.progress(self.models_done * self.epochs + done, self.num_models * self.epochs)
+        self.models_done += done == self.epochs
 
 
 def _one_model(net, images, labels, policy: backend.Policy, test: tuple,
@@ -311,4 +353,4 @@ def _summary(fractions) -> dict:
 
 evaluate = evaluate_synset   # the library entry point, exported as idm_jax.evaluate
 
-__all__ = ["lr_phases", "train_and_test", "test_accuracy", "evaluate_synset", "evaluate"]
+__all__ = ["REPORTS", "lr_phases", "train_and_test", "test_accuracy", "evaluate_synset", "evaluate"]

@@ -65,11 +65,17 @@ def test_vmapped_models_equal_one_at_a_time():
     key = jax.random.PRNGKey(1)
     # Vmapped (accelerator default) and looped (CPU default) models, in chunks (CPU default)
     # or whole batches, against one plain whole-batch program per model.
+    # The first two report their progress (model-epochs done, of all), which changes no value.
+    seen = {True: [], False: []}
     runs = [idm_jax.evaluate(key, train_x, train_y, test_x[:200], test_y[:200],
                              model="ConvNetW32", num_models=2, epochs=2, expand=True,
                              num_classes=10, test_batch=100, parallel=parallel,
-                             microbatch_size=size)
+                             microbatch_size=size, progress=None if size == 16 else (
+                                 lambda done, of, p=parallel: seen[p].append((done, of))))
             for parallel, size in ((True, 0), (False, -1), (True, 16))]
+    # Vmapped, all models advance together; looped, one model's epochs after another's.
+    assert seen == {True: [(2, 6), (4, 6), (6, 6)],
+                    False: [(d, 6) for d in range(1, 7)]}
     net = idm_jax.get_model("ConvNetW32", 10, in_channels=1)
     ex = idm_jax.partition_expand(jnp.asarray(train_x))
     ey = idm_jax.partition_expand_labels(jnp.asarray(train_y))
@@ -78,6 +84,33 @@ def test_vmapped_models_equal_one_at_a_time():
         test_batch=100))(k)) for k in jax.random.split(key, 2)]
     for together in runs:
         np.testing.assert_allclose(together["accuracies"], alone, atol=1e-3)
+
+
+def test_progress_counts_every_model_epoch_once_and_changes_no_value():
+    import flax.linen as nn
+
+    class Linear(nn.Module):      # a small model compiles in seconds; the callback is the point
+        @nn.compact
+        def __call__(self, x, train=False):
+            features = x.reshape(x.shape[0], -1)
+            return features, nn.Dense(10)(features)
+
+    train_x, train_y, test_x, test_y = digits_split(per_class_train=3)
+    key = jax.random.PRNGKey(2)
+    net = Linear()
+    x, y = jnp.asarray(train_x), jnp.asarray(train_y)
+    tx, ty = jnp.asarray(test_x[:100]), jnp.asarray(test_y[:100])
+    ticks = []
+
+    def trained(on_epoch):
+        return jax.jit(lambda k: evaluation.train_and_test(
+            k, net, x, y, tx, ty, epochs=4, test_batch=100, return_variables=True,
+            on_epoch=on_epoch))(key)[1]
+
+    plain, reported = trained(None), trained(ticks.append)
+    # The trained weights, bit for bit: the callback reads the epoch count and nothing else.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, plain, reported)
+    assert [int(t) for t in ticks] == [1, 2, 3, 4, 5]        # epochs 0..4, over both lr phases
 
 
 def test_batchnorm_model_trains_and_tests_with_running_stats():

@@ -67,6 +67,18 @@ class Policy:
         (accelerators) or the same calls one after another (``sequential``, CPU)."""
         return jax.vmap if self.vmap_models else sequential
 
+    def announcement(self) -> Optional[str]:
+        """What a user should know of this policy before a run starts, or None."""
+        if self.platform != "cpu":
+            calls = (f"chunks of {self.chunk} images, to fit the memory budget"
+                     if self.chunk else "whole batches")
+            return f"network calls on {self.platform}: {calls}"
+        if self.remat:
+            return ("memory: the synthetic activations would not fit this host, so the backward "
+                    "pass recomputes them (same values, slower; --memory_budget_gb sets the "
+                    "budget)")
+        return None
+
 
 def sequential(fn):
     """``jax.vmap(fn)``'s values, computed one leading-axis entry after another (``lax.map``)."""

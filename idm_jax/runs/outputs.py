@@ -90,6 +90,22 @@ def progress_bar(config: Config, start: int, hidden: bool):
                 desc=f"{config.dataset} ipc{config.ipc}")
 
 
+def evaluation_bar(num_models: int, epochs: int, model: str, hidden: bool = False):
+    """A tqdm bar over an evaluation's model-epochs (``epochs`` as the official loop counts
+    them: 0..epochs), with rate and ETA, and the ``progress`` function that moves it
+    (``evaluation.evaluate_synset``); (None, None) when ``hidden``."""
+    if hidden:
+        return None, None
+    from tqdm import tqdm
+    bar = tqdm(total=num_models * (epochs + 1), unit="epoch", dynamic_ncols=True,
+               desc=f"evaluating {num_models} x {model}")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+    return bar, progress
+
+
 def export_set(workdir: str, images: np.ndarray, real, config: Config, to_pixels: Callable,
                class_names, iteration: int) -> None:
     """The final set ``images`` (normalised, as stored) in the layouts ``config.exports`` names
@@ -220,6 +236,6 @@ def summarize(workdir: str) -> dict:
         "final": None if results is None else (results["mean"], results["std"])}
 
 
-__all__ = ["save_grid", "MetricsLog", "device_description", "pixel_converter", "progress_bar",
+__all__ = ["save_grid", "MetricsLog", "device_description", "pixel_converter", "progress_bar", "evaluation_bar",
            "export_set", "code_version", "processor", "read_metrics", "logged_seconds",
            "save_metrics_plot", "saved_steps", "summarize"]

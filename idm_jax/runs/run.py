@@ -32,7 +32,7 @@ import json
 import os
 import signal
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -74,9 +74,11 @@ def place_real(dataset: data.Dataset, mesh) -> real_lib.RealData:
 
 def evaluate_images(images, dataset: data.Dataset, config: Config, key, test_x,
                     policy: Optional[backend.Policy] = None,
-                    validation: Optional[data.ValidationSplit] = None) -> dict:
+                    validation: Optional[data.ValidationSplit] = None,
+                    progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Evaluate stored synthetic ``images`` (K*ipc, H, W, C), normalised, with the config's
-    protocol (``evaluation.evaluate_synset``), on the test set and on ``validation``."""
+    protocol (``evaluation.evaluate_synset``), on the test set and on ``validation``;
+    ``progress(model-epochs done, of all)`` as it goes."""
     held_out = None
     if validation is not None:
         held_out = (data.normalize(validation.images, dataset.mean, dataset.std),
@@ -89,7 +91,7 @@ def evaluate_images(images, dataset: data.Dataset, config: Config, key, test_x,
         weight_decay=config.net_weight_decay, dsa_strategy=config.dsa_strategy,
         expand=config.partition_expand, partition_factor=config.partition_factor,
         partition_scheme=config.partition, partition_ratio=config.partition_ratio,
-        microbatch_size=config.microbatch, policy=policy, validation=held_out)
+        microbatch_size=config.microbatch, policy=policy, validation=held_out, progress=progress)
 
 
 def prepare_data(config: Config, dataset: data.Dataset, mesh=None,
@@ -178,6 +180,7 @@ class _Session:
     log: Optional[outputs.MetricsLog] = None      # opened once the resume trimmed the file
     last_saved: Optional[int] = None  # iteration of the newest checkpoint written or restored
     validation: Optional[data.ValidationSplit] = None     # held out of ``dataset``
+    quiet: bool = False               # no progress bars
 
     def evaluate(self, state, it: int, final: bool = False) -> dict:
         """Evaluate the set of ``state`` with the config's protocol and log it; every host does
@@ -186,8 +189,14 @@ class _Session:
         images = sharding.to_host(state.images)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed),
                                                     1_000_003), it)
-        result = evaluate_images(images, self.dataset, config, key, self.test_x,
-                                 self.eng.policy, self.validation)
+        bar, progress = outputs.evaluation_bar(config.num_eval, config.epoch_eval_train,
+                                               config.eval_model, self.quiet or not self.main_host)
+        try:
+            result = evaluate_images(images, self.dataset, config, key, self.test_x,
+                                     self.eng.policy, self.validation, progress)
+        finally:
+            if bar is not None:
+                bar.close()
         self.log.write({"event": "eval", "iteration": it, **result})
         if self.main_host and not final:
             outputs.save_grid(os.path.join(self.workdir, f"synthetic_{it}.png"),
@@ -250,12 +259,13 @@ def _condense_and_evaluate(config, dataset, real, eng, workdir, mesh, restart, q
         sharding.sync_hosts("idm_jax: previous run set aside")   # others wait for host 0
         if moved:
             print(f"restart: the previous run was moved to {moved}")
-    _announce_policy(eng.policy)
+    if eng.policy.announcement():
+        print(eng.policy.announcement())
     run = _Session(config, dataset, real, eng, workdir, main_host,
                    checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                            keep=config.keep_checkpoints),
                    checkpoint.data_meta(real, methods.provenance(config.method)),
-                   validation=validation)
+                   validation=validation, quiet=quiet)
     try:
         state, sessions = _resume(run, mesh)
         start_it = int(state.iteration)
@@ -269,16 +279,6 @@ def _condense_and_evaluate(config, dataset, real, eng, workdir, mesh, restart, q
         raise
     run.checkpointer.close()
     return _final_results(run, state, start_it, sessions, condense_seconds)
-
-
-def _announce_policy(policy: backend.Policy) -> None:
-    if policy.platform != "cpu":
-        calls = (f"chunks of {policy.chunk} images, to fit the memory budget"
-                 if policy.chunk else "whole batches")
-        print(f"network calls on {policy.platform}: {calls}")
-    elif policy.remat:
-        print("memory: the synthetic activations would not fit this host, so the backward pass "
-              "recomputes them (same values, slower; --memory_budget_gb sets the budget)")
 
 
 def _resume(run: _Session, mesh):

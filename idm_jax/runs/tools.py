@@ -108,10 +108,15 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"evaluating {len(images)} images ({'with' if expand else 'without'} "
           f"partition-and-expand) with {args.num_eval} x {args.arch}, --epochs {args.epochs} "
           f"(epochs 0..{args.epochs}, as the official loop counts them)")
-    result = evaluation.evaluate_synset(
-        jax.random.PRNGKey(args.seed), images, labels, test_x, dataset.test_labels,
-        model=args.arch, num_classes=dataset.num_classes, num_models=args.num_eval,
-        epochs=args.epochs, batch_size=args.batch_train, lr=args.lr, **partition_args)
+    bar, progress = outputs.evaluation_bar(args.num_eval, args.epochs, args.arch)
+    try:
+        result = evaluation.evaluate_synset(
+            jax.random.PRNGKey(args.seed), images, labels, test_x, dataset.test_labels,
+            model=args.arch, num_classes=dataset.num_classes, num_models=args.num_eval,
+            epochs=args.epochs, batch_size=args.batch_train, lr=args.lr, progress=progress,
+            **partition_args)
+    finally:
+        bar.close()
     result.update(set=os.path.abspath(args.set), dataset=args.dataset, expand=expand,
                   device=outputs.device_description(), jax_version=jax.__version__)
     checkpoint.dump_json(out, result)
