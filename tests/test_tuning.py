@@ -130,7 +130,7 @@ def test_tuned_methods_are_tabled_side_by_side_from_their_records(tmp_path, monk
     text = (tmp_path / "comparison.md").read_text()
     assert "Not finished, so not in the table: idm, iid." in text
     assert "ncfm (seed 1: the loss became nan at iteration 3)" in text
-    assert "-0.25 / 1.00 = -0.2" in text
+    assert "-0.25 / 1.00 = -0.2 (a 1-seed row)" in text
     assert (tmp_path / "comparison.png").stat().st_size > 0
     assert "| 1 | `dm` |" in capsys.readouterr().out
     # Tunings of another IPC are not tabled beside these.

@@ -152,9 +152,11 @@ def markdown(table: list[dict], header: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     first = table[0]
     for rank, row in enumerate(table, 1):
+        # A one-seed row's spread is its models' only, smaller than the seeds' (RESULTS.md).
         gap = ("" if rank == 1 else
                f"{row['mean'] - first['mean']:+.2f} / {max(row['std'], first['std']):.2f} = "
-               f"{(row['mean'] - first['mean']) / max(row['std'], first['std'], 1e-9):.1f}")
+               f"{(row['mean'] - first['mean']) / max(row['std'], first['std'], 1e-9):.1f}"
+               + (" (a 1-seed row)" if min(row["seeds"], first["seeds"]) == 1 else ""))
         held = study.cell(row["validation_mean"], row["validation_std"])
         lines.append(
             f"| {rank} | `{row['variant']}` | {_setting(row, header['splits'][row['variant']])} | "
