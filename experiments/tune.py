@@ -24,22 +24,22 @@ from typing import Optional, Sequence
 from idm_jax.runs import cli, comparison, failures, study, tuning
 
 
-@failures.user_facing
-def main(argv: Optional[Sequence[str]] = None):
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.tune", description=__doc__)
     parser.add_argument("--method", default="idm", help="idm, dm, m3d or path.py:NAME")
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--ipc", type=int, default=1)
     parser.add_argument("--budget", default="cpu", choices=study.BUDGETS)
     parser.add_argument("--validation_per_class", type=int, default=500)
-    parser.add_argument("--trial_seed", type=int, default=100)
+    parser.add_argument("--trial_seed", type=int, default=None, help="the grid's seed (100)")
     parser.add_argument("--test_seeds", default="0,1", help="comma-separated seeds")
     parser.add_argument("--workdir", default="runs/tune")
     parser.add_argument("--source", default=None)
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--tfds_data_dir", default=None)
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (the evaluation program is then also kept in "
+                             "the compilation cache)")
     parser.add_argument("--separate", action="store_true",
                         help="condense the grid's settings one after another instead of in one "
                              "program sharing their extractors (same images, about T times "
@@ -49,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--carry_from", default=None, metavar="WORKDIR",
                         help="no grid: run the setting that the method's tuning in WORKDIR "
                              "chose at another IPC, at --ipc on --test_seeds (the same "
-                             "--validation_per_class)")
+                             "--validation_per_class, --budget and --set)")
     parser.add_argument("--compare", default=None, metavar="METHODS",
                         help="run nothing: table the tuned methods (comma-separated) found in "
                              "--workdir side by side (comparison.md, .json, .png)")
@@ -58,12 +58,30 @@ def main(argv: Optional[Sequence[str]] = None):
                         help="with --compare: add these study variants (comma-separated; every "
                              "finished seed in the study's workdir) as untuned rows; "
                              "repeatable")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _refuse_unused_flags(args) -> None:
+    """A flag that the chosen mode would ignore: one error line naming it."""
+    unused = ([("--carry_from", args.carry_from is not None)] if args.compare is not None
+              else [("--baselines", bool(args.baselines))])
+    if args.carry_from is not None:
+        unused += [("--separate", args.separate), ("--trial_seed", args.trial_seed is not None)]
+    for flag, given in unused:
+        if given:
+            mode = "--compare" if args.compare is not None else (
+                "--carry_from" if args.carry_from is not None else "a tuning")
+            raise cli.UserError(f"{flag}: not used with {mode}; leave it out")
+
+
+@failures.user_facing
+def main(argv: Optional[Sequence[str]] = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
     command = "python -m experiments.tune " + " ".join(shlex.quote(a) for a in argv)
+    _refuse_unused_flags(args)
     if args.compare is not None:
         return _compare(args, command)
-    if args.baselines:
-        raise cli.UserError("--baselines: only with --compare (it adds rows to the table)")
     cli.enable_compilation_cache()
     test_seeds = cli.seed_list("--test_seeds", args.test_seeds)
     overrides = cli.set_overrides(args.set)
@@ -74,32 +92,31 @@ def main(argv: Optional[Sequence[str]] = None):
     try:
         base = study.budget_config(args.dataset, args.budget, args.ipc, overrides,
                                    args.method)
+        if args.carry_from is not None:     # checked before any data is read
+            tuning.carried_choice(args.carry_from, args.method, args.dataset, args.ipc,
+                                  args.validation_per_class, workdir=args.workdir,
+                                  budget=args.budget, overrides=overrides)
     except ValueError as err:
         raise cli.UserError(str(err)) from None
-    if args.carry_from is not None:     # checked before any data is read
-        try:
-            tuning.carried_choice(args.carry_from, args.method, args.dataset, args.ipc,
-                                  args.validation_per_class)
-        except ValueError as err:
-            raise cli.UserError(str(err)) from None
     args.class_list, args.devices = None, 1
     dataset = cli.load_data(base, args)
     try:
-        if args.carry_from is not None:
-            summary = tuning.run_carried(
-                dataset, args.method, args.workdir, args.carry_from, ipc=args.ipc,
-                budget=args.budget, validation_per_class=args.validation_per_class,
-                test_seeds=test_seeds, overrides=overrides, quiet=args.quiet, command=command)
-        else:
-            summary = tuning.run_tuning(
-                dataset, args.method, args.workdir, ipc=args.ipc, budget=args.budget,
-                validation_per_class=args.validation_per_class, trial_seed=args.trial_seed,
-                test_seeds=test_seeds, overrides=overrides, quiet=args.quiet,
-                command=command, together=not args.separate)
+        summary = _run(args, dataset, test_seeds, overrides, command)
     except ValueError as err:
         raise cli.UserError(str(err)) from None
     print(tuning.markdown(summary))
     return summary
+
+
+def _run(args, dataset, test_seeds, overrides, command) -> dict:
+    common = dict(ipc=args.ipc, budget=args.budget, test_seeds=test_seeds,
+                  validation_per_class=args.validation_per_class, overrides=overrides,
+                  quiet=args.quiet, command=command)
+    if args.carry_from is not None:
+        return tuning.run_carried(dataset, args.method, args.workdir, args.carry_from, **common)
+    trial_seed = 100 if args.trial_seed is None else args.trial_seed
+    return tuning.run_tuning(dataset, args.method, args.workdir, trial_seed=trial_seed,
+                             together=not args.separate, **common)
 
 
 def _compare(args, command: str) -> list:
@@ -125,7 +142,7 @@ def _compare(args, command: str) -> list:
     try:
         table = comparison.compare(args.workdir, tuned, command, baselines)
     except ValueError as err:
-        raise cli.UserError(str(err)) from None
+        raise cli.UserError(f"--compare: {err}") from None
     with open(os.path.join(args.workdir, "comparison.md")) as f:
         print(f.read())
     return table

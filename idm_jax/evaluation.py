@@ -251,7 +251,9 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
       validation: (images (V, H, W, C) normalised, labels (V,)): held-out training images
         (``data.split_validation``) on which every trained model is also scored.
       progress: a host function ``(model-epochs done, of all)``, called about ``REPORTS`` times
-        per model while the models train (for a progress bar); it changes no value.
+        per model trained one after another, or in all for vmapped models (for a progress
+        bar); it changes no value, but a program with a host callback is not kept in JAX's
+        persistent compilation cache. An exception it raises turns it off, not the evaluation.
 
     Returns a dict: ``accuracies`` (list of num_models floats, %), ``mean`` and ``std``
     (population std, %), ``seconds`` (wall time including compilation), ``model``; with
@@ -293,12 +295,17 @@ class _ModelEpochs:
         self.together, self.models_done = together, 0
 
     def __call__(self, done) -> None:
-        done = int(done)
-        if self.together:
-            self.progress(done * self.num_models, self.num_models * self.epochs)
+        if self.progress is None:
             return
-        self.progress(self.models_done * self.epochs + done, self.num_models * self.epochs)
-        self.models_done += done == self.epochs
+        done = int(done)
+        total = self.num_models * self.epochs
+        value = done * self.num_models if self.together else self.models_done * self.epochs + done
+        self.models_done += (not self.together) and done == self.epochs
+        try:
+            self.progress(min(value, total), total)
+        except Exception as err:      # a progress bar must never stop an evaluation
+            print(f"progress display off: {err!r}")
+            self.progress = None
 
 
 def _one_model(net, images, labels, policy: backend.Policy, test: tuple,

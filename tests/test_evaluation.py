@@ -86,7 +86,7 @@ def test_vmapped_models_equal_one_at_a_time():
         np.testing.assert_allclose(together["accuracies"], alone, atol=1e-3)
 
 
-def test_progress_counts_every_model_epoch_once_and_changes_no_value():
+def test_progress_counts_every_model_epoch_once_and_changes_no_value(monkeypatch, capsys):
     import flax.linen as nn
 
     class Linear(nn.Module):      # a small model compiles in seconds; the callback is the point
@@ -96,21 +96,37 @@ def test_progress_counts_every_model_epoch_once_and_changes_no_value():
             return features, nn.Dense(10)(features)
 
     train_x, train_y, test_x, test_y = digits_split(per_class_train=3)
-    key = jax.random.PRNGKey(2)
-    net = Linear()
+    keys = jax.random.split(jax.random.PRNGKey(2), 2)
     x, y = jnp.asarray(train_x), jnp.asarray(train_y)
     tx, ty = jnp.asarray(test_x[:100]), jnp.asarray(test_y[:100])
-    ticks = []
+    monkeypatch.setattr(evaluation, "REPORTS", 2)      # 7 epochs: a report every 3, and the last
 
-    def trained(on_epoch):
-        return jax.jit(lambda k: evaluation.train_and_test(
-            k, net, x, y, tx, ty, epochs=4, test_batch=100, return_variables=True,
-            on_epoch=on_epoch))(key)[1]
+    def trained(on_epoch, vmapped):
+        def one(k):
+            return evaluation.train_and_test(k, Linear(), x, y, tx, ty, epochs=6, test_batch=100,
+                                             return_variables=True, on_epoch=on_epoch)[1]
+        return jax.jit(jax.vmap(one) if vmapped else one)(keys if vmapped else keys[0])
 
-    plain, reported = trained(None), trained(ticks.append)
-    # The trained weights, bit for bit: the callback reads the epoch count and nothing else.
-    jax.tree_util.tree_map(np.testing.assert_array_equal, plain, reported)
-    assert [int(t) for t in ticks] == [1, 2, 3, 4, 5]        # epochs 0..4, over both lr phases
+    for vmapped in (False, True):
+        ticks = []
+        plain, reported = trained(None, vmapped), trained(ticks.append, vmapped)
+        # The trained weights, bit for bit: the callback reads the epoch count and nothing else.
+        jax.tree_util.tree_map(np.testing.assert_array_equal, plain, reported)
+        assert [int(t) for t in ticks] == [3, 6, 7], vmapped     # once for both vmapped models
+    # The host side: models one after another add up; vmapped ones count together.
+    seen = []
+    one_by_one = evaluation._ModelEpochs(lambda d, of: seen.append((d, of)), 2, 7, False)
+    together = evaluation._ModelEpochs(lambda d, of: seen.append((d, of)), 2, 7, True)
+    for done in (3, 6, 7, 3, 6, 7):
+        one_by_one(done)
+    together(3), together(7)
+    assert seen == [(3, 14), (6, 14), (7, 14), (10, 14), (13, 14), (14, 14), (6, 14), (14, 14)]
+    # A display that fails (a closed pipe) turns itself off; the evaluation goes on.
+    def closed_pipe(done, of):
+        raise BrokenPipeError("stdout closed")
+    failing = evaluation._ModelEpochs(closed_pipe, 2, 7, True)
+    failing(3), failing(6)
+    assert failing.progress is None and "progress display off" in capsys.readouterr().out
 
 
 def test_batchnorm_model_trains_and_tests_with_running_stats():

@@ -184,14 +184,34 @@ def test_a_choice_carried_to_another_ipc_runs_no_grid_and_tables_beside_study_ba
     assert summary["carried_from"]["validation"] == pytest.approx(
         40.0 - abs(math.log10(chosen["lr_img"])))
     assert "no grid at IPC 10" in (ipc10 / "dm" / "tuning.md").read_text()
-    # Carrying within one IPC, from another split or a missing tuning: refused before any run.
+    # Carrying within one IPC, from another split, budget or --set, a missing tuning, into the
+    # tuning's own folder, or with a grid's flags: one error line before any run.
     for flags, words in ((["--ipc", "1"], "at IPC 1"),
-                         (["--ipc", "10", "--validation_per_class", "7"], "validation_per_class"),
-                         (["--ipc", "10", "--method", "m3d"], "no tuning of m3d")):
+                         (["--validation_per_class", "7"], "validation_per_class"),
+                         (["--budget", "paper"], "budget"),
+                         (["--set", "iterations=50"], "overrides"),
+                         (["--method", "m3d"], "no tuning of m3d"),
+                         (["--workdir", str(ipc1)], "that is --workdir itself"),
+                         (["--separate"], "--separate: not used with --carry_from"),
+                         (["--trial_seed", "7"], "--trial_seed: not used with --carry_from"),
+                         (["--compare", "dm"], "--carry_from: not used with --compare")):
         with pytest.raises(SystemExit):
             tune.main(["--method", "dm", "--dataset", "digits", "--carry_from", str(ipc1),
-                       "--validation_per_class", "5", "--workdir", str(ipc10)] + flags)
-        assert words in capsys.readouterr().err
+                       "--validation_per_class", "5", "--ipc", "10", "--workdir", str(ipc10)]
+                      + flags)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and words in err[0], (flags, err)
+    assert len(calls) == 2
+    # A choice that failed is not carried (every grid point failed: the best of the failures).
+    record = ipc1 / "dm" / "tuning.json"
+    broken = json.loads(record.read_text())
+    for row in broken["grid"]:
+        row.update(failed="the loss became nan", validation=None)
+    (tmp_path / "failed" / "dm").mkdir(parents=True)
+    (tmp_path / "failed" / "dm" / "tuning.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="is a failed run; nothing to carry"):
+        tuning.run_carried(dataset, "dm", str(tmp_path / "x"), str(tmp_path / "failed"),
+                           ipc=10, validation_per_class=5, quiet=True)
     assert len(calls) == 2
     # The carried row beside untuned study rows: each its own records' accuracies.
     studies = tmp_path / "study"
@@ -203,15 +223,30 @@ def test_a_choice_carried_to_another_ipc_runs_no_grid_and_tables_beside_study_ba
     assert [row["variant"] for row in table] == ["idm (study)", "dm", "random-real (study)"]
     assert table[2]["mean"] == pytest.approx(23.0) and table[2]["seeds"] == 2
     assert table[2]["std"] == pytest.approx(np.std([20.0, 22.0, 24.0, 26.0]))
-    assert table[1]["trial_validation"] == summary["carried_from"]["validation"]
+    assert table[1]["trial_validation"] == pytest.approx(40.0 - abs(math.log10(chosen["lr_img"])))
     text = (ipc10 / "comparison.md").read_text()
     assert "(chosen at IPC 1)" in text and "untuned: the initial mosaic" in text
-    # A baseline under another evaluation protocol, or a flag without --compare: one error line.
+    # Folders that are not seed runs do not count; a record in the wrong seed's folder, a
+    # baseline under another evaluation protocol, a flag without --compare: one error line.
+    (studies / "random-real" / "seed0-old").mkdir()
+    (studies / "random-real" / "seed0-old" / "results.json").write_text(
+        (studies / "random-real" / "seed0" / "results.json").read_text())
+    again = tune.main(["--compare", "dm", "--workdir", str(ipc10),
+                       "--baselines", f"{studies}:random-real"])
+    assert [r["seed_means"] for r in again if r["variant"] == "random-real (study)"] == [
+        [21.0, 25.0]]
+    _study_run(studies, "random-real", 2, [20.0, 22.0])
+    record = studies / "random-real" / "seed2" / "results.json"
+    moved = json.loads(record.read_text())
+    moved["config"]["seed"] = 0
+    record.write_text(json.dumps(moved))
     _study_run(studies, "dm", 0, [30.0, 31.0], epoch_eval_train=7)
     for argv, words in ((["--compare", "dm", "--baselines", f"{studies}:idm,dm"],
                          "differ in epoch_eval_train"),
+                        (["--compare", "dm", "--baselines", f"{studies}:random-real"],
+                         "the run in seed2 is not seed 2"),
                         (["--compare", "dm", "--baselines", f"{studies}:nope"], "variants of"),
-                        (["--baselines", f"{studies}:idm"], "only with --compare")):
+                        (["--baselines", f"{studies}:idm"], "--baselines: not used with")):
         with pytest.raises(SystemExit):
             tune.main(argv + ["--workdir", str(ipc10)])
         err = capsys.readouterr().err.strip().splitlines()

@@ -8,6 +8,10 @@ saw), its test and validation accuracy over the test seeds (mean +- population s
 model of every seed, as the study tables), and the minutes one run took to condense and to
 evaluate. Rows are ranked by test accuracy; the last column is each row's gap to the first
 divided by the larger of the two spreads.
+
+``baselines`` adds study variants (``<study workdir>/<variant>/seed<k>``) as untuned rows; every
+row must share the protocol (``check_protocol``). A method whose choice was carried from a
+tuning at another IPC (``tuning.run_carried``) shows the validation that choice saw there.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -81,29 +86,31 @@ def method_row(workdir: str, method: str) -> Optional[dict]:
 # What every row of one table shares: the data, the budget and the evaluation; the condensing
 # rows (iterations > 0) also share their length and real batch. The validation split may differ
 # (a baseline run before splits existed condensed from all training images): the table says so.
-SHARED = ("dataset", "ipc", "num_eval", "epoch_eval_train", "eval_model", "batch_train")
+SHARED = ("dataset", "ipc", "num_eval", "epoch_eval_train", "eval_model", "batch_train",
+          "lr_net", "net_momentum", "net_weight_decay", "dsa_strategy")
 SHARED_CONDENSING = ("iterations", "batch_real")
 
 
 def baseline_row(workdir: str, variant: str) -> Optional[dict]:
-    """The row of a study variant (``<workdir>/<variant>/seed<k>``, every finished seed there),
-    untuned, beside the tuned methods; None when no seed has finished. ValueError when its
+    """The row of a study variant (``<workdir>/<variant>/seed<k>``, every finished seed there,
+    in seed order; other folders are not runs), untuned, beside the tuned methods; None when
+    no seed has finished. ValueError when a record is of another seed than its folder or its
     seeds ran other settings than each other."""
-    runs = []
-    for name in sorted(os.listdir(os.path.join(workdir, variant))
-                       if os.path.isdir(os.path.join(workdir, variant)) else []):
-        results = _read(os.path.join(workdir, variant, name, "results.json"))
-        if name.startswith("seed") and results and results.get("accuracies"):
-            runs.append(results)
-    if not runs:
+    root = os.path.join(workdir, variant)
+    seeds = sorted(int(m.group(1)) for m in map(re.compile(r"seed(\d+)").fullmatch,
+                                                os.listdir(root) if os.path.isdir(root) else [])
+                   if m)
+    found = {seed: _read(os.path.join(root, f"seed{seed}", "results.json")) for seed in seeds}
+    found = {seed: r for seed, r in found.items() if r and r.get("accuracies")}
+    if not found:
         return None
-    first = Config.from_dict(runs[0]["config"])
-    for results in runs[1:]:
-        seed = results["config"].get("seed", 0)
-        if study.finished(os.path.join(workdir, variant, f"seed{seed}"),
+    first = Config.from_dict(next(iter(found.values()))["config"])
+    for seed in found:
+        if study.finished(os.path.join(root, f"seed{seed}"),
                           dataclasses.replace(first, seed=seed)) is None:
-            raise ValueError(f"{workdir}/{variant}: seed {seed} ran other settings than seed "
-                             f"{first.seed}; move one away")
+            raise ValueError(f"--baselines {workdir}:{variant}: the run in seed{seed} is not "
+                             f"seed {seed} at the settings of seed {first.seed}; move it away")
+    runs = list(found.values())
     return dict(study.stats(runs), variant=f"{variant} (study)", study_variant=variant,
                 chosen=None, trial_seed=None,
                 trial_validation=None, trial_validation_std=None, chosen_at_ipc=None,
@@ -111,8 +118,9 @@ def baseline_row(workdir: str, variant: str) -> Optional[dict]:
 
 
 def _minutes(runs: list[dict]) -> dict:
-    return {"condense_minutes": float(np.mean([r.get("condense_seconds", 0.0)
-                                               for r in runs])) / 60,
+    # condense_seconds sums a resumed run's sessions; older records kept this session's only
+    return {"condense_minutes": float(np.mean([r.get("condense_seconds", r.get(
+                "condense_seconds_this_session", 0.0)) for r in runs])) / 60,
             "eval_minutes": float(np.mean([r.get("eval_seconds", 0.0) for r in runs])) / 60}
 
 
@@ -134,7 +142,8 @@ def _setting(row: dict, split: int) -> str:
     held = f"{split} held out per class" if split else "no split: all training images"
     if row["chosen"] is None:
         return f"untuned: {study.VARIANTS[row['study_variant']][0]} ({held})"
-    at = "" if row["chosen_at_ipc"] == row.get("ipc") else f" (chosen at IPC {row['chosen_at_ipc']})"
+    at = ("" if row["chosen_at_ipc"] == row.get("ipc") else
+          f" (chosen at IPC {row['chosen_at_ipc']})")
     return (", ".join(f"{k} {v:.4g}" for k, v in row["chosen"].items())
             + f"{at} ({row['grid_failed']})")
 
@@ -205,4 +214,5 @@ def compare(workdir: str, methods: Sequence[str], command: str = "",
     return table
 
 
-__all__ = ["method_row", "markdown", "compare"]
+__all__ = ["SHARED", "SHARED_CONDENSING", "method_row", "baseline_row", "check_protocol",
+           "markdown", "compare"]

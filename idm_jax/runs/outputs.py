@@ -98,7 +98,7 @@ def evaluation_bar(num_models: int, epochs: int, model: str, hidden: bool = Fals
         return None, None
     from tqdm import tqdm
     bar = tqdm(total=num_models * (epochs + 1), unit="epoch", dynamic_ncols=True,
-               desc=f"evaluating {num_models} x {model}")
+               desc=f"evaluating {num_models} x {model}", leave=False)
 
     def progress(done: int, total: int) -> None:
         bar.total = total

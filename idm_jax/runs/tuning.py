@@ -17,6 +17,10 @@ Runs live in ``<workdir>/<method>/<trial>/seed<k>`` and resume like a study's; a
 or images stop being finite (a step size too large) is recorded as failed (``failed.json``) and
 ranks last. Each record carries the gradient norm of every loss term at iteration 0
 (``record_grad_norms``), so the grid table shows why a step size was right or wrong.
+
+``run_carried`` reports a method at another IPC without a second grid: the setting its tuning
+chose (same split, budget and overrides) runs at the new IPC on the test seeds, recorded with
+``carried_from`` (where and on what validation the choice was made).
 """
 
 from __future__ import annotations
@@ -129,7 +133,8 @@ def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str 
     best = choose(trials, {"lr_img": base.lr_img, "ce_weight": base.ce_weight,
                            "calibration_weight": base.calibration_weight})
     tests = _run_test_seeds(base, trials[best][0], test_seeds, dataset, root, quiet, method)
-    summary = _summary(method, base, trials, best, tests, trial_seed, test_seeds, command)
+    summary = _summary(method, base, trials, best, tests, trial_seed, test_seeds, command,
+                       budget=budget, overrides=overrides)
     write(summary, root)
     return summary
 
@@ -146,27 +151,40 @@ def _run_test_seeds(base: Config, chosen: dict, test_seeds, dataset, root: str, 
 
 
 def carried_choice(source: str, method: str, dataset: str, ipc: int,
-                   validation_per_class: int) -> dict:
+                   validation_per_class: int, *, workdir: str = "", budget: str = "cpu",
+                   overrides: Optional[dict] = None) -> tuple[dict, dict]:
     """The tuning of ``method`` in the workdir ``source`` whose choice is to be carried to
-    ``ipc``: its ``tuning.json``, checked to be a finished tuning of this method and dataset on
-    the same validation split at another IPC. ValueError says what does not fit."""
+    ``ipc`` into ``workdir``: (its ``tuning.json``, the chosen setting's grid row), checked to
+    be a grid's own finished choice of this method and dataset at another IPC, on the same
+    validation split, budget and ``--set`` overrides (where the tuning recorded them), and not
+    a failed setting. ValueError says what does not fit."""
+    flag = f"--carry_from {source}"
+    if workdir and os.path.realpath(workdir) == os.path.realpath(source):
+        raise ValueError(f"{flag}: that is --workdir itself; carry into another workdir (the "
+                         f"carried record would replace the tuning's)")
     path = os.path.join(source, folder(method), "tuning.json")
     if not os.path.exists(path):
-        raise ValueError(f"--carry_from {source}: no tuning of {method} there ({path} is "
-                         f"missing); run experiments.tune for it first")
+        raise ValueError(f"{flag}: no tuning of {method} there ({path} is missing); run "
+                         f"experiments.tune for it first")
     with open(path) as f:
         summary = json.load(f)
-    wrong = {k: (summary.get(k), v) for k, v in (
-        ("method", method), ("dataset", dataset),
-        ("validation_per_class", validation_per_class)) if summary.get(k) != v}
+    here = dict(method=method, dataset=dataset, validation_per_class=validation_per_class,
+                budget=budget, overrides=json.loads(json.dumps(dict(
+                    overrides or {}, validation_per_class=validation_per_class))))
+    wrong = {k: (summary[k], v) for k, v in here.items()
+             if summary.get(k, v) != v}    # budget, overrides: not recorded before c0e54af
     if wrong:
-        raise ValueError(f"--carry_from {source}: that tuning differs in "
-                         + ", ".join(f"{k} ({a!r} there, {b!r} here)"
-                                     for k, (a, b) in wrong.items()))
+        raise ValueError(f"{flag}: that tuning differs in " + ", ".join(
+            f"{k} ({a!r} there, {b!r} here)" for k, (a, b) in wrong.items()))
     if summary.get("ipc") == ipc or summary.get("carried_from"):
-        raise ValueError(f"--carry_from {source}: that is a tuning at IPC {ipc} or itself "
-                         f"carried; carry a grid's own choice to another IPC")
-    return summary
+        raise ValueError(f"{flag}: that is a tuning at IPC {ipc} or itself carried; carry a "
+                         f"grid's own choice to another IPC")
+    trial = next((row for row in summary.get("grid", [])
+                  if row["setting"] == summary.get("chosen")), None)
+    if trial is None or trial["failed"]:
+        raise ValueError(f"{flag}: the tuning's chosen setting {summary.get('chosen')} is "
+                         f"{'a failed run' if trial else 'not in its grid'}; nothing to carry")
+    return summary, trial
 
 
 def run_carried(dataset, method: str, workdir: str, source: str, *, ipc: int,
@@ -176,8 +194,10 @@ def run_carried(dataset, method: str, workdir: str, source: str, *, ipc: int,
     """Run the setting a tuning in ``source`` chose at another IPC, at ``ipc`` on
     ``test_seeds`` (no grid here: the choice was made there, on the same validation split);
     write ``tuning.json`` and ``tuning.md`` under ``<workdir>/<method>`` with an empty grid and
-    ``carried_from`` naming the tuning, its IPC and the validation accuracy the choice saw."""
-    origin = carried_choice(source, method, dataset.name, ipc, validation_per_class)
+    ``carried_from`` naming the tuning, its IPC and the validation accuracy the choice saw.
+    The setting's values are carried as they are (not as factors of the method's default)."""
+    origin, trial = carried_choice(source, method, dataset.name, ipc, validation_per_class,
+                                   workdir=workdir, budget=budget, overrides=overrides)
     if origin["trial_seed"] in test_seeds:
         raise ValueError(f"--test_seeds {list(test_seeds)} include the trial seed "
                          f"{origin['trial_seed']} of the tuning carried from {source}")
@@ -187,8 +207,7 @@ def run_carried(dataset, method: str, workdir: str, source: str, *, ipc: int,
     chosen = origin["chosen"]
     tests = _run_test_seeds(base, chosen, test_seeds, dataset, root, quiet, method)
     summary = _summary(method, base, [], None, tests, origin["trial_seed"], test_seeds,
-                       command, chosen=chosen)
-    trial = next(row for row in origin["grid"] if row["setting"] == chosen)
+                       command, chosen=chosen, budget=budget, overrides=overrides)
     summary["carried_from"] = {
         "workdir": source, "ipc": origin["ipc"], "trials": len(origin["grid"]),
         "grid_failed": sum(1 for row in origin["grid"] if row["failed"]),
@@ -203,7 +222,8 @@ def folder(method: str) -> str:
 
 
 def _summary(method, base, trials, best, tests, trial_seed, test_seeds, command,
-             chosen: Optional[dict] = None) -> dict:
+             chosen: Optional[dict] = None, budget: str = "cpu",
+             overrides: Optional[dict] = None) -> dict:
     rows = []
     for point, results in trials:
         rows.append({"setting": point, "failed": results.get("failed"),
@@ -222,6 +242,7 @@ def _summary(method, base, trials, best, tests, trial_seed, test_seeds, command,
                      "seed_means": [float(np.mean(r["accuracies"]))
                                     for r in tests if "accuracies" in r],
                      "failed": [r["failed"] for r in tests if "failed" in r]},
+            "budget": budget, "overrides": overrides or {},
             "machine": study.machine(), "command": command}
 
 
@@ -236,7 +257,7 @@ def markdown(summary: dict) -> str:
              f"choice run at seeds {summary['test_seeds']}.", "",
              "| setting | validation (%) | grad norm at it 0: loss / each term |", "|---|---|---|"]
     for row in summary["grid"]:
-        setting = ", ".join(f"{k} {v:.4g}" for k, v in row["setting"].items())
+        setting = _setting(row["setting"])
         mark = " (chosen)" if row["setting"] == summary["chosen"] else ""
         score = ("failed (not finite)" if row["failed"] else
                  f"{row['validation']:.2f} +- {row['validation_std']:.2f}"
@@ -249,6 +270,10 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _setting(point: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in point.items())
+
+
 def _test_line(test: dict) -> str:
     return (f"{test['mean']:.2f} +- {test['std']:.2f} % over {test['models']} models "
             f"(seed means {', '.join(f'{m:.2f}' for m in test['seed_means'])})"
@@ -259,8 +284,9 @@ def _carried_markdown(summary: dict, origin: dict) -> str:
     return (f"{summary['method']} on {summary['dataset']} IPC {summary['ipc']} at the setting "
             f"its tuning at IPC {origin['ipc']} chose ({origin['workdir']}: {origin['trials']} "
             f"settings at seed {summary['trial_seed']}, {origin['grid_failed']} failed), "
-            f"{summary['chosen']}, with validation "
-            f"{study.cell(origin['validation'], origin['validation_std'])} % there on {summary['validation_per_class']} "
+            f"{_setting(summary['chosen'])}, with validation "
+            f"{study.cell(origin['validation'], origin['validation_std'])} % there on "
+            f"{summary['validation_per_class']} "
             f"held-out images per class; no grid at IPC {summary['ipc']}.\n\n"
             f"Test accuracy at IPC {summary['ipc']} on seeds {summary['test_seeds']}: "
             f"{_test_line(summary['test'])}.\n")
@@ -309,9 +335,13 @@ def write(summary: dict, root: str) -> None:
     checkpoint.dump_json(os.path.join(root, "tuning.json"), summary)
     with open(os.path.join(root, "tuning.md"), "w") as f:
         f.write(markdown(summary))
+    picture = os.path.join(root, "tuning.png")
     if summary["grid"]:
-        plot(summary, os.path.join(root, "tuning.png"))
+        plot(summary, picture)
+    elif os.path.exists(picture):     # a grid's picture left by an earlier tuning here
+        os.remove(picture)
 
 
-__all__ = ["FAILED_FILE", "TRIALS", "grid", "trial_name", "folder", "validation_score", "choose", "run_tuning",
+__all__ = ["FAILED_FILE", "TRIALS", "grid", "trial_name", "folder", "validation_score", "choose",
+           "run_tuning",
            "carried_choice", "run_carried", "markdown", "plot", "write"]
