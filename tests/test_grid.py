@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -266,3 +267,40 @@ def test_a_grid_fetches_metrics_in_windows_timed_once_they_arrive(tmp_path, monk
         assert [line["iteration"] for line in lines] == list(range(last + 1))
         # 0.05 s per iteration fetched, shared by the 2 settings.
         assert all(line["seconds"] >= 0.02 for line in lines), lines
+
+
+@pytest.mark.parametrize("method", ["ncfm", "iid"])
+def test_methods_with_a_pretrained_pool_condense_in_a_grid_as_alone(digits, tmp_path, method):
+    """NCFM (its interpolated pool and calibration weight) and IID (its auxiliary pool) draw
+    their networks from the schedule the grid shares: each setting ends with its own run's
+    images to the last bit."""
+    from idm_jax import engine as engine_lib, methods, pretrain
+    from idm_jax.runs import run as run_lib
+
+    _, split = data.split_validation(digits, 3, 0)
+    net = engine_lib.make_engine(presets.smoke(presets.get_preset("digits-ipc1")), 10,
+                                 (16, 16, 1))
+    trained = jax.vmap(net.init_params)(jax.random.split(jax.random.PRNGKey(3), 2))
+    pretrain.save_pool(tmp_path / "pool", {"init": trained, "trained": trained,
+                                           "train_accuracy": [0.0, 0.0]},
+                       {"model": "ConvNetW32", "dataset": "digits",
+                        "validation": split.record()})
+    extra = dict(cf_frequencies=64) if method == "ncfm" else dict(auxiliary_model="ConvNetW32")
+    base = dataclasses.replace(
+        presets.smoke(methods.with_method(presets.get_preset("digits-ipc1"), method)),
+        pool_dir=str(tmp_path / "pool"), batch_real=8, iterations=2, num_eval=1,
+        epoch_eval_train=1, validation_per_class=3, exports="npz", syn_ce=True, **extra)
+    points = tuning.grid(base)[4:6]        # two learning rates (and NCFM's two weights)
+    configs = [dataclasses.replace(base, **point) for point in points]
+    directories = [str(tmp_path / str(i)) for i in range(2)]
+    grid_run.condense_grid(configs, digits, directories, str(tmp_path / "grid"), quiet=True)
+    together = run_lib.condense_and_evaluate(configs[1], digits, directories[1], quiet=True)
+    sessions = [json.loads(line)["from_iteration"]
+                for line in open(tmp_path / "1" / "sessions.jsonl")]
+    assert sessions == [0, 2]        # condensed by the grid, only evaluated by the run
+    alone = run_lib.condense_and_evaluate(configs[1], digits, str(tmp_path / "alone"),
+                                          quiet=True)
+    assert together["accuracies"] == alone["accuracies"]
+    with np.load(tmp_path / "1" / "synthetic.npz") as a, \
+            np.load(tmp_path / "alone" / "synthetic.npz") as b:
+        np.testing.assert_array_equal(a["images"], b["images"])
