@@ -91,6 +91,9 @@ SHARED = ("dataset", "ipc", "num_eval", "epoch_eval_train", "eval_model", "batch
 SHARED_CONDENSING = ("iterations", "batch_real")
 
 
+TUNED, UNTUNED = "#4c72b0", "#9a9a9a"       # the chart's colours
+
+
 def baseline_row(workdir: str, variant: str) -> Optional[dict]:
     """The row of a study variant (``<workdir>/<variant>/seed<k>``, every finished seed there,
     in seed order; other folders are not runs), untuned, beside the tuned methods; None when
@@ -209,8 +212,10 @@ def compare(workdir: str, methods: Sequence[str], command: str = "",
     with open(os.path.join(workdir, "comparison.json"), "w") as f:
         json.dump({"header": header, "table": table}, f, indent=2)
     study.bar_chart(table, os.path.join(workdir, "comparison.png"),
-                    f"{header['dataset']} IPC {header['ipc']}, each method at the setting chosen "
-                    f"on validation: test accuracy on fresh seeds, mean +- std over models")
+                    f"{header['dataset']} IPC {header['ipc']}: each method at the setting chosen "
+                    f"on validation (blue), untuned study rows (grey); test accuracy, mean +- "
+                    f"std over models", colors=[TUNED if r["chosen"] is not None else UNTUNED
+                                                for r in table])
     return table
 
 

@@ -225,8 +225,10 @@ def markdown(table: list[dict], header: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(table: list[dict], path: str, title: str) -> None:
-    """A PNG bar chart of the table's means with population-std error bars."""
+def bar_chart(table: list[dict], path: str, title: str,
+              colors: Optional[Sequence[str]] = None) -> None:
+    """A PNG bar chart of the table's means with population-std error bars (``colors``: one
+    per row; blue for all by default)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -234,7 +236,7 @@ def bar_chart(table: list[dict], path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(table) + 1.5), 3.6), dpi=120)
     names = [row["variant"] for row in table]
     ax.bar(names, [row["mean"] for row in table], yerr=[row["std"] for row in table],
-           capsize=4, color="#4c72b0")
+           capsize=4, color=list(colors) if colors else "#4c72b0")
     for i, row in enumerate(table):
         ax.text(i, row["mean"] + row["std"] + 0.3, f"{row['mean']:.1f}", ha="center",
                 fontsize=8)
