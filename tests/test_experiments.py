@@ -214,10 +214,14 @@ def test_nan_loss_stops_with_the_iteration_and_the_last_good_checkpoint(tmp_path
 def test_a_cpu_run_short_of_memory_says_it_recomputes(tmp_path, capsys):
     data_dir = str(tmp_path / "npy")
     write_npy_cifar(data_dir)
+    shown = [a for a in TINY if a != "--quiet"]         # with its progress bars
     argv = ["--ipc", "1", "--source", "npy", "--data_dir", data_dir, "--workdir",
-            str(tmp_path / "run")] + TINY + ["--iterations", "1", "--memory_budget_gb", "0.001"]
+            str(tmp_path / "run")] + shown + ["--iterations", "1", "--memory_budget_gb", "0.001"]
     cli.main("cifar10", argv=argv)
-    assert "backward pass recomputes them" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "backward pass recomputes them" in out
+    # The evaluation's bar: 1 model x epochs 0..1 (tqdm draws at most every 0.1 s).
+    assert "evaluating 1 x ConvNet" in err and "/2 [" in err, err[-500:]
 
 
 def test_dataset_npy_directory_loads_for_the_cli(tmp_path):

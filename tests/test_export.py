@@ -206,3 +206,4 @@ def test_the_evaluate_cli_reads_another_toolkits_set(tmp_path, monkeypatch):
     np.testing.assert_array_equal(seen["x"], images.transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(seen["y"], labels)
     assert seen["expand"] is False
+    assert callable(seen["progress"])          # the CLI shows the evaluation's progress
