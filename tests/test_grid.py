@@ -269,11 +269,12 @@ def test_a_grid_fetches_metrics_in_windows_timed_once_they_arrive(tmp_path, monk
         assert all(line["seconds"] >= 0.02 for line in lines), lines
 
 
-@pytest.mark.parametrize("method", ["ncfm", "iid"])
-def test_methods_with_a_pretrained_pool_condense_in_a_grid_as_alone(digits, tmp_path, method):
-    """NCFM (its interpolated pool and calibration weight) and IID (its auxiliary pool) draw
-    their networks from the schedule the grid shares: each setting ends with its own run's
-    images to the last bit."""
+@pytest.mark.parametrize("method", ["ncfm", "iid", "m3d"])
+def test_methods_with_other_extractor_schedules_condense_in_a_grid_as_alone(digits, tmp_path,
+                                                                          method):
+    """NCFM (its interpolated pool and calibration weight), IID (its auxiliary pool) and M3D (a
+    fresh random extractor every 5 iterations, as DM's every 1) draw their networks from the
+    schedule the grid shares: each setting ends with its own run's images to the last bit."""
     from idm_jax import engine as engine_lib, methods, pretrain
     from idm_jax.runs import run as run_lib
 
@@ -285,11 +286,14 @@ def test_methods_with_a_pretrained_pool_condense_in_a_grid_as_alone(digits, tmp_
                                            "train_accuracy": [0.0, 0.0]},
                        {"model": "ConvNetW32", "dataset": "digits",
                         "validation": split.record()})
-    extra = dict(cf_frequencies=64) if method == "ncfm" else dict(auxiliary_model="ConvNetW32")
+    pool = dict(pool_dir=str(tmp_path / "pool"), syn_ce=True)    # digits: CE off by default
+    extra = {"ncfm": dict(pool, cf_frequencies=64, iterations=2),
+             "iid": dict(pool, auxiliary_model="ConvNetW32", iterations=2),
+             "m3d": dict(iterations=6)}[method]     # a second fresh extractor at iteration 5
     base = dataclasses.replace(
         presets.smoke(methods.with_method(presets.get_preset("digits-ipc1"), method)),
-        pool_dir=str(tmp_path / "pool"), batch_real=8, iterations=2, num_eval=1,
-        epoch_eval_train=1, validation_per_class=3, exports="npz", syn_ce=True, **extra)
+        batch_real=8, num_eval=1, epoch_eval_train=1, validation_per_class=3, exports="npz",
+        **extra)
     points = tuning.grid(base)[4:6]        # two learning rates (and NCFM's two weights)
     configs = [dataclasses.replace(base, **point) for point in points]
     directories = [str(tmp_path / str(i)) for i in range(2)]
@@ -297,7 +301,7 @@ def test_methods_with_a_pretrained_pool_condense_in_a_grid_as_alone(digits, tmp_
     together = run_lib.condense_and_evaluate(configs[1], digits, directories[1], quiet=True)
     sessions = [json.loads(line)["from_iteration"]
                 for line in open(tmp_path / "1" / "sessions.jsonl")]
-    assert sessions == [0, 2]        # condensed by the grid, only evaluated by the run
+    assert sessions == [0, base.iterations]   # condensed by the grid, evaluated by the run
     alone = run_lib.condense_and_evaluate(configs[1], digits, str(tmp_path / "alone"),
                                           quiet=True)
     assert together["accuracies"] == alone["accuracies"]
