@@ -241,8 +241,15 @@ def test_a_choice_carried_to_another_ipc_runs_no_grid_and_tables_beside_study_ba
     moved["config"]["seed"] = 0
     record.write_text(json.dumps(moved))
     _study_run(studies, "dm", 0, [30.0, 31.0], epoch_eval_train=7)
+    _study_run(studies, "pf4", 0, [30.0, 31.0], validation_seed=1)
+    _study_run(studies, "random-real-plain", 0, [30.0, 31.0], validation_per_class=0)
+    tune.main(["--compare", "dm", "--workdir", str(ipc10),       # no split: allowed, marked
+               "--baselines", f"{studies}:random-real-plain"])
+    assert "no split: all training images" in (ipc10 / "comparison.md").read_text()
     for argv, words in ((["--compare", "dm", "--baselines", f"{studies}:idm,dm"],
                          "differ in epoch_eval_train"),
+                        (["--compare", "dm", "--baselines", f"{studies}:pf4"],
+                         "differ in validation_seed"),
                         (["--compare", "dm", "--baselines", f"{studies}:random-real"],
                          "the run in seed2 is not seed 2"),
                         (["--compare", "dm", "--baselines", f"{studies}:nope"], "variants of"),

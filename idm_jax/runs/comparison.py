@@ -89,6 +89,7 @@ def method_row(workdir: str, method: str) -> Optional[dict]:
 SHARED = ("dataset", "ipc", "num_eval", "epoch_eval_train", "eval_model", "batch_train",
           "lr_net", "net_momentum", "net_weight_decay", "dsa_strategy")
 SHARED_CONDENSING = ("iterations", "batch_real")
+SHARED_SPLIT = ("validation_per_class", "validation_seed")
 
 
 TUNED, UNTUNED = "#4c72b0", "#9a9a9a"       # the chart's colours
@@ -128,11 +129,15 @@ def _minutes(runs: list[dict]) -> dict:
 
 
 def check_protocol(records: dict[str, list[dict]]) -> dict[str, int]:
-    """Refuse rows run under different protocols (``SHARED``, and ``SHARED_CONDENSING`` among
-    the rows that condense); returns each row's held-out images per class."""
+    """Refuse rows run under different protocols (``SHARED``, ``SHARED_CONDENSING`` among the
+    rows that condense, ``SHARED_SPLIT`` among the rows that hold out a validation split, so
+    that their validation columns score the same images); returns each row's held-out images
+    per class."""
     configs = {row: Config.from_dict(runs[0]["config"]) for row, runs in records.items()}
     condensing = {row: c for row, c in configs.items() if c.iterations > 0}
-    for fields, group in ((SHARED, configs), (SHARED_CONDENSING, condensing)):
+    split = {row: c for row, c in configs.items() if c.validation_per_class > 0}
+    for fields, group in ((SHARED, configs), (SHARED_CONDENSING, condensing),
+                          (SHARED_SPLIT, split)):
         for field in fields:
             values = {row: getattr(c, field) for row, c in group.items()}
             if len(set(values.values())) > 1:
@@ -219,5 +224,5 @@ def compare(workdir: str, methods: Sequence[str], command: str = "",
     return table
 
 
-__all__ = ["SHARED", "SHARED_CONDENSING", "method_row", "baseline_row", "check_protocol",
+__all__ = ["SHARED", "SHARED_CONDENSING", "SHARED_SPLIT", "method_row", "baseline_row", "check_protocol",
            "markdown", "compare"]
