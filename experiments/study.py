@@ -34,7 +34,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--tfds_data_dir", default=None)
     parser.add_argument("--devices", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (the evaluation program is then also kept in "
+                             "the compilation cache)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field of the budget for every run (repeatable)")
     parser.add_argument("--table_only", action="store_true",

@@ -62,7 +62,9 @@ def build_parser(dataset: str, default_ipc: int,
     parser.add_argument("--restart", action="store_true",
                         help="start over: the workdir's previous run is moved to "
                              "<workdir>/previous/<time>/ (nothing is deleted)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (the evaluation program is then also kept in "
+                             "the compilation cache)")
     parser.add_argument("--devices", type=int, default=0,
                         help="devices to shard the class axis over (0: all available)")
     parser.add_argument("--distributed", action="store_true",
