@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -231,7 +231,8 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
                     parallel: Optional[bool] = None,
                     policy: Optional[backend.Policy] = None,
                     validation: Optional[tuple] = None,
-                    progress: Optional[Callable[[int, int], None]] = None) -> dict:
+                    progress: Optional[Callable[[int, int], None]] = None,
+                    model_indices: Optional[Sequence[int]] = None) -> dict:
     """Evaluate a condensed set with the official protocol; the library entry point.
 
     Args:
@@ -254,6 +255,9 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
         per model trained one after another, or in all for vmapped models (for a progress
         bar); it changes no value, but a program with a host callback is not kept in JAX's
         persistent compilation cache. An exception it raises turns it off, not the evaluation.
+      model_indices: train only these of the ``num_models`` models (indices into
+        ``split(key, num_models)``), in that order; each scores what it scores among all (one
+        after another on CPU, bit for bit: tested). None: all of them.
 
     Returns a dict: ``accuracies`` (list of num_models floats, %), ``mean`` and ``std``
     (population std, %), ``seconds`` (wall time including compilation), ``model``; with
@@ -271,14 +275,20 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
     test = _padded_test_set(test_images, test_labels, test_batch)
     held_out = None if validation is None else _padded_test_set(*validation, test[2])
     together = policy.vmap_models if parallel is None else parallel
+    keys = jax.random.split(key, num_models)
+    if model_indices is not None:
+        if not model_indices or not all(0 <= m < num_models for m in model_indices):
+            raise ValueError(f"model_indices {list(model_indices)}: give indices in "
+                             f"0..{num_models - 1}")
+        keys = keys[np.asarray(model_indices, np.int32)]
     one = _one_model(net, images, labels, policy, test, held_out, dict(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
         weight_decay=weight_decay, dsa_strategy=dsa_strategy,
-        on_epoch=None if progress is None else _ModelEpochs(progress, num_models, epochs + 1,
+        on_epoch=None if progress is None else _ModelEpochs(progress, len(keys), epochs + 1,
                                                             together)))
     start = time.perf_counter()
     map_models = jax.vmap if together else backend.sequential
-    test_acc, val_acc = jax.device_get(jax.jit(map_models(one))(jax.random.split(key, num_models)))
+    test_acc, val_acc = jax.device_get(jax.jit(map_models(one))(keys))
     result = {"model": model, **_summary(test_acc), "seconds": time.perf_counter() - start}
     if validation is not None:
         result["validation"] = _summary(val_acc)

@@ -8,7 +8,7 @@ from sklearn.datasets import load_digits
 
 import idm_jax
 from idm_jax import evaluation
-from idm_jax.accel import ops
+from idm_jax.accel import backend, ops
 from idm_jax import presets
 
 
@@ -107,6 +107,14 @@ def test_progress_counts_every_model_epoch_once_and_changes_no_value(monkeypatch
                                              return_variables=True, on_epoch=on_epoch)[1]
         return jax.jit(jax.vmap(one) if vmapped else one)(keys if vmapped else keys[0])
 
+    # One model's own program trains it as its turn among all, one after another, does (how a
+    # run's evaluation resumes model by model: runs.evaluating).
+    def one(k):
+        return evaluation.train_and_test(k, Linear(), x, y, tx, ty, epochs=6, test_batch=100,
+                                         return_variables=True)[1]
+    among_all = jax.jit(backend.sequential(one))(keys)
+    alone = jax.jit(one)(keys[1])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a[1], b), among_all, alone)
     for vmapped in (False, True):
         ticks = []
         plain, reported = trained(None, vmapped), trained(ticks.append, vmapped)

@@ -12,6 +12,8 @@ called from a notebook or a sweep the same way. Everything of a run lives in ``w
   synthetic.png      the synthetic images, one row per class (also synthetic_<it>.png per eval)
   synthetic.npz ...  the condensed set in the layouts of ``idm_jax.runs.export``
   results.json       final per-model accuracies, mean and population std, wall times, device
+  evaluation.json    while the final evaluation runs: each model's score as it finishes, so a
+                     stopped evaluation resumes with the models left (``runs.evaluating``)
 
 One process at a time uses a workdir (``workdir.lock``); ``restart=True`` moves the previous run
 to ``previous/<time>/`` instead of deleting it. Every setting and the data are checked
@@ -32,14 +34,15 @@ import json
 import os
 import signal
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import numpy as np
 
-from idm_jax import data, engine, evaluation, iterating, methods
-from idm_jax.accel import backend, sharding
-from idm_jax.runs import checkpoint, outputs
+from idm_jax import data, engine, iterating, methods
+from idm_jax.accel import sharding
+from idm_jax.runs import checkpoint, evaluating, outputs
+from idm_jax.runs.evaluating import evaluate_images
 from idm_jax.runs import window as window_lib
 from idm_jax import validate
 from idm_jax import real as real_lib
@@ -70,28 +73,6 @@ def place_real(dataset: data.Dataset, mesh) -> real_lib.RealData:
     counts = np.bincount(labels, minlength=dataset.num_classes)
     return real_lib.real_from_host_shard(dataset.train_images[keep], labels[keep], counts,
                                          dataset.mean, dataset.std, mesh)
-
-
-def evaluate_images(images, dataset: data.Dataset, config: Config, key, test_x,
-                    policy: Optional[backend.Policy] = None,
-                    validation: Optional[data.ValidationSplit] = None,
-                    progress: Optional[Callable[[int, int], None]] = None) -> dict:
-    """Evaluate stored synthetic ``images`` (K*ipc, H, W, C), normalised, with the config's
-    protocol (``evaluation.evaluate_synset``), on the test set and on ``validation``;
-    ``progress(model-epochs done, of all)`` as it goes."""
-    held_out = None
-    if validation is not None:
-        held_out = (data.normalize(validation.images, dataset.mean, dataset.std),
-                    validation.labels)
-    return evaluation.evaluate_synset(
-        key, images, engine.synthetic_labels(dataset.num_classes, config.ipc),
-        test_x, dataset.test_labels, model=config.eval_model, num_classes=dataset.num_classes,
-        num_models=config.num_eval, epochs=config.epoch_eval_train,
-        batch_size=config.batch_train, lr=config.lr_net, momentum=config.net_momentum,
-        weight_decay=config.net_weight_decay, dsa_strategy=config.dsa_strategy,
-        expand=config.partition_expand, partition_factor=config.partition_factor,
-        partition_scheme=config.partition, partition_ratio=config.partition_ratio,
-        microbatch_size=config.microbatch, policy=policy, validation=held_out, progress=progress)
 
 
 def prepare_data(config: Config, dataset: data.Dataset, mesh=None,
@@ -192,8 +173,14 @@ class _Session:
         bar, progress = outputs.evaluation_bar(config.num_eval, config.epoch_eval_train,
                                                config.eval_model, self.quiet or not self.main_host)
         try:
-            result = evaluate_images(images, self.dataset, config, key, self.test_x,
-                                     self.eng.policy, self.validation, progress)
+            if final:     # the long one: kept model by model (runs.evaluating)
+                result = evaluating.evaluate_resumably(
+                    images, self.dataset, config, key, self.test_x, iteration=it,
+                    workdir=self.workdir, policy=self.eng.policy, validation=self.validation,
+                    progress=progress, write=self.main_host)
+            else:
+                result = evaluate_images(images, self.dataset, config, key, self.test_x,
+                                         self.eng.policy, self.validation, progress)
         finally:
             if bar is not None:
                 bar.close()
@@ -384,6 +371,7 @@ def _final_results(run: _Session, state, start_it: int, sessions: list,
     if run.main_host:
         results["condense_seconds"] = outputs.logged_seconds(run.workdir)
         checkpoint.dump_json(os.path.join(run.workdir, "results.json"), results)
+        evaluating.discard(run.workdir)
         outputs.save_metrics_plot(run.workdir)
     held_out = ("" if run.validation is None else
                 f" (validation {result['validation']['mean']:.2f} +- "
