@@ -277,7 +277,7 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
     together = policy.vmap_models if parallel is None else parallel
     keys = jax.random.split(key, num_models)
     if model_indices is not None:
-        if not model_indices or not all(0 <= m < num_models for m in model_indices):
+        if len(model_indices) == 0 or not all(0 <= m < num_models for m in model_indices):
             raise ValueError(f"model_indices {list(model_indices)}: give indices in "
                              f"0..{num_models - 1}")
         keys = keys[np.asarray(model_indices, np.int32)]

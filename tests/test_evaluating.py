@@ -7,26 +7,8 @@ import json
 import pytest
 
 from idm_jax import data, evaluation, presets
+from idm_jax.accel import backend
 from idm_jax.runs import evaluating, run as run_lib
-from idm_jax.runs.stop import Interrupted
-
-
-class StopBeforeModel:
-    """``StopRequest``'s stand-in: a signal arrives while model ``n - 1`` trains."""
-
-    def __init__(self, n: int, **_):
-        self.asked, self.n, self.signum = 0, n, 15
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    @property
-    def requested(self) -> bool:
-        self.asked += 1
-        return self.asked > self.n
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +24,21 @@ def test_a_stopped_evaluation_resumes_with_the_models_left(digits, tmp_path, mon
     trained = []
     original = evaluation.evaluate_synset
 
-    def spy(*args, model_indices=None, **kwargs):
+    def spy(*args, model_indices=None, **kwargs):        # Ctrl-C while model 2 trains
         trained.append(list(model_indices))
+        if model_indices == [2] and len(trained) == 3:
+            raise KeyboardInterrupt
         return original(*args, model_indices=model_indices, **kwargs)
 
     monkeypatch.setattr(evaluation, "evaluate_synset", spy)
     workdir = tmp_path / "stopped"
-    with monkeypatch.context() as patch:
-        patch.setattr(evaluating, "StopRequest", lambda **_: StopBeforeModel(2))
-        with pytest.raises(Interrupted, match="stopped at evaluation model 2"):
-            run_lib.condense_and_evaluate(config, digits, str(workdir), quiet=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_lib.condense_and_evaluate(config, digits, str(workdir), quiet=True)
     kept = json.loads((workdir / evaluating.PARTIAL_FILE).read_text())
-    assert sorted(kept["models"]) == ["0", "1"] and trained == [[0], [1]]
+    assert sorted(kept["models"]) == ["0", "1"] and trained == [[0], [1], [2]]
     assert not (workdir / "results.json").exists()
     resumed = run_lib.condense_and_evaluate(config, digits, str(workdir), quiet=True)
-    assert trained == [[0], [1], [2]]                    # only the model left
+    assert trained == [[0], [1], [2], [2]]               # only the model left
     for field in ("accuracies", "mean", "std", "validation"):
         assert resumed[field] == uninterrupted[field], field
     assert not (workdir / evaluating.PARTIAL_FILE).exists()
@@ -73,7 +55,9 @@ def test_kept_scores_of_other_images_or_settings_are_not_reused(digits, tmp_path
                                                      "validation": None}}
     for other in (evaluating.fingerprint(images + 1e-3, config, 10),
                   evaluating.fingerprint(images, config, 11),
-                  evaluating.fingerprint(images, dataclasses.replace(config, lr_net=0.02), 10)):
+                  evaluating.fingerprint(images, dataclasses.replace(config, lr_net=0.02), 10),
+                  evaluating.fingerprint(images, config, 10, test=(images[:2],)),
+                  evaluating.fingerprint(images, config, 10, policy=backend.resolve(0))):
         assert other != mark and evaluating._kept(str(path), other) == {}
     # Mechanics change no result, so they keep the scores; a damaged record is ignored.
     same = evaluating.fingerprint(images, dataclasses.replace(config, log_every=7), 10)

@@ -73,6 +73,12 @@ def test_vmapped_models_equal_one_at_a_time():
                              microbatch_size=size, progress=None if size == 16 else (
                                  lambda done, of, p=parallel: seen[p].append((done, of))))
             for parallel, size in ((True, 0), (False, -1), (True, 16))]
+    # The second model on its own, as a resumed evaluation trains it: what it scored among all.
+    second = idm_jax.evaluate(key, train_x, train_y, test_x[:200], test_y[:200],
+                              model="ConvNetW32", num_models=2, epochs=2, expand=True,
+                              num_classes=10, test_batch=100, parallel=False,
+                              microbatch_size=-1, model_indices=[1])
+    assert second["accuracies"] == runs[1]["accuracies"][1:]
     # Vmapped, all models advance together; looped, one model's epochs after another's.
     assert seen == {True: [(2, 6), (4, 6), (6, 6)],
                     False: [(d, 6) for d in range(1, 7)]}

@@ -12,8 +12,8 @@ called from a notebook or a sweep the same way. Everything of a run lives in ``w
   synthetic.png      the synthetic images, one row per class (also synthetic_<it>.png per eval)
   synthetic.npz ...  the condensed set in the layouts of ``idm_jax.runs.export``
   results.json       final per-model accuracies, mean and population std, wall times, device
-  evaluation.json    while the final evaluation runs: each model's score as it finishes, so a
-                     stopped evaluation resumes with the models left (``runs.evaluating``)
+  evaluation.json    while the final evaluation runs (CPU): each model's score as it finishes,
+                     so a stopped evaluation resumes with the models left (``runs.evaluating``)
 
 One process at a time uses a workdir (``workdir.lock``); ``restart=True`` moves the previous run
 to ``previous/<time>/`` instead of deleting it. Every setting and the data are checked
@@ -348,8 +348,10 @@ def _final_results(run: _Session, state, start_it: int, sessions: list,
     if run.main_host:
         outputs.export_set(run.workdir, images, run.real, config, run.to_pixels,
                            run.dataset.class_names, it)
-    result = run.evaluate(state, it, final=True)
-    run.log.close()
+    try:
+        result = run.evaluate(state, it, final=True)
+    finally:
+        run.log.close()
     provenance = {k: v for k, v in run.meta.items() if k.startswith("method_")}
     results = {
         "dataset": config.dataset, "ipc": config.ipc, "iterations": it,

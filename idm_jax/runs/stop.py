@@ -37,11 +37,10 @@ class StopRequest:
     """While entered, the first of ``SIGNALS`` sets ``requested`` (and ``signum``); a second
     one restores the previous handlers and aborts (KeyboardInterrupt for Ctrl-C)."""
 
-    def __init__(self, after: str = "this iteration"):
+    def __init__(self):
         self.requested = False
         self.signum: Optional[int] = None
         self._previous: dict = {}
-        self.after = after             # where the stop will happen, as the message says
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():   # signals reach only it
@@ -57,7 +56,7 @@ class StopRequest:
         self.requested, self.signum = True, signum
         name = signal.Signals(signum).name
         again = "Ctrl-C" if signum == signal.SIGINT else f"{name}"
-        print(f"\n{name}: saving a checkpoint after {self.after} ({again} again to abort)",
+        print(f"\n{name}: saving a checkpoint after this iteration ({again} again to abort)",
               file=sys.stderr)
 
     def _restore(self):
