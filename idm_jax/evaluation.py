@@ -220,6 +220,8 @@ def _padded_test_set(test_images, test_labels, test_batch: int):
     return test_x, test_y, test_batch
 
 
+# Long (over 60 lines) in its docstring, which documents the library entry point's arguments;
+# the body is about 30 lines: check, expand, build, train and score, summarise.
 def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
                     model: str = "ConvNet", num_classes: Optional[int] = None,
                     num_models: int = 5, epochs: int = 1000, batch_size: int = 256,
@@ -275,12 +277,7 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
     test = _padded_test_set(test_images, test_labels, test_batch)
     held_out = None if validation is None else _padded_test_set(*validation, test[2])
     together = policy.vmap_models if parallel is None else parallel
-    keys = jax.random.split(key, num_models)
-    if model_indices is not None:
-        if len(model_indices) == 0 or not all(0 <= m < num_models for m in model_indices):
-            raise ValueError(f"model_indices {list(model_indices)}: give indices in "
-                             f"0..{num_models - 1}")
-        keys = keys[np.asarray(model_indices, np.int32)]
+    keys = _model_keys(key, num_models, model_indices)
     one = _one_model(net, images, labels, policy, test, held_out, dict(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
         weight_decay=weight_decay, dsa_strategy=dsa_strategy,
@@ -293,6 +290,17 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
     if validation is not None:
         result["validation"] = _summary(val_acc)
     return result
+
+
+def _model_keys(key: jax.Array, num_models: int, model_indices) -> jax.Array:
+    """The keys of the models to train: ``split(key, num_models)``, or its ``model_indices``."""
+    keys = jax.random.split(key, num_models)
+    if model_indices is None:
+        return keys
+    if len(model_indices) == 0 or not all(0 <= m < num_models for m in model_indices):
+        raise ValueError(f"model_indices {list(model_indices)}: give indices in "
+                         f"0..{num_models - 1}")
+    return keys[np.asarray(model_indices, np.int32)]
 
 
 class _ModelEpochs:
