@@ -371,11 +371,16 @@ def _check_inputs(images, labels, test_images, test_labels, num_classes, validat
 
 def _summary(fractions) -> dict:
     """Accuracies in [0, 1] -> {accuracies (%), mean, std (population)}."""
-    accuracies = 100.0 * np.asarray(fractions, np.float64)
+    return percent_summary(100.0 * np.asarray(fractions, np.float64))
+
+
+def percent_summary(accuracies) -> dict:
+    """Accuracies in % -> {accuracies, mean, std (population)}, as an evaluation reports them."""
+    accuracies = np.asarray(accuracies, np.float64)
     return {"accuracies": accuracies.tolist(), "mean": float(accuracies.mean()),
             "std": float(accuracies.std())}
 
 
 evaluate = evaluate_synset   # the library entry point, exported as idm_jax.evaluate
 
-__all__ = ["REPORTS", "lr_phases", "train_and_test", "test_accuracy", "evaluate_synset", "evaluate"]
+__all__ = ["REPORTS", "percent_summary", "lr_phases", "train_and_test", "test_accuracy", "evaluate_synset", "evaluate"]

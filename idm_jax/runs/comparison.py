@@ -122,9 +122,7 @@ def baseline_row(workdir: str, variant: str) -> Optional[dict]:
 
 
 def _minutes(runs: list[dict]) -> dict:
-    # condense_seconds sums a resumed run's sessions; older records kept this session's only
-    return {"condense_minutes": float(np.mean([r.get("condense_seconds", r.get(
-                "condense_seconds_this_session", 0.0)) for r in runs])) / 60,
+    return {"condense_minutes": float(np.mean([study.condense_seconds(r) for r in runs])) / 60,
             "eval_minutes": float(np.mean([r.get("eval_seconds", 0.0) for r in runs])) / 60}
 
 
@@ -152,8 +150,7 @@ def _setting(row: dict, split: int) -> str:
         return f"untuned: {study.VARIANTS[row['study_variant']][0]} ({held})"
     at = ("" if row["chosen_at_ipc"] == row.get("ipc") else
           f" (chosen at IPC {row['chosen_at_ipc']})")
-    return (", ".join(f"{k} {v:.4g}" for k, v in row["chosen"].items())
-            + f"{at} ({row['grid_failed']})")
+    return tuning.setting_text(row["chosen"]) + f"{at} ({row['grid_failed']})"
 
 
 def markdown(table: list[dict], header: dict) -> str:

@@ -132,16 +132,11 @@ def evaluate_resumably(images, dataset: data.Dataset, config: Config, key, test_
 def _combined(scores: dict, config: Config, held_out: bool) -> dict:
     """The models' scores (%) in model order as ``evaluate_synset`` reports all of them."""
     ordered = [scores[i] for i in range(config.num_eval)]
-
-    def summary(values):
-        accuracies = np.asarray(values, np.float64)
-        return {"accuracies": accuracies.tolist(), "mean": float(accuracies.mean()),
-                "std": float(accuracies.std())}
-
-    result = {"model": config.eval_model, **summary([s["test"] for s in ordered]),
+    result = {"model": config.eval_model,
+              **evaluation.percent_summary([s["test"] for s in ordered]),
               "seconds": float(sum(s["seconds"] for s in ordered))}
     if held_out:
-        result["validation"] = summary([s["validation"] for s in ordered])
+        result["validation"] = evaluation.percent_summary([s["validation"] for s in ordered])
     return result
 
 

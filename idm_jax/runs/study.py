@@ -178,16 +178,21 @@ def stats(results: list[dict]) -> dict:
             "validation_std": float(held_out.std()) if held_out.size else None}
 
 
+def condense_seconds(results: dict) -> float:
+    """A run's condensing time: every session of a resumed run (``condense_seconds``); older
+    records kept only their last session's."""
+    return float(results.get("condense_seconds",
+                             results.get("condense_seconds_this_session", 0.0)))
+
+
 def aggregate(rows: dict[str, list[dict]]) -> list[dict]:
     """One line per variant: ``stats`` of its seeds, its wall time and device."""
     table = []
     for variant, results in rows.items():
         table.append(dict(
             stats(results), variant=variant, what=VARIANTS[variant][0],
-            # condense_seconds sums every session of a resumed run (this-session for older runs)
-            wall_seconds=float(sum(r.get("condense_seconds",
-                                         r.get("condense_seconds_this_session", 0.0))
-                                   + r.get("eval_seconds", 0.0) for r in results)),
+            wall_seconds=float(sum(condense_seconds(r) + r.get("eval_seconds", 0.0)
+                                   for r in results)),
             device=results[0].get("device", "?")))
     return table
 

@@ -257,7 +257,7 @@ def markdown(summary: dict) -> str:
              f"choice run at seeds {summary['test_seeds']}.", "",
              "| setting | validation (%) | grad norm at it 0: loss / each term |", "|---|---|---|"]
     for row in summary["grid"]:
-        setting = _setting(row["setting"])
+        setting = setting_text(row["setting"])
         mark = " (chosen)" if row["setting"] == summary["chosen"] else ""
         score = ("failed (not finite)" if row["failed"] else
                  f"{row['validation']:.2f} +- {row['validation_std']:.2f}"
@@ -270,7 +270,8 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _setting(point: dict) -> str:
+def setting_text(point: dict) -> str:
+    """A grid point as text: ``lr_img 0.2, ce_weight 0.5``."""
     return ", ".join(f"{k} {v:.4g}" for k, v in point.items())
 
 
@@ -284,7 +285,7 @@ def _carried_markdown(summary: dict, origin: dict) -> str:
     return (f"{summary['method']} on {summary['dataset']} IPC {summary['ipc']} at the setting "
             f"its tuning at IPC {origin['ipc']} chose ({origin['workdir']}: {origin['trials']} "
             f"settings at seed {summary['trial_seed']}, {origin['grid_failed']} failed), "
-            f"{_setting(summary['chosen'])}, with validation "
+            f"{setting_text(summary['chosen'])}, with validation "
             f"{study.cell(origin['validation'], origin['validation_std'])} % there on "
             f"{summary['validation_per_class']} "
             f"held-out images per class; no grid at IPC {summary['ipc']}.\n\n"
@@ -343,5 +344,5 @@ def write(summary: dict, root: str) -> None:
 
 
 __all__ = ["FAILED_FILE", "TRIALS", "grid", "trial_name", "folder", "validation_score", "choose",
-           "run_tuning",
+           "run_tuning", "setting_text",
            "carried_choice", "run_carried", "markdown", "plot", "write"]
