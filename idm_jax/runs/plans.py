@@ -1,0 +1,139 @@
+"""The project's campaigns (``campaign.PLANS``), each the exact recipe of a table in RESULTS.md.
+
+``fair-cifar10`` is the fair comparison on CIFAR-10 (issue #28) under the CPU protocol: the IPC 1
+baselines (random-real mosaics at factors 2 to 4, CE alone, IDM and factor 4, none holding out
+a validation split, as they were run), every method tuned at IPC 1 on 500 held-out images per
+class, the IPC 10 study rows and each method's IPC 1 choice carried to IPC 10 (all holding out
+the same 500 per class), both comparison tables, and a third seed for faithful IDM and for the
+two best other IPC 10 rows. Its folders are those of ``docs/study``, so copying those records
+into the campaign's folder first makes it skip every run already recorded there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from idm_jax.runs.campaign import Item, Later, Step, register
+
+METHODS = ("idm", "m3d", "dm", "ncfm", "iid")
+IPC1_MOSAICS = "random-real,random-real-pf3,random-real-pf4"
+IPC1_BASELINES = "ce-only,ce-only-pf4,idm,pf4"
+IPC1_TABLE = "pf4,idm,ce-only-pf4,ce-only,random-real-pf4,random-real-pf3,random-real"
+IPC10_ROWS = ("idm", "random-real", "pf4", "random-real-pf4",
+              "pf3", "random-real-pf3", "dm", "random-real-plain")
+VALIDATION = 500          # held-out training images per class, from the tunes on
+TRIAL_SEED = 100          # the grids' seed; the test seeds 0, 1 (and 2) took no part in a choice
+# About how long each takes from scratch on 2 CPU cores (minutes), for the progress line.
+MINUTES = {"ipc1-mosaics": 25, "ipc1-baselines": 150, "tune": 150, "pool-ncfm": 20,
+           "pool-iid": 120, "carry": 90, "compare": 1, "third-seeds": 180,
+           "idm": 40, "random-real": 20, "pf4": 95, "random-real-pf4": 55, "pf3": 70,
+           "random-real-pf3": 35, "dm": 40, "random-real-plain": 10}
+
+
+@register("fair-cifar10")
+def fair_cifar10(workdir: str, source: str, data_dir: str) -> list[Item]:
+    """The fair comparison's every command, in the order the project ran them (the cheapest,
+    most telling first); ``workdir`` holds ``cpu-ipc1``, ``tune-ipc1``, ``cpu-ipc10``,
+    ``tune-ipc10`` and ``pools``."""
+    folder = {name: os.path.join(workdir, name)
+              for name in ("cpu-ipc1", "tune-ipc1", "cpu-ipc10", "tune-ipc10")}
+    data = ("--source", source, "--data_dir", data_dir)
+    pool_dir = {m: os.path.join(workdir, "pools", f"cifar10-{m}-val{VALIDATION}")
+                for m in ("ncfm", "iid")}
+    pool = {m: ("--set", f"pool_dir={path}") for m, path in pool_dir.items()}
+
+    def ipc1_study(variants: str, seeds: str, minutes: float) -> Step:
+        return Step(f"IPC 1 study: {variants}, seeds {seeds}", "experiments.study",
+                    (*data, "--ipc", "1", "--budget", "cpu", "--variants", variants,
+                     "--seeds", seeds, "--workdir", folder["cpu-ipc1"]), minutes)
+
+    def tune(method: str) -> Step:
+        return Step(f"tune {method} at IPC 1", "experiments.tune",
+                    ("--method", method, *data, "--ipc", "1", "--budget", "cpu",
+                     "--validation_per_class", str(VALIDATION), "--trial_seed", str(TRIAL_SEED),
+                     "--test_seeds", "0,1", "--workdir", folder["tune-ipc1"],
+                     *pool.get(method, ())), MINUTES["tune"])
+
+    def pretrain(method: str, *flags: str) -> Step:
+        return Step(f"{method}'s pool of pretrained extractors", "experiments.pretrain",
+                    ("--recipe", method, *data, "--validation_per_class", str(VALIDATION),
+                     *flags, "--out", pool_dir[method]),
+                    MINUTES[f"pool-{method}"])
+
+    def ipc10(rows, seeds: str) -> Step:
+        return _ipc10_study(data, folder["cpu-ipc10"], rows, seeds)
+
+    carry = [_carry(data, folder, m, pool.get(m, ()), "0,1") for m in METHODS]
+    return [
+        ipc1_study(IPC1_MOSAICS, "0,1", MINUTES["ipc1-mosaics"]),
+        ipc1_study(IPC1_BASELINES, "0", MINUTES["ipc1-baselines"]),
+        tune("idm"),
+        ipc10(IPC10_ROWS[:4], "0"),
+        tune("m3d"),
+        tune("dm"),
+        ipc10(IPC10_ROWS[4:], "0"),
+        pretrain("ncfm"),
+        tune("ncfm"),
+        pretrain("iid", "--models", "2", "--epochs", "1"),
+        tune("iid"),
+        *carry,
+        ipc10(IPC10_ROWS, "1"),
+        ipc1_study(IPC1_BASELINES, "1", MINUTES["ipc1-baselines"]),
+        _compare(folder["tune-ipc1"], f"{folder['cpu-ipc1']}:{IPC1_TABLE}", "the IPC 1 table"),
+        _compare(folder["tune-ipc10"], f"{folder['cpu-ipc10']}:{','.join(IPC10_ROWS)}",
+                 "the IPC 10 table"),
+        Later("a third seed for faithful IDM and the two best other IPC 10 rows",
+              lambda: third_seeds(data, folder, pool), MINUTES["third-seeds"]),
+        _compare(folder["tune-ipc10"], f"{folder['cpu-ipc10']}:{','.join(IPC10_ROWS)}",
+                 "the IPC 10 table with the third seeds"),
+    ]
+
+
+def _ipc10_study(data, workdir: str, rows, seeds: str) -> Step:
+    return Step(f"IPC 10 study: {','.join(rows)}, seeds {seeds}", "experiments.study",
+                (*data, "--ipc", "10", "--budget", "cpu",
+                 "--set", f"validation_per_class={VALIDATION}", "--variants", ",".join(rows),
+                 "--seeds", seeds, "--workdir", workdir),
+                sum(MINUTES[r] for r in rows) * len(seeds.split(",")))
+
+
+def _carry(data, folder: dict, method: str, pool: tuple, seeds: str) -> Step:
+    """``method``'s IPC 1 choice run at IPC 10 on ``seeds`` (the same split, budget and pool:
+    the tuning refuses a carry under other ones)."""
+    return Step(f"carry {method}'s IPC 1 choice to IPC 10, seeds {seeds}", "experiments.tune",
+                ("--method", method, *data, "--ipc", "10", "--budget", "cpu",
+                 "--validation_per_class", str(VALIDATION), "--test_seeds", seeds,
+                 "--carry_from", folder["tune-ipc1"], "--workdir", folder["tune-ipc10"], *pool),
+                MINUTES["carry"] * len(seeds.split(",")) / 2)
+
+
+def _compare(workdir: str, baselines: str, label: str) -> Step:
+    return Step(label, "experiments.tune",
+                ("--compare", ",".join(METHODS), "--workdir", workdir,
+                 "--baselines", baselines), MINUTES["compare"])
+
+
+def top_rows(table: list[dict], count: int = 2) -> list[str]:
+    """The ``count`` best rows of a comparison table (best first, as ``comparison.compare``
+    sorts it) other than faithful IDM's study row and the random-real baselines."""
+    return [r["variant"] for r in table if r["variant"] != "idm (study)"
+            and not r["variant"].startswith("random-real")][:count]
+
+
+def third_seeds(data, folder: dict, pool: dict) -> list[Step]:
+    """Seed 2 of faithful IDM's IPC 10 study row and of the two best other rows of the IPC 10
+    table (``tune-ipc10/comparison.json``, written by the step before): a study row by the
+    study, a tuned method by carrying its choice again on seeds 0, 1, 2."""
+    with open(os.path.join(folder["tune-ipc10"], "comparison.json")) as f:
+        table = json.load(f)["table"]
+    steps = [_ipc10_study(data, folder["cpu-ipc10"], ["idm"], "2")]
+    for row in top_rows(table):
+        if row.endswith(" (study)"):
+            steps.append(_ipc10_study(data, folder["cpu-ipc10"], [row[:-len(" (study)")]], "2"))
+        else:
+            steps.append(_carry(data, folder, row, pool.get(row, ()), "0,1,2"))
+    return steps
+
+
+__all__ = ["METHODS", "IPC10_ROWS", "fair_cifar10", "top_rows", "third_seeds"]

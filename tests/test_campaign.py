@@ -1,0 +1,181 @@
+"""Campaigns: every command of the fair comparison's plan passes its command line's checks, the
+carried choices match their tunings, later steps are decided only when reached, a failing step
+stops the campaign, and a stop signal reaches the running step."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from experiments import campaign as campaign_cli, pretrain as pretrain_cli
+from experiments import study as study_cli, tune as tune_cli
+from idm_jax.runs import campaign, cli, plans
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIS = {"experiments.study": study_cli, "experiments.tune": tune_cli,
+        "experiments.pretrain": pretrain_cli}
+
+
+class Reached(Exception):
+    """Raised where a command would start reading data: its checks before that all passed."""
+
+
+def table(*variants):
+    return {"table": [{"variant": v} for v in variants]}
+
+
+def expand(items):
+    return [s for item in items for s in (item.make() if isinstance(item, campaign.Later)
+                                          else [item])]
+
+
+@pytest.fixture
+def fair(tmp_path):
+    """The fair-cifar10 plan in ``tmp_path`` with an IPC 10 table whose best rows are a tuned
+    method and a study row, and the project's recorded IDM tuning (the source of a carry)."""
+    runs = tmp_path / "runs"
+    os.makedirs(runs / "tune-ipc10")
+    (runs / "tune-ipc10" / "comparison.json").write_text(json.dumps(table(
+        "random-real-pf4 (study)", "ncfm", "idm (study)", "pf4 (study)", "iid")))
+    shutil.copytree(os.path.join(REPO, "docs", "study", "tune-ipc1", "idm"),
+                    runs / "tune-ipc1" / "idm")
+    return str(runs), campaign.PLANS["fair-cifar10"](str(runs), "npy", str(tmp_path / "data"))
+
+
+def test_every_command_of_the_fair_plan_passes_its_checks_before_reading_data(fair, monkeypatch):
+    runs, items = fair
+    monkeypatch.setattr(cli, "enable_compilation_cache", lambda: None)
+
+    def reached(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(cli, "load_data", reached)
+    monkeypatch.setattr(pretrain_cli.data, "load_dataset", reached)
+    steps = expand(items)
+    assert len(steps) == len(items) - 1 + 3           # the third seeds: idm, ncfm and pf4
+    for step in steps:
+        if "--compare" in step.argv:                  # runs nothing; needs finished records
+            args = tune_cli._parser().parse_args(step.argv)
+            tune_cli._refuse_unused_flags(args)
+            continue
+        if "--carry_from" in step.argv and "idm" not in step.argv:
+            continue                                  # no recorded tuning to carry: next test
+        with pytest.raises(Reached):
+            CLIS[step.module].main(list(step.argv))
+
+
+def test_each_carried_choice_has_its_tunings_split_budget_and_pool(fair):
+    runs, items = fair
+    steps = expand(items)
+    parser = tune_cli._parser()
+    tunes = {a.method: a for a in (parser.parse_args(s.argv) for s in steps
+                                   if s.module == "experiments.tune" and "--compare" not in s.argv
+                                   and "--carry_from" not in s.argv)}
+    assert sorted(tunes) == sorted(plans.METHODS)
+    carried = [parser.parse_args(s.argv) for s in steps if "--carry_from" in s.argv]
+    assert {a.method for a in carried} == set(plans.METHODS)
+    for args in carried:
+        tuned = tunes[args.method]
+        assert os.path.samefile(args.carry_from, tuned.workdir) or args.carry_from == tuned.workdir
+        assert (args.validation_per_class, args.budget, args.dataset, args.set) == (
+            tuned.validation_per_class, tuned.budget, tuned.dataset, tuned.set), args.method
+        assert args.ipc == 10 and tuned.ipc == 1
+    pools = {os.path.basename(s.argv[s.argv.index("--out") + 1]): s for s in steps
+             if s.module == "experiments.pretrain"}
+    for method in ("ncfm", "iid"):      # each pool is made before its tuning reads it
+        made = steps.index(pools[f"cifar10-{method}-val500"])
+        assert any(f"cifar10-{method}-val500" in a for a in tunes[method].set)
+        tune_step = next(s for s in steps if "--method" in s.argv and method in s.argv
+                         and "--carry_from" not in s.argv)
+        assert made < steps.index(tune_step)
+
+
+def test_the_third_seeds_go_to_idm_and_the_two_best_rows_that_are_not_baselines(fair):
+    runs, items = fair
+    later = next(i for i in items if isinstance(i, campaign.Later))
+    steps = later.make()
+    assert [s.label for s in steps] == [
+        "IPC 10 study: idm, seeds 2",
+        "carry ncfm's IPC 1 choice to IPC 10, seeds 0,1,2",
+        "IPC 10 study: pf4, seeds 2"]
+    assert "pool_dir=" + os.path.join(runs, "pools", "cifar10-ncfm-val500") in steps[1].argv
+    assert plans.top_rows(table("random-real (study)", "idm (study)")["table"]) == []
+
+
+def test_a_later_step_is_decided_when_reached_and_a_failure_stops_the_campaign():
+    ran, decided = [], []
+
+    def runner(step):
+        ran.append(step.label)
+        return 3 if step.label == "c" else 0
+
+    def decide():
+        decided.append(list(ran))          # what had run when the decision was made
+        return [campaign.Step("c", "m", ()), campaign.Step("d", "m", ())]
+
+    items = [campaign.Step("a", "m", ()), campaign.Step("b", "m", ()),
+             campaign.Later("later", decide), campaign.Step("e", "m", ())]
+    with pytest.raises(campaign.CampaignStopped, match=r"step 3 \(c\) failed with status 3"):
+        campaign.run(items, runner=runner, log=lambda line: None)
+    assert decided == [["a", "b"]] and ran == ["a", "b", "c"]
+
+
+def test_a_stop_signal_reaches_the_running_step_and_is_the_campaigns_status(tmp_path):
+    mark = tmp_path / "mark"
+    (tmp_path / "slow_step.py").write_text(textwrap.dedent(f"""
+        import signal, sys, time
+        def stop(signum, frame):
+            open({str(mark)!r}, "a").write(signal.Signals(signum).name)
+            sys.exit(128 + signum)
+        signal.signal(signal.SIGTERM, stop)
+        open({str(mark)!r}, "w").write("started ")
+        time.sleep(60)
+    """))
+    script = textwrap.dedent("""
+        import sys
+        from idm_jax.runs import campaign
+        try:
+            campaign.run([campaign.Step("slow", "slow_step", ()),
+                          campaign.Step("never", "slow_step", ())])
+        except campaign.CampaignStopped as stopped:
+            print(stopped)
+            sys.exit(stopped.status)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), REPO]))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (mark.exists() and mark.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert mark.read_text() == "started SIGTERM"       # passed on once; the second never ran
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "step 1 (slow) was stopped by SIGTERM" in out
+    assert out.count("== ") == 1
+
+
+def test_the_command_line_refuses_bad_flags_with_one_error_line_and_prints_a_dry_run(
+        tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    cases = [(["--plan", "nope", "--data_dir", str(tmp_path)], "--plan 'nope'"),
+             ([], "--data_dir"),
+             (["--data_dir", str(tmp_path / "missing")], "no such folder"),
+             (["--data_dir", str(tmp_path), "--workdir", str(tmp_path / "a_file")], "is a file")]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as exit_:
+            campaign_cli.main(argv)
+        err = capsys.readouterr().err.splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error:"), err
+        assert words in err[0]
+    assert campaign_cli.main(["--data_dir", str(tmp_path), "--workdir",
+                              str(tmp_path / "runs"), "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "22 steps" in out and "experiments.tune --method iid" in out
+    assert not os.path.exists(tmp_path / "runs")        # a dry run makes nothing
