@@ -220,8 +220,6 @@ def _padded_test_set(test_images, test_labels, test_batch: int):
     return test_x, test_y, test_batch
 
 
-# Long (over 60 lines) in its docstring, which documents the library entry point's arguments;
-# the body is about 30 lines: check, expand, build, train and score, summarise.
 def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
                     model: str = "ConvNet", num_classes: Optional[int] = None,
                     num_models: int = 5, epochs: int = 1000, batch_size: int = 256,
@@ -267,10 +265,8 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
     """
     num_classes = _check_inputs(images, labels, test_images, test_labels, num_classes,
                                 validation)
-    images, labels = jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)
-    if expand:
-        images = partition.expand(images, partition_scheme, partition_factor, partition_ratio)
-        labels = partition.expand_labels(labels, partition_scheme, partition_factor)
+    images, labels = _training_set(images, labels, expand and (
+        partition_scheme, partition_factor, partition_ratio))
     policy = backend.resolve(microbatch_size) if policy is None else policy
     net = models.get_model(model, num_classes, in_channels=images.shape[-1], dtype=compute_dtype,
                            conv_op=policy.conv_op)
@@ -283,11 +279,28 @@ def evaluate_synset(key: jax.Array, images, labels, test_images, test_labels, *,
         weight_decay=weight_decay, dsa_strategy=dsa_strategy,
         on_epoch=None if progress is None else _ModelEpochs(progress, len(keys), epochs + 1,
                                                             together)))
+    return dict(model=model, **_train_and_score(one, keys, together, validation is not None))
+
+
+def _training_set(images, labels, partition_spec):
+    """The set the models train on, as float32 images and int32 labels: the stored set, or
+    its partition-and-expand when ``partition_spec`` is (scheme, factor, ratio)."""
+    images, labels = jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)
+    if not partition_spec:
+        return images, labels
+    scheme, factor, ratio = partition_spec
+    return (partition.expand(images, scheme, factor, ratio),
+            partition.expand_labels(labels, scheme, factor))
+
+
+def _train_and_score(one, keys: jax.Array, together: bool, validated: bool) -> dict:
+    """Train and score one model per key (vmapped when ``together``, else one after another
+    in one program); the test summary, wall ``seconds`` and, if ``validated``, ``validation``."""
     start = time.perf_counter()
     map_models = jax.vmap if together else backend.sequential
     test_acc, val_acc = jax.device_get(jax.jit(map_models(one))(keys))
-    result = {"model": model, **_summary(test_acc), "seconds": time.perf_counter() - start}
-    if validation is not None:
+    result = {**_summary(test_acc), "seconds": time.perf_counter() - start}
+    if validated:
         result["validation"] = _summary(val_acc)
     return result
 

@@ -105,6 +105,10 @@ def test_the_third_seeds_go_to_idm_and_the_two_best_rows_that_are_not_baselines(
         "carry ncfm's IPC 1 choice to IPC 10, seeds 0,1,2",
         "IPC 10 study: pf4, seeds 2"]
     assert "pool_dir=" + os.path.join(runs, "pools", "cifar10-ncfm-val500") in steps[1].argv
+    # A re-run after some third seeds changed the table keeps the first pick.
+    with open(os.path.join(runs, "tune-ipc10", "comparison.json"), "w") as f:
+        json.dump(table("m3d", "dm", "idm (study)"), f)
+    assert [s.label for s in later.make()] == [s.label for s in steps]
     assert plans.top_rows(table("random-real (study)", "idm (study)")["table"]) == []
 
 
@@ -121,7 +125,7 @@ def test_a_later_step_is_decided_when_reached_and_a_failure_stops_the_campaign()
 
     items = [campaign.Step("a", "m", ()), campaign.Step("b", "m", ()),
              campaign.Later("later", decide), campaign.Step("e", "m", ())]
-    with pytest.raises(campaign.CampaignStopped, match=r"step 3 \(c\) failed with status 3"):
+    with pytest.raises(campaign.CampaignStopped, match=r"step 3.1 \(c\) failed with status 3"):
         campaign.run(items, runner=runner, log=lambda line: None)
     assert decided == [["a", "b"]] and ran == ["a", "b", "c"]
 
@@ -130,9 +134,9 @@ def test_a_stop_signal_reaches_the_running_step_and_is_the_campaigns_status(tmp_
     mark = tmp_path / "mark"
     (tmp_path / "slow_step.py").write_text(textwrap.dedent(f"""
         import signal, sys, time
-        def stop(signum, frame):
+        def stop(signum, frame):     # finishes its work anyway: the campaign must stop
             open({str(mark)!r}, "a").write(signal.Signals(signum).name)
-            sys.exit(128 + signum)
+            sys.exit(0)
         signal.signal(signal.SIGTERM, stop)
         open({str(mark)!r}, "w").write("started ")
         time.sleep(60)
@@ -159,6 +163,15 @@ def test_a_stop_signal_reaches_the_running_step_and_is_the_campaigns_status(tmp_
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "step 1 (slow) was stopped by SIGTERM" in out
     assert out.count("== ") == 1
+
+
+def test_a_step_killed_by_a_signal_is_named_as_killed():
+    killed = campaign.CampaignStopped("4", campaign.Step("big", "m", ()), 128 + signal.SIGKILL)
+    assert "step 4 (big) was killed by SIGKILL" in str(killed) and not killed.requested
+    stopped = campaign.CampaignStopped("4", campaign.Step("big", "m", ()), 128 + signal.SIGTERM)
+    assert "was stopped by SIGTERM" in str(stopped) and stopped.requested
+    failed = campaign.CampaignStopped("4", campaign.Step("big", "m", ()), 2)
+    assert "failed with status 2" in str(failed) and not failed.requested
 
 
 def test_the_command_line_refuses_bad_flags_with_one_error_line_and_prints_a_dry_run(

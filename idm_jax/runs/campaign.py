@@ -19,6 +19,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Optional, Sequence, Union
 
@@ -64,16 +65,22 @@ def register(name: str):
 
 
 class CampaignStopped(Exception):
-    """A step ended with a non-zero status: the campaign stops there (re-running continues)."""
+    """A step ended with a non-zero status, or the campaign was asked to stop while it ran: the
+    campaign stops there (re-running continues). ``status`` is what the campaign exits with."""
 
-    def __init__(self, number: int, step: Step, status: int):
-        if status > 128 and status - 128 in [int(s) for s in stop.SIGNALS]:
-            how = f"was stopped by {signal.Signals(status - 128).name}"
+    def __init__(self, name: str, step: Step, status: int):
+        signum = status - 128 if status > 128 else None
+        if signum in [int(s) for s in stop.SIGNALS]:
+            how = f"was stopped by {signal.Signals(signum).name}"
+        elif signum in [int(s) for s in signal.Signals]:
+            how = (f"was killed by {signal.Signals(signum).name} (out of memory, say); it "
+                   f"resumes from its last checkpoint")
         else:
             how = f"failed with status {status} (its own error is printed above)"
-        super().__init__(f"step {number} ({step.label}) {how}; re-run the same campaign "
+        super().__init__(f"step {name} ({step.label}) {how}; re-run the same campaign "
                          f"command to continue from it")
-        self.number, self.step, self.status = number, step, status
+        self.name, self.step, self.status = name, step, status
+        self.requested = signum in [int(s) for s in stop.SIGNALS]
 
 
 def describe(items: Sequence[Item]) -> str:
@@ -96,44 +103,74 @@ def _hours(minutes: float) -> str:
     return f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
 
 
+class _Stops:
+    """While entered, a stop signal (``stop.SIGNALS``) is remembered and passed on to the
+    running step's process, if any; the campaign then stops once that step has ended, whatever
+    its status (a step that finishes its run anyway must not be followed by another)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.child: Optional[subprocess.Popen] = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():   # signals reach only it
+            self._previous = {s: signal.signal(s, self._handle) for s in stop.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
 def run(items: Sequence[Item], runner: Optional[Callable[[Step], int]] = None,
         log: Callable[[str], None] = print) -> None:
     """Run ``items`` in order through ``runner`` (default: a child process per step, see
-    ``run_step``). Raises ``CampaignStopped`` at the first step that does not end with 0."""
-    runner = runner or run_step
-    for number, item in enumerate(items, 1):
-        steps = item.make() if isinstance(item, Later) else [item]
-        left = sum(i.minutes for i in items[number - 1:])
-        if isinstance(item, Later):
-            log(f"== step {number}/{len(items)}: {item.label}: "
-                f"{', '.join(s.label for s in steps) or 'nothing to run'}")
-        for part, step in enumerate(steps, 1):
-            name = f"{number}.{part}" if isinstance(item, Later) else f"{number}"
-            log(f"== {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC step "
-                f"{name}/{len(items)}: {step.label} (about {_hours(step.minutes)} from scratch; "
-                f"the campaign's rest about {_hours(left)})\n   {step.command()}")
-            status = runner(step)
-            if status != 0:
-                raise CampaignStopped(number, step, status)
+    ``run_step``). Raises ``CampaignStopped`` at the first step that does not end with 0, or
+    after the running step when a stop signal came."""
+    with _Stops() as stops:
+        runner = runner or (lambda step: run_step(step, stops))
+        for number, item in enumerate(items, 1):
+            steps = item.make() if isinstance(item, Later) else [item]
+            if isinstance(item, Later):
+                log(f"== step {number}/{len(items)}: {item.label}: "
+                    f"{', '.join(s.label for s in steps) or 'nothing to run'}")
+            for part, step in enumerate(steps, 1):
+                name = f"{number}.{part}" if isinstance(item, Later) else f"{number}"
+                left = sum(s.minutes for s in steps[part - 1:]) + sum(
+                    i.minutes for i in items[number:])
+                log(f"== {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC step "
+                    f"{name}/{len(items)}: {step.label} (about {_hours(step.minutes)} from "
+                    f"scratch; the campaign's rest about {_hours(left)})\n   {step.command()}")
+                if stops.signum is None:
+                    status = runner(step)
+                if stops.signum is not None:    # asked to stop: before this step or during it
+                    status = 128 + stops.signum
+                if status != 0:
+                    raise CampaignStopped(name, step, status)
 
 
-def run_step(step: Step) -> int:
-    """Run one step in a child process of its own session, from ``ROOT``; returns its exit
-    status. A stop signal the campaign receives is passed on to the child, which checkpoints
-    and exits (a second one aborts it, as for a run alone); the campaign waits for it."""
+def run_step(step: Step, stops: Optional[_Stops] = None) -> int:
+    """Run one step in a child process of its own session (so a terminal's Ctrl-C reaches it
+    once, through ``stops``), from ``ROOT``; returns its exit status, 128 + the signal's
+    number when a signal killed it, as a shell reports it."""
     child = subprocess.Popen([sys.executable, "-m", step.module, *step.argv], cwd=ROOT,
-                             start_new_session=True)   # a terminal's Ctrl-C reaches it once
-
-    def forward(signum, frame):
-        child.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in stop.SIGNALS}
+                             start_new_session=True)
+    if stops is not None:
+        stops.child = child
+        if stops.signum is not None:         # came between the start and now
+            child.send_signal(stops.signum)
     try:
         status = child.wait()
-        return 128 - status if status < 0 else status    # killed by a signal: as a shell says
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        if stops is not None:
+            stops.child = None
+    return 128 - status if status < 0 else status
 
 
 __all__ = ["Step", "Later", "PLANS", "register", "CampaignStopped", "describe", "run",

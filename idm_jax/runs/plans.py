@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 
+from idm_jax.runs import checkpoint
 from idm_jax.runs.campaign import Item, Later, Step, register
 
 METHODS = ("idm", "m3d", "dm", "ncfm", "iid")
@@ -124,11 +125,19 @@ def top_rows(table: list[dict], count: int = 2) -> list[str]:
 def third_seeds(data, folder: dict, pool: dict) -> list[Step]:
     """Seed 2 of faithful IDM's IPC 10 study row and of the two best other rows of the IPC 10
     table (``tune-ipc10/comparison.json``, written by the step before): a study row by the
-    study, a tuned method by carrying its choice again on seeds 0, 1, 2."""
-    with open(os.path.join(folder["tune-ipc10"], "comparison.json")) as f:
-        table = json.load(f)["table"]
+    study, a tuned method by carrying its choice again on seeds 0, 1, 2. The first pick is kept
+    in ``tune-ipc10/third-seeds.json`` and reused: once some rows have a third seed the table
+    would rank them on other seed counts, so a re-run must not choose again."""
+    kept = os.path.join(folder["tune-ipc10"], "third-seeds.json")
+    if os.path.exists(kept):
+        with open(kept) as f:
+            rows = json.load(f)["rows"]
+    else:
+        with open(os.path.join(folder["tune-ipc10"], "comparison.json")) as f:
+            rows = top_rows(json.load(f)["table"])
+        checkpoint.dump_json(kept, {"rows": rows})
     steps = [_ipc10_study(data, folder["cpu-ipc10"], ["idm"], "2")]
-    for row in top_rows(table):
+    for row in rows:
         if row.endswith(" (study)"):
             steps.append(_ipc10_study(data, folder["cpu-ipc10"], [row[:-len(" (study)")]], "2"))
         else:
