@@ -35,7 +35,8 @@ from idm_jax.runs.run import condense_and_evaluate
 __version__ = "0.2.0"
 
 __all__ = ["backend", "checkpoint", "config", "engine", "evaluation", "export", "image_update",
-           "iterating", "matching", "models", "queue", "real", "sharding", "torch_format", "validate", "workdir",
+           "iterating", "matching", "models", "queue", "real", "sharding", "torch_format",
+           "validate", "workdir",
            "DSAParams", "dsa", "Config", "get_preset",
            "condense", "evaluate", "class_aware_ce", "class_mmd", "mmd", "idm_objective",
            "get_model", "mosaic", "partition_expand", "partition_expand_labels",

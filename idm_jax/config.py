@@ -167,8 +167,9 @@ class Config:
                      "net_generate_interval", "train_net_num", "eval_interval", "num_eval",
                      "checkpoint_every", "keep_checkpoints"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("validation_per_class", "net_push_num", "fetch_net_num", "model_train_steps", "epoch_eval_train",
-                     "eval_every", "ce_weight", "lr_img", "lr_net"):
+        for name in ("validation_per_class", "net_push_num", "fetch_net_num",
+                     "model_train_steps", "epoch_eval_train", "eval_every", "ce_weight",
+                     "lr_img", "lr_net"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.initial_models <= self.net_num,
              f"initial_models ({self.initial_models}) exceeds the queue capacity net_num "

@@ -396,4 +396,5 @@ def percent_summary(accuracies) -> dict:
 
 evaluate = evaluate_synset   # the library entry point, exported as idm_jax.evaluate
 
-__all__ = ["REPORTS", "percent_summary", "lr_phases", "train_and_test", "test_accuracy", "evaluate_synset", "evaluate"]
+__all__ = ["REPORTS", "percent_summary", "lr_phases", "train_and_test", "test_accuracy",
+           "evaluate_synset", "evaluate"]

@@ -107,9 +107,10 @@ def gaussian_mmd(real_features, syn_features, real_mask=None, bandwidths=None,
     """Squared MMD with a sum of Gaussian kernels ``k(x, y) = sum_s exp(-|x-y|^2 / (2 s^2))``.
 
     ``E k(r, r') + E k(s, s') - 2 E k(r, s)`` over the real and synthetic features (the kind of
-    distance M3D uses; its bandwidth rule and kernels differ: docs/METHODS.md). Biased (V-statistic) by default; ``unbiased`` leaves the diagonal out of the two
-    within-set terms. ``bandwidths``: a sequence of sigmas in feature units; None takes one from
-    the median heuristic (``median_bandwidth``). The real-real term carries no gradient; it is
+    distance M3D uses; its bandwidth rule and kernels differ: docs/METHODS.md). Biased
+    (V-statistic) by default; ``unbiased`` leaves the diagonal out of the two within-set terms.
+    ``bandwidths``: a sequence of sigmas in feature units; None takes one from the median
+    heuristic (``median_bandwidth``). The real-real term carries no gradient; it is
     kept so that the value is the MMD^2 itself (``real_term=False`` drops it and its Nr^2
     kernel evaluations; the gradient is unchanged).
 

@@ -308,8 +308,9 @@ def term_gradient_norms(engine: Engine, real: real_lib.RealData, images, opt_sta
                         extractors, key: jax.Array, layout: ClassLayout) -> dict:
     """L2 norms, over the whole set, of the gradient of the summed loss (``loss``) and of each
     term the objective reports, unweighted (``mmd``, ``ce``, ...), w.r.t. the normalised images
-    at the pass's gradient point (and ``ce_scale``, the CE term's weight there); the same draws as ``match`` with these arguments. Tells
-    whether a step size suits a distance: the step moves the images by about lr x these."""
+    at the pass's gradient point (and ``ce_scale``, the CE term's weight there); the same draws
+    as ``match`` with these arguments. Tells whether a step size suits a distance: the step
+    moves the images by about lr x these."""
     class_loss, point, _, ce_scale = _pass_setup(engine, real, images, opt_state, extractors,
                                                  key, layout)
     shape = (real.num_classes, engine.config.ipc) + real.image_shape

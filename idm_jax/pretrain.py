@@ -254,4 +254,5 @@ def load_pool_for(config, template: Any, model: str, method: str = "", recipe: s
     return pool
 
 
-__all__ = ["Recipe", "RECIPES", "PoolProgress", "train_pool", "progress_arrays", "save_pool", "load_pool", "load_pool_for"]
+__all__ = ["Recipe", "RECIPES", "PoolProgress", "train_pool", "progress_arrays", "save_pool",
+           "load_pool", "load_pool_for"]

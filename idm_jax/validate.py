@@ -34,9 +34,9 @@ def _need(condition: bool, message: str) -> None:
 def check_config(config: Config, image_shape: Optional[Sequence[int]] = None) -> None:
     """Raise ``InvalidRun`` for a config that cannot run (on images of ``image_shape``, H W C).
 
-    Checks the DSA strategies, the two architectures (known, and no BatchNorm in the condensation model, whose
-    running statistics the queue does not carry) and, with ``image_shape``, the partition
-    geometry that the init, matching and evaluation all use.
+    Checks the DSA strategies, the two architectures (known, and no BatchNorm in the condensation
+    model, whose running statistics the queue does not carry) and, with ``image_shape``, the
+    partition geometry that the init, matching and evaluation all use.
     """
     for flag, strategy in (("dsa_strategy", config.dsa_strategy),
                            ("match_dsa_strategy", config.match_dsa_strategy)):

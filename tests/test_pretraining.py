@@ -15,7 +15,8 @@ from idm_jax import data, pretrain
 from idm_jax.runs import failures, pretraining, stop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Digits less 30 held out, batch 256: 5 SGD steps an epoch, one per block; DSA per image, so keys matter too.
+# Digits less 30 held out, batch 256: 5 SGD steps an epoch, one per block; DSA per image, so keys
+# matter too.
 RECIPE = dataclasses.replace(pretrain.RECIPES["ncfm"], model="ConvNetW32", epochs=2, batch=256)
 
 
@@ -72,7 +73,7 @@ def test_a_job_stopped_twice_ends_bit_identical_to_an_uninterrupted_one(digits, 
     assert listing(out) == ["progress.npz"]        # no pool until it is finished
     seen = []
     with pytest.raises(stop.Interrupted, match="stopped at step 9"):
-        job(out, digits, StopAfter(5), seen=seen)             # into the second epoch (steps 6 to 10)
+        job(out, digits, StopAfter(5), seen=seen)       # into the second epoch (steps 6 to 10)
     assert seen == [4, 5, 6, 7, 8, 9]                         # went on from step 3, not from 0
     seen = []
     meta = job(out, digits, seen=seen)

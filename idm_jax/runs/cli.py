@@ -293,7 +293,8 @@ def main(dataset: str, default_ipc: int = 10, argv: Optional[Sequence[str]] = No
 def condense_main(argv: Optional[Sequence[str]] = None) -> None:
     """The ``idm-condense`` entry point: ``--dataset NAME`` (default cifar10), then as ``main``.
 
-    Returns None, so the console script exits with status 0 (errors exit 2, a stop signal 128 + its number).
+    Returns None, so the console script exits with status 0 (errors exit 2, a stop signal
+    128 + its number).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     chooser = argparse.ArgumentParser(add_help=False)

@@ -221,5 +221,5 @@ def compare(workdir: str, methods: Sequence[str], command: str = "",
     return table
 
 
-__all__ = ["SHARED", "SHARED_CONDENSING", "SHARED_SPLIT", "method_row", "baseline_row", "check_protocol",
-           "markdown", "compare"]
+__all__ = ["SHARED", "SHARED_CONDENSING", "SHARED_SPLIT", "method_row", "baseline_row",
+           "check_protocol", "markdown", "compare"]

@@ -236,6 +236,6 @@ def summarize(workdir: str) -> dict:
         "final": None if results is None else (results["mean"], results["std"])}
 
 
-__all__ = ["save_grid", "MetricsLog", "device_description", "pixel_converter", "progress_bar", "evaluation_bar",
-           "export_set", "code_version", "processor", "read_metrics", "logged_seconds",
-           "save_metrics_plot", "saved_steps", "summarize"]
+__all__ = ["save_grid", "MetricsLog", "device_description", "pixel_converter", "progress_bar",
+           "evaluation_bar", "export_set", "code_version", "processor", "read_metrics",
+           "logged_seconds", "save_metrics_plot", "saved_steps", "summarize"]

@@ -22,7 +22,8 @@ to ``previous/<time>/`` instead of deleting it. Every setting and the data are c
 The loop never waits for the device on every iteration: metrics are fetched every
 ``log_every`` iterations (and before every checkpoint and evaluation), so an accelerator keeps
 running ahead. Before a checkpoint is written, the fetched metrics of every iteration up to it
-have passed the NaN/Inf policy (``iterating.check_finite``), so every checkpoint holds finite images.
+have passed the NaN/Inf policy (``iterating.check_finite``), so every checkpoint holds finite
+images.
 """
 
 from __future__ import annotations
