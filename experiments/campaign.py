@@ -2,12 +2,16 @@
 
 ``python -m experiments.campaign --plan fair-cifar10 --source npy --data_dir
 ../shared/data/cifar10 --workdir runs/fair`` runs every command behind RESULTS.md's fair
-comparison (issue #28: 22 steps, about 43 hours on 2 CPU cores) in the order the project ran them, each
-in its own process. Every command skips finished runs and resumes an interrupted one, so the
-same campaign command continues where it stopped; Ctrl-C or SIGTERM is passed to the running
-command, which saves its place. ``--dry_run`` prints the commands and runs nothing. To continue
-from the project's own records instead of from scratch, copy them in first:
-``mkdir -p runs/fair && cp -r docs/study/{cpu-ipc1,tune-ipc1,cpu-ipc10} runs/fair/``.
+comparison (issue #28: 22 steps, about 43 hours on 2 CPU cores) in the order the project ran
+them, each in its own process. Every command skips finished runs and resumes an interrupted one,
+so the same campaign command continues where it stopped; Ctrl-C or SIGTERM is passed to the
+running command, which saves its place (a closed terminal asks it with SIGTERM; on Linux so does
+a campaign killed outright). ``--dry_run`` prints the commands and runs nothing; ``--skip_steps
+9,12-13`` leaves out those steps (numbered as ``--dry_run`` prints them), e.g. one that keeps
+failing while the rest can go on. To continue from the project's own records instead of from
+scratch, copy them in first (the NCFM and IID runs are skipped only with their pools at the
+paths the records name): ``mkdir -p runs/fair && cp -r docs/study/{cpu-ipc1,tune-ipc1,cpu-ipc10}
+runs/fair/``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+import experiments
 from idm_jax.runs import campaign, cli, failures, workdir as workdir_lib
 from idm_jax.runs import plans  # noqa: F401 - the project's plans register themselves
 
@@ -30,7 +35,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--dry_run", action="store_true",
                         help="print the plan's commands with their estimated times; run nothing")
+    parser.add_argument("--skip_steps", default="",
+                        help="steps to leave out, by the numbers --dry_run prints: '9,12-13'")
     return parser
+
+
+def _step_numbers(text: str, count: int) -> set[int]:
+    """``--skip_steps`` ('9,12-13') as a set of step numbers in 1..count; UserError if not."""
+    numbers = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, _, last = part.partition("-")
+        try:
+            span = range(int(first), int(last or first) + 1)
+        except ValueError:
+            raise cli.UserError(f"--skip_steps {text!r}: {part!r} is not a step number or a "
+                                f"range like 12-13") from None
+        if not span or span[0] < 1 or span[-1] > count:
+            raise cli.UserError(f"--skip_steps {text!r}: {part!r} is outside the plan's steps "
+                                f"1 to {count} (see --dry_run)")
+        numbers.update(span)
+    return numbers
 
 
 @failures.user_facing
@@ -49,14 +73,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # The steps run from the repository root: absolute paths keep the user's meaning.
     items = campaign.PLANS[args.plan](os.path.abspath(args.workdir), args.source,
                                       os.path.abspath(args.data_dir))
-    print(campaign.describe(items))
+    skip = _step_numbers(args.skip_steps, len(items))
+    print(campaign.describe(items, skip))
     if args.dry_run:
         return 0
     os.makedirs(args.workdir, exist_ok=True)
+    # The steps are ``python -m experiments.<name>``: run them from where this one came from.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(experiments.__file__)))
     try:
         with workdir_lib.lock(args.workdir):     # one campaign per folder (each step locks its own)
-            campaign.run(items)
-    except workdir_lib.WorkdirBusy as err:
+            campaign.run(items, skip=skip, root=root)
+    except (workdir_lib.WorkdirBusy, campaign.PlanError) as err:
         raise cli.UserError(str(err)) from None
     except campaign.CampaignStopped as stopped:
         print(stopped if stopped.requested else f"error: {stopped}", file=sys.stderr)

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -130,39 +129,70 @@ def test_a_later_step_is_decided_when_reached_and_a_failure_stops_the_campaign()
     assert decided == [["a", "b"]] and ran == ["a", "b", "c"]
 
 
-def test_a_stop_signal_reaches_the_running_step_and_is_the_campaigns_status(tmp_path):
+SLOW_STEP = """
+import signal, sys, time
+def stop(signum, frame):     # finishes its work anyway: the campaign must stop
+    open({mark!r}, "a").write(signal.Signals(signum).name)
+    sys.exit(0)
+for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, stop)
+open({mark!r}, "w").write("started ")
+time.sleep(60)
+"""
+
+CAMPAIGN = """
+import sys
+from idm_jax.runs import campaign
+try:
+    campaign.run([campaign.Step("slow", "slow_step", ()), campaign.Step("never", "slow_step", ())])
+except campaign.CampaignStopped as stopped:
+    print(stopped)
+    sys.exit(stopped.status)
+"""
+
+
+def start_campaign_with_a_slow_step(tmp_path):
+    """A campaign of two slow steps in its own process group, once its first step has started:
+    (the campaign's process, the file its steps write the signals they get to)."""
     mark = tmp_path / "mark"
-    (tmp_path / "slow_step.py").write_text(textwrap.dedent(f"""
-        import signal, sys, time
-        def stop(signum, frame):     # finishes its work anyway: the campaign must stop
-            open({str(mark)!r}, "a").write(signal.Signals(signum).name)
-            sys.exit(0)
-        signal.signal(signal.SIGTERM, stop)
-        open({str(mark)!r}, "w").write("started ")
-        time.sleep(60)
-    """))
-    script = textwrap.dedent("""
-        import sys
-        from idm_jax.runs import campaign
-        try:
-            campaign.run([campaign.Step("slow", "slow_step", ()),
-                          campaign.Step("never", "slow_step", ())])
-        except campaign.CampaignStopped as stopped:
-            print(stopped)
-            sys.exit(stopped.status)
-    """)
+    (tmp_path / "slow_step.py").write_text(SLOW_STEP.format(mark=str(mark)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), REPO]))
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", CAMPAIGN], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.time() + 60
     while not (mark.exists() and mark.read_text()) and time.time() < deadline:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    return proc, mark
+
+
+@pytest.mark.parametrize("sent, to_group, step_gets", [
+    (signal.SIGTERM, False, "SIGTERM"),     # a scheduler's preemption
+    (signal.SIGINT, True, "SIGINT"),        # Ctrl-C: the terminal signals the whole group
+    (signal.SIGHUP, False, "SIGTERM"),      # the terminal closed
+], ids=["SIGTERM", "Ctrl-C to the group", "SIGHUP"])
+def test_a_stop_signal_reaches_the_running_step_once_and_is_the_campaigns_status(
+        tmp_path, sent, to_group, step_gets):
+    proc, mark = start_campaign_with_a_slow_step(tmp_path)
+    if to_group:
+        os.killpg(proc.pid, sent)
+    else:
+        proc.send_signal(sent)
     out, err = proc.communicate(timeout=60)
-    assert mark.read_text() == "started SIGTERM"       # passed on once; the second never ran
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "step 1 (slow) was stopped by SIGTERM" in out
+    assert mark.read_text() == f"started {step_gets}"   # passed on once; the second never ran
+    assert proc.returncode == 128 + sent, err
+    assert f"step 1 (slow) was stopped by {signal.Signals(sent).name}" in out
     assert out.count("== ") == 1
+
+
+def test_a_campaign_killed_outright_takes_its_running_step_with_it(tmp_path):
+    proc, mark = start_campaign_with_a_slow_step(tmp_path)
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.time() + 30
+    while mark.read_text() == "started " and time.time() < deadline:
+        time.sleep(0.1)
+    assert mark.read_text() == "started SIGTERM"
 
 
 def test_a_step_killed_by_a_signal_is_named_as_killed():
@@ -180,7 +210,10 @@ def test_the_command_line_refuses_bad_flags_with_one_error_line_and_prints_a_dry
     cases = [(["--plan", "nope", "--data_dir", str(tmp_path)], "--plan 'nope'"),
              ([], "--data_dir"),
              (["--data_dir", str(tmp_path / "missing")], "no such folder"),
-             (["--data_dir", str(tmp_path), "--workdir", str(tmp_path / "a_file")], "is a file")]
+             (["--data_dir", str(tmp_path), "--workdir", str(tmp_path / "a_file")], "is a file"),
+             (["--data_dir", str(tmp_path), "--skip_steps", "3,x"], "'x' is not a step number"),
+             (["--data_dir", str(tmp_path), "--skip_steps", "20-23"], "outside the plan's steps"),
+             (["--data_dir", str(tmp_path), "--skip_steps", "5-4"], "outside the plan's steps")]
     for argv, words in cases:
         with pytest.raises(SystemExit) as exit_:
             campaign_cli.main(argv)
@@ -192,3 +225,53 @@ def test_the_command_line_refuses_bad_flags_with_one_error_line_and_prints_a_dry
     out = capsys.readouterr().out
     assert "22 steps" in out and "experiments.tune --method iid" in out
     assert not os.path.exists(tmp_path / "runs")        # a dry run makes nothing
+
+
+def test_an_unreadable_comparison_stops_the_third_seed_step_with_a_plan_error(fair):
+    runs, items = fair
+    later = next(i for i in items if isinstance(i, campaign.Later))
+    path = os.path.join(runs, "tune-ipc10", "comparison.json")
+    for text in ["{not json", json.dumps({"rows": []}), json.dumps({"table": [3]})]:
+        with open(path, "w") as f:
+            f.write(text)
+        with pytest.raises(campaign.PlanError, match="comparison.json: no readable comparison"):
+            later.make()
+    os.remove(path)
+    with pytest.raises(campaign.PlanError, match="the IPC 10 table"):
+        later.make()
+
+
+@pytest.fixture
+def toy_plan(tmp_path, monkeypatch):
+    """A registered plan of real commands: copy a JSON file, fail on a broken one, then a later
+    step that cannot decide. Returns the copy's path."""
+    good, bad, copy = tmp_path / "good.json", tmp_path / "bad.json", tmp_path / "copy.json"
+    good.write_text('{"a": 1}')
+    bad.write_text("{broken")
+
+    def undecidable():
+        raise campaign.PlanError("results.json: missing")
+
+    def build(workdir, source, data_dir):
+        return [campaign.Step("copy", "json.tool", (str(good), str(copy))),
+                campaign.Step("broken", "json.tool", (str(bad),)),
+                campaign.Later("decide", undecidable)]
+    monkeypatch.setitem(campaign.PLANS, "toy", build)
+    return copy
+
+
+def test_the_command_line_runs_a_plan_and_stops_at_a_failing_step_with_one_error_line(
+        toy_plan, tmp_path, capfd):
+    base = ["--plan", "toy", "--data_dir", str(tmp_path), "--workdir", str(tmp_path / "w")]
+    cases = [([], 1, "step 2 (broken) failed with status 1"),
+             (["--skip_steps", "2"], 2, "results.json: missing")]
+    for flags, status, words in cases:
+        with pytest.raises(SystemExit) as exit_:
+            campaign_cli.main(base + flags)
+        err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+        assert exit_.value.code == status and len(err) == 1 and words in err[0], err
+    toy_plan.unlink()
+    assert campaign_cli.main(base + ["--skip_steps", "2-3"]) == 0
+    assert json.loads(toy_plan.read_text()) == {"a": 1}       # step 1 ran, from a real process
+    out = capfd.readouterr().out
+    assert "2. [skipped] broken" in out and "step 3/3: decide: skipped" in out

@@ -13,6 +13,7 @@ runner is never edited to add a plan. ``run`` runs a list; ``describe`` prints i
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import shlex
@@ -25,8 +26,12 @@ from typing import Callable, Optional, Sequence, Union
 
 from idm_jax.runs import stop
 
-# The folder holding ``experiments/`` (the steps run ``python -m experiments.<name>`` from it).
+# The folder holding ``experiments/`` in a source checkout (the steps run
+# ``python -m experiments.<name>`` from it); the command line passes the one it was run from.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# A closed terminal (SIGHUP) stops a campaign too; its step, in a session of its own, never sees
+# the hangup, so it is asked to stop with SIGTERM, which every step saves its place on.
+STOPS = (*stop.SIGNALS, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +69,18 @@ def register(name: str):
     return add
 
 
+class PlanError(Exception):
+    """A ``Later`` could not decide its steps (a record it reads is missing or unreadable); the
+    message says which file and which step writes it."""
+
+
 class CampaignStopped(Exception):
     """A step ended with a non-zero status, or the campaign was asked to stop while it ran: the
     campaign stops there (re-running continues). ``status`` is what the campaign exits with."""
 
     def __init__(self, name: str, step: Step, status: int):
         signum = status - 128 if status > 128 else None
-        if signum in [int(s) for s in stop.SIGNALS]:
+        if signum in [int(s) for s in STOPS]:
             how = f"was stopped by {signal.Signals(signum).name}"
         elif signum in [int(s) for s in signal.Signals]:
             how = (f"was killed by {signal.Signals(signum).name} (out of memory, say); it "
@@ -80,20 +90,23 @@ class CampaignStopped(Exception):
         super().__init__(f"step {name} ({step.label}) {how}; re-run the same campaign "
                          f"command to continue from it")
         self.name, self.step, self.status = name, step, status
-        self.requested = signum in [int(s) for s in stop.SIGNALS]
+        self.requested = signum in [int(s) for s in STOPS]
 
 
-def describe(items: Sequence[Item]) -> str:
-    """The plan as numbered commands, with each step's estimate and the total."""
+def describe(items: Sequence[Item], skip: Sequence[int] = ()) -> str:
+    """The plan as numbered commands, with each step's estimate and the total of those not in
+    ``skip``."""
     lines = []
     for number, item in enumerate(items, 1):
-        if isinstance(item, Later):
+        if number in skip:
+            lines.append(f"{number:>3}. [skipped] {item.label}")
+        elif isinstance(item, Later):
             lines.append(f"{number:>3}. [{_hours(item.minutes)}] {item.label} "
                          f"(its commands are decided when the campaign gets there)")
         else:
             lines.append(f"{number:>3}. [{_hours(item.minutes)}] {item.label}\n"
                          f"       {item.command()}")
-    total = sum(item.minutes for item in items)
+    total = sum(item.minutes for number, item in enumerate(items, 1) if number not in skip)
     lines.append(f"{len(items)} steps, about {_hours(total)} from scratch on 2 CPU cores; "
                  f"finished runs are skipped")
     return "\n".join(lines)
@@ -104,9 +117,10 @@ def _hours(minutes: float) -> str:
 
 
 class _Stops:
-    """While entered, a stop signal (``stop.SIGNALS``) is remembered and passed on to the
-    running step's process, if any; the campaign then stops once that step has ended, whatever
-    its status (a step that finishes its run anyway must not be followed by another)."""
+    """While entered, a stop signal (``STOPS``) is remembered and passed on to the running
+    step's process, if any (SIGHUP as SIGTERM); the campaign then stops once that step has
+    ended, whatever its status (a step that finishes its run anyway must not be followed by
+    another)."""
 
     def __init__(self):
         self.signum: Optional[int] = None
@@ -115,13 +129,17 @@ class _Stops:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():   # signals reach only it
-            self._previous = {s: signal.signal(s, self._handle) for s in stop.SIGNALS}
+            self._previous = {s: signal.signal(s, self._handle) for s in STOPS}
         return self
 
     def _handle(self, signum, frame):
         self.signum = signum
         if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signum)
+            self.child.send_signal(self.for_step())
+
+    def for_step(self) -> int:
+        """The signal passed to a step for the one the campaign got."""
+        return signal.SIGTERM if self.signum == getattr(signal, "SIGHUP", None) else self.signum
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
@@ -129,13 +147,19 @@ class _Stops:
 
 
 def run(items: Sequence[Item], runner: Optional[Callable[[Step], int]] = None,
-        log: Callable[[str], None] = print) -> None:
-    """Run ``items`` in order through ``runner`` (default: a child process per step, see
-    ``run_step``). Raises ``CampaignStopped`` at the first step that does not end with 0, or
-    after the running step when a stop signal came."""
+        log: Callable[[str], None] = print, *, skip: Sequence[int] = (),
+        root: str = ROOT) -> None:
+    """Run ``items`` in order through ``runner`` (default: a child process per step, from
+    ``root``, see ``run_step``), leaving out the items numbered in ``skip`` (from 1, as
+    ``describe`` numbers them). Raises ``CampaignStopped`` at the first step that does not end
+    with 0, or after the running step when a stop signal came; ``PlanError`` where a ``Later``
+    cannot decide."""
     with _Stops() as stops:
-        runner = runner or (lambda step: run_step(step, stops))
+        runner = runner or (lambda step: run_step(step, stops, root))
         for number, item in enumerate(items, 1):
+            if number in skip:
+                log(f"== step {number}/{len(items)}: {item.label}: skipped")
+                continue
             steps = item.make() if isinstance(item, Later) else [item]
             if isinstance(item, Later):
                 log(f"== step {number}/{len(items)}: {item.label}: "
@@ -143,7 +167,7 @@ def run(items: Sequence[Item], runner: Optional[Callable[[Step], int]] = None,
             for part, step in enumerate(steps, 1):
                 name = f"{number}.{part}" if isinstance(item, Later) else f"{number}"
                 left = sum(s.minutes for s in steps[part - 1:]) + sum(
-                    i.minutes for i in items[number:])
+                    i.minutes for n, i in enumerate(items[number:], number + 1) if n not in skip)
                 log(f"== {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC step "
                     f"{name}/{len(items)}: {step.label} (about {_hours(step.minutes)} from "
                     f"scratch; the campaign's rest about {_hours(left)})\n   {step.command()}")
@@ -155,16 +179,17 @@ def run(items: Sequence[Item], runner: Optional[Callable[[Step], int]] = None,
                     raise CampaignStopped(name, step, status)
 
 
-def run_step(step: Step, stops: Optional[_Stops] = None) -> int:
+def run_step(step: Step, stops: Optional[_Stops] = None, root: str = ROOT) -> int:
     """Run one step in a child process of its own session (so a terminal's Ctrl-C reaches it
-    once, through ``stops``), from ``ROOT``; returns its exit status, 128 + the signal's
-    number when a signal killed it, as a shell reports it."""
-    child = subprocess.Popen([sys.executable, "-m", step.module, *step.argv], cwd=ROOT,
-                             start_new_session=True)
+    once, through ``stops``), from ``root``; returns its exit status, 128 + the signal's
+    number when a signal killed it, as a shell reports it. On Linux the step also gets SIGTERM
+    if the campaign dies without passing a signal on (``kill -9``), so no step outlives it."""
+    child = subprocess.Popen([sys.executable, "-m", step.module, *step.argv], cwd=root,
+                             start_new_session=True, preexec_fn=_stop_with(os.getpid()))
     if stops is not None:
         stops.child = child
         if stops.signum is not None:         # came between the start and now
-            child.send_signal(stops.signum)
+            child.send_signal(stops.for_step())
     try:
         status = child.wait()
     finally:
@@ -173,5 +198,18 @@ def run_step(step: Step, stops: Optional[_Stops] = None) -> int:
     return 128 - status if status < 0 else status
 
 
-__all__ = ["Step", "Later", "PLANS", "register", "CampaignStopped", "describe", "run",
-           "run_step"]
+def _stop_with(parent: int) -> Optional[Callable[[], None]]:
+    """A ``preexec_fn`` asking Linux to send the child SIGTERM when ``parent`` dies; None
+    elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def ask():
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:           # the campaign died before the request
+            os.kill(os.getpid(), signal.SIGTERM)
+    return ask
+
+
+__all__ = ["Step", "Later", "PLANS", "STOPS", "register", "PlanError", "CampaignStopped",
+           "describe", "run", "run_step"]

@@ -6,7 +6,9 @@ a validation split, as they were run), every method tuned at IPC 1 on 500 held-o
 class, the IPC 10 study rows and each method's IPC 1 choice carried to IPC 10 (all holding out
 the same 500 per class), both comparison tables, and a third seed for faithful IDM and for the
 two best other IPC 10 rows. Its folders are those of ``docs/study``, so copying those records
-into the campaign's folder first makes it skip every run already recorded there.
+into the campaign's folder first makes it skip every run already recorded there (except the
+NCFM and IID runs: their records name the pool by the absolute path it had when they ran, so
+they are skipped only with the pools at that path).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import os
 
 from idm_jax.runs import checkpoint
-from idm_jax.runs.campaign import Item, Later, Step, register
+from idm_jax.runs.campaign import Item, Later, PlanError, Step, register
 
 METHODS = ("idm", "m3d", "dm", "ncfm", "iid")
 IPC1_MOSAICS = "random-real,random-real-pf3,random-real-pf4"
@@ -133,8 +135,7 @@ def third_seeds(data, folder: dict, pool: dict) -> list[Step]:
         with open(kept) as f:
             rows = json.load(f)["rows"]
     else:
-        with open(os.path.join(folder["tune-ipc10"], "comparison.json")) as f:
-            rows = top_rows(json.load(f)["table"])
+        rows = top_rows(_comparison_table(os.path.join(folder["tune-ipc10"], "comparison.json")))
         checkpoint.dump_json(kept, {"rows": rows})
     steps = [_ipc10_study(data, folder["cpu-ipc10"], ["idm"], "2")]
     for row in rows:
@@ -143,6 +144,20 @@ def third_seeds(data, folder: dict, pool: dict) -> list[Step]:
         else:
             steps.append(_carry(data, folder, row, pool.get(row, ()), "0,1,2"))
     return steps
+
+
+def _comparison_table(path: str) -> list[dict]:
+    """The rows of a comparison written by ``experiments.tune --compare``; PlanError if the
+    file is missing or not one."""
+    try:
+        with open(path) as f:
+            table = json.load(f)["table"]
+        if not all(isinstance(row, dict) and "variant" in row for row in table):
+            raise ValueError("a row without a variant")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PlanError(f"{path}: no readable comparison table ({err}); re-run the campaign "
+                        f"(its step 'the IPC 10 table' writes it)") from None
+    return table
 
 
 __all__ = ["METHODS", "IPC10_ROWS", "fair_cifar10", "top_rows", "third_seeds"]
