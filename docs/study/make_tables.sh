@@ -5,6 +5,7 @@
 # IPC 1: the tuned methods beside the untuned study rows -> docs/study/tune-ipc1/comparison.*
 # IPC 10: the same at IPC 10 once a tuned choice has been carried there
 # (docs/study/tune-ipc10), else the study rows alone -> docs/study/cpu-ipc10/study.*
+# The head-start chart: each factor's mosaic beside the factor condensed -> docs/figures/head_start.png
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 METHODS=idm,m3d,dm,ncfm,iid
@@ -18,3 +19,4 @@ else
   python -m experiments.study --ipc 10 --budget cpu --set validation_per_class=500 \
     --variants "$ROWS10" --seeds 0,1,2 --workdir docs/study/cpu-ipc10 --table_only
 fi
+PYTHONPATH=. python docs/study/head_start_chart.py
