@@ -3,6 +3,7 @@ result-changing settings are refused."""
 
 import dataclasses
 import hashlib
+import json
 import os
 
 import jax
@@ -176,3 +177,33 @@ def test_resume_refuses_another_run_instead_of_falling_back(tmp_path):
     with pytest.raises(checkpoint.CheckpointMismatchError):
         ckpt.restore_latest(template, dataclasses.replace(config, ce_weight=0.1), meta)
     assert ckpt.all_steps() == [1, 2]
+
+
+def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary_behind(tmp_path, monkeypatch):
+    path = str(tmp_path / "results.json")
+    checkpoint.dump_json(path, {"b": 1, "a": [1, 2]})
+    assert json.loads(open(path).read()) == {"a": [1, 2], "b": 1}
+    with pytest.raises(TypeError):
+        checkpoint.dump_json(path, {"a": object()})          # JSON cannot hold it
+
+    class HalfThenFullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:len(text) // 2])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "open", lambda p, mode: HalfThenFullDisk(open(p, mode)),
+                        raising=False)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.write_text(path, "x" * 1000)
+    monkeypatch.undo()
+    assert json.loads(open(path).read()) == {"a": [1, 2], "b": 1}
+    assert os.listdir(tmp_path) == ["results.json"]

@@ -221,12 +221,24 @@ def data_meta(real, method_provenance: Optional[dict] = None) -> dict:
             **(method_provenance or {})}
 
 
-def dump_json(path: str, value) -> None:
+def write_text(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: a reader (or a run killed while writing)
+    sees the old file or the new one, never a part of it."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def dump_json(path: str, value) -> None:
+    """``value`` as indented JSON with sorted keys, written as ``write_text`` does; a value
+    JSON cannot hold raises TypeError and leaves ``path`` as it was."""
+    write_text(path, json.dumps(value, indent=2, sort_keys=True))
 
 
 __all__ = ["STATE_FORMAT", "Checkpointer", "CheckpointMismatchError", "CheckpointDamagedError",
-           "state_digest", "data_meta", "dump_json"]
+           "state_digest", "data_meta", "write_text", "dump_json"]

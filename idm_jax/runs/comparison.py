@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from idm_jax.config import Config
-from idm_jax.runs import grid_run, study, tuning
+from idm_jax.runs import checkpoint, grid_run, study, tuning
 
 
 def _read(path: str) -> Optional[dict]:
@@ -209,10 +209,9 @@ def compare(workdir: str, methods: Sequence[str], command: str = "",
     header = dict(study.machine(), dataset=config.dataset, ipc=config.ipc, command=command,
                   missing=missing, failed=failed, splits=splits,
                   runs=study.provenance(records))
-    with open(os.path.join(workdir, "comparison.md"), "w") as f:
-        f.write(markdown(table, header))
-    with open(os.path.join(workdir, "comparison.json"), "w") as f:
-        json.dump({"header": header, "table": table}, f, indent=2)
+    checkpoint.write_text(os.path.join(workdir, "comparison.md"), markdown(table, header))
+    checkpoint.write_text(os.path.join(workdir, "comparison.json"),
+                          json.dumps({"header": header, "table": table}, indent=2))
     study.bar_chart(table, os.path.join(workdir, "comparison.png"),
                     f"{header['dataset']} IPC {header['ipc']}: each method at the setting chosen "
                     f"on validation (blue), untuned study rows (grey); test accuracy, mean +- "

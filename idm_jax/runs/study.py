@@ -28,7 +28,7 @@ import numpy as np
 
 from idm_jax import config as config_lib
 from idm_jax import methods
-from idm_jax.runs import outputs
+from idm_jax.runs import checkpoint, outputs
 from idm_jax.config import Config
 from idm_jax import presets
 
@@ -292,10 +292,9 @@ def write_table(rows: dict[str, list[dict]], workdir: str, *, dataset: str, budg
     text = markdown(table, header)
     if missing:
         text += f"\nNot finished, so not in the table: {', '.join(missing)}.\n"
-    with open(os.path.join(workdir, "study.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(workdir, "study.json"), "w") as f:
-        json.dump({"header": header, "table": table}, f, indent=2)
+    checkpoint.write_text(os.path.join(workdir, "study.md"), text)
+    checkpoint.write_text(os.path.join(workdir, "study.json"),
+                          json.dumps({"header": header, "table": table}, indent=2))
     bar_chart(table, os.path.join(workdir, "study.png"),
               f"{dataset} IPC {ipc}, budget {budget}: mean +- std over seeds x models")
     return table

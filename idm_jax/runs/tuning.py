@@ -334,8 +334,7 @@ def write(summary: dict, root: str) -> None:
     """``tuning.json``, ``tuning.md`` and the grid's picture ``tuning.png`` in ``root``."""
     os.makedirs(root, exist_ok=True)
     checkpoint.dump_json(os.path.join(root, "tuning.json"), summary)
-    with open(os.path.join(root, "tuning.md"), "w") as f:
-        f.write(markdown(summary))
+    checkpoint.write_text(os.path.join(root, "tuning.md"), markdown(summary))
     picture = os.path.join(root, "tuning.png")
     if summary["grid"]:
         plot(summary, picture)
