@@ -49,6 +49,42 @@ def _compile(fn, *args):
     return compiled, time.perf_counter() - start
 
 
+def _time_program(name: str, build, arg, models_run: int, epochs: int, iters: int) -> dict:
+    """One program compiled at 1 and ``epochs`` + 1 epochs: its time per epoch (the slope),
+    per epoch and model, and its fixed part, in seconds."""
+    entry = {}
+    for label, epoch_eval_train in (("one_epoch", 0), ("epochs", epochs)):
+        progress(f"{name}, {epoch_eval_train + 1} epoch(s): compiling")
+        compiled, compile_s = _compile(build(epoch_eval_train), arg)
+        jax.block_until_ready(compiled(arg))
+        entry[label] = {"compile_s": compile_s,
+                        "seconds": summary(time_calls(lambda: compiled(arg), iters))}
+    t_one, t_many = entry["one_epoch"]["seconds"]["min"], entry["epochs"]["seconds"]["min"]
+    entry["per_epoch_s"] = (t_many - t_one) / epochs
+    entry["per_epoch_per_model_s"] = entry["per_epoch_s"] / models_run
+    entry["fixed_s"] = t_one - entry["per_epoch_s"]
+    return entry
+
+
+def _time_test_pass(net, rng, image_shape, test_images: int, test_batch: int, chunk,
+                    iters: int) -> float:
+    """Seconds (min over ``iters``) of the full test pass (the forward of every test image)
+    of one trained model, as ``train_and_test`` runs it."""
+    variables = models.init_variables(net, jax.random.PRNGKey(0), image_shape)
+    full_test = jnp.asarray(rng.normal(size=(test_images,) + tuple(image_shape)), jnp.float32)
+
+    def test_pass(v, x):
+        def test_part(correct, xb):
+            _, logits = microbatch.apply_in_chunks(lambda c: net.apply(v, c), xb, chunk)
+            return correct + jnp.sum(jnp.argmax(logits, -1) == 0), None
+        return jax.lax.scan(test_part, jnp.int32(0),
+                            x.reshape((-1, test_batch) + x.shape[1:]))[0]
+
+    compiled, _ = _compile(test_pass, variables, full_test)
+    jax.block_until_ready(compiled(variables, full_test))
+    return summary(time_calls(lambda: compiled(variables, full_test), iters))["min"]
+
+
 def run(ipc: int = 10, num_classes: int = 10, image_shape=(32, 32, 3), epochs: int = 4,
         num_eval: int = 5, model: str = "ConvNet", batch_size: int = 256, factor: int = 2,
         test_images: int = 10000, iters: int = 2, sequential_calls: bool = True,
@@ -88,33 +124,8 @@ def run(ipc: int = 10, num_classes: int = 10, image_shape=(32, 32, 3), epochs: i
     if sequential_calls:
         programs["one_model"] = (lambda e: lambda k: one(k, e), keys[0], 1)
     for name, (build, arg, models_run) in programs.items():
-        entry = {}
-        for label, epoch_eval_train in (("one_epoch", 0), ("epochs", epochs)):
-            progress(f"{name}, {epoch_eval_train + 1} epoch(s): compiling")
-            compiled, compile_s = _compile(build(epoch_eval_train), arg)
-            jax.block_until_ready(compiled(arg))
-            entry[label] = {"compile_s": compile_s,
-                            "seconds": summary(time_calls(lambda: compiled(arg), iters))}
-        t_one, t_many = entry["one_epoch"]["seconds"]["min"], entry["epochs"]["seconds"]["min"]
-        entry["per_epoch_s"] = (t_many - t_one) / epochs
-        entry["per_epoch_per_model_s"] = entry["per_epoch_s"] / models_run
-        entry["fixed_s"] = t_one - entry["per_epoch_s"]
-        record[name] = entry
-
-    # The full test pass (forward of every test image) of one trained model.
-    variables = models.init_variables(net, jax.random.PRNGKey(0), image_shape)
-    full_test = jnp.asarray(rng.normal(size=(test_images,) + tuple(image_shape)), jnp.float32)
-
-    def test_pass(v, x):
-        def test_part(correct, xb):   # as train_and_test's test pass
-            _, logits = microbatch.apply_in_chunks(lambda c: net.apply(v, c), xb, chunk)
-            return correct + jnp.sum(jnp.argmax(logits, -1) == 0), None
-        return jax.lax.scan(test_part, jnp.int32(0),
-                            x.reshape((-1, test_batch) + x.shape[1:]))[0]
-
-    compiled, _ = _compile(test_pass, variables, full_test)
-    jax.block_until_ready(compiled(variables, full_test))
-    test_s = summary(time_calls(lambda: compiled(variables, full_test), iters))["min"]
+        record[name] = _time_program(name, build, arg, models_run, epochs, iters)
+    test_s = _time_test_pass(net, rng, image_shape, test_images, test_batch, chunk, iters)
     record["test_pass_s"] = test_s
     for name, runs in (("parallel_vmap", 1), ("sequential_map", 1), ("one_model", num_eval)):
         if name in record:
