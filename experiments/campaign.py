@@ -49,8 +49,12 @@ def _step_numbers(text: str, count: int) -> set[int]:
             span = range(int(first), int(last or first) + 1)
         except ValueError:
             raise cli.UserError(f"--skip_steps {text!r}: {part!r} is not a step number or a "
-                                f"range like 12-13") from None
-        if not span or span[0] < 1 or span[-1] > count:
+                                f"range like 12-13 (a step's parts, 21.1, go with it: 21)"
+                                ) from None
+        if not span:
+            raise cli.UserError(f"--skip_steps {text!r}: {part!r} is an empty range; write the "
+                                f"smaller number first")
+        if span[0] < 1 or span[-1] > count:
             raise cli.UserError(f"--skip_steps {text!r}: {part!r} is outside the plan's steps "
                                 f"1 to {count} (see --dry_run)")
         numbers.update(span)
@@ -86,7 +90,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (workdir_lib.WorkdirBusy, campaign.PlanError) as err:
         raise cli.UserError(str(err)) from None
     except campaign.CampaignStopped as stopped:
-        print(stopped if stopped.requested else f"error: {stopped}", file=sys.stderr)
+        try:
+            print(stopped if stopped.requested else f"error: {stopped}", file=sys.stderr)
+        except OSError:                     # a closed terminal: the status still tells
+            pass
         raise SystemExit(stopped.status) from None
     print(f"campaign {args.plan} done: the tables are in {args.workdir}")
     return 0

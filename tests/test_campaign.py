@@ -130,12 +130,15 @@ def test_a_later_step_is_decided_when_reached_and_a_failure_stops_the_campaign()
 
 
 SLOW_STEP = """
-import signal, sys, time
-def stop(signum, frame):     # finishes its work anyway: the campaign must stop
+import os, signal, sys, time
+def stop(signum, frame):     # says so at length, then ends its work anyway: the campaign stops
+    for line in range(2000):
+        print("saving", line, flush=True)
     open({mark!r}, "a").write(signal.Signals(signum).name)
     sys.exit(0)
 for s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(s, stop)
+open({pid!r}, "w").write(str(os.getpid()))
 open({mark!r}, "w").write("started ")
 time.sleep(60)
 """
@@ -146,24 +149,38 @@ from idm_jax.runs import campaign
 try:
     campaign.run([campaign.Step("slow", "slow_step", ()), campaign.Step("never", "slow_step", ())])
 except campaign.CampaignStopped as stopped:
-    print(stopped)
+    try:
+        print(stopped)
+    except OSError:          # a closed terminal
+        pass
     sys.exit(stopped.status)
 """
 
 
-def start_campaign_with_a_slow_step(tmp_path):
-    """A campaign of two slow steps in its own process group, once its first step has started:
-    (the campaign's process, the file its steps write the signals they get to)."""
-    mark = tmp_path / "mark"
-    (tmp_path / "slow_step.py").write_text(SLOW_STEP.format(mark=str(mark)))
+@pytest.fixture
+def slow_campaign(tmp_path):
+    """``start(**popen)``: a campaign of two slow steps in its own process group, returned once
+    its first step has started, with the file its steps write the signals they get to. Any
+    step still running at the end is killed."""
+    mark, pid = tmp_path / "mark", tmp_path / "step.pid"
+    (tmp_path / "slow_step.py").write_text(SLOW_STEP.format(mark=str(mark), pid=str(pid)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), REPO]))
-    proc = subprocess.Popen([sys.executable, "-c", CAMPAIGN], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 60
-    while not (mark.exists() and mark.read_text()) and time.time() < deadline:
-        time.sleep(0.1)
-    return proc, mark
+
+    def start(**popen):
+        popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+        proc = subprocess.Popen([sys.executable, "-c", CAMPAIGN], cwd=REPO, env=env, text=True,
+                                start_new_session=True, **popen)
+        deadline = time.time() + 60
+        while not (mark.exists() and mark.read_text()) and time.time() < deadline:
+            time.sleep(0.1)
+        assert mark.exists(), "the first step did not start within 60 s"
+        return proc, mark
+    yield start
+    if pid.exists():
+        try:
+            os.kill(int(pid.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.parametrize("sent, to_group, step_gets", [
@@ -172,8 +189,8 @@ def start_campaign_with_a_slow_step(tmp_path):
     (signal.SIGHUP, False, "SIGTERM"),      # the terminal closed
 ], ids=["SIGTERM", "Ctrl-C to the group", "SIGHUP"])
 def test_a_stop_signal_reaches_the_running_step_once_and_is_the_campaigns_status(
-        tmp_path, sent, to_group, step_gets):
-    proc, mark = start_campaign_with_a_slow_step(tmp_path)
+        slow_campaign, sent, to_group, step_gets):
+    proc, mark = slow_campaign()
     if to_group:
         os.killpg(proc.pid, sent)
     else:
@@ -185,10 +202,32 @@ def test_a_stop_signal_reaches_the_running_step_once_and_is_the_campaigns_status
     assert out.count("== ") == 1
 
 
-def test_a_campaign_killed_outright_takes_its_running_step_with_it(tmp_path):
-    proc, mark = start_campaign_with_a_slow_step(tmp_path)
-    proc.kill()
+def test_a_closed_terminal_stops_the_step_which_can_still_finish_its_writes(slow_campaign):
+    import pty
+    terminal, side = pty.openpty()
+    proc, mark = slow_campaign(stdout=side, stderr=side)
+    os.close(side)
+    os.close(terminal)                       # every later write to it fails (EIO)
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=60) == 128 + signal.SIGHUP
+    assert mark.read_text() == "started SIGTERM"     # its 2000 lines did not kill it
+
+
+def test_a_campaign_started_under_nohup_ignores_the_hangup(slow_campaign):
+    proc, mark = slow_campaign(preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert proc.poll() is None and mark.read_text() == "started "
+    proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
+    assert mark.read_text() == "started SIGTERM"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_campaign_killed_outright_takes_its_running_step_with_it(slow_campaign):
+    proc, mark = slow_campaign(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.kill()
+    proc.wait(timeout=60)
     deadline = time.time() + 30
     while mark.read_text() == "started " and time.time() < deadline:
         time.sleep(0.1)
@@ -213,7 +252,7 @@ def test_the_command_line_refuses_bad_flags_with_one_error_line_and_prints_a_dry
              (["--data_dir", str(tmp_path), "--workdir", str(tmp_path / "a_file")], "is a file"),
              (["--data_dir", str(tmp_path), "--skip_steps", "3,x"], "'x' is not a step number"),
              (["--data_dir", str(tmp_path), "--skip_steps", "20-23"], "outside the plan's steps"),
-             (["--data_dir", str(tmp_path), "--skip_steps", "5-4"], "outside the plan's steps")]
+             (["--data_dir", str(tmp_path), "--skip_steps", "5-4"], "an empty range")]
     for argv, words in cases:
         with pytest.raises(SystemExit) as exit_:
             campaign_cli.main(argv)
@@ -227,17 +266,28 @@ def test_the_command_line_refuses_bad_flags_with_one_error_line_and_prints_a_dry
     assert not os.path.exists(tmp_path / "runs")        # a dry run makes nothing
 
 
-def test_an_unreadable_comparison_stops_the_third_seed_step_with_a_plan_error(fair):
+def test_an_unreadable_or_partial_comparison_stops_the_third_seed_step_and_keeps_no_pick(fair):
     runs, items = fair
     later = next(i for i in items if isinstance(i, campaign.Later))
     path = os.path.join(runs, "tune-ipc10", "comparison.json")
-    for text in ["{not json", json.dumps({"rows": []}), json.dumps({"table": [3]})]:
+    kept = os.path.join(runs, "tune-ipc10", "third-seeds.json")
+    cases = [("{not json", "not JSON"), (json.dumps({"rows": []}), "no comparison table"),
+             (json.dumps({"table": [3]}), "no comparison table"),
+             (json.dumps(table("m3d", "idm (study)")), "fewer than 2 rows"),
+             (json.dumps(dict(table("m3d", "dm"), header={"missing": ["iid"], "failed": {}})),
+              "not finished: iid")]
+    for text, words in cases:
         with open(path, "w") as f:
             f.write(text)
-        with pytest.raises(campaign.PlanError, match="comparison.json: no readable comparison"):
+        with pytest.raises(campaign.PlanError, match=words):
             later.make()
+        assert not os.path.exists(kept)
     os.remove(path)
-    with pytest.raises(campaign.PlanError, match="the IPC 10 table"):
+    with pytest.raises(campaign.PlanError, match="No such file.*step before this one"):
+        later.make()
+    with open(kept, "w") as f:
+        f.write('{"rows": "ncfm"}')
+    with pytest.raises(campaign.PlanError, match="third-seeds.json: no list of rows"):
         later.make()
 
 
@@ -264,7 +314,8 @@ def test_the_command_line_runs_a_plan_and_stops_at_a_failing_step_with_one_error
         toy_plan, tmp_path, capfd):
     base = ["--plan", "toy", "--data_dir", str(tmp_path), "--workdir", str(tmp_path / "w")]
     cases = [([], 1, "step 2 (broken) failed with status 1"),
-             (["--skip_steps", "2"], 2, "results.json: missing")]
+             (["--skip_steps", "2"], 2,
+              "step 3 (decide) cannot decide its commands: results.json: missing")]
     for flags, status, words in cases:
         with pytest.raises(SystemExit) as exit_:
             campaign_cli.main(base + flags)
@@ -275,3 +326,4 @@ def test_the_command_line_runs_a_plan_and_stops_at_a_failing_step_with_one_error
     assert json.loads(toy_plan.read_text()) == {"a": 1}       # step 1 ran, from a real process
     out = capfd.readouterr().out
     assert "2. [skipped] broken" in out and "step 3/3: decide: skipped" in out
+    assert "3 steps (2 skipped)" in out

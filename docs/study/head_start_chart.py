@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 FACTORS = {2: ("random-real", "idm"), 3: ("random-real-pf3", "pf3"),
            4: ("random-real-pf4", "pf4")}
 PANELS = (("IPC 1", "cpu-ipc1"), ("IPC 10", "cpu-ipc10"))
+LEGEND = {"start": "random-real mosaic (0 iterations)", "end": "after 100 iterations of IDM"}
 
 
 def accuracies(folder: str, variant: str) -> tuple[list[float], int]:
@@ -42,6 +43,7 @@ def main() -> None:
 
     fig, axes = plt.subplots(1, len(PANELS), figsize=(11, 4.2), sharey=True)
     for ax, (title, folder) in zip(axes, PANELS):
+        labelled = set()
         for x, (factor, (start, end)) in enumerate(FACTORS.items()):
             bars = []
             for offset, (variant, style) in enumerate(((start, "start"), (end, "end"))):
@@ -54,9 +56,9 @@ def main() -> None:
                 ax.bar(x + (offset - 0.5) * 0.38, mean, 0.36, yerr=std, capsize=3,
                        color="#9ecae1" if style == "start" else "#3182bd",
                        hatch="//" if style == "start" else None,
-                       label=("random-real mosaic (0 iterations)" if style == "start" else
-                              "after 100 iterations of IDM") if x == 0 else None)
-                gain = f" (+{mean - bars[0]:.1f})" if len(bars) == 2 else ""
+                       label=None if style in labelled else LEGEND[style])
+                labelled.add(style)
+                gain = f" ({mean - bars[0]:+.1f})" if len(bars) == 2 else ""
                 ax.annotate(f"{mean:.1f}{gain}\n{seeds} seed{'s' * (seeds > 1)}",
                             (x + (offset - 0.5) * 0.38, mean + std + 0.5), ha="center",
                             fontsize=7)

@@ -107,8 +107,9 @@ def describe(items: Sequence[Item], skip: Sequence[int] = ()) -> str:
             lines.append(f"{number:>3}. [{_hours(item.minutes)}] {item.label}\n"
                          f"       {item.command()}")
     total = sum(item.minutes for number, item in enumerate(items, 1) if number not in skip)
-    lines.append(f"{len(items)} steps, about {_hours(total)} from scratch on 2 CPU cores; "
-                 f"finished runs are skipped")
+    left_out = f" ({len([n for n in skip if 1 <= n <= len(items)])} skipped)" if skip else ""
+    lines.append(f"{len(items)} steps{left_out}, about {_hours(total)} from scratch on 2 CPU "
+                 f"cores; finished runs are skipped")
     return "\n".join(lines)
 
 
@@ -120,26 +121,32 @@ class _Stops:
     """While entered, a stop signal (``STOPS``) is remembered and passed on to the running
     step's process, if any (SIGHUP as SIGTERM); the campaign then stops once that step has
     ended, whatever its status (a step that finishes its run anyway must not be followed by
-    another)."""
+    another). A signal the campaign was started ignoring (``nohup``, a shell's ``&``) stays
+    ignored."""
 
     def __init__(self):
         self.signum: Optional[int] = None
         self.child: Optional[subprocess.Popen] = None
+        self.signalled: Optional[subprocess.Popen] = None    # the child already passed it
         self._previous: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():   # signals reach only it
-            self._previous = {s: signal.signal(s, self._handle) for s in STOPS}
+            self._previous = {s: signal.signal(s, self._handle) for s in STOPS
+                              if signal.getsignal(s) is not signal.SIG_IGN}
         return self
 
     def _handle(self, signum, frame):
         self.signum = signum
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(self.for_step())
+        self.pass_on(self.child)
 
-    def for_step(self) -> int:
-        """The signal passed to a step for the one the campaign got."""
-        return signal.SIGTERM if self.signum == getattr(signal, "SIGHUP", None) else self.signum
+    def pass_on(self, child: Optional[subprocess.Popen]) -> None:
+        """Send ``child`` the step's signal for the one received, once."""
+        if (self.signum is not None and child is not None and child is not self.signalled
+                and child.poll() is None):
+            self.signalled = child
+            child.send_signal(signal.SIGTERM if self.signum == getattr(signal, "SIGHUP", None)
+                              else self.signum)
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
@@ -160,7 +167,11 @@ def run(items: Sequence[Item], runner: Optional[Callable[[Step], int]] = None,
             if number in skip:
                 log(f"== step {number}/{len(items)}: {item.label}: skipped")
                 continue
-            steps = item.make() if isinstance(item, Later) else [item]
+            try:
+                steps = item.make() if isinstance(item, Later) else [item]
+            except PlanError as err:
+                raise PlanError(f"step {number} ({item.label}) cannot decide its commands: "
+                                f"{err}") from None
             if isinstance(item, Later):
                 log(f"== step {number}/{len(items)}: {item.label}: "
                     f"{', '.join(s.label for s in steps) or 'nothing to run'}")
@@ -183,29 +194,60 @@ def run_step(step: Step, stops: Optional[_Stops] = None, root: str = ROOT) -> in
     """Run one step in a child process of its own session (so a terminal's Ctrl-C reaches it
     once, through ``stops``), from ``root``; returns its exit status, 128 + the signal's
     number when a signal killed it, as a shell reports it. On Linux the step also gets SIGTERM
-    if the campaign dies without passing a signal on (``kill -9``), so no step outlives it."""
-    child = subprocess.Popen([sys.executable, "-m", step.module, *step.argv], cwd=root,
-                             start_new_session=True, preexec_fn=_stop_with(os.getpid()))
+    if the campaign dies without passing a signal on (``kill -9``), so no step outlives it.
+    When the campaign writes to a terminal, the step's output is relayed through it, so a
+    closed terminal silences the step instead of failing its next write."""
+    relay = sys.stdout.isatty() or sys.stderr.isatty()
+    child = subprocess.Popen(
+        [sys.executable, "-m", step.module, *step.argv], cwd=root, start_new_session=True,
+        preexec_fn=_stop_with(os.getpid()),
+        stdout=subprocess.PIPE if relay else None, stderr=subprocess.STDOUT if relay else None,
+        env=dict(os.environ, PYTHONUNBUFFERED="1") if relay else None)
+    copier = None
+    if relay:
+        copier = threading.Thread(target=_copy, args=(child.stdout, sys.stdout), daemon=True)
+        copier.start()
     if stops is not None:
         stops.child = child
-        if stops.signum is not None:         # came between the start and now
-            child.send_signal(stops.for_step())
+        stops.pass_on(child)                 # a signal that came between the start and now
     try:
         status = child.wait()
     finally:
         if stops is not None:
             stops.child = None
+    if copier is not None:
+        copier.join(timeout=10)
     return 128 - status if status < 0 else status
+
+
+def _copy(source, out) -> None:
+    """Copy ``source`` (a step's output pipe) to ``out`` as it comes, until the step ends;
+    after the first failed write (a closed terminal) keep reading and drop it."""
+    target = out.buffer if hasattr(out, "buffer") else None
+    while True:
+        chunk = os.read(source.fileno(), 65536)
+        if not chunk:
+            break
+        if target is not None:
+            try:
+                target.write(chunk)
+                target.flush()
+            except OSError:
+                target = None
+    source.close()
 
 
 def _stop_with(parent: int) -> Optional[Callable[[], None]]:
     """A ``preexec_fn`` asking Linux to send the child SIGTERM when ``parent`` dies; None
-    elsewhere."""
+    elsewhere. Linux ties the request to the thread that started the child: ``run_step``
+    waits for the step in that same thread, so it holds for the step's whole life."""
     if not sys.platform.startswith("linux"):
         return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl      # looked up before the fork
+    prctl.argtypes, prctl.restype = (ctypes.c_int, ctypes.c_ulong), ctypes.c_int
 
     def ask():
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+        prctl(1, int(signal.SIGTERM))        # 1: PR_SET_PDEATHSIG
         if os.getppid() != parent:           # the campaign died before the request
             os.kill(os.getpid(), signal.SIGTERM)
     return ask

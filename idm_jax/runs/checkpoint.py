@@ -224,7 +224,7 @@ def data_meta(real, method_provenance: Optional[dict] = None) -> dict:
 def write_text(path: str, text: str) -> None:
     """Replace ``path`` with ``text`` in one step: a reader (or a run killed while writing)
     sees the old file or the new one, never a part of it."""
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"       # two writers of one path never share it
     try:
         with open(tmp, "w") as f:
             f.write(text)

@@ -129,13 +129,15 @@ def third_seeds(data, folder: dict, pool: dict) -> list[Step]:
     table (``tune-ipc10/comparison.json``, written by the step before): a study row by the
     study, a tuned method by carrying its choice again on seeds 0, 1, 2. The first pick is kept
     in ``tune-ipc10/third-seeds.json`` and reused: once some rows have a third seed the table
-    would rank them on other seed counts, so a re-run must not choose again."""
+    would rank them on other seed counts, so a re-run must not choose again. PlanError when
+    the table is missing, unreadable or not complete (a pick from part of it would be kept)."""
     kept = os.path.join(folder["tune-ipc10"], "third-seeds.json")
     if os.path.exists(kept):
-        with open(kept) as f:
-            rows = json.load(f)["rows"]
+        rows = _read_json(kept).get("rows")
+        if not isinstance(rows, list) or not all(isinstance(r, str) for r in rows):
+            raise PlanError(f"{kept}: no list of rows; delete it to pick again")
     else:
-        rows = top_rows(_comparison_table(os.path.join(folder["tune-ipc10"], "comparison.json")))
+        rows = _pick(os.path.join(folder["tune-ipc10"], "comparison.json"))
         checkpoint.dump_json(kept, {"rows": rows})
     steps = [_ipc10_study(data, folder["cpu-ipc10"], ["idm"], "2")]
     for row in rows:
@@ -146,18 +148,37 @@ def third_seeds(data, folder: dict, pool: dict) -> list[Step]:
     return steps
 
 
-def _comparison_table(path: str) -> list[dict]:
-    """The rows of a comparison written by ``experiments.tune --compare``; PlanError if the
-    file is missing or not one."""
+def _read_json(path: str) -> dict:
     try:
         with open(path) as f:
-            table = json.load(f)["table"]
-        if not all(isinstance(row, dict) and "variant" in row for row in table):
-            raise ValueError("a row without a variant")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise PlanError(f"{path}: no readable comparison table ({err}); re-run the campaign "
-                        f"(its step 'the IPC 10 table' writes it)") from None
-    return table
+            value = json.load(f)
+    except OSError as err:
+        raise PlanError(f"{path}: {err.strerror or err}; the step before this one writes it "
+                        f"(run it, without --skip_steps)") from None
+    except ValueError as err:
+        raise PlanError(f"{path}: not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise PlanError(f"{path}: not a JSON object")
+    return value
+
+
+def _pick(path: str, count: int = 2) -> list[str]:
+    """The ``count`` rows for a third seed from the comparison written by ``experiments.tune
+    --compare``; PlanError if it is not one, names rows not finished, or has too few rows."""
+    comparison = _read_json(path)
+    table, header = comparison.get("table"), comparison.get("header", {})
+    if not isinstance(table, list) or not all(isinstance(r, dict) and "variant" in r
+                                              for r in table):
+        raise PlanError(f"{path}: no comparison table (rows with a 'variant')")
+    unfinished = [*header.get("missing", []), *header.get("failed", {})]
+    if unfinished:
+        raise PlanError(f"{path}: not finished: {', '.join(unfinished)}; the pick needs every "
+                        f"row (finish their steps, or skip this one too)")
+    rows = top_rows(table, count)
+    if len(rows) < count:
+        raise PlanError(f"{path}: fewer than {count} rows besides faithful IDM and the "
+                        f"random-real baselines")
+    return rows
 
 
 __all__ = ["METHODS", "IPC10_ROWS", "fair_cifar10", "top_rows", "third_seeds"]

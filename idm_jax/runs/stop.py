@@ -56,8 +56,11 @@ class StopRequest:
         self.requested, self.signum = True, signum
         name = signal.Signals(signum).name
         again = "Ctrl-C" if signum == signal.SIGINT else f"{name}"
-        print(f"\n{name}: saving a checkpoint after this iteration ({again} again to abort)",
-              file=sys.stderr)
+        try:
+            print(f"\n{name}: saving a checkpoint after this iteration ({again} again to "
+                  f"abort)", file=sys.stderr)
+        except OSError:         # a closed terminal: the checkpoint matters, the line does not
+            pass
 
     def _restore(self):
         for s, previous in self._previous.items():
