@@ -90,6 +90,11 @@ def fair_cifar10(workdir: str, source: str, data_dir: str) -> list[Item]:
               lambda: third_seeds(data, folder, pool), MINUTES["third-seeds"]),
         _compare(folder["tune-ipc10"], f"{folder['cpu-ipc10']}:{','.join(IPC10_ROWS)}",
                  "the IPC 10 table with the third seeds"),
+        # Each study step tables only its own rows and seeds: the last word on every row.
+        _study_table(data, folder["cpu-ipc1"], "1", f"{IPC1_MOSAICS},{IPC1_BASELINES}", "0,1",
+                     ()),
+        _study_table(data, folder["cpu-ipc10"], "10", ",".join(IPC10_ROWS), "0,1,2",
+                     ("--set", f"validation_per_class={VALIDATION}")),
     ]
 
 
@@ -99,6 +104,14 @@ def _ipc10_study(data, workdir: str, rows, seeds: str) -> Step:
                  "--set", f"validation_per_class={VALIDATION}", "--variants", ",".join(rows),
                  "--seeds", seeds, "--workdir", workdir),
                 sum(MINUTES[r] for r in rows) * len(seeds.split(",")))
+
+
+def _study_table(data, workdir: str, ipc: str, rows: str, seeds: str, flags: tuple) -> Step:
+    """The table and chart of the study ``rows`` in ``workdir`` over every seed the campaign
+    runs (it runs nothing; a seed not run is named under the table)."""
+    return Step(f"the IPC {ipc} study table over every row and seed", "experiments.study",
+                (*data, "--ipc", ipc, "--budget", "cpu", *flags, "--variants", rows,
+                 "--seeds", seeds, "--workdir", workdir, "--table_only"), MINUTES["compare"])
 
 
 def _carry(data, folder: dict, method: str, pool: tuple, seeds: str) -> Step:
