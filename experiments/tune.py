@@ -1,7 +1,8 @@
 """Tune one method on a validation split, then report it on fresh seeds (``idm_jax.runs.tuning``).
 
 ``python -m experiments.tune --method m3d --source npy --data_dir ../shared/data/cifar10`` runs
-the method's grid (10 settings) at ``--trial_seed`` on the CPU protocol, each run holding out
+the method's grid (10 settings, and up to 3 more past its edge while the best sits there) at
+``--trial_seed`` on the CPU protocol, each run holding out
 ``--validation_per_class`` training images per class, chooses the setting with the best
 validation accuracy, runs it at ``--test_seeds`` and writes ``<workdir>/<method>/tuning.md``.
 The grid's settings are condensed together, sharing one extractor schedule (the queue: it never

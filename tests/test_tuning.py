@@ -39,14 +39,15 @@ def test_choice_reads_validation_only_and_ranks_failures_last():
     assert tuning.validation_score(trials[1][1]) == -math.inf
 
 
-def fake_runs(calls):
+def fake_runs(calls, peak=1.0):
     """condense_and_evaluate's stand-in: writes a finished run's record whose validation
-    accuracy peaks at lr 1 and whose test accuracy peaks elsewhere; blows up above lr 1000."""
+    accuracy peaks at lr ``peak`` and whose test accuracy peaks elsewhere; blows up above lr
+    1000 (unless the peak is beyond)."""
     def condense_and_evaluate(config, dataset, workdir, quiet=False):
         calls.append((config.lr_img, config.seed))
-        if config.lr_img > 1e3:
+        if config.lr_img > max(1e3, peak):
             raise iterating.NonFiniteError("the loss became nan at iteration 0")
-        validation = 40.0 - abs(math.log10(config.lr_img))
+        validation = 40.0 - abs(math.log10(config.lr_img / peak))
         results = {"accuracies": [30.0 + config.seed, 32.0], "mean": 31.0 + config.seed / 2,
                    "config": config.to_dict(),
                    "validation": {"mean": validation, "std": 0.0, "accuracies": [validation]},
@@ -86,6 +87,38 @@ def test_a_tuning_runs_its_grid_records_a_blow_up_and_reports_fresh_seeds(tmp_pa
                                 together=False)
     assert calls == [] and again["chosen"] == summary["chosen"]
     assert again["test"] == summary["test"]
+
+
+def test_a_choice_on_the_grids_edge_goes_on_past_it_while_it_stays_there(tmp_path, monkeypatch):
+    from idm_jax.runs import run as run_lib
+
+    dataset = data.load_dataset("digits")
+    m3d = methods.with_method(presets.get_preset("digits-ipc1"), "m3d").lr_img
+    for peak, expected_past in ((m3d * 10 ** 3.2, [3.0, 3.5]),      # turns down at the 2nd
+                                (m3d * 1e9, [3.0, 3.5, 4.0]),       # never: stops at 3
+                                (m3d * 10 ** -2.2, [-2.5])):        # the lower edge
+        calls = []
+        monkeypatch.setattr(run_lib, "condense_and_evaluate", fake_runs(calls, peak))
+        workdir = tmp_path / f"peak{peak:.3g}"
+        summary = tuning.run_tuning(dataset, "m3d", str(workdir), validation_per_class=5,
+                                    trial_seed=5, test_seeds=(0,), quiet=True, together=False)
+        grid = [math.log10(row["setting"]["lr_img"] / m3d) for row in summary["grid"]]
+        assert grid[:tuning.TRIALS] == pytest.approx([k / 2 for k in range(-4, 6)])
+        assert grid[tuning.TRIALS:] == pytest.approx(expected_past), peak
+        assert [row["past_edge"] for row in summary["grid"]] == (
+            [False] * tuning.TRIALS + [True] * len(expected_past))
+        best = max(summary["grid"], key=lambda row: row["validation"])["setting"]
+        assert summary["chosen"] == best and calls[-1] == (best["lr_img"], 0)
+        assert summary["still_at_edge"] == (len(expected_past) == tuning.EDGE_STEPS)
+        table = (workdir / "m3d" / "tuning.md").read_text()
+        assert f"10 settings and {len(expected_past)} past the grid's edge" in table
+        assert ("the best setting may lie further" in table) == summary["still_at_edge"]
+    # Inside the grid nothing is added (the other tests' grids peak inside).
+    trials = [({"lr_img": lr}, {"validation": {"mean": v}}) for lr, v in ((1, 3), (2, 5), (3, 4))]
+    assert tuning.beyond_edge(trials, 1) is None
+    assert tuning.beyond_edge(trials, 2) == {"lr_img": pytest.approx(4.5)}
+    with_ce = [({"lr_img": lr, "ce_weight": w}, {}) for lr in (1, 10, 100) for w in (0.1, 0.5)]
+    assert tuning.beyond_edge(with_ce, 5) == {"lr_img": pytest.approx(1000), "ce_weight": 0.5}
 
 
 def test_tuned_methods_are_tabled_side_by_side_from_their_records(tmp_path, monkeypatch,

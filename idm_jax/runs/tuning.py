@@ -6,7 +6,8 @@ condenses from them. The grid (``grid``) runs once each at the trial seed; the s
 best mean validation accuracy is chosen (test accuracy takes no part; among equals the one nearest
 the method's default), and that setting alone is
 then run at the test seeds, which must differ from the trial seed. Every method gets
-``TRIALS`` grid points:
+``TRIALS`` grid points (and, when the best of them sits on the grid's edge, up to
+``EDGE_STEPS`` more past it, one grid step each, while the best point stays on the edge):
 
 - a method with a CE term (IDM's ``syn_ce``, NCFM's ``calibration_weight``): the image learning
   rate at 1/100, 1/10, 1, 10 and 100 times its default, each with that term's weight at 1/5 and
@@ -39,6 +40,7 @@ from idm_jax.runs import checkpoint, grid_run, study
 from idm_jax.runs.grid_run import FAILED_FILE
 
 TRIALS = 10
+EDGE_STEPS = 3        # at most this many points past a grid edge the choice sits on
 LR_FACTORS_WITH_CE = (0.01, 0.1, 1.0, 10.0, 100.0)
 CE_FACTORS = (0.2, 1.0)
 LR_FACTORS = tuple(10.0 ** (k / 2) for k in range(-4, 6))
@@ -130,11 +132,13 @@ def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str 
     for number, (point, config, directory) in enumerate(zip(points, configs, directories), 1):
         trials.append((point, _run_or_record(config, dataset, directory, quiet,
                                              f"{method} trial {number}/{len(points)}")))
-    best = choose(trials, {"lr_img": base.lr_img, "ce_weight": base.ce_weight,
-                           "calibration_weight": base.calibration_weight})
+    default = {"lr_img": base.lr_img, "ce_weight": base.ce_weight,
+               "calibration_weight": base.calibration_weight}
+    trials += _past_the_edge(trials, default, base, trial_seed, dataset, root, quiet, method)
+    best = choose(trials, default)
     tests = _run_test_seeds(base, trials[best][0], test_seeds, dataset, root, quiet, method)
     summary = _summary(method, base, trials, best, tests, trial_seed, test_seeds, command,
-                       budget=budget, overrides=overrides)
+                       budget=budget, overrides=overrides, grid_size=len(points))
     write(summary, root)
     return summary
 
@@ -216,6 +220,37 @@ def run_carried(dataset, method: str, workdir: str, source: str, *, ipc: int,
     return summary
 
 
+def beyond_edge(trials: Sequence[tuple[dict, dict]], best: int) -> Optional[dict]:
+    """The next learning rate past the grid's edge, one grid step on (the ratio of the two
+    outermost rates), when the best point's ``lr_img`` is the largest or the smallest among
+    the points that share its other settings; None when it lies inside."""
+    point = trials[best][0]
+    others = {k: v for k, v in point.items() if k != "lr_img"}
+    row = sorted(p["lr_img"] for p, _ in trials
+                 if {k: v for k, v in p.items() if k != "lr_img"} == others)
+    if len(row) < 2 or row[0] < point["lr_img"] < row[-1]:
+        return None
+    ratio = row[-1] / row[-2] if point["lr_img"] == row[-1] else row[0] / row[1]
+    return dict(point, lr_img=point["lr_img"] * ratio)
+
+
+def _past_the_edge(trials, default, base, trial_seed, dataset, root, quiet, method) -> list:
+    """Up to ``EDGE_STEPS`` points past the edge while the best point sits on one: a choice on
+    a grid's edge says only that the best setting may lie further. The same rule for every
+    method; it adds nothing to a grid whose best point is inside it."""
+    extra = []
+    for step in range(1, EDGE_STEPS + 1):
+        point = beyond_edge(trials + extra, choose(trials + extra, default))
+        if point is None:
+            break
+        config = dataclasses.replace(base, seed=trial_seed, **point)
+        directory = os.path.join(root, trial_name(point), f"seed{trial_seed}")
+        extra.append((point, _run_or_record(config, dataset, directory, quiet,
+                                            f"{method} past the grid's edge {step}/"
+                                            f"{EDGE_STEPS}")))
+    return extra
+
+
 def folder(method: str) -> str:
     """A folder name for a method spec (a file spec keeps only its file and object names)."""
     return method.replace(os.sep, "_").replace(":", "-")
@@ -223,10 +258,11 @@ def folder(method: str) -> str:
 
 def _summary(method, base, trials, best, tests, trial_seed, test_seeds, command,
              chosen: Optional[dict] = None, budget: str = "cpu",
-             overrides: Optional[dict] = None) -> dict:
+             overrides: Optional[dict] = None, grid_size: Optional[int] = None) -> dict:
     rows = []
-    for point, results in trials:
+    for number, (point, results) in enumerate(trials):
         rows.append({"setting": point, "failed": results.get("failed"),
+                     "past_edge": grid_size is not None and number >= grid_size,
                      "validation": results.get("validation", {}).get("mean"),
                      "validation_std": results.get("validation", {}).get("std"),
                      "grad_norms_it0": results.get("grad_norms_it0")})
@@ -238,6 +274,7 @@ def _summary(method, base, trials, best, tests, trial_seed, test_seeds, command,
             "validation_per_class": base.validation_per_class, "trial_seed": trial_seed,
             "test_seeds": list(test_seeds), "grid": rows,
             "chosen": trials[best][0] if chosen is None else chosen,
+            "still_at_edge": chosen is None and beyond_edge(trials, best) is not None,
             "test": {"mean": mean, "std": std, "models": n,
                      "seed_means": [float(np.mean(r["accuracies"]))
                                     for r in tests if "accuracies" in r],
@@ -252,12 +289,13 @@ def markdown(summary: dict) -> str:
     if origin:
         return _carried_markdown(summary, origin)
     lines = [f"Tuning {summary['method']} on {summary['dataset']} IPC {summary['ipc']}: "
-             f"{len(summary['grid'])} settings at seed {summary['trial_seed']}, chosen on "
+             f"{_count(summary['grid'])} at seed {summary['trial_seed']}, chosen on "
              f"{summary['validation_per_class']} held-out training images per class; the "
              f"choice run at seeds {summary['test_seeds']}.", "",
              "| setting | validation (%) | grad norm at it 0: loss / each term |", "|---|---|---|"]
     for row in summary["grid"]:
-        setting = setting_text(row["setting"])
+        setting = setting_text(row["setting"]) + (" (past the edge)" * bool(
+            row.get("past_edge")))
         mark = " (chosen)" if row["setting"] == summary["chosen"] else ""
         score = ("failed (not finite)" if row["failed"] else
                  f"{row['validation']:.2f} +- {row['validation_std']:.2f}"
@@ -267,7 +305,15 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {setting}{mark} | {score} | {terms or '-'} |")
     lines += ["", f"Chosen: {summary['chosen']}; test accuracy on fresh seeds: "
               f"{_test_line(summary['test'])}."]
+    if summary.get("still_at_edge"):
+        lines.append(f"The choice is still on the grid's edge after {EDGE_STEPS} points past "
+                     f"it: the best setting may lie further.")
     return "\n".join(lines) + "\n"
+
+
+def _count(grid: list[dict]) -> str:
+    past = sum(1 for row in grid if row.get("past_edge"))
+    return f"{len(grid) - past} settings" + (f" and {past} past the grid's edge" if past else "")
 
 
 def setting_text(point: dict) -> str:
