@@ -22,7 +22,7 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
-from idm_jax.runs import cli, comparison, failures, study, tuning
+from idm_jax.runs import cli, comparison, failures, study, tuning, tuning_report
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None):
         summary = _run(args, dataset, test_seeds, overrides, command)
     except ValueError as err:
         raise cli.UserError(str(err)) from None
-    print(tuning.markdown(summary))
+    print(tuning_report.markdown(summary))
     return summary
 
 

@@ -121,6 +121,33 @@ def test_a_choice_on_the_grids_edge_goes_on_past_it_while_it_stays_there(tmp_pat
     assert tuning.beyond_edge(with_ce, 5) == {"lr_img": pytest.approx(1000), "ce_weight": 0.5}
 
 
+def test_when_the_choice_changes_the_old_choices_test_runs_are_set_aside(tmp_path, monkeypatch):
+    from idm_jax.runs import run as run_lib
+
+    dataset = data.load_dataset("digits")
+    calls = []
+    monkeypatch.setattr(run_lib, "condense_and_evaluate", fake_runs(calls))
+
+    def tune():
+        return tuning.run_tuning(dataset, "dm", str(tmp_path), validation_per_class=5,
+                                 trial_seed=5, test_seeds=(0,), quiet=True, together=False)
+    first = tune()["chosen"]
+    os.makedirs(tmp_path / "dm" / "chosen" / "seed0" / "checkpoints")   # a refused resume
+    top = tmp_path / "dm" / tuning.trial_name(tuning.grid(methods.with_method(
+        presets.get_preset("digits-ipc1"), "dm"))[-1]) / "seed5" / "results.json"
+    record = json.loads(top.read_text())
+    record["validation"]["mean"] = 99.0                 # the grid's top edge is best now
+    top.write_text(json.dumps(record))
+    calls.clear()
+    second = tune()
+    assert second["chosen"]["lr_img"] == record["config"]["lr_img"] != first["lr_img"]
+    aside = tmp_path / "dm" / f"chosen-{tuning.trial_name(first)}" / "seed0"
+    assert json.loads((aside / "results.json").read_text())["config"]["lr_img"] == first["lr_img"]
+    assert (aside / "checkpoints").is_dir()
+    assert calls[-1] == (second["chosen"]["lr_img"], 0)          # the new choice ran afresh
+    assert second["test"]["models"] == 2
+
+
 def test_tuned_methods_are_tabled_side_by_side_from_their_records(tmp_path, monkeypatch,
                                                                  capsys):
     from experiments import tune

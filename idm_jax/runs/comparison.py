@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from idm_jax.config import Config
-from idm_jax.runs import checkpoint, grid_run, study, tuning
+from idm_jax.runs import checkpoint, grid_run, study, tuning, tuning_report
 
 
 def _read(path: str) -> Optional[dict]:
@@ -150,7 +150,7 @@ def _setting(row: dict, split: int) -> str:
         return f"untuned: {study.VARIANTS[row['study_variant']][0]} ({held})"
     at = ("" if row["chosen_at_ipc"] == row.get("ipc") else
           f" (chosen at IPC {row['chosen_at_ipc']})")
-    return tuning.setting_text(row["chosen"]) + f"{at} ({row['grid_failed']})"
+    return tuning_report.setting_text(row["chosen"]) + f"{at} ({row['grid_failed']})"
 
 
 def markdown(table: list[dict], header: dict) -> str:

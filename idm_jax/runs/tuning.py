@@ -27,6 +27,7 @@ chose (same split, budget and overrides) runs at the new IPC on the test seeds, 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -36,8 +37,9 @@ import numpy as np
 
 from idm_jax import iterating
 from idm_jax.config import Config
-from idm_jax.runs import checkpoint, grid_run, study
+from idm_jax.runs import grid_run, study
 from idm_jax.runs.grid_run import FAILED_FILE
+from idm_jax.runs.tuning_report import setting_text, write
 
 TRIALS = 10
 EDGE_STEPS = 3        # at most this many points past a grid edge the choice sits on
@@ -145,6 +147,7 @@ def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str 
 
 def _run_test_seeds(base: Config, chosen: dict, test_seeds, dataset, root: str, quiet: bool,
                     method: str) -> list[dict]:
+    _set_aside_another_choice(os.path.join(root, "chosen"), chosen)
     tests = []
     for seed in test_seeds:
         config = dataclasses.replace(base, seed=seed, **chosen)
@@ -152,6 +155,29 @@ def _run_test_seeds(base: Config, chosen: dict, test_seeds, dataset, root: str, 
         tests.append(_run_or_record(config, dataset, directory, quiet,
                                     f"{method} chosen setting, test seed {seed}"))
     return tests
+
+
+def _set_aside_another_choice(folder: str, chosen: dict) -> None:
+    """Move ``folder`` (the test seeds' runs) to ``<folder>-<its setting>`` when its runs are
+    of another setting than ``chosen`` (the choice changed since, e.g. the grid went past its
+    edge): their checkpoints would be refused and their records are not of this choice."""
+    ran = None
+    for path in sorted(glob.glob(os.path.join(folder, "seed*", "*.json"))):
+        if os.path.basename(path) in ("results.json", FAILED_FILE):
+            with open(path) as f:
+                config = json.load(f).get("config", {})
+            ran = {k: config.get(k) for k in chosen}
+            break
+    if ran is None or all(isinstance(ran[k], (int, float)) and math.isclose(ran[k], v)
+                          for k, v in chosen.items()):
+        return
+    aside, number = f"{folder}-{trial_name(ran)}", 1
+    while os.path.exists(aside):
+        number += 1
+        aside = f"{folder}-{trial_name(ran)}-{number}"
+    os.replace(folder, aside)
+    print(f"== the choice is now {setting_text(chosen)}; the test runs of "
+          f"{setting_text(ran)} moved to {aside}")
 
 
 def carried_choice(source: str, method: str, dataset: str, ipc: int,
@@ -283,111 +309,7 @@ def _summary(method, base, trials, best, tests, trial_seed, test_seeds, command,
             "machine": study.machine(), "command": command}
 
 
-def markdown(summary: dict) -> str:
-    """The grid (validation accuracy and gradient norms at iteration 0) and the chosen row."""
-    origin = summary.get("carried_from")
-    if origin:
-        return _carried_markdown(summary, origin)
-    lines = [f"Tuning {summary['method']} on {summary['dataset']} IPC {summary['ipc']}: "
-             f"{_count(summary['grid'])} at seed {summary['trial_seed']}, chosen on "
-             f"{summary['validation_per_class']} held-out training images per class; the "
-             f"choice run at seeds {summary['test_seeds']}.", "",
-             "| setting | validation (%) | grad norm at it 0: loss / each term |", "|---|---|---|"]
-    for row in summary["grid"]:
-        setting = setting_text(row["setting"]) + (" (past the edge)" * bool(
-            row.get("past_edge")))
-        mark = " (chosen)" if row["setting"] == summary["chosen"] else ""
-        score = ("failed (not finite)" if row["failed"] else
-                 f"{row['validation']:.2f} +- {row['validation_std']:.2f}"
-                 if row["validation"] is not None else "-")
-        norms = row["grad_norms_it0"] or {}
-        terms = " / ".join(f"{k} {v:.3g}" for k, v in sorted(norms.items()) if k != "ce_scale")
-        lines.append(f"| {setting}{mark} | {score} | {terms or '-'} |")
-    lines += ["", f"Chosen: {summary['chosen']}; test accuracy on fresh seeds: "
-              f"{_test_line(summary['test'])}."]
-    if summary.get("still_at_edge"):
-        lines.append(f"The choice is still on the grid's edge after {EDGE_STEPS} points past "
-                     f"it: the best setting may lie further.")
-    return "\n".join(lines) + "\n"
 
-
-def _count(grid: list[dict]) -> str:
-    past = sum(1 for row in grid if row.get("past_edge"))
-    return f"{len(grid) - past} settings" + (f" and {past} past the grid's edge" if past else "")
-
-
-def setting_text(point: dict) -> str:
-    """A grid point as text: ``lr_img 0.2, ce_weight 0.5``."""
-    return ", ".join(f"{k} {v:.4g}" for k, v in point.items())
-
-
-def _test_line(test: dict) -> str:
-    return (f"{test['mean']:.2f} +- {test['std']:.2f} % over {test['models']} models "
-            f"(seed means {', '.join(f'{m:.2f}' for m in test['seed_means'])})"
-            if test["mean"] is not None else "no finished test run")
-
-
-def _carried_markdown(summary: dict, origin: dict) -> str:
-    return (f"{summary['method']} on {summary['dataset']} IPC {summary['ipc']} at the setting "
-            f"its tuning at IPC {origin['ipc']} chose ({origin['workdir']}: {origin['trials']} "
-            f"settings at seed {summary['trial_seed']}, {origin['grid_failed']} failed), "
-            f"{setting_text(summary['chosen'])}, with validation "
-            f"{study.cell(origin['validation'], origin['validation_std'])} % there on "
-            f"{summary['validation_per_class']} "
-            f"held-out images per class; no grid at IPC {summary['ipc']}.\n\n"
-            f"Test accuracy at IPC {summary['ipc']} on seeds {summary['test_seeds']}: "
-            f"{_test_line(summary['test'])}.\n")
-
-
-def plot(summary: dict, path: str) -> None:
-    """A PNG of the grid: validation accuracy (mean +- std over models) against the image
-    learning rate (log scale), one line per value of the other setting; failed settings are
-    crosses at the bottom, the chosen one is circled."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lines: dict = {}
-    for row in summary["grid"]:
-        other = ", ".join(f"{k} {v:.3g}" for k, v in row["setting"].items() if k != "lr_img")
-        lines.setdefault(other, []).append(row)
-    fig, ax = plt.subplots(figsize=(5.0, 3.4), dpi=120)
-    scored = [r["validation"] for r in summary["grid"] if r["validation"] is not None]
-    floor = min(scored, default=0.0) - 2.0
-    for label, rows in lines.items():
-        ok = [r for r in rows if r["validation"] is not None]
-        ax.errorbar([r["setting"]["lr_img"] for r in ok], [r["validation"] for r in ok],
-                    yerr=[r["validation_std"] for r in ok], marker="o", capsize=3,
-                    label=label or "lr_img alone")
-        bad = [r["setting"]["lr_img"] for r in rows if r["validation"] is None]
-        ax.plot(bad, [floor] * len(bad), "x", color="red")
-    chosen = next((r for r in summary["grid"] if r["setting"] == summary["chosen"]), None)
-    if chosen is not None and chosen["validation"] is not None:
-        ax.plot(chosen["setting"]["lr_img"], chosen["validation"], "o", markersize=14,
-                markerfacecolor="none", color="black", label="chosen")
-    ax.set_xscale("log")
-    ax.set_xlabel("image learning rate (lr_img)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(f"{summary['method']} on {summary['dataset']} IPC {summary['ipc']}: grid at seed "
-                 f"{summary['trial_seed']} (x: not finite)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def write(summary: dict, root: str) -> None:
-    """``tuning.json``, ``tuning.md`` and the grid's picture ``tuning.png`` in ``root``."""
-    os.makedirs(root, exist_ok=True)
-    checkpoint.dump_json(os.path.join(root, "tuning.json"), summary)
-    checkpoint.write_text(os.path.join(root, "tuning.md"), markdown(summary))
-    picture = os.path.join(root, "tuning.png")
-    if summary["grid"]:
-        plot(summary, picture)
-    elif os.path.exists(picture):     # a grid's picture left by an earlier tuning here
-        os.remove(picture)
-
-
-__all__ = ["FAILED_FILE", "TRIALS", "grid", "trial_name", "folder", "validation_score", "choose",
-           "run_tuning", "setting_text",
-           "carried_choice", "run_carried", "markdown", "plot", "write"]
+__all__ = ["FAILED_FILE", "TRIALS", "EDGE_STEPS", "grid", "trial_name", "folder",
+           "validation_score", "choose", "beyond_edge", "run_tuning", "carried_choice",
+           "run_carried"]
