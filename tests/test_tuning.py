@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -113,6 +114,10 @@ def test_a_choice_on_the_grids_edge_goes_on_past_it_while_it_stays_there(tmp_pat
         table = (workdir / "m3d" / "tuning.md").read_text()
         assert f"10 settings and {len(expected_past)} past the grid's edge" in table
         assert ("the best setting may lie further" in table) == summary["still_at_edge"]
+        calls.clear()                      # a re-run reads the points past the edge too
+        again = tuning.run_tuning(dataset, "m3d", str(workdir), validation_per_class=5,
+                                  trial_seed=5, test_seeds=(0,), quiet=True, together=False)
+        assert calls == [] and again["grid"] == summary["grid"]
     # Inside the grid nothing is added (the other tests' grids peak inside).
     trials = [({"lr_img": lr}, {"validation": {"mean": v}}) for lr, v in ((1, 3), (2, 5), (3, 4))]
     assert tuning.beyond_edge(trials, 1) is None
@@ -146,6 +151,27 @@ def test_when_the_choice_changes_the_old_choices_test_runs_are_set_aside(tmp_pat
     assert (aside / "checkpoints").is_dir()
     assert calls[-1] == (second["chosen"]["lr_img"], 0)          # the new choice ran afresh
     assert second["test"]["models"] == 2
+    # The choice comes back: its own run moves back (nothing re-runs) and the other's goes
+    # aside beside the first; a seed whose run has checkpoints only is read from config.json.
+    record["validation"]["mean"] = 0.0
+    top.write_text(json.dumps(record))
+    shutil.rmtree(aside / "checkpoints")
+    calls.clear()
+    assert tune()["chosen"] == first and calls == []
+    assert (tmp_path / "dm" / "chosen" / "seed0" / "results.json").is_file()
+    assert not (tmp_path / "dm" / f"chosen-{tuning.trial_name(first)}" / "seed0").exists()
+    other = tmp_path / "dm" / f"chosen-{tuning.trial_name(second['chosen'])}" / "seed0"
+    assert json.loads((other / "results.json").read_text())["config"]["lr_img"] == (
+        second["chosen"]["lr_img"])
+    seed1 = tmp_path / "dm" / "chosen" / "seed1"
+    seed1.mkdir()
+    (seed1 / "config.json").write_text(json.dumps(dict(record["config"], seed=1)))
+    tuning.run_tuning(dataset, "dm", str(tmp_path), validation_per_class=5, trial_seed=5,
+                      test_seeds=(0, 1), quiet=True, together=False)
+    assert json.loads((other.parent / "seed1" / "config.json").read_text())["seed"] == 1
+    assert calls == [(first["lr_img"], 1)]
+    # A record without the setting's field is of an unknown setting: set aside, not kept.
+    assert tuning.trial_name({"lr_img": None}) == "lr_img=unknown"
 
 
 def test_tuned_methods_are_tabled_side_by_side_from_their_records(tmp_path, monkeypatch,
@@ -318,3 +344,49 @@ def test_a_choice_carried_to_another_ipc_runs_no_grid_and_tables_beside_study_ba
             tune.main(argv + ["--workdir", str(ipc10)])
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and words in err[0], err
+
+
+def test_the_comparison_counts_each_grid_and_flags_a_choice_on_its_edge_or_out_of_date(
+        tmp_path, monkeypatch):
+    from idm_jax.runs import comparison
+    from idm_jax.runs import run as run_lib
+
+    dataset = data.load_dataset("digits")
+    top = methods.with_method(presets.get_preset("digits-ipc1"), "m3d").lr_img * 10 ** 2.5
+    calls = []
+    monkeypatch.setattr(run_lib, "condense_and_evaluate", fake_runs(calls, peak=top))
+    ipc1, ipc10 = tmp_path / "ipc1", tmp_path / "ipc10"
+    tuning.run_tuning(dataset, "m3d", str(ipc1), validation_per_class=5, trial_seed=5,
+                      test_seeds=(0,), quiet=True, together=False)
+    # The grid's top point is best; one point past it turns down, so the choice is inside.
+    comparison.compare(str(ipc1), ["m3d"])
+    text = (ipc1 / "comparison.md").read_text()
+    assert "(10 + 1 past the edge, 0 failed) |" in text and "still on the edge" not in text
+    carried = tuning.run_carried(dataset, "m3d", str(ipc10), str(ipc1), ipc=10,
+                                 validation_per_class=5, test_seeds=(0,), quiet=True)
+    assert carried["carried_from"]["trials"] == 10
+    assert carried["carried_from"]["past_edge"] == 1
+    assert "and 1 past the grid's edge" in (ipc10 / "m3d" / "tuning.md").read_text()
+    # Records copied together are checked against the tuning beside them: a choice that moved
+    # since the carry is out of date, and not tabled.
+    shutil.copytree(ipc1, tmp_path / "copy" / "ipc1")
+    shutil.copytree(ipc10, tmp_path / "copy" / "ipc10")
+    moved = tmp_path / "copy" / "ipc1" / "m3d" / "tuning.json"
+    summary = json.loads(moved.read_text())
+    moved.write_text(json.dumps(dict(summary, chosen=summary["grid"][0]["setting"])))
+    assert "carry it again" in comparison.method_row(str(tmp_path / "copy" / "ipc10"),
+                                                     "m3d")["stale"]
+    row = comparison.method_row(str(ipc10), "m3d")
+    assert row["past_edge"] == 1 and row["still_at_edge"] is False
+    # A tuning made before the grid went past its edges, its choice on the edge: flagged.
+    record = ipc1 / "m3d" / "tuning.json"
+    summary = json.loads(record.read_text())
+    summary["grid"] = [r for r in summary["grid"] if not r["past_edge"]]
+    del summary["still_at_edge"]
+    record.write_text(json.dumps(summary))
+    assert tuning.edge_state(summary) == {"trials": 10, "past_edge": 0, "still_at_edge": True,
+                                          "before_edge_rule": True}
+    comparison.compare(str(ipc1), ["m3d"])
+    text = (ipc1 / "comparison.md").read_text()
+    assert "(10, 0 failed; still on the edge) |" in text
+    assert "may not be that method's best" in text

@@ -73,14 +73,38 @@ def method_row(workdir: str, method: str) -> Optional[dict]:
         first = first or Config.from_dict(results["config"])
     # A choice carried from another IPC shows the validation that choice saw there.
     origin = summary.get("carried_from")
+    if origin:
+        moved = _carried_choice_moved(workdir, method, origin, chosen)
+        if moved:
+            return {"variant": method, "stale": moved}
     trial = origin or next((row for row in summary["grid"] if row["setting"] == chosen), {})
+    edge = origin or tuning.edge_state(summary)
     return dict(study.stats(runs), variant=method, chosen=chosen,
                 trial_seed=summary["trial_seed"], trial_validation=trial.get("validation"),
                 trial_validation_std=trial.get("validation_std"),
                 chosen_at_ipc=origin["ipc"] if origin else summary["ipc"],
                 grid_failed=(origin["grid_failed"] if origin else
                              sum(1 for row in summary["grid"] if row["failed"])),
+                trials=edge.get("trials"), past_edge=edge.get("past_edge", 0),
+                still_at_edge=edge.get("still_at_edge"),
                 ipc=summary["ipc"], **_minutes(runs), records=runs)
+
+
+def _carried_choice_moved(workdir: str, method: str, origin: dict, chosen: dict) -> str:
+    """Why a carried choice is no longer its tuning's choice ('' when it still is, or when
+    that tuning is not here to ask). The tuning is looked for beside ``workdir`` first (records
+    copied together keep their folder names), then where it was when the choice was carried."""
+    name = os.path.basename(os.path.normpath(origin["workdir"]))
+    for source in (os.path.join(os.path.dirname(os.path.abspath(workdir)), name),
+                   origin["workdir"]):
+        now = _read(os.path.join(source, tuning.folder(method), "tuning.json"))
+        if now is not None:
+            if now.get("chosen") != chosen:
+                return (f"carried {tuning_report.setting_text(chosen)}, but the tuning in "
+                        f"{source} now chooses {tuning_report.setting_text(now['chosen'])}; "
+                        f"carry it again")
+            return ""
+    return ""
 
 
 # What every row of one table shares: the data, the budget and the evaluation; the condensing
@@ -150,7 +174,16 @@ def _setting(row: dict, split: int) -> str:
         return f"untuned: {study.VARIANTS[row['study_variant']][0]} ({held})"
     at = ("" if row["chosen_at_ipc"] == row.get("ipc") else
           f" (chosen at IPC {row['chosen_at_ipc']})")
-    return tuning_report.setting_text(row["chosen"]) + f"{at} ({row['grid_failed']})"
+    return tuning_report.setting_text(row["chosen"]) + f"{at} ({_trials(row)})"
+
+
+def _trials(row: dict) -> str:
+    """``10 + 2 past the edge, 1 failed; still on the edge``: the grid the choice came from."""
+    if row.get("trials") is None:          # a record from before trials were counted
+        return f"{row['grid_failed']} failed"
+    past = f" + {row['past_edge']} past the edge" if row.get("past_edge") else ""
+    edge = "; still on the edge" if row.get("still_at_edge") else ""
+    return f"{row['trials']}{past}, {row['grid_failed']} failed{edge}"
 
 
 def markdown(table: list[dict], header: dict) -> str:
@@ -160,8 +193,8 @@ def markdown(table: list[dict], header: dict) -> str:
              f"Command: `{header['command']}`", "",
              "A `(study)` row is a study variant at its own settings, tuned on nothing; a "
              "setting chosen at another IPC shows the validation its choice saw there.", "",
-             "| rank | method | chosen setting (grid failures) | validation at the trial seed (%) "
-             "| test (%) | validation, test seeds (%) | seeds x models | per-seed means | "
+             "| rank | method | chosen setting (grid points, failures) | validation at the trial "
+             "seed (%) | test (%) | validation, test seeds (%) | seeds x models | per-seed means | "
              "condense / eval min per run | gap to first / larger std |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     first = table[0]
@@ -182,6 +215,12 @@ def markdown(table: list[dict], header: dict) -> str:
     if header["failed"]:
         lines += ["", "Failed (not finite) at a test seed of the chosen setting: "
                   + "; ".join(f"{m} ({why})" for m, why in header["failed"].items()) + "."]
+    if header.get("stale"):
+        lines += ["", "Not tabled, their carried choice is out of date: "
+                  + "; ".join(f"{m} ({why})" for m, why in header["stale"].items()) + "."]
+    if any(row.get("still_at_edge") for row in table):
+        lines += ["", "A choice still on the edge of its grid (after the points past it, or "
+                  "tuned before the grid went past its edges) may not be that method's best."]
     if header["missing"]:
         lines += ["", f"Not finished, so not in the table: {', '.join(header['missing'])}."]
     return "\n".join(lines) + "\n"
@@ -197,7 +236,9 @@ def compare(workdir: str, methods: Sequence[str], command: str = "",
     for directory, variant in baselines:
         rows[f"{variant} (study)"] = baseline_row(directory, variant)
     failed = {m: r["failed"] for m, r in rows.items() if r is not None and "failed" in r}
-    table = sorted((r for m, r in rows.items() if r is not None and m not in failed),
+    stale = {m: r["stale"] for m, r in rows.items() if r is not None and "stale" in r}
+    table = sorted((r for m, r in rows.items()
+                    if r is not None and m not in failed and m not in stale),
                    key=lambda r: -r["mean"])
     missing = [m for m, r in rows.items() if r is None]
     if not any(r["chosen"] is not None for r in table):
@@ -207,7 +248,7 @@ def compare(workdir: str, methods: Sequence[str], command: str = "",
     splits = check_protocol(records)
     config = Config.from_dict(records[table[0]["variant"]][0]["config"])
     header = dict(study.machine(), dataset=config.dataset, ipc=config.ipc, command=command,
-                  missing=missing, failed=failed, splits=splits,
+                  missing=missing, failed=failed, stale=stale, splits=splits,
                   runs=study.provenance(records))
     checkpoint.write_text(os.path.join(workdir, "comparison.md"), markdown(table, header))
     checkpoint.write_text(os.path.join(workdir, "comparison.json"),

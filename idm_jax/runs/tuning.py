@@ -6,8 +6,9 @@ condenses from them. The grid (``grid``) runs once each at the trial seed; the s
 best mean validation accuracy is chosen (test accuracy takes no part; among equals the one nearest
 the method's default), and that setting alone is
 then run at the test seeds, which must differ from the trial seed. Every method gets
-``TRIALS`` grid points (and, when the best of them sits on the grid's edge, up to
-``EDGE_STEPS`` more past it, one grid step each, while the best point stays on the edge):
+``TRIALS`` grid points (and, when the best of them sits on the grid's learning-rate edge, up
+to ``EDGE_STEPS`` more past it, one grid step each, while the best point stays on the edge; the
+CE weight's axis is not extended):
 
 - a method with a CE term (IDM's ``syn_ce``, NCFM's ``calibration_weight``): the image learning
   rate at 1/100, 1/10, 1, 10 and 100 times its default, each with that term's weight at 1/5 and
@@ -27,7 +28,6 @@ chose (same split, budget and overrides) runs at the new IPC on the test seeds, 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -62,8 +62,10 @@ def grid(config: Config) -> list[dict]:
 
 
 def trial_name(point: dict) -> str:
-    """A folder name for a grid point: ``lr_img=0.02,ce_weight=0.5``."""
-    return ",".join(f"{k}={v:.4g}" for k, v in point.items())
+    """A folder name for a grid point: ``lr_img=0.02,ce_weight=0.5`` (a value a record lacks:
+    ``unknown``)."""
+    return ",".join(f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}=unknown"
+                    for k, v in point.items())
 
 
 def _run_or_record(config: Config, dataset, directory: str, quiet: bool, label: str) -> dict:
@@ -147,7 +149,7 @@ def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str 
 
 def _run_test_seeds(base: Config, chosen: dict, test_seeds, dataset, root: str, quiet: bool,
                     method: str) -> list[dict]:
-    _set_aside_another_choice(os.path.join(root, "chosen"), chosen)
+    _set_aside_other_choices(root, chosen, test_seeds)
     tests = []
     for seed in test_seeds:
         config = dataclasses.replace(base, seed=seed, **chosen)
@@ -157,27 +159,43 @@ def _run_test_seeds(base: Config, chosen: dict, test_seeds, dataset, root: str, 
     return tests
 
 
-def _set_aside_another_choice(folder: str, chosen: dict) -> None:
-    """Move ``folder`` (the test seeds' runs) to ``<folder>-<its setting>`` when its runs are
-    of another setting than ``chosen`` (the choice changed since, e.g. the grid went past its
-    edge): their checkpoints would be refused and their records are not of this choice."""
-    ran = None
-    for path in sorted(glob.glob(os.path.join(folder, "seed*", "*.json"))):
-        if os.path.basename(path) in ("results.json", FAILED_FILE):
-            with open(path) as f:
-                config = json.load(f).get("config", {})
-            ran = {k: config.get(k) for k in chosen}
-            break
-    if ran is None or all(isinstance(ran[k], (int, float)) and math.isclose(ran[k], v)
-                          for k, v in chosen.items()):
-        return
-    aside, number = f"{folder}-{trial_name(ran)}", 1
-    while os.path.exists(aside):
-        number += 1
-        aside = f"{folder}-{trial_name(ran)}-{number}"
-    os.replace(folder, aside)
-    print(f"== the choice is now {setting_text(chosen)}; the test runs of "
-          f"{setting_text(ran)} moved to {aside}")
+def ran_setting(directory: str, keys) -> Optional[dict]:
+    """The values of ``keys`` the run in ``directory`` was made with, from its
+    ``results.json``, ``failed.json`` or (a run with checkpoints only) ``config.json``; a key
+    the record lacks is None. None when the folder holds none of them."""
+    for name in ("results.json", FAILED_FILE, "config.json"):
+        try:
+            with open(os.path.join(directory, name)) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        config = record if name == "config.json" else record.get("config", {})
+        return {k: config.get(k) for k in keys}
+    return None
+
+
+def _set_aside_other_choices(root: str, chosen: dict, seeds: Sequence[int]) -> None:
+    """Per test seed, a run in ``chosen/seed<k>`` of another setting than ``chosen`` (the
+    choice changed since, e.g. the grid went past its edge) moves to
+    ``chosen-<its setting>/seed<k>``: its checkpoints would be refused and its record is not of
+    this choice. A run of ``chosen`` set aside so before (the choice came back) moves back."""
+    for seed in seeds:
+        here = os.path.join(root, "chosen", f"seed{seed}")
+        ran = ran_setting(here, chosen)
+        if ran is not None and ran != chosen:
+            aside, number = os.path.join(f"{root}/chosen-{trial_name(ran)}", f"seed{seed}"), 1
+            while os.path.exists(aside):
+                number += 1
+                aside = os.path.join(f"{root}/chosen-{trial_name(ran)}-{number}", f"seed{seed}")
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            os.replace(here, aside)
+            print(f"== the choice is now {setting_text(chosen)}; seed {seed}'s test run of "
+                  f"{setting_text(ran)} moved to {aside}")
+        back = os.path.join(f"{root}/chosen-{trial_name(chosen)}", f"seed{seed}")
+        if not os.path.exists(here) and ran_setting(back, chosen) == chosen:
+            os.makedirs(os.path.dirname(here), exist_ok=True)
+            os.replace(back, here)
+            print(f"== seed {seed}'s test run of {setting_text(chosen)} moved back from {back}")
 
 
 def carried_choice(source: str, method: str, dataset: str, ipc: int,
@@ -238,8 +256,11 @@ def run_carried(dataset, method: str, workdir: str, source: str, *, ipc: int,
     tests = _run_test_seeds(base, chosen, test_seeds, dataset, root, quiet, method)
     summary = _summary(method, base, [], None, tests, origin["trial_seed"], test_seeds,
                        command, chosen=chosen, budget=budget, overrides=overrides)
+    edge = edge_state(origin)
     summary["carried_from"] = {
-        "workdir": source, "ipc": origin["ipc"], "trials": len(origin["grid"]),
+        "workdir": source, "ipc": origin["ipc"], "chosen": chosen,
+        "trials": edge["trials"], "past_edge": edge["past_edge"],
+        "still_at_edge": edge["still_at_edge"],
         "grid_failed": sum(1 for row in origin["grid"] if row["failed"]),
         "validation": trial["validation"], "validation_std": trial["validation_std"]}
     write(summary, root)
@@ -277,6 +298,23 @@ def _past_the_edge(trials, default, base, trial_seed, dataset, root, quiet, meth
     return extra
 
 
+def edge_state(summary: dict) -> dict:
+    """How a tuning's grid ended: ``trials`` (its own points), ``past_edge`` (points added past
+    its edge) and ``still_at_edge`` (the choice still on the edge after them; for a tuning made
+    before the edge rule, whether its choice sits on the edge, with ``before_edge_rule``)."""
+    rows = summary["grid"]
+    past = sum(1 for row in rows if row.get("past_edge"))
+    if "still_at_edge" in summary:
+        return {"trials": len(rows) - past, "past_edge": past,
+                "still_at_edge": bool(summary["still_at_edge"]), "before_edge_rule": False}
+    trials = [(row["setting"], {"validation": {"mean": row["validation"]}}
+               if row["validation"] is not None else {}) for row in rows]
+    chosen = next((i for i, row in enumerate(rows) if row["setting"] == summary["chosen"]), None)
+    on_edge = chosen is not None and beyond_edge(trials, chosen) is not None
+    return {"trials": len(rows) - past, "past_edge": past, "still_at_edge": on_edge,
+            "before_edge_rule": True}
+
+
 def folder(method: str) -> str:
     """A folder name for a method spec (a file spec keeps only its file and object names)."""
     return method.replace(os.sep, "_").replace(":", "-")
@@ -311,5 +349,5 @@ def _summary(method, base, trials, best, tests, trial_seed, test_seeds, command,
 
 
 __all__ = ["FAILED_FILE", "TRIALS", "EDGE_STEPS", "grid", "trial_name", "folder",
-           "validation_score", "choose", "beyond_edge", "run_tuning", "carried_choice",
-           "run_carried"]
+           "validation_score", "choose", "beyond_edge", "edge_state", "ran_setting",
+           "run_tuning", "carried_choice", "run_carried"]

@@ -58,13 +58,20 @@ def _test_line(test: dict) -> str:
 def _carried_markdown(summary: dict, origin: dict) -> str:
     return (f"{summary['method']} on {summary['dataset']} IPC {summary['ipc']} at the setting "
             f"its tuning at IPC {origin['ipc']} chose ({origin['workdir']}: {origin['trials']} "
-            f"settings at seed {summary['trial_seed']}, {origin['grid_failed']} failed), "
+            f"settings{_past(origin)} at seed {summary['trial_seed']}, "
+            f"{origin['grid_failed']} failed), "
             f"{setting_text(summary['chosen'])}, with validation "
             f"{study.cell(origin['validation'], origin['validation_std'])} % there on "
             f"{summary['validation_per_class']} "
             f"held-out images per class; no grid at IPC {summary['ipc']}.\n\n"
             f"Test accuracy at IPC {summary['ipc']} on seeds {summary['test_seeds']}: "
             f"{_test_line(summary['test'])}.\n")
+
+
+def _past(origin: dict) -> str:
+    past = (f" and {origin['past_edge']} past the grid's edge"
+            if origin.get("past_edge") else "")
+    return past + ("; the choice still on the edge" if origin.get("still_at_edge") else "")
 
 
 def plot(summary: dict, path: str) -> None:
