@@ -6,6 +6,7 @@
 # IPC 10: the same at IPC 10 once a tuned choice has been carried there
 # (docs/study/tune-ipc10), else the study rows alone -> docs/study/cpu-ipc10/study.*
 # The head-start chart: each factor's mosaic beside the factor condensed -> docs/figures/head_start.png
+# Every tuning grid, one after another (the appendix of RESULTS.md) -> docs/study/tune-ipc1/grids.md
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 METHODS=idm,m3d,dm,ncfm,iid
@@ -20,3 +21,4 @@ else
     --variants "$ROWS10" --seeds 0,1,2 --workdir docs/study/cpu-ipc10 --table_only
 fi
 PYTHONPATH=. python docs/study/head_start_chart.py
+PYTHONPATH=. python docs/study/tuning_appendix.py > /dev/null
