@@ -30,7 +30,7 @@ def markdown(summary: dict) -> str:
         norms = row["grad_norms_it0"] or {}
         terms = " / ".join(f"{k} {v:.3g}" for k, v in sorted(norms.items()) if k != "ce_scale")
         lines.append(f"| {setting}{mark} | {score} | {terms or '-'} |")
-    lines += ["", f"Chosen: {summary['chosen']}; test accuracy on fresh seeds: "
+    lines += ["", f"Chosen: {setting_text(summary['chosen'])}; test accuracy on fresh seeds: "
               f"{_test_line(summary['test'])}."]
     if summary.get("still_at_edge"):
         past = sum(1 for row in summary["grid"] if row.get("past_edge"))
