@@ -285,7 +285,10 @@ def test_an_unreadable_or_partial_comparison_stops_the_third_seed_step_and_keeps
              (json.dumps({"table": [3]}), "no comparison table"),
              (json.dumps(table("m3d", "idm (study)")), "fewer than 2 rows"),
              (json.dumps(dict(table("m3d", "dm"), header={"missing": ["iid"], "failed": {}})),
-              "not finished: iid")]
+              "not finished: iid"),
+             (json.dumps(dict(table("m3d", "dm"), header={"missing": [], "failed": {},
+                                                          "stale": {"ncfm": "carry again"}})),
+              "not finished: ncfm")]
     for text, words in cases:
         with open(path, "w") as f:
             f.write(text)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from idm_jax import data, iterating, methods
+from idm_jax.config import Config
 from idm_jax.runs import checkpoint, tuning
 from idm_jax import presets
 
@@ -170,8 +171,39 @@ def test_when_the_choice_changes_the_old_choices_test_runs_are_set_aside(tmp_pat
                       test_seeds=(0, 1), quiet=True, together=False)
     assert json.loads((other.parent / "seed1" / "config.json").read_text())["seed"] == 1
     assert calls == [(first["lr_img"], 1)]
-    # A record without the setting's field is of an unknown setting: set aside, not kept.
+    # A record lacking the setting's field reads as Config's default, as study.finished reads
+    # it (IDM's rate, not DM's): another setting, set aside under that name, and re-run.
+    older_default = Config().lr_img
+    assert older_default != first["lr_img"]
+    kept = tmp_path / "dm" / "chosen" / "seed0" / "results.json"
+    older = json.loads(kept.read_text())
+    del older["config"]["lr_img"]
+    kept.write_text(json.dumps(older))
+    calls.clear()
+    tune()
+    assert calls == [(first["lr_img"], 0)]
+    assert (tmp_path / "dm" / f"chosen-lr_img={older_default:.4g}" / "seed0").is_dir()
     assert tuning.trial_name({"lr_img": None}) == "lr_img=unknown"
+
+
+def test_a_set_aside_run_moves_back_only_when_it_is_this_very_test(tmp_path):
+    base = methods.with_method(presets.get_preset("digits-ipc1"), "dm")
+    chosen, other = {"lr_img": base.lr_img}, {"lr_img": base.lr_img * 10}
+
+    def record(folder, **changes):
+        folder.mkdir(parents=True)
+        config = dataclasses.replace(base, seed=int(folder.name[4:]), **changes)
+        checkpoint.dump_json(str(folder / "results.json"),
+                             {"accuracies": [1.0], "config": config.to_dict()})
+    name = tuning.trial_name(chosen)
+    record(tmp_path / f"chosen-{name}" / "seed0", **chosen, iterations=base.iterations + 1)
+    record(tmp_path / "chosen" / "seed1", **other)
+    record(tmp_path / f"chosen-{name}" / "seed1", **chosen)
+    tuning._set_aside_other_choices(str(tmp_path), base, chosen, (0, 1))
+    assert not (tmp_path / "chosen" / "seed0").exists()        # another protocol: stays aside
+    assert tuning.ran_setting(str(tmp_path / "chosen" / "seed1"), chosen) == chosen
+    assert tuning.ran_setting(str(tmp_path / f"chosen-{tuning.trial_name(other)}" / "seed1"),
+                              chosen) == other
 
 
 def test_tuned_methods_are_tabled_side_by_side_from_their_records(tmp_path, monkeypatch,

@@ -74,7 +74,7 @@ def method_row(workdir: str, method: str) -> Optional[dict]:
     # A choice carried from another IPC shows the validation that choice saw there.
     origin = summary.get("carried_from")
     if origin:
-        moved = _carried_choice_moved(workdir, method, origin, chosen)
+        moved = _carried_choice_moved(workdir, method, summary)
         if moved:
             return {"variant": method, "stale": moved}
     trial = origin or next((row for row in summary["grid"] if row["setting"] == chosen), {})
@@ -90,15 +90,23 @@ def method_row(workdir: str, method: str) -> Optional[dict]:
                 ipc=summary["ipc"], **_minutes(runs), records=runs)
 
 
-def _carried_choice_moved(workdir: str, method: str, origin: dict, chosen: dict) -> str:
+def _carried_choice_moved(workdir: str, method: str, summary: dict) -> str:
     """Why a carried choice is no longer its tuning's choice ('' when it still is, or when
     that tuning is not here to ask). The tuning is looked for beside ``workdir`` first (records
-    copied together keep their folder names), then where it was when the choice was carried."""
+    copied together keep their folder names), then where it was when the choice was carried;
+    a ``tuning.json`` found there counts only if it is a grid of the same method, data, split,
+    budget and trial seed at the IPC the choice came from."""
+    origin, chosen = summary["carried_from"], summary["chosen"]
     name = os.path.basename(os.path.normpath(origin["workdir"]))
     for source in (os.path.join(os.path.dirname(os.path.abspath(workdir)), name),
                    origin["workdir"]):
         now = _read(os.path.join(source, tuning.folder(method), "tuning.json"))
-        if now is not None:
+        same_tuning = now is not None and not now.get("carried_from") and all(
+            now.get(k) == v for k, v in (("ipc", origin["ipc"]),
+                                         *((k, summary.get(k)) for k in (
+                                             "method", "dataset", "validation_per_class",
+                                             "budget", "trial_seed"))))
+        if same_tuning:
             if now.get("chosen") != chosen:
                 return (f"carried {tuning_report.setting_text(chosen)}, but the tuning in "
                         f"{source} now chooses {tuning_report.setting_text(now['chosen'])}; "

@@ -27,7 +27,8 @@ IPC10_ROWS = ("idm", "random-real", "pf4", "random-real-pf4",
               "pf3", "random-real-pf3", "dm", "random-real-plain")
 VALIDATION = 500          # held-out training images per class, from the tunes on
 TRIAL_SEED = 100          # the grids' seed; the test seeds 0, 1 (and 2) took no part in a choice
-# About how long each takes from scratch on 2 CPU cores (minutes), for the progress line.
+# About how long each takes from scratch on 2 CPU cores (minutes), for the progress line; a
+# tuning whose choice sits on its edge adds up to 3 runs past it (about 8 minutes each at IPC 1).
 MINUTES = {"ipc1-mosaics": 25, "ipc1-baselines": 150, "tune": 150, "pool-ncfm": 20,
            "pool-iid": 120, "carry": 90, "compare": 1, "third-seeds": 180,
            "idm": 40, "random-real": 20, "pf4": 95, "random-real-pf4": 55, "pf3": 70,
@@ -183,7 +184,8 @@ def _pick(path: str, count: int = 2) -> list[str]:
     if not isinstance(table, list) or not all(isinstance(r, dict) and "variant" in r
                                               for r in table):
         raise PlanError(f"{path}: no comparison table (rows with a 'variant')")
-    unfinished = [*header.get("missing", []), *header.get("failed", {})]
+    unfinished = [*header.get("missing", []), *header.get("failed", {}),
+                  *header.get("stale", {})]
     if unfinished:
         raise PlanError(f"{path}: not finished: {', '.join(unfinished)}; the pick needs every "
                         f"row (finish their steps, or skip this one too)")

@@ -149,7 +149,7 @@ def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str 
 
 def _run_test_seeds(base: Config, chosen: dict, test_seeds, dataset, root: str, quiet: bool,
                     method: str) -> list[dict]:
-    _set_aside_other_choices(root, chosen, test_seeds)
+    _set_aside_other_choices(root, base, chosen, test_seeds)
     tests = []
     for seed in test_seeds:
         config = dataclasses.replace(base, seed=seed, **chosen)
@@ -162,7 +162,8 @@ def _run_test_seeds(base: Config, chosen: dict, test_seeds, dataset, root: str, 
 def ran_setting(directory: str, keys) -> Optional[dict]:
     """The values of ``keys`` the run in ``directory`` was made with, from its
     ``results.json``, ``failed.json`` or (a run with checkpoints only) ``config.json``; a key
-    the record lacks is None. None when the folder holds none of them."""
+    the record lacks is its default, as ``study.finished`` reads it. None when the folder holds
+    none of them."""
     for name in ("results.json", FAILED_FILE, "config.json"):
         try:
             with open(os.path.join(directory, name)) as f:
@@ -170,15 +171,18 @@ def ran_setting(directory: str, keys) -> Optional[dict]:
         except (OSError, ValueError):
             continue
         config = record if name == "config.json" else record.get("config", {})
-        return {k: config.get(k) for k in keys}
+        defaults = Config()
+        return {k: config.get(k, getattr(defaults, k, None)) for k in keys}
     return None
 
 
-def _set_aside_other_choices(root: str, chosen: dict, seeds: Sequence[int]) -> None:
+def _set_aside_other_choices(root: str, base: Config, chosen: dict,
+                             seeds: Sequence[int]) -> None:
     """Per test seed, a run in ``chosen/seed<k>`` of another setting than ``chosen`` (the
     choice changed since, e.g. the grid went past its edge) moves to
     ``chosen-<its setting>/seed<k>``: its checkpoints would be refused and its record is not of
-    this choice. A run of ``chosen`` set aside so before (the choice came back) moves back."""
+    this choice. A run of ``chosen`` set aside so before (the choice came back) moves back when
+    it is a finished or failed run of this very test (``base`` at that seed)."""
     for seed in seeds:
         here = os.path.join(root, "chosen", f"seed{seed}")
         ran = ran_setting(here, chosen)
@@ -192,7 +196,10 @@ def _set_aside_other_choices(root: str, chosen: dict, seeds: Sequence[int]) -> N
             print(f"== the choice is now {setting_text(chosen)}; seed {seed}'s test run of "
                   f"{setting_text(ran)} moved to {aside}")
         back = os.path.join(f"{root}/chosen-{trial_name(chosen)}", f"seed{seed}")
-        if not os.path.exists(here) and ran_setting(back, chosen) == chosen:
+        config = dataclasses.replace(base, seed=seed, **chosen)
+        if not os.path.exists(here) and os.path.isdir(back) and (
+                study.finished(back, config) is not None
+                or grid_run.failed_record(config, back) is not None):
             os.makedirs(os.path.dirname(here), exist_ok=True)
             os.replace(back, here)
             print(f"== seed {seed}'s test run of {setting_text(chosen)} moved back from {back}")

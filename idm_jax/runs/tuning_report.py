@@ -46,7 +46,8 @@ def _count(grid: list[dict]) -> str:
 
 def setting_text(point: dict) -> str:
     """A grid point as text: ``lr_img 0.2, ce_weight 0.5``."""
-    return ", ".join(f"{k} {v:.4g}" for k, v in point.items())
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} unknown"
+                     for k, v in point.items())
 
 
 def _test_line(test: dict) -> str:
