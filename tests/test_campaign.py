@@ -176,8 +176,15 @@ def slow_campaign(tmp_path):
     (tmp_path / "slow_step.py").write_text(SLOW_STEP.format(mark=str(mark), pid=str(pid)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), REPO]))
 
+    def default_signals():
+        # pytest itself may run in the background or under nohup, where SIGINT or SIGHUP is
+        # ignored and a child inherits that: each test sets the dispositions it means to test.
+        for number in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(number, signal.SIG_DFL)
+
     def start(**popen):
-        popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+        popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE,
+                 "preexec_fn": default_signals, **popen}
         proc = subprocess.Popen([sys.executable, "-c", CAMPAIGN], cwd=REPO, env=env, text=True,
                                 start_new_session=True, **popen)
         deadline = time.time() + 60
@@ -224,7 +231,10 @@ def test_a_closed_terminal_stops_the_step_which_can_still_finish_its_writes(slow
 
 
 def test_a_campaign_started_under_nohup_ignores_the_hangup(slow_campaign):
-    proc, mark = slow_campaign(preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    def under_nohup():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    proc, mark = slow_campaign(preexec_fn=under_nohup)
     proc.send_signal(signal.SIGHUP)
     time.sleep(1)
     assert proc.poll() is None and mark.read_text() == "started "
