@@ -101,12 +101,10 @@ def _carried_choice_moved(workdir: str, method: str, summary: dict) -> str:
     for source in (os.path.join(os.path.dirname(os.path.abspath(workdir)), name),
                    origin["workdir"]):
         now = _read(os.path.join(source, tuning.folder(method), "tuning.json"))
-        same_tuning = now is not None and not now.get("carried_from") and all(
-            now.get(k) == v for k, v in (("ipc", origin["ipc"]),
-                                         *((k, summary.get(k)) for k in (
-                                             "method", "dataset", "validation_per_class",
-                                             "budget", "trial_seed"))))
-        if same_tuning:
+        expected = dict({k: summary.get(k) for k in ("method", "dataset", "validation_per_class",
+                                                     "budget", "trial_seed")}, ipc=origin["ipc"])
+        if now is not None and not now.get("carried_from") and all(
+                now.get(k) == v for k, v in expected.items()):
             if now.get("chosen") != chosen:
                 return (f"carried {tuning_report.setting_text(chosen)}, but the tuning in "
                         f"{source} now chooses {tuning_report.setting_text(now['chosen'])}; "

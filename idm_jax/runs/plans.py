@@ -53,11 +53,7 @@ def fair_cifar10(workdir: str, source: str, data_dir: str) -> list[Item]:
                      "--seeds", seeds, "--workdir", folder["cpu-ipc1"]), minutes)
 
     def tune(method: str) -> Step:
-        return Step(f"tune {method} at IPC 1", "experiments.tune",
-                    ("--method", method, *data, "--ipc", "1", "--budget", "cpu",
-                     "--validation_per_class", str(VALIDATION), "--trial_seed", str(TRIAL_SEED),
-                     "--test_seeds", "0,1", "--workdir", folder["tune-ipc1"],
-                     *pool.get(method, ())), MINUTES["tune"])
+        return _tune(data, folder["tune-ipc1"], method, pool.get(method, ()))
 
     def pretrain(method: str, *flags: str) -> Step:
         return Step(f"{method}'s pool of pretrained extractors", "experiments.pretrain",
@@ -97,6 +93,14 @@ def fair_cifar10(workdir: str, source: str, data_dir: str) -> list[Item]:
         _study_table(data, folder["cpu-ipc10"], "10", ",".join(IPC10_ROWS), "0,1,2",
                      ("--set", f"validation_per_class={VALIDATION}")),
     ]
+
+
+def _tune(data, workdir: str, method: str, pool: tuple) -> Step:
+    """``method`` tuned at IPC 1 on the held-out split, its choice run at seeds 0 and 1."""
+    return Step(f"tune {method} at IPC 1", "experiments.tune",
+                ("--method", method, *data, "--ipc", "1", "--budget", "cpu",
+                 "--validation_per_class", str(VALIDATION), "--trial_seed", str(TRIAL_SEED),
+                 "--test_seeds", "0,1", "--workdir", workdir, *pool), MINUTES["tune"])
 
 
 def _ipc10_study(data, workdir: str, rows, seeds: str) -> Step:

@@ -187,15 +187,16 @@ def _set_aside_other_choices(root: str, base: Config, chosen: dict,
         here = os.path.join(root, "chosen", f"seed{seed}")
         ran = ran_setting(here, chosen)
         if ran is not None and ran != chosen:
-            aside, number = os.path.join(f"{root}/chosen-{trial_name(ran)}", f"seed{seed}"), 1
+            name, number = f"chosen-{trial_name(ran)}", 1
+            aside = os.path.join(root, name, f"seed{seed}")
             while os.path.exists(aside):
                 number += 1
-                aside = os.path.join(f"{root}/chosen-{trial_name(ran)}-{number}", f"seed{seed}")
+                aside = os.path.join(root, f"{name}-{number}", f"seed{seed}")
             os.makedirs(os.path.dirname(aside), exist_ok=True)
             os.replace(here, aside)
             print(f"== the choice is now {setting_text(chosen)}; seed {seed}'s test run of "
                   f"{setting_text(ran)} moved to {aside}")
-        back = os.path.join(f"{root}/chosen-{trial_name(chosen)}", f"seed{seed}")
+        back = os.path.join(root, f"chosen-{trial_name(chosen)}", f"seed{seed}")
         config = dataclasses.replace(base, seed=seed, **chosen)
         if not os.path.exists(here) and os.path.isdir(back) and (
                 study.finished(back, config) is not None
@@ -311,15 +312,18 @@ def edge_state(summary: dict) -> dict:
     before the edge rule, whether its choice sits on the edge, with ``before_edge_rule``)."""
     rows = summary["grid"]
     past = sum(1 for row in rows if row.get("past_edge"))
-    if "still_at_edge" in summary:
-        return {"trials": len(rows) - past, "past_edge": past,
-                "still_at_edge": bool(summary["still_at_edge"]), "before_edge_rule": False}
+    before_rule = "still_at_edge" not in summary
+    on_edge = summary.get("still_at_edge") if not before_rule else _on_edge(rows, summary["chosen"])
+    return {"trials": len(rows) - past, "past_edge": past, "still_at_edge": bool(on_edge),
+            "before_edge_rule": before_rule}
+
+
+def _on_edge(rows: list[dict], chosen: dict) -> bool:
+    """Whether ``chosen`` sits on the learning-rate edge of the tabled grid ``rows``."""
     trials = [(row["setting"], {"validation": {"mean": row["validation"]}}
                if row["validation"] is not None else {}) for row in rows]
-    chosen = next((i for i, row in enumerate(rows) if row["setting"] == summary["chosen"]), None)
-    on_edge = chosen is not None and beyond_edge(trials, chosen) is not None
-    return {"trials": len(rows) - past, "past_edge": past, "still_at_edge": on_edge,
-            "before_edge_rule": True}
+    best = next((i for i, row in enumerate(rows) if row["setting"] == chosen), None)
+    return best is not None and beyond_edge(trials, best) is not None
 
 
 def folder(method: str) -> str:
