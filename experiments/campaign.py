@@ -6,11 +6,12 @@ comparison (issue #28: 24 steps, about 43 hours on 2 CPU cores) in the order the
 them, each in its own process. Every command skips finished runs and resumes an interrupted one,
 so the same campaign command continues where it stopped; Ctrl-C or SIGTERM is passed to the
 running command, which saves its place (a closed terminal asks it with SIGTERM; on Linux so does
-a campaign killed outright). ``--dry_run`` prints the commands and runs nothing; ``--skip_steps
-9,12-13`` leaves out those steps (numbered as ``--dry_run`` prints them), e.g. one that keeps
-failing while the rest can go on. To continue from the project's own records instead of from
-scratch, copy them in first (the NCFM and IID runs are skipped only with their pools at the
-paths the records name): ``mkdir -p runs/fair && cp -r docs/study/{cpu-ipc1,tune-ipc1,cpu-ipc10}
+a campaign killed outright). ``--dry_run`` prints the commands, each with what its run
+records on disk say it has left (``[done]``, ``[2 of 4 runs recorded, about 75 min left]``),
+and runs nothing; ``--skip_steps 9,12-13`` leaves out those steps (numbered as ``--dry_run``
+prints them), e.g. one that keeps failing while the rest can go on. To continue from the
+project's own records instead of from scratch, copy them in first (the NCFM and IID runs are
+skipped only with their pools at the paths the records name): ``mkdir -p runs/fair && cp -r docs/study/{cpu-ipc1,tune-ipc1,cpu-ipc10}
 runs/fair/``.
 """
 

@@ -286,6 +286,53 @@ def test_the_command_line_refuses_bad_flags_with_one_error_line_and_prints_a_dry
     assert not os.path.exists(tmp_path / "runs")        # a dry run makes nothing
 
 
+def record(directory, name="results.json"):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, name), "w") as f:
+        f.write("{}")
+
+
+def test_a_steps_time_left_is_its_estimate_scaled_by_the_runs_not_yet_recorded():
+    def step(recorded, expected):
+        return campaign.Step("s", "m", (), 40.0, lambda: (recorded, expected))
+    assert campaign.minutes_left(step(1, 4)) == pytest.approx(30.0)
+    assert campaign.minutes_left(step(4, 4)) == 0.0
+    assert campaign.minutes_left(step(6, 4)) == 0.0          # more on disk than expected
+    assert campaign.minutes_left(step(0, 0)) == 40.0         # cannot tell: the whole estimate
+    assert campaign.minutes_left(campaign.Step("s", "m", (), 40.0)) == 40.0
+    assert campaign.minutes_left(campaign.Later("l", list, 25.0)) == 25.0
+
+
+def test_the_dry_run_says_what_each_step_has_left_from_the_records_on_disk(fair):
+    runs, _ = fair                  # holds the project's finished IDM tuning (10 trials, 2 tests)
+    study1 = os.path.join(runs, "cpu-ipc1")
+    record(os.path.join(study1, "idm", "seed1"))
+    record(os.path.join(study1, "pf4", "seed1"), "failed.json")        # ended: counts
+    os.makedirs(os.path.join(study1, "ce-only", "seed1", "checkpoints"))  # running: does not
+    m3d = os.path.join(runs, "tune-ipc1", "m3d")
+    for k in range(11):                                  # the grid and one point past its edge
+        record(os.path.join(m3d, f"lr_img={k}", "seed100"))
+    record(os.path.join(m3d, "chosen", "seed0"))
+    record(os.path.join(m3d, "chosen-lr_img=1.581", "seed1"))   # an old choice, set aside
+    record(os.path.join(m3d, "lr_img=1", "seed0"))              # not the trial seed
+    record(os.path.join(runs, "pools", "cifar10-ncfm-val500"), "pool.json")
+    items = campaign.PLANS["fair-cifar10"](runs, "npy", "data")
+    text = campaign.describe(items)
+    assert "[done] tune idm at IPC 1" in text
+    assert "[done] ncfm's pool" in text
+    assert "[2 of 4 runs recorded, about 75 min left] IPC 1 study: ce-only,ce-only-pf4,idm," \
+           "pf4, seeds 1" in text
+    assert "[12 of 13 runs recorded, about 12 min left] tune m3d at IPC 1" in text
+    assert "[2.5 h] tune dm at IPC 1" in text                     # nothing recorded
+    M = plans.MINUTES
+    from_scratch = sum(item.minutes for item in items)
+    done = M["tune"] + M["pool-ncfm"] + M["ipc1-baselines"] / 2 + M["tune"] * 12 / 13
+    assert sum(map(campaign.minutes_left, items)) == pytest.approx(from_scratch - done)
+    assert text.splitlines()[-1].startswith(
+        f"24 steps, about {from_scratch / 60:.1f} h from scratch on 2 CPU cores, about "
+        f"{(from_scratch - done) / 60:.1f} h left by the run records found")
+
+
 def test_an_unreadable_or_partial_comparison_stops_the_third_seed_step_and_keeps_no_pick(fair):
     runs, items = fair
     later = next(i for i in items if isinstance(i, campaign.Later))

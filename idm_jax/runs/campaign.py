@@ -37,11 +37,15 @@ STOPS = (*stop.SIGNALS, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One command, ``python -m <module> <argv>``. ``minutes``: about how long it takes from
-    scratch on the 2-core CPU machine the project measures on (for the progress line only)."""
+    scratch on the 2-core CPU machine the project measures on (for the progress line only).
+    ``progress``: when given, counts the step's runs from the records already on disk, as
+    ``(recorded, expected)``, so a campaign continued on another day says what is left."""
     label: str
     module: str
     argv: tuple[str, ...]
     minutes: float = 0.0
+    progress: Optional[Callable[[], tuple[int, int]]] = dataclasses.field(
+        default=None, compare=False, repr=False)
 
     def command(self) -> str:
         return " ".join(["python -m", self.module, *map(shlex.quote, self.argv)])
@@ -93,9 +97,32 @@ class CampaignStopped(Exception):
         self.requested = signum in [int(s) for s in STOPS]
 
 
+def minutes_left(item: Item) -> float:
+    """About how long ``item`` still takes: its estimate scaled by the share of its runs not
+    yet recorded (``Step.progress``), or the whole estimate where it cannot tell."""
+    if isinstance(item, Step) and item.progress is not None:
+        recorded, expected = item.progress()
+        if expected > 0:
+            return item.minutes * max(expected - recorded, 0) / expected
+    return item.minutes
+
+
+def _estimate(item: Item) -> str:
+    """The bracketed estimate ``describe`` shows: ``done``, ``3 of 12 runs recorded, 1.9 h
+    left``, or the time from scratch."""
+    recorded, expected = (item.progress() if isinstance(item, Step) and item.progress
+                          else (0, 0))
+    if expected and recorded >= expected:
+        return "done"
+    if recorded:
+        return (f"{recorded} of {expected} runs recorded, about "
+                f"{_hours(minutes_left(item))} left")
+    return _hours(item.minutes)
+
+
 def describe(items: Sequence[Item], skip: Sequence[int] = ()) -> str:
-    """The plan as numbered commands, with each step's estimate and the total of those not in
-    ``skip``."""
+    """The plan as numbered commands, with each step's estimate (what its run records say is
+    left, where it can tell) and the totals of those not in ``skip``."""
     lines = []
     for number, item in enumerate(items, 1):
         if number in skip:
@@ -104,12 +131,14 @@ def describe(items: Sequence[Item], skip: Sequence[int] = ()) -> str:
             lines.append(f"{number:>3}. [{_hours(item.minutes)}] {item.label} "
                          f"(its commands are decided when the campaign gets there)")
         else:
-            lines.append(f"{number:>3}. [{_hours(item.minutes)}] {item.label}\n"
+            lines.append(f"{number:>3}. [{_estimate(item)}] {item.label}\n"
                          f"       {item.command()}")
-    total = sum(item.minutes for number, item in enumerate(items, 1) if number not in skip)
+    kept = [item for number, item in enumerate(items, 1) if number not in skip]
+    total, left = sum(item.minutes for item in kept), sum(map(minutes_left, kept))
     left_out = f" ({len([n for n in skip if 1 <= n <= len(items)])} skipped)" if skip else ""
     lines.append(f"{len(items)} steps{left_out}, about {_hours(total)} from scratch on 2 CPU "
-                 f"cores; finished runs are skipped")
+                 f"cores, about {_hours(left)} left by the run records found; finished runs "
+                 f"are skipped")
     return "\n".join(lines)
 
 
@@ -177,8 +206,9 @@ def run(items: Sequence[Item], runner: Optional[Callable[[Step], int]] = None,
                     f"{', '.join(s.label for s in steps) or 'nothing to run'}")
             for part, step in enumerate(steps, 1):
                 name = f"{number}.{part}" if isinstance(item, Later) else f"{number}"
-                left = sum(s.minutes for s in steps[part - 1:]) + sum(
-                    i.minutes for n, i in enumerate(items[number:], number + 1) if n not in skip)
+                left = sum(map(minutes_left, steps[part - 1:])) + sum(
+                    minutes_left(i) for n, i in enumerate(items[number:], number + 1)
+                    if n not in skip)
                 log(f"== {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC step "
                     f"{name}/{len(items)}: {step.label} (about {_hours(step.minutes)} from "
                     f"scratch; the campaign's rest about {_hours(left)})\n   {step.command()}")
@@ -254,4 +284,4 @@ def _stop_with(parent: int) -> Optional[Callable[[], None]]:
 
 
 __all__ = ["Step", "Later", "PLANS", "STOPS", "register", "PlanError", "CampaignStopped",
-           "describe", "run", "run_step"]
+           "describe", "minutes_left", "run", "run_step"]

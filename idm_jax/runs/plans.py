@@ -13,11 +13,14 @@ they are skipped only with the pools at that path).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+from typing import Callable, Sequence
 
-from idm_jax.runs import checkpoint
+from idm_jax.runs import checkpoint, study, tuning
 from idm_jax.runs.campaign import Item, Later, PlanError, Step, register
+from idm_jax.runs.grid_run import FAILED_FILE
 
 METHODS = ("idm", "m3d", "dm", "ncfm", "iid")
 IPC1_MOSAICS = "random-real,random-real-pf3,random-real-pf4"
@@ -29,10 +32,12 @@ VALIDATION = 500          # held-out training images per class, from the tunes o
 TRIAL_SEED = 100          # the grids' seed; the test seeds 0, 1 (and 2) took no part in a choice
 # About how long each takes from scratch on 2 CPU cores (minutes), for the progress line; a
 # tuning whose choice sits on its edge adds up to 3 runs past it (about 8 minutes each at IPC 1).
+# The IPC 10 rows: condensation + evaluation of their seed-0 runs (AMD EPYC / Intel Xeon,
+# 2026-12-04 and 05).
 MINUTES = {"ipc1-mosaics": 25, "ipc1-baselines": 150, "tune": 150, "pool-ncfm": 20,
            "pool-iid": 120, "carry": 90, "compare": 1, "third-seeds": 180,
-           "idm": 40, "random-real": 20, "pf4": 95, "random-real-pf4": 55, "pf3": 70,
-           "random-real-pf3": 35, "dm": 40, "random-real-plain": 10}
+           "idm": 40, "random-real": 20, "pf4": 130, "random-real-pf4": 58, "pf3": 60,
+           "random-real-pf3": 36, "dm": 10, "random-real-plain": 6}
 
 
 @register("fair-cifar10")
@@ -50,7 +55,8 @@ def fair_cifar10(workdir: str, source: str, data_dir: str) -> list[Item]:
     def ipc1_study(variants: str, seeds: str, minutes: float) -> Step:
         return Step(f"IPC 1 study: {variants}, seeds {seeds}", "experiments.study",
                     (*data, "--ipc", "1", "--budget", "cpu", "--variants", variants,
-                     "--seeds", seeds, "--workdir", folder["cpu-ipc1"]), minutes)
+                     "--seeds", seeds, "--workdir", folder["cpu-ipc1"]), minutes,
+                    _study_records(folder["cpu-ipc1"], variants.split(","), seeds))
 
     def tune(method: str) -> Step:
         return _tune(data, folder["tune-ipc1"], method, pool.get(method, ()))
@@ -59,7 +65,7 @@ def fair_cifar10(workdir: str, source: str, data_dir: str) -> list[Item]:
         return Step(f"{method}'s pool of pretrained extractors", "experiments.pretrain",
                     ("--recipe", method, *data, "--validation_per_class", str(VALIDATION),
                      *flags, "--out", pool_dir[method]),
-                    MINUTES[f"pool-{method}"])
+                    MINUTES[f"pool-{method}"], _pool_record(pool_dir[method]))
 
     def ipc10(rows, seeds: str) -> Step:
         return _ipc10_study(data, folder["cpu-ipc10"], rows, seeds)
@@ -100,7 +106,8 @@ def _tune(data, workdir: str, method: str, pool: tuple) -> Step:
     return Step(f"tune {method} at IPC 1", "experiments.tune",
                 ("--method", method, *data, "--ipc", "1", "--budget", "cpu",
                  "--validation_per_class", str(VALIDATION), "--trial_seed", str(TRIAL_SEED),
-                 "--test_seeds", "0,1", "--workdir", workdir, *pool), MINUTES["tune"])
+                 "--test_seeds", "0,1", "--workdir", workdir, *pool), MINUTES["tune"],
+                _tuning_records(os.path.join(workdir, tuning.folder(method)), (0, 1)))
 
 
 def _ipc10_study(data, workdir: str, rows, seeds: str) -> Step:
@@ -108,7 +115,8 @@ def _ipc10_study(data, workdir: str, rows, seeds: str) -> Step:
                 (*data, "--ipc", "10", "--budget", "cpu",
                  "--set", f"validation_per_class={VALIDATION}", "--variants", ",".join(rows),
                  "--seeds", seeds, "--workdir", workdir),
-                sum(MINUTES[r] for r in rows) * len(seeds.split(",")))
+                sum(MINUTES[r] for r in rows) * len(seeds.split(",")),
+                _study_records(workdir, rows, seeds))
 
 
 def _study_table(data, workdir: str, ipc: str, rows: str, seeds: str, flags: tuple) -> Step:
@@ -126,7 +134,43 @@ def _carry(data, folder: dict, method: str, pool: tuple, seeds: str) -> Step:
                 ("--method", method, *data, "--ipc", "10", "--budget", "cpu",
                  "--validation_per_class", str(VALIDATION), "--test_seeds", seeds,
                  "--carry_from", folder["tune-ipc1"], "--workdir", folder["tune-ipc10"], *pool),
-                MINUTES["carry"] * len(seeds.split(",")) / 2)
+                MINUTES["carry"] * len(seeds.split(",")) / 2,
+                _records([os.path.join(folder["tune-ipc10"], tuning.folder(method), "chosen",
+                                       f"seed{s}") for s in seeds.split(",")]))
+
+
+def _recorded(directory: str) -> bool:
+    """A run in ``directory`` has ended: finished (``results.json``) or failed for good."""
+    return any(os.path.isfile(os.path.join(directory, name))
+               for name in ("results.json", FAILED_FILE))
+
+
+def _records(directories: Sequence[str]) -> Callable[[], tuple[int, int]]:
+    """A ``Step.progress`` counting the runs of ``directories`` that have ended."""
+    return lambda: (sum(map(_recorded, directories)), len(directories))
+
+
+def _study_records(workdir: str, rows: Sequence[str], seeds: str):
+    return _records([study.run_dir(workdir, row, int(seed))
+                     for row in rows for seed in seeds.split(",")])
+
+
+def _tuning_records(root: str, test_seeds: Sequence[int]) -> Callable[[], tuple[int, int]]:
+    """A tuning's runs that have ended, out of its grid (``tuning.TRIALS``, or more once
+    points past an edge are on disk) and its test seeds; a test run of an earlier choice,
+    set aside, does not count."""
+    def count() -> tuple[int, int]:
+        trials = [d for d in glob.glob(os.path.join(root, "*", f"seed{TRIAL_SEED}"))
+                  if _recorded(d)]
+        tests = [os.path.join(root, "chosen", f"seed{s}") for s in test_seeds]
+        return (len(trials) + sum(map(_recorded, tests)),
+                max(len(trials), tuning.TRIALS) + len(tests))
+    return count
+
+
+def _pool_record(out: str) -> Callable[[], tuple[int, int]]:
+    """A pretraining is one job: done once its ``pool.json`` is written."""
+    return lambda: (int(os.path.isfile(os.path.join(out, "pool.json"))), 1)
 
 
 def _compare(workdir: str, baselines: str, label: str) -> Step:
