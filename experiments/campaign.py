@@ -11,8 +11,8 @@ records on disk say it has left (``[done]``, ``[2 of 4 runs recorded, about 75 m
 and runs nothing; ``--skip_steps 9,12-13`` leaves out those steps (numbered as ``--dry_run``
 prints them), e.g. one that keeps failing while the rest can go on. To continue from the
 project's own records instead of from scratch, copy them in first (the NCFM and IID runs are
-skipped only with their pools at the paths the records name): ``mkdir -p runs/fair && cp -r docs/study/{cpu-ipc1,tune-ipc1,cpu-ipc10}
-runs/fair/``.
+skipped only with their pools at the paths the records name): ``mkdir -p runs/fair && cp -r
+docs/study/{cpu-ipc1,tune-ipc1,cpu-ipc10} runs/fair/``.
 """
 
 from __future__ import annotations
