@@ -73,7 +73,7 @@ def partition_expand(torch, images):
                                            align_corners=False)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iters", type=int, default=2, help="timed iterations (min reported)")
     parser.add_argument("--ipc", type=int, default=10)
@@ -87,18 +87,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--device", default="auto",
                         help="auto (cuda when PyTorch sees a GPU, else cpu), cpu, cuda, cuda:N")
     parser.add_argument("--json", default=None, help="append the JSON record to this file")
-    args = parser.parse_args(argv)
+    return parser
 
-    torch = _import_torch()
+
+def _workload(torch, args, device, fmt) -> dict:
+    """The three timed parts of the official code's work, each a function of no arguments:
+    ``matching`` (one iteration, every class), ``queue`` (every trainee's steps) and
+    ``eval_epoch`` (one epoch of the evaluation trainer)."""
     F = torch.nn.functional
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads or os.cpu_count())
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
-    # Work on a GPU is queued: without a barrier a timing would measure the launches only.
-    barrier = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def model():
         features, head = convnet3(torch, num_classes=args.classes)
@@ -107,16 +103,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     def sgd(params):
         return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
 
+    def step(opt, loss):
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
     pool = torch.randn(50000, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     pool_labels = torch.randint(0, args.classes, (50000,), device=device)
     syn = torch.randn(args.classes * args.ipc, 3, 32, 32, device=device, requires_grad=True)
     syn_opt = torch.optim.SGD([syn], lr=0.2, momentum=0.5)
-    extractor = model()
+    features, head = model()
     trainees = [model() for _ in range(args.trainees)]
     trainee_opts = [sgd(list(f.parameters()) + list(h.parameters())) for f, h in trainees]
+    eval_features, eval_head = model()
+    eval_opt = sgd(list(eval_features.parameters()) + list(eval_head.parameters()))
+    eval_images = torch.randn(4 * args.ipc * args.classes, 3, 32, 32, device=device).contiguous(
+        memory_format=fmt)
+    eval_labels = torch.arange(args.classes, device=device).repeat_interleave(4 * args.ipc)
 
     def matching():
-        features, head = extractor
         for c in range(args.classes):
             real = pool[torch.randint(0, 50000, (args.batch_real,), device=device)]
             with torch.no_grad():
@@ -126,52 +131,67 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             syn_mean = features(expanded).mean(0)
             logits = head(features(expanded))      # the official code's second forward
             target = torch.full((expanded.shape[0],), c, device=device)
-            loss = ((real_mean - syn_mean) ** 2).sum() + 0.5 * F.cross_entropy(logits, target)
-            syn_opt.zero_grad()
-            loss.backward()
-            syn_opt.step()
+            step(syn_opt, ((real_mean - syn_mean) ** 2).sum()
+                 + 0.5 * F.cross_entropy(logits, target))
 
-    def queue_training():
-        for (features, head), opt in zip(trainees, trainee_opts):
+    def queue():
+        for (trainee, trainee_head), opt in zip(trainees, trainee_opts):
             for _ in range(args.train_steps):
                 idx = torch.randint(0, 50000, (args.batch_real,), device=device)
-                loss = F.cross_entropy(head(features(pool[idx])), pool_labels[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-
-    eval_features, eval_head = model()
-    eval_opt = sgd(list(eval_features.parameters()) + list(eval_head.parameters()))
-    eval_images = torch.randn(4 * args.ipc * args.classes, 3, 32, 32, device=device).contiguous(
-        memory_format=fmt)
-    eval_labels = torch.arange(args.classes, device=device).repeat_interleave(4 * args.ipc)
+                step(opt, F.cross_entropy(trainee_head(trainee(pool[idx])), pool_labels[idx]))
 
     def eval_epoch():
         order = torch.randperm(eval_images.shape[0], device=device)
         for start in range(0, order.numel(), 256):
             idx = order[start:start + 256]
-            loss = F.cross_entropy(eval_head(eval_features(eval_images[idx])), eval_labels[idx])
-            eval_opt.zero_grad()
-            loss.backward()
-            eval_opt.step()
+            step(eval_opt, F.cross_entropy(eval_head(eval_features(eval_images[idx])),
+                                           eval_labels[idx]))
 
-    def timed(fn, name):
-        fn()   # warm-up: oneDNN / cuDNN pick and cache their kernels on the first call
+    return {"matching": matching, "queue": queue, "eval_epoch": eval_epoch}
+
+
+def _timed(fn, name: str, iters: int, barrier) -> tuple[float, float]:
+    """(min, median) seconds of ``iters`` calls of ``fn`` after one warm-up call (oneDNN and
+    cuDNN pick and cache their kernels on the first)."""
+    fn()
+    barrier()
+    times = []
+    for i in range(iters):
+        start = time.perf_counter()
+        fn()
         barrier()
-        times = []
-        for i in range(args.iters):
-            start = time.perf_counter()
-            fn()
-            barrier()
-            times.append(time.perf_counter() - start)
-            progress(f"{name} {i + 1}/{args.iters}: {times[-1]:.2f} s")
-        return min(times), statistics.median(times)
+        times.append(time.perf_counter() - start)
+        progress(f"{name} {i + 1}/{iters}: {times[-1]:.2f} s")
+    return min(times), statistics.median(times)
 
+
+def _row(r: dict) -> str:
+    return (f"| {r['date']} | {r['torch']} | {r['device_name']} | "
+            f"{'NHWC' if r['channels_last'] else 'NCHW'} | {r['iteration_s']:.2f} s | "
+            f"{r['matching_s']:.2f} s | {r['queue_s']:.2f} s ({r['queue_step_s']:.3f} s) | "
+            f"{r['eval_epoch_s']:.2f} s | {r['load_before']} |")
+
+
+HEADER = ("| date | torch | device | format | iteration | matching | queue (per step) "
+          "| eval epoch | load |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = _parser().parse_args(argv)
+    torch = _import_torch()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads or os.cpu_count())
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    # Work on a GPU is queued: without a barrier a timing would measure the launches only.
+    barrier = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    work = _workload(torch, args, device, fmt)
     load_before = load_average()
-    match_s, match_med = timed(matching, "matching")
-    queue_s, queue_med = timed(queue_training, "queue training")
-    eval_s, _ = timed(eval_epoch, "evaluation epoch")
-    steps = args.trainees * args.train_steps
+    match_s, match_med = _timed(work["matching"], "matching", args.iters, barrier)
+    queue_s, queue_med = _timed(work["queue"], "queue training", args.iters, barrier)
+    eval_s, _ = _timed(work["eval_epoch"], "evaluation epoch", args.iters, barrier)
     record = {
         "benchmark": "torch_reference", "torch": torch.__version__, "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -179,20 +199,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "torch_threads": torch.get_num_threads(), "channels_last": args.channels_last,
         "ipc": args.ipc, "classes": args.classes, "iters": args.iters,
         "matching_s": match_s, "matching_median_s": match_med,
-        "queue_s": queue_s, "queue_median_s": queue_med, "queue_step_s": queue_s / steps,
+        "queue_s": queue_s, "queue_median_s": queue_med,
+        "queue_step_s": queue_s / (args.trainees * args.train_steps),
         "iteration_s": match_s + queue_s, "eval_epoch_s": eval_s,
         "load_before": load_before, "load_after": load_average(),
     }
-    header = ("| date | torch | device | format | iteration | matching | queue (per step) "
-              "| eval epoch | load |\n|---|---|---|---|---|---|---|---|---|")
-
-    def row(r):
-        return (f"| {r['date']} | {r['torch']} | {r['device_name']} | "
-                f"{'NHWC' if r['channels_last'] else 'NCHW'} | {r['iteration_s']:.2f} s | "
-                f"{r['matching_s']:.2f} s | {r['queue_s']:.2f} s ({r['queue_step_s']:.3f} s) | "
-                f"{r['eval_epoch_s']:.2f} s | {r['load_before']} |")
-
-    return report(record, "benchmarks.torch_reference", argv, header, row, args.json)
+    return report(record, "benchmarks.torch_reference", argv, HEADER, _row, args.json)
 
 
 if __name__ == "__main__":
