@@ -105,6 +105,24 @@ def test_each_carried_choice_has_its_tunings_split_budget_and_pool(fair):
         assert made < steps.index(tune_step)
 
 
+def test_every_step_comes_after_the_steps_whose_outputs_it_reads(fair):
+    _, items = fair
+    labels = [item.label for item in items]
+
+    def at(label):
+        return labels.index(label)
+
+    for m in plans.METHODS:
+        assert at(f"tune {m} at IPC 1") < at(f"carry {m}'s IPC 1 choice to IPC 10, seeds 0,1")
+    for m in ("ncfm", "iid"):
+        assert at(f"{m}'s pool of pretrained extractors") < at(f"tune {m} at IPC 1")
+    runs = [n for n, item in enumerate(items) if isinstance(item, campaign.Step)
+            and "--table_only" not in item.argv and "--compare" not in item.argv]
+    assert max(runs) < at("the IPC 1 table") < at("the IPC 10 table")
+    third = next(n for n, item in enumerate(items) if isinstance(item, campaign.Later))
+    assert at("the IPC 10 table") < third < at("the IPC 10 table with the third seeds")
+
+
 def test_the_third_seeds_go_to_idm_and_the_two_best_rows_that_are_not_baselines(fair):
     runs, items = fair
     later = next(i for i in items if isinstance(i, campaign.Later))
