@@ -108,8 +108,8 @@ def minutes_left(item: Item) -> float:
 
 
 def _estimate(item: Item) -> str:
-    """The bracketed estimate ``describe`` shows: ``done``, ``3 of 12 runs recorded, 1.9 h
-    left``, or the time from scratch."""
+    """The bracketed estimate ``describe`` shows: ``done``, ``3 of 12 runs recorded, about
+    1.9 h left``, or the time from scratch."""
     recorded, expected = (item.progress() if isinstance(item, Step) and item.progress
                           else (0, 0))
     if expected and recorded >= expected:
