@@ -2,7 +2,7 @@
 
 ``python -m experiments.campaign --plan fair-cifar10 --source npy --data_dir
 ../shared/data/cifar10 --workdir runs/fair`` runs every command behind RESULTS.md's fair
-comparison (issue #28: 24 steps, about 43 hours on 2 CPU cores) in the order the project ran
+comparison (issue #28: 24 steps, about 38 hours on 2 CPU cores) in the order the project ran
 them, each in its own process. Every command skips finished runs and resumes an interrupted one,
 so the same campaign command continues where it stopped; Ctrl-C or SIGTERM is passed to the
 running command, which saves its place (a closed terminal asks it with SIGTERM; on Linux so does

@@ -338,11 +338,12 @@ def test_the_dry_run_says_what_each_step_has_left_from_the_records_on_disk(fair)
     assert "[done] ncfm's pool" in text
     assert "[2 of 4 runs recorded, about 75 min left] IPC 1 study: ce-only,ce-only-pf4,idm," \
            "pf4, seeds 1" in text
-    assert "[12 of 13 runs recorded, about 12 min left] tune m3d at IPC 1" in text
-    assert "[2.5 h] tune dm at IPC 1" in text                     # nothing recorded
+    assert "[12 of 13 runs recorded, about 5 min left] tune m3d at IPC 1" in text
+    assert "[30 min] tune dm at IPC 1" in text                     # nothing recorded
     M = plans.MINUTES
     from_scratch = sum(item.minutes for item in items)
-    done = M["tune"] + M["pool-ncfm"] + M["ipc1-baselines"] / 2 + M["tune"] * 12 / 13
+    done = (M["tune-idm"] + M["pool-ncfm"] + M["ipc1-baselines"] / 2
+            + M["tune-m3d"] * 12 / 13)
     assert sum(map(campaign.minutes_left, items)) == pytest.approx(from_scratch - done)
     assert text.splitlines()[-1].startswith(
         f"24 steps, about {from_scratch / 60:.1f} h from scratch on 2 CPU cores, about "

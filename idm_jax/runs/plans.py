@@ -32,10 +32,13 @@ VALIDATION = 500          # held-out training images per class, from the tunes o
 TRIAL_SEED = 100          # the grids' seed; the test seeds 0, 1 (and 2) took no part in a choice
 # About how long each takes from scratch on 2 CPU cores (minutes), for the progress line; a
 # tuning whose choice sits on its edge adds up to 3 runs past it (about 8 minutes each at IPC 1).
-# The IPC 10 rows: condensation + evaluation of their seed-0 runs (AMD EPYC / Intel Xeon,
-# 2026-12-04 and 05).
-MINUTES = {"ipc1-mosaics": 25, "ipc1-baselines": 150, "tune": 150, "pool-ncfm": 20,
-           "pool-iid": 120, "carry": 90, "compare": 1, "third-seeds": 180,
+# Measured where the records say (condensation + evaluation, AMD EPYC / Intel Xeon, 2026-12-04
+# and 05): the IPC 10 rows at seed 0 and the IDM, M3D and DM tunings; the rest are guesses from
+# one run of each method (NCFM about a quarter of IDM's time, IID a little more than IDM's).
+MINUTES = {"ipc1-mosaics": 25, "ipc1-baselines": 150, "pool-ncfm": 20, "pool-iid": 120,
+           "tune-idm": 200, "tune-m3d": 60, "tune-dm": 30, "tune-ncfm": 90, "tune-iid": 220,
+           "carry-idm": 80, "carry-m3d": 40, "carry-dm": 20, "carry-ncfm": 50,
+           "carry-iid": 120, "compare": 1, "third-seeds": 180,
            "idm": 40, "random-real": 20, "pf4": 130, "random-real-pf4": 58, "pf3": 60,
            "random-real-pf3": 36, "dm": 10, "random-real-plain": 6}
 
@@ -108,7 +111,7 @@ def _tune(data, workdir: str, method: str, pool: tuple) -> Step:
     return Step(f"tune {method} at IPC 1", "experiments.tune",
                 ("--method", method, *data, "--ipc", "1", "--budget", "cpu",
                  "--validation_per_class", str(VALIDATION), "--trial_seed", str(TRIAL_SEED),
-                 "--test_seeds", "0,1", "--workdir", workdir, *pool), MINUTES["tune"],
+                 "--test_seeds", "0,1", "--workdir", workdir, *pool), MINUTES[f"tune-{method}"],
                 _tuning_records(os.path.join(workdir, tuning.folder(method)), (0, 1)))
 
 
@@ -136,7 +139,7 @@ def _carry(data, folder: dict, method: str, pool: tuple, seeds: str) -> Step:
                 ("--method", method, *data, "--ipc", "10", "--budget", "cpu",
                  "--validation_per_class", str(VALIDATION), "--test_seeds", seeds,
                  "--carry_from", folder["tune-ipc1"], "--workdir", folder["tune-ipc10"], *pool),
-                MINUTES["carry"] * len(seeds.split(",")) / 2,
+                MINUTES[f"carry-{method}"] * len(seeds.split(",")) / 2,
                 _records([os.path.join(folder["tune-ipc10"], tuning.folder(method), "chosen",
                                        f"seed{s}") for s in seeds.split(",")]))
 
