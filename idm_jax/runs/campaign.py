@@ -97,44 +97,52 @@ class CampaignStopped(Exception):
         self.requested = signum in [int(s) for s in STOPS]
 
 
+def _counts(item: Item) -> tuple[int, int]:
+    """``(recorded, expected)`` runs of ``item`` (``Step.progress``); ``(0, 0)``: cannot tell."""
+    return item.progress() if isinstance(item, Step) and item.progress else (0, 0)
+
+
+def _left(minutes: float, counts: tuple[int, int]) -> float:
+    recorded, expected = counts
+    return minutes * max(expected - recorded, 0) / expected if expected > 0 else minutes
+
+
 def minutes_left(item: Item) -> float:
     """About how long ``item`` still takes: its estimate scaled by the share of its runs not
     yet recorded (``Step.progress``), or the whole estimate where it cannot tell."""
-    if isinstance(item, Step) and item.progress is not None:
-        recorded, expected = item.progress()
-        if expected > 0:
-            return item.minutes * max(expected - recorded, 0) / expected
-    return item.minutes
+    return _left(item.minutes, _counts(item))
 
 
-def _estimate(item: Item) -> str:
+def _estimate(item: Item, counts: tuple[int, int]) -> str:
     """The bracketed estimate ``describe`` shows: ``done``, ``3 of 12 runs recorded, about
     1.9 h left``, or the time from scratch."""
-    recorded, expected = (item.progress() if isinstance(item, Step) and item.progress
-                          else (0, 0))
+    recorded, expected = counts
     if expected and recorded >= expected:
         return "done"
     if recorded:
         return (f"{recorded} of {expected} runs recorded, about "
-                f"{_hours(minutes_left(item))} left")
+                f"{_hours(_left(item.minutes, counts))} left")
     return _hours(item.minutes)
 
 
 def describe(items: Sequence[Item], skip: Sequence[int] = ()) -> str:
     """The plan as numbered commands, with each step's estimate (what its run records say is
-    left, where it can tell) and the totals of those not in ``skip``."""
-    lines = []
+    left, where it can tell) and the totals of those not in ``skip``. Each step's records are
+    read once."""
+    lines, left = [], 0.0
     for number, item in enumerate(items, 1):
         if number in skip:
             lines.append(f"{number:>3}. [skipped] {item.label}")
-        elif isinstance(item, Later):
+            continue
+        counts = _counts(item)
+        left += _left(item.minutes, counts)
+        if isinstance(item, Later):
             lines.append(f"{number:>3}. [{_hours(item.minutes)}] {item.label} "
                          f"(its commands are decided when the campaign gets there)")
         else:
-            lines.append(f"{number:>3}. [{_estimate(item)}] {item.label}\n"
+            lines.append(f"{number:>3}. [{_estimate(item, counts)}] {item.label}\n"
                          f"       {item.command()}")
-    kept = [item for number, item in enumerate(items, 1) if number not in skip]
-    total, left = sum(item.minutes for item in kept), sum(map(minutes_left, kept))
+    total = sum(item.minutes for number, item in enumerate(items, 1) if number not in skip)
     left_out = f" ({len([n for n in skip if 1 <= n <= len(items)])} skipped)" if skip else ""
     lines.append(f"{len(items)} steps{left_out}, about {_hours(total)} from scratch on 2 CPU "
                  f"cores, about {_hours(left)} left by the run records found; finished runs "
