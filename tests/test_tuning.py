@@ -278,9 +278,10 @@ def _study_run(root, variant, seed, accuracies, **changes):
         "condense_seconds": 60.0, "eval_seconds": 30.0})
 
 
-def test_a_choice_carried_to_another_ipc_runs_no_grid_and_tables_beside_study_baselines(
-        tmp_path, monkeypatch, capsys):
-    from experiments import tune
+def _tuned_at_ipc1(tmp_path, monkeypatch):
+    """DM tuned at IPC 1 on digits with fake runs (two grid points, one test seed); returns the
+    dataset, the list of (lr, seed) runs made from now on, the IPC 1 and IPC 10 workdirs and
+    the IPC 1 choice."""
     from idm_jax.runs import run as run_lib
 
     dataset = data.load_dataset("digits")
@@ -292,9 +293,14 @@ def test_a_choice_carried_to_another_ipc_runs_no_grid_and_tables_beside_study_ba
                       test_seeds=(0,), quiet=True, together=False)
     chosen = json.loads((ipc1 / "dm" / "tuning.json").read_text())["chosen"]
     calls.clear()
+    return dataset, calls, ipc1, ipc10, chosen
+
+
+def test_a_choice_carried_to_another_ipc_runs_the_choice_alone_on_the_test_seeds(
+        tmp_path, monkeypatch):
+    dataset, calls, ipc1, ipc10, chosen = _tuned_at_ipc1(tmp_path, monkeypatch)
     summary = tuning.run_carried(dataset, "dm", str(ipc10), str(ipc1), ipc=10,
                                  validation_per_class=5, test_seeds=(0, 1), quiet=True)
-    # The IPC 1 choice, and nothing else, runs at IPC 10 on the test seeds.
     assert calls == [(chosen["lr_img"], 0), (chosen["lr_img"], 1)]
     ran = json.loads((ipc10 / "dm" / "chosen" / "seed1" / "results.json").read_text())
     assert ran["config"]["ipc"] == 10 and ran["config"]["validation_per_class"] == 5
@@ -302,8 +308,14 @@ def test_a_choice_carried_to_another_ipc_runs_no_grid_and_tables_beside_study_ba
     assert summary["carried_from"]["validation"] == pytest.approx(
         40.0 - abs(math.log10(chosen["lr_img"])))
     assert "no grid at IPC 10" in (ipc10 / "dm" / "tuning.md").read_text()
-    # Carrying within one IPC, from another split, budget or --set, a missing tuning, into the
-    # tuning's own folder, or with a grid's flags: one error line before any run.
+
+
+def test_carrying_with_a_mismatched_or_grid_flag_is_one_error_line_before_any_run(
+        tmp_path, monkeypatch, capsys):
+    from experiments import tune
+    _, calls, ipc1, ipc10, _ = _tuned_at_ipc1(tmp_path, monkeypatch)
+    # Within one IPC, from another split, budget or --set, a missing tuning, into the tuning's
+    # own folder, or with a grid's flags.
     for flags, words in ((["--ipc", "1"], "at IPC 1"),
                          (["--validation_per_class", "7"], "validation_per_class"),
                          (["--budget", "paper"], "budget"),
@@ -319,10 +331,13 @@ def test_a_choice_carried_to_another_ipc_runs_no_grid_and_tables_beside_study_ba
                       + flags)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and words in err[0], (flags, err)
-    assert len(calls) == 2
-    # A choice that failed is not carried (every grid point failed: the best of the failures).
-    record = ipc1 / "dm" / "tuning.json"
-    broken = json.loads(record.read_text())
+    assert calls == []
+
+
+def test_a_choice_that_failed_is_not_carried(tmp_path, monkeypatch):
+    # Every grid point failed: the choice is the best of the failures, and nothing runs.
+    dataset, calls, ipc1, _, _ = _tuned_at_ipc1(tmp_path, monkeypatch)
+    broken = json.loads((ipc1 / "dm" / "tuning.json").read_text())
     for row in broken["grid"]:
         row.update(failed="the loss became nan", validation=None)
     (tmp_path / "failed" / "dm").mkdir(parents=True)
@@ -330,8 +345,15 @@ def test_a_choice_carried_to_another_ipc_runs_no_grid_and_tables_beside_study_ba
     with pytest.raises(ValueError, match="is a failed run; nothing to carry"):
         tuning.run_carried(dataset, "dm", str(tmp_path / "x"), str(tmp_path / "failed"),
                            ipc=10, validation_per_class=5, quiet=True)
-    assert len(calls) == 2
-    # The carried row beside untuned study rows: each its own records' accuracies.
+    assert calls == []
+
+
+def test_a_carried_row_tables_beside_untuned_study_rows_each_from_its_own_records(
+        tmp_path, monkeypatch):
+    from experiments import tune
+    dataset, _, ipc1, ipc10, chosen = _tuned_at_ipc1(tmp_path, monkeypatch)
+    tuning.run_carried(dataset, "dm", str(ipc10), str(ipc1), ipc=10,
+                       validation_per_class=5, test_seeds=(0, 1), quiet=True)
     studies = tmp_path / "study"
     _study_run(studies, "random-real", 0, [20.0, 22.0])
     _study_run(studies, "random-real", 1, [24.0, 26.0])
@@ -344,8 +366,7 @@ def test_a_choice_carried_to_another_ipc_runs_no_grid_and_tables_beside_study_ba
     assert table[1]["trial_validation"] == pytest.approx(40.0 - abs(math.log10(chosen["lr_img"])))
     text = (ipc10 / "comparison.md").read_text()
     assert "(chosen at IPC 1)" in text and "untuned: the initial mosaic" in text
-    # Folders that are not seed runs do not count; a record in the wrong seed's folder, a
-    # baseline under another evaluation protocol, a flag without --compare: one error line.
+    # Folders that are not seed runs do not count.
     (studies / "random-real" / "seed0-old").mkdir()
     (studies / "random-real" / "seed0-old" / "results.json").write_text(
         (studies / "random-real" / "seed0" / "results.json").read_text())
@@ -353,6 +374,16 @@ def test_a_choice_carried_to_another_ipc_runs_no_grid_and_tables_beside_study_ba
                        "--baselines", f"{studies}:random-real"])
     assert [r["seed_means"] for r in again if r["variant"] == "random-real (study)"] == [
         [21.0, 25.0]]
+
+
+def test_baselines_in_the_wrong_seed_folder_or_under_another_protocol_are_refused(
+        tmp_path, monkeypatch, capsys):
+    from experiments import tune
+    dataset, _, ipc1, ipc10, _ = _tuned_at_ipc1(tmp_path, monkeypatch)
+    tuning.run_carried(dataset, "dm", str(ipc10), str(ipc1), ipc=10,
+                       validation_per_class=5, test_seeds=(0,), quiet=True)
+    studies = tmp_path / "study"
+    _study_run(studies, "idm", 0, [50.0, 52.0])
     _study_run(studies, "random-real", 2, [20.0, 22.0])
     record = studies / "random-real" / "seed2" / "results.json"
     moved = json.loads(record.read_text())
