@@ -38,10 +38,7 @@ def uneven_data(counts=(10, 9, 5), size=8, seed=0):
 
 def reference_iteration(config, model, optimizer, real, state):
     """One outer iteration as the official loop does it. Returns (state, ce scales used)."""
-    num_classes = int(real.counts.shape[0])
-    counts = np.asarray(real.counts)
     per_class = np.asarray(real.per_class)
-    mean, std = np.asarray(real.mean), np.asarray(real.std)
     apply = lambda params, x: model.apply({"params": params}, x)
     init = lambda key: model.init(key, jnp.zeros((1,) + per_class.shape[2:]))["params"]
     it = int(state.iteration)
@@ -52,10 +49,22 @@ def reference_iteration(config, model, optimizer, real, state):
     if it % config.net_generate_interval == 0:
         for push_key in jax.random.split(k_push, config.net_push_num):
             queue = queue_lib.push(queue, push_key, init, optimizer)
+    x, buf, scales = _reference_matching(config, apply, real, queue, k_match,
+                                         np.asarray(state.images).copy(),
+                                         np.asarray(state.image_opt_state).copy())
+    queue = _reference_queue_training(config, apply, optimizer, real, queue, k_trainees, k_train)
+    new = state.replace(images=jnp.asarray(x), image_opt_state=jnp.asarray(buf), extractors=queue,
+                        key=key,
+                        iteration=state.iteration + 1)
+    return new, scales
 
-    ipc = config.ipc
-    x = np.asarray(state.images).copy()
-    buf = np.asarray(state.image_opt_state).copy()
+
+def _reference_matching(config, apply, real, queue, k_match, x, buf):
+    """The official matching phase: per extractor drawn, one SGD-momentum step per class over
+    the whole image tensor. Returns (images, momentum buffer, ce scales used)."""
+    num_classes, ipc = int(real.counts.shape[0]), config.ipc
+    counts, per_class = np.asarray(real.counts), np.asarray(real.per_class)
+    mean, std = np.asarray(real.mean), np.asarray(real.std)
     scales = []
     for match_key in jax.random.split(k_match, config.train_net_num):
         k_slot, k_real, k_dsa = jax.random.split(match_key, 3)
@@ -87,7 +96,12 @@ def reference_iteration(config, model, optimizer, real, state):
             g[rows_c] = np.asarray(jax.grad(loss)(jnp.asarray(x[rows_c])))
             buf = config.img_momentum * buf + g                  # SGD over the whole tensor
             x = x - config.lr_img * buf
+    return x, buf, scales
 
+
+def _reference_queue_training(config, apply, optimizer, real, queue, k_trainees, k_train):
+    """The official queue phase: each drawn extractor takes ``model_train_steps`` SGD steps on
+    real batches of all classes and counts its hits. Returns the queue."""
     slots, active = queue_lib.sample_slots(queue, k_trainees, config.fetch_net_num)
     trainee_keys = jax.random.split(k_train, config.fetch_net_num)
     for i in range(config.fetch_net_num):
@@ -114,10 +128,7 @@ def reference_iteration(config, model, optimizer, real, state):
             opt_state=jax.tree.map(lambda s, p: s.at[slot].set(p), queue.opt_state, opt_state),
             correct=queue.correct.at[slot].add(hits),
             seen=queue.seen.at[slot].add(config.model_train_steps * config.trained_bs))
-    new = state.replace(images=jnp.asarray(x), image_opt_state=jnp.asarray(buf), extractors=queue,
-                        key=key,
-                        iteration=state.iteration + 1)
-    return new, scales
+    return queue
 
 
 def setup(config, seed):
