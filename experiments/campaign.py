@@ -23,6 +23,7 @@ import sys
 from typing import Optional, Sequence
 
 import experiments
+from idm_jax import data
 from idm_jax.runs import campaign, cli, failures, workdir as workdir_lib
 from idm_jax.runs import plans  # noqa: F401 - the project's plans register themselves
 
@@ -45,9 +46,9 @@ def _step_numbers(text: str, count: int) -> set[int]:
     """``--skip_steps`` ('9,12-13') as a set of step numbers in 1..count; UserError if not."""
     numbers = set()
     for part in filter(None, (p.strip() for p in text.split(","))):
-        first, _, last = part.partition("-")
+        first, dash, last = part.partition("-")
         try:
-            span = range(int(first), int(last or first) + 1)
+            span = range(int(first), int(last if dash else first) + 1)
         except ValueError:
             raise cli.UserError(f"--skip_steps {text!r}: {part!r} is not a step number or a "
                                 f"range like 12-13 (a step's parts, 21.1, go with it: 21)"
@@ -68,6 +69,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.plan not in campaign.PLANS:
         raise cli.UserError(f"--plan {args.plan!r} is not known; valid: "
                             f"{', '.join(sorted(campaign.PLANS))}")
+    if args.source not in data.SOURCES:
+        raise cli.UserError(f"--source {args.source!r} is not known; valid: "
+                            f"{', '.join(data.SOURCES)}")
     if args.data_dir is None:
         raise cli.UserError("--data_dir: give the folder of the dataset (e.g. "
                             "../shared/data/cifar10); a campaign never downloads")

@@ -25,8 +25,9 @@ class Reached(Exception):
     """Raised where a command would start reading data: its checks before that all passed."""
 
 
-def table(*variants):
-    return {"table": [{"variant": v} for v in variants]}
+def table(*variants, seeds=2):
+    """A comparison record as ``experiments.tune --compare`` writes it, every row on ``seeds``."""
+    return {"table": [{"variant": v, "seeds": seeds} for v in variants]}
 
 
 def expand(items):
@@ -91,7 +92,7 @@ def test_each_carried_choice_has_its_tunings_split_budget_and_pool(fair):
     assert {a.method for a in carried} == set(plans.METHODS)
     for args in carried:
         tuned = tunes[args.method]
-        assert os.path.samefile(args.carry_from, tuned.workdir) or args.carry_from == tuned.workdir
+        assert args.carry_from == tuned.workdir
         assert (args.validation_per_class, args.budget, args.dataset, args.set) == (
             tuned.validation_per_class, tuned.budget, tuned.dataset, tuned.set), args.method
         assert args.ipc == 10 and tuned.ipc == 1
@@ -135,6 +136,13 @@ def test_the_third_seeds_go_to_idm_and_the_two_best_rows_that_are_not_baselines(
         json.dump(table("m3d", "dm", "idm (study)"), f)
     assert [s.label for s in later.make()] == [s.label for s in steps]
     assert plans.top_rows(table("random-real (study)", "idm (study)")["table"]) == []
+    # A re-run of the whole plan: the picked method's first carry keeps its third seed (a carry
+    # writes its tuning record from the seeds it is given), the others stay on two.
+    again = campaign.PLANS["fair-cifar10"](runs, "npy", "data")
+    carries = {a.method: a.test_seeds for a in (tune_cli._parser().parse_args(s.argv)
+                                                for s in again if isinstance(s, campaign.Step)
+                                                and "--carry_from" in s.argv)}
+    assert carries == {"idm": "0,1", "m3d": "0,1", "dm": "0,1", "ncfm": "0,1,2", "iid": "0,1"}
 
 
 def test_a_later_step_is_decided_when_reached_and_a_failure_stops_the_campaign():
@@ -288,7 +296,9 @@ def test_the_command_line_refuses_bad_flags_with_one_error_line_and_prints_a_dry
              (["--data_dir", str(tmp_path), "--workdir", str(tmp_path / "a_file")], "is a file"),
              (["--data_dir", str(tmp_path), "--skip_steps", "3,x"], "'x' is not a step number"),
              (["--data_dir", str(tmp_path), "--skip_steps", "1-99"], "outside the plan's steps"),
-             (["--data_dir", str(tmp_path), "--skip_steps", "5-4"], "an empty range")]
+             (["--data_dir", str(tmp_path), "--skip_steps", "5-4"], "an empty range"),
+             (["--data_dir", str(tmp_path), "--skip_steps", "3-"], "'3-' is not a step number"),
+             (["--data_dir", str(tmp_path), "--source", "nope"], "--source 'nope' is not known")]
     for argv, words in cases:
         with pytest.raises(SystemExit) as exit_:
             campaign_cli.main(argv)
@@ -317,6 +327,7 @@ def test_a_steps_time_left_is_its_estimate_scaled_by_the_runs_not_yet_recorded()
     assert campaign.minutes_left(step(0, 0)) == 40.0         # cannot tell: the whole estimate
     assert campaign.minutes_left(campaign.Step("s", "m", (), 40.0)) == 40.0
     assert campaign.minutes_left(campaign.Later("l", list, 25.0)) == 25.0
+    assert campaign.minutes_left(campaign.Later("l", list, 25.0, lambda: (1, 5))) == 20.0
 
 
 def test_the_dry_run_says_what_each_step_has_left_from_the_records_on_disk(fair):
@@ -363,6 +374,10 @@ def test_an_unreadable_or_partial_comparison_stops_the_third_seed_step_and_keeps
              (json.dumps(dict(table("m3d", "dm"), header={"missing": [], "failed": {},
                                                           "stale": {"ncfm": "carry again"}})),
               "not finished: ncfm")]
+    cases += [(json.dumps(dict(table("m3d", "dm"), header=None)), "no comparison table"),
+              (json.dumps({"table": table("m3d", "dm")["table"]
+                           + table("pf4 (study)", seeds=1)["table"]}),
+               r"not finished: pf4 \(study\) \(not on 2 seeds\)")]
     for text, words in cases:
         with open(path, "w") as f:
             f.write(text)
@@ -372,10 +387,36 @@ def test_an_unreadable_or_partial_comparison_stops_the_third_seed_step_and_keeps
     os.remove(path)
     with pytest.raises(campaign.PlanError, match="No such file.*step before this one"):
         later.make()
-    with open(kept, "w") as f:
-        f.write('{"rows": "ncfm"}')
-    with pytest.raises(campaign.PlanError, match="third-seeds.json: no list of rows"):
-        later.make()
+    for rows in ('"ncfm"', '["ncfm"]', '["ncfm", "ncfm"]', '["ncfm", "nope"]',
+                 '["ncfm", "random-real-pf4 (study)"]', '["ncfm", "idm (study)"]'):
+        with open(kept, "w") as f:
+            f.write('{"rows": %s}' % rows)
+        with pytest.raises(campaign.PlanError, match="third-seeds.json: not 2 distinct rows"):
+            later.make()
+        assert later.progress() == (0, 0)       # the dry run cannot tell; the step says why
+
+
+def test_the_dry_run_counts_the_third_seeds_once_picked_and_marks_them_done(fair):
+    runs, items = fair
+    later = next(i for i in items if isinstance(i, campaign.Later))
+    number = items.index(later) + 1
+    line = lambda: next(l for l in campaign.describe(items).splitlines()
+                        if l.startswith(f"{number:>3}."))
+    assert later.progress() == (0, 0)
+    assert line().endswith("(its commands are decided when the campaign gets there)")
+    assert f"[{plans.MINUTES['third-seeds'] / 60:.1f} h]" in line()
+    later.make()                                       # picks ncfm and pf4 (study), kept
+    assert later.progress() == (0, 5)                  # idm and pf4 at seed 2, ncfm at 0, 1, 2
+    for directory in (os.path.join("cpu-ipc10", "idm", "seed2"),
+                      os.path.join("cpu-ipc10", "pf4", "seed2"),
+                      os.path.join("tune-ipc10", "ncfm", "chosen", "seed0")):
+        record(os.path.join(runs, directory))
+    assert later.progress() == (3, 5)
+    assert "[3 of 5 runs recorded, about 72 min left]" in line()
+    for seed in (1, 2):
+        record(os.path.join(runs, "tune-ipc10", "ncfm", "chosen", f"seed{seed}"), "failed.json")
+    assert line().startswith(f"{number:>3}. [done]") and line().endswith("are decided)")
+    assert campaign.minutes_left(later) == 0.0
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ hour-long runs be spread over many sessions and still be one recipe.
 A campaign is a list of ``Step`` (one command) and ``Later`` (commands decided from the results
 of the steps before it, e.g. which rows get a third seed). ``PLANS`` maps a name to a function
 building that list from the campaign's folder and data flags; ``register`` adds one, so the
-runner is never edited to add a plan. ``run`` runs a list; ``describe`` prints it.
+runner is never edited to add a plan. ``run`` runs a list; ``describe`` says what it runs and
+what is left of it.
 """
 
 from __future__ import annotations
@@ -54,10 +55,14 @@ class Step:
 @dataclasses.dataclass(frozen=True)
 class Later:
     """Steps that depend on earlier results: ``make()`` is called when the campaign reaches
-    this point, never before. ``minutes``: the estimate for all of them, for the progress line."""
+    this point, never before. ``minutes``: the estimate for all of them, for the progress line.
+    ``progress``: as ``Step.progress``, for all of them once they are decided (``(0, 0)``
+    before)."""
     label: str
     make: Callable[[], list[Step]]
     minutes: float = 0.0
+    progress: Optional[Callable[[], tuple[int, int]]] = dataclasses.field(
+        default=None, compare=False, repr=False)
 
 
 Item = Union[Step, Later]
@@ -99,7 +104,7 @@ class CampaignStopped(Exception):
 
 def _counts(item: Item) -> tuple[int, int]:
     """``(recorded, expected)`` runs of ``item`` (``Step.progress``); ``(0, 0)``: cannot tell."""
-    return item.progress() if isinstance(item, Step) and item.progress else (0, 0)
+    return item.progress() if item.progress else (0, 0)
 
 
 def _left(minutes: float, counts: tuple[int, int]) -> float:
@@ -137,8 +142,9 @@ def describe(items: Sequence[Item], skip: Sequence[int] = ()) -> str:
         counts = _counts(item)
         left += _left(item.minutes, counts)
         if isinstance(item, Later):
-            lines.append(f"{number:>3}. [{_hours(item.minutes)}] {item.label} "
-                         f"(its commands are decided when the campaign gets there)")
+            decided = "decided" if counts[1] else "decided when the campaign gets there"
+            lines.append(f"{number:>3}. [{_estimate(item, counts)}] {item.label} "
+                         f"(its commands are {decided})")
         else:
             lines.append(f"{number:>3}. [{_estimate(item, counts)}] {item.label}\n"
                          f"       {item.command()}")

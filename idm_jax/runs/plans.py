@@ -16,7 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from idm_jax.runs import checkpoint, study, tuning
 from idm_jax.runs.campaign import Item, Later, PlanError, Step, register
@@ -28,6 +28,7 @@ IPC1_BASELINES = "ce-only,ce-only-pf4,idm,pf4"
 IPC1_TABLE = "pf4,idm,ce-only-pf4,ce-only,random-real-pf4,random-real-pf3,random-real"
 IPC10_ROWS = ("idm", "random-real", "pf4", "random-real-pf4",
               "pf3", "random-real-pf3", "dm", "random-real-plain")
+THIRD_SEEDS = "third-seeds.json"    # in tune-ipc10: the rows picked for a third seed, kept
 VALIDATION = 500          # held-out training images per class, from the tunes on
 TRIAL_SEED = 100          # the grids' seed; the test seeds 0, 1 (and 2) took no part in a choice
 # About how long each takes from scratch on 2 CPU cores (minutes), for the progress line; a
@@ -73,7 +74,7 @@ def fair_cifar10(workdir: str, source: str, data_dir: str) -> list[Item]:
     def ipc10(rows, seeds: str) -> Step:
         return _ipc10_study(data, folder["cpu-ipc10"], rows, seeds)
 
-    carry = {m: _carry(data, folder, m, pool.get(m, ()), "0,1") for m in METHODS}
+    carry = _first_carries(data, folder, pool)
     return [
         ipc1_study(IPC1_MOSAICS, "0,1", MINUTES["ipc1-mosaics"]),
         ipc1_study(IPC1_BASELINES, "0", MINUTES["ipc1-baselines"]),
@@ -95,7 +96,8 @@ def fair_cifar10(workdir: str, source: str, data_dir: str) -> list[Item]:
         _compare(folder["tune-ipc10"], f"{folder['cpu-ipc10']}:{','.join(IPC10_ROWS)}",
                  "the IPC 10 table"),
         Later("a third seed for faithful IDM and the two best other IPC 10 rows",
-              lambda: third_seeds(data, folder, pool), MINUTES["third-seeds"]),
+              lambda: third_seeds(data, folder, pool), MINUTES["third-seeds"],
+              _third_seed_records(data, folder, pool)),
         _compare(folder["tune-ipc10"], f"{folder['cpu-ipc10']}:{','.join(IPC10_ROWS)}",
                  "the IPC 10 table with the third seeds"),
         # Each study step tables only its own rows and seeds: the last word on every row.
@@ -130,6 +132,15 @@ def _study_table(data, workdir: str, ipc: str, rows: str, seeds: str, flags: tup
     return Step(f"the IPC {ipc} study table over every row and seed", "experiments.study",
                 (*data, "--ipc", ipc, "--budget", "cpu", *flags, "--variants", rows,
                  "--seeds", seeds, "--workdir", workdir, "--table_only"), MINUTES["compare"])
+
+
+def _first_carries(data, folder: dict, pool: dict) -> dict[str, Step]:
+    """Each method's IPC 1 choice carried to IPC 10 on seeds 0 and 1, or 0, 1, 2 once it is
+    picked for a third seed: a carry writes its tuning record from the seeds it is given, so
+    a re-run of the plan on 0, 1 alone would drop seed 2 from the table."""
+    picked = set(_kept_rows(os.path.join(folder["tune-ipc10"], THIRD_SEEDS), quiet=True) or ())
+    return {m: _carry(data, folder, m, pool.get(m, ()), "0,1,2" if m in picked else "0,1")
+            for m in METHODS}
 
 
 def _carry(data, folder: dict, method: str, pool: tuple, seeds: str) -> Step:
@@ -198,14 +209,15 @@ def third_seeds(data, folder: dict, pool: dict) -> list[Step]:
     in ``tune-ipc10/third-seeds.json`` and reused: once some rows have a third seed the table
     would rank them on other seed counts, so a re-run must not choose again. PlanError when
     the table is missing, unreadable or not complete (a pick from part of it would be kept)."""
-    kept = os.path.join(folder["tune-ipc10"], "third-seeds.json")
-    if os.path.exists(kept):
-        rows = _read_json(kept).get("rows")
-        if not isinstance(rows, list) or not all(isinstance(r, str) for r in rows):
-            raise PlanError(f"{kept}: no list of rows; delete it to pick again")
-    else:
+    kept = os.path.join(folder["tune-ipc10"], THIRD_SEEDS)
+    rows = _kept_rows(kept)
+    if rows is None:
         rows = _pick(os.path.join(folder["tune-ipc10"], "comparison.json"))
         checkpoint.dump_json(kept, {"rows": rows})
+    return _third_seed_steps(data, folder, pool, rows)
+
+
+def _third_seed_steps(data, folder: dict, pool: dict, rows: Sequence[str]) -> list[Step]:
     steps = [_ipc10_study(data, folder["cpu-ipc10"], ["idm"], "2")]
     for row in rows:
         if row.endswith(" (study)"):
@@ -215,13 +227,51 @@ def third_seeds(data, folder: dict, pool: dict) -> list[Step]:
     return steps
 
 
-def _read_json(path: str) -> dict:
+def _third_seed_records(data, folder: dict, pool: dict) -> Callable[[], tuple[int, int]]:
+    """The third seeds' ``progress``: their runs recorded once the pick is kept; (0, 0), cannot
+    tell, before it (or when the kept file is unreadable: the step says so when it runs)."""
+    def count() -> tuple[int, int]:
+        rows = _kept_rows(os.path.join(folder["tune-ipc10"], THIRD_SEEDS), quiet=True)
+        if rows is None:
+            return 0, 0
+        counts = [step.progress() for step in _third_seed_steps(data, folder, pool, rows)]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return count
+
+
+def _pickable() -> set[str]:
+    """The rows a third seed may go to: a tuned method, or an IPC 10 study row (not IDM's,
+    which always gets one, nor a random-real baseline)."""
+    return {*METHODS, *(f"{r} (study)" for r in IPC10_ROWS
+                        if r != "idm" and not r.startswith("random-real"))}
+
+
+def _kept_rows(kept: str, count: int = 2, quiet: bool = False) -> Optional[list[str]]:
+    """The rows kept in ``kept`` (``third-seeds.json``), or None when there is none yet (or,
+    with ``quiet``, when it cannot be read or checked); PlanError when it is not ``count``
+    distinct rows the table can name."""
+    if not os.path.exists(kept):
+        return None
+    try:
+        rows = _read_json(kept, "delete it to pick again").get("rows")
+        if (not isinstance(rows, list) or len(rows) != count or len(set(rows)) != count
+                or not all(isinstance(r, str) and r in _pickable() for r in rows)):
+            raise PlanError(f"{kept}: not {count} distinct rows of the IPC 10 table (one of "
+                            f"{', '.join(sorted(_pickable()))}); delete it to pick again")
+    except PlanError:
+        if quiet:
+            return None
+        raise
+    return rows
+
+
+def _read_json(path: str, hint: str = "the step before this one writes it (run it, without "
+                                        "--skip_steps)") -> dict:
     try:
         with open(path) as f:
             value = json.load(f)
     except OSError as err:
-        raise PlanError(f"{path}: {err.strerror or err}; the step before this one writes it "
-                        f"(run it, without --skip_steps)") from None
+        raise PlanError(f"{path}: {err.strerror or err}; {hint}") from None
     except ValueError as err:
         raise PlanError(f"{path}: not JSON ({err})") from None
     if not isinstance(value, dict):
@@ -235,13 +285,15 @@ def _pick(path: str, count: int = 2) -> list[str]:
     comparison = _read_json(path)
     table, header = comparison.get("table"), comparison.get("header", {})
     if not isinstance(table, list) or not all(isinstance(r, dict) and "variant" in r
-                                              for r in table):
-        raise PlanError(f"{path}: no comparison table (rows with a 'variant')")
+                                              for r in table) or not isinstance(header, dict):
+        raise PlanError(f"{path}: no comparison table (a header and rows with a 'variant')")
+    # Every row on seeds 0 and 1: a row on fewer would be ranked on other seed counts.
+    short = [str(r["variant"]) for r in table if r.get("seeds") != 2]
     unfinished = [*header.get("missing", []), *header.get("failed", {}),
-                  *header.get("stale", {})]
+                  *header.get("stale", {}), *(f"{v} (not on 2 seeds)" for v in short)]
     if unfinished:
         raise PlanError(f"{path}: not finished: {', '.join(unfinished)}; the pick needs every "
-                        f"row (finish their steps, or skip this one too)")
+                        f"row on seeds 0 and 1 (finish their steps, or skip this one too)")
     rows = top_rows(table, count)
     if len(rows) < count:
         raise PlanError(f"{path}: fewer than {count} rows besides faithful IDM and the "
