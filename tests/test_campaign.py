@@ -2,6 +2,7 @@
 carried choices match their tunings, later steps are decided only when reached, a failing step
 stops the campaign, and a stop signal reaches the running step."""
 
+import io
 import json
 import os
 import shutil
@@ -252,6 +253,41 @@ def test_a_closed_terminal_stops_the_step_which_can_still_finish_its_writes(slow
     proc.send_signal(signal.SIGHUP)
     assert proc.wait(timeout=60) == 128 + signal.SIGHUP
     assert mark.read_text() == "started SIGTERM"     # its 2000 lines did not kill it
+
+
+class Terminal:
+    """A stand-in for sys.stdout / sys.stderr that says whether it is a terminal and keeps
+    the bytes relayed to it."""
+
+    def __init__(self, tty):
+        self.tty, self.buffer = tty, io.BytesIO()
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.buffer.write(text.encode())
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("err_tty", [True, False], ids=["both terminals", "stderr a file"])
+def test_a_step_s_streams_are_relayed_each_to_its_own_and_only_where_a_terminal(
+        tmp_path, monkeypatch, capfd, err_tty):
+    (tmp_path / "two_streams.py").write_text(
+        "import sys\nprint('to-out')\nprint('to-err', file=sys.stderr)\n")
+    out, err = Terminal(True), Terminal(err_tty)
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    assert campaign.run_step(campaign.Step("two", "two_streams", ()), root=str(tmp_path)) == 0
+    monkeypatch.undo()
+    assert out.buffer.getvalue().decode().split() == ["to-out"]
+    written = capfd.readouterr()              # what the step wrote itself, not relayed
+    if err_tty:
+        assert err.buffer.getvalue().decode().split() == ["to-err"] and not written.err
+    else:
+        assert err.buffer.getvalue() == b"" and written.err.split() == ["to-err"]
 
 
 def test_a_campaign_started_under_nohup_ignores_the_hangup(slow_campaign):

@@ -239,17 +239,18 @@ def run_step(step: Step, stops: Optional[_Stops] = None, root: str = ROOT) -> in
     once, through ``stops``), from ``root``; returns its exit status, 128 + the signal's
     number when a signal killed it, as a shell reports it. On Linux the step also gets SIGTERM
     if the campaign dies without passing a signal on (``kill -9``), so no step outlives it.
-    When the campaign writes to a terminal, the step's output is relayed through it, so a
-    closed terminal silences the step instead of failing its next write."""
-    relay = sys.stdout.isatty() or sys.stderr.isatty()
+    Each of the campaign's streams that is a terminal is relayed (the step's stdout to its
+    stdout, stderr to stderr), so a closed terminal silences the step instead of failing its
+    next write; a stream going to a file or a pipe the step writes itself."""
+    streams = [stream if stream.isatty() else None for stream in (sys.stdout, sys.stderr)]
+    pipe = [subprocess.PIPE if stream else None for stream in streams]
     child = subprocess.Popen(
         [sys.executable, "-m", step.module, *step.argv], cwd=root, start_new_session=True,
-        preexec_fn=_stop_with(os.getpid()),
-        stdout=subprocess.PIPE if relay else None, stderr=subprocess.STDOUT if relay else None,
-        env=dict(os.environ, PYTHONUNBUFFERED="1") if relay else None)
-    copier = None
-    if relay:
-        copier = threading.Thread(target=_copy, args=(child.stdout, sys.stdout), daemon=True)
+        preexec_fn=_stop_with(os.getpid()), stdout=pipe[0], stderr=pipe[1],
+        env=dict(os.environ, PYTHONUNBUFFERED="1") if any(streams) else None)
+    copiers = [threading.Thread(target=_copy, args=(source, out), daemon=True)
+               for source, out in zip((child.stdout, child.stderr), streams) if out]
+    for copier in copiers:
         copier.start()
     if stops is not None:
         stops.child = child
@@ -259,7 +260,7 @@ def run_step(step: Step, stops: Optional[_Stops] = None, root: str = ROOT) -> in
     finally:
         if stops is not None:
             stops.child = None
-    if copier is not None:
+    for copier in copiers:
         copier.join(timeout=10)
     return 128 - status if status < 0 else status
 
