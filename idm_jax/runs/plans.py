@@ -49,8 +49,8 @@ def fair_cifar10(workdir: str, source: str, data_dir: str) -> list[Item]:
     """The fair comparison's every command, in the order the project ran them (the cheapest,
     most telling first); ``workdir`` holds ``cpu-ipc1``, ``tune-ipc1``, ``cpu-ipc10``,
     ``tune-ipc10`` and ``pools``."""
-    folder = {name: os.path.join(workdir, name)
-              for name in ("cpu-ipc1", "tune-ipc1", "cpu-ipc10", "tune-ipc10")}
+    folders = {name: os.path.join(workdir, name)
+               for name in ("cpu-ipc1", "tune-ipc1", "cpu-ipc10", "tune-ipc10")}
     data = ("--source", source, "--data_dir", data_dir)
     pool_dir = {m: os.path.join(workdir, "pools", f"cifar10-{m}-val{VALIDATION}")
                 for m in ("ncfm", "iid")}
@@ -59,11 +59,11 @@ def fair_cifar10(workdir: str, source: str, data_dir: str) -> list[Item]:
     def ipc1_study(variants: str, seeds: str, minutes: float) -> Step:
         return Step(f"IPC 1 study: {variants}, seeds {seeds}", "experiments.study",
                     (*data, "--ipc", "1", "--budget", "cpu", "--variants", variants,
-                     "--seeds", seeds, "--workdir", folder["cpu-ipc1"]), minutes,
-                    _study_records(folder["cpu-ipc1"], variants.split(","), seeds))
+                     "--seeds", seeds, "--workdir", folders["cpu-ipc1"]), minutes,
+                    _study_records(folders["cpu-ipc1"], variants.split(","), seeds))
 
     def tune(method: str) -> Step:
-        return _tune(data, folder["tune-ipc1"], method, pool.get(method, ()))
+        return _tune(data, folders["tune-ipc1"], method, pool.get(method, ()))
 
     def pretrain(method: str, *flags: str) -> Step:
         return Step(f"{method}'s pool of pretrained extractors", "experiments.pretrain",
@@ -72,9 +72,9 @@ def fair_cifar10(workdir: str, source: str, data_dir: str) -> list[Item]:
                     MINUTES[f"pool-{method}"], _pool_record(pool_dir[method]))
 
     def ipc10(rows, seeds: str) -> Step:
-        return _ipc10_study(data, folder["cpu-ipc10"], rows, seeds)
+        return _ipc10_study(data, folders["cpu-ipc10"], rows, seeds)
 
-    carry = _first_carries(data, folder, pool)
+    carry = _first_carries(data, folders, pool)
     return [
         ipc1_study(IPC1_MOSAICS, "0,1", MINUTES["ipc1-mosaics"]),
         ipc1_study(IPC1_BASELINES, "0", MINUTES["ipc1-baselines"]),
@@ -92,18 +92,18 @@ def fair_cifar10(workdir: str, source: str, data_dir: str) -> list[Item]:
         pretrain("iid", "--models", "2", "--epochs", "1"),
         tune("iid"),
         carry["iid"],
-        _compare(folder["tune-ipc1"], f"{folder['cpu-ipc1']}:{IPC1_TABLE}", "the IPC 1 table"),
-        _compare(folder["tune-ipc10"], f"{folder['cpu-ipc10']}:{','.join(IPC10_ROWS)}",
+        _compare(folders["tune-ipc1"], f"{folders['cpu-ipc1']}:{IPC1_TABLE}", "the IPC 1 table"),
+        _compare(folders["tune-ipc10"], f"{folders['cpu-ipc10']}:{','.join(IPC10_ROWS)}",
                  "the IPC 10 table"),
         Later("a third seed for faithful IDM and the two best other IPC 10 rows",
-              lambda: third_seeds(data, folder, pool), MINUTES["third-seeds"],
-              _third_seed_records(data, folder, pool)),
-        _compare(folder["tune-ipc10"], f"{folder['cpu-ipc10']}:{','.join(IPC10_ROWS)}",
+              lambda: third_seeds(data, folders, pool), MINUTES["third-seeds"],
+              _third_seed_records(data, folders, pool)),
+        _compare(folders["tune-ipc10"], f"{folders['cpu-ipc10']}:{','.join(IPC10_ROWS)}",
                  "the IPC 10 table with the third seeds"),
         # Each study step tables only its own rows and seeds: the last word on every row.
-        _study_table(data, folder["cpu-ipc1"], "1", f"{IPC1_MOSAICS},{IPC1_BASELINES}", "0,1",
+        _study_table(data, folders["cpu-ipc1"], "1", f"{IPC1_MOSAICS},{IPC1_BASELINES}", "0,1",
                      ()),
-        _study_table(data, folder["cpu-ipc10"], "10", ",".join(IPC10_ROWS), "0,1,2",
+        _study_table(data, folders["cpu-ipc10"], "10", ",".join(IPC10_ROWS), "0,1,2",
                      ("--set", f"validation_per_class={VALIDATION}")),
     ]
 
@@ -134,24 +134,24 @@ def _study_table(data, workdir: str, ipc: str, rows: str, seeds: str, flags: tup
                  "--seeds", seeds, "--workdir", workdir, "--table_only"), MINUTES["compare"])
 
 
-def _first_carries(data, folder: dict, pool: dict) -> dict[str, Step]:
+def _first_carries(data, folders: dict, pool: dict) -> dict[str, Step]:
     """Each method's IPC 1 choice carried to IPC 10 on seeds 0 and 1, or 0, 1, 2 once it is
     picked for a third seed: a carry writes its tuning record from the seeds it is given, so
     a re-run of the plan on 0, 1 alone would drop seed 2 from the table."""
-    picked = set(_kept_rows(os.path.join(folder["tune-ipc10"], THIRD_SEEDS), quiet=True) or ())
-    return {m: _carry(data, folder, m, pool.get(m, ()), "0,1,2" if m in picked else "0,1")
+    picked = set(_kept_rows(os.path.join(folders["tune-ipc10"], THIRD_SEEDS), quiet=True) or ())
+    return {m: _carry(data, folders, m, pool.get(m, ()), "0,1,2" if m in picked else "0,1")
             for m in METHODS}
 
 
-def _carry(data, folder: dict, method: str, pool: tuple, seeds: str) -> Step:
+def _carry(data, folders: dict, method: str, pool: tuple, seeds: str) -> Step:
     """``method``'s IPC 1 choice run at IPC 10 on ``seeds`` (the same split, budget and pool:
     the tuning refuses a carry under other ones)."""
     return Step(f"carry {method}'s IPC 1 choice to IPC 10, seeds {seeds}", "experiments.tune",
                 ("--method", method, *data, "--ipc", "10", "--budget", "cpu",
                  "--validation_per_class", str(VALIDATION), "--test_seeds", seeds,
-                 "--carry_from", folder["tune-ipc1"], "--workdir", folder["tune-ipc10"], *pool),
+                 "--carry_from", folders["tune-ipc1"], "--workdir", folders["tune-ipc10"], *pool),
                 MINUTES[f"carry-{method}"] * len(seeds.split(",")) / 2,
-                _records([os.path.join(folder["tune-ipc10"], tuning.folder(method), "chosen",
+                _records([os.path.join(folders["tune-ipc10"], tuning.folder(method), "chosen",
                                        f"seed{s}") for s in seeds.split(",")]))
 
 
@@ -202,39 +202,39 @@ def top_rows(table: list[dict], count: int = 2) -> list[str]:
             and not r["variant"].startswith("random-real")][:count]
 
 
-def third_seeds(data, folder: dict, pool: dict) -> list[Step]:
+def third_seeds(data, folders: dict, pool: dict) -> list[Step]:
     """Seed 2 of faithful IDM's IPC 10 study row and of the two best other rows of the IPC 10
     table (``tune-ipc10/comparison.json``, written by the step before): a study row by the
     study, a tuned method by carrying its choice again on seeds 0, 1, 2. The first pick is kept
     in ``tune-ipc10/third-seeds.json`` and reused: once some rows have a third seed the table
     would rank them on other seed counts, so a re-run must not choose again. PlanError when
     the table is missing, unreadable or not complete (a pick from part of it would be kept)."""
-    kept = os.path.join(folder["tune-ipc10"], THIRD_SEEDS)
+    kept = os.path.join(folders["tune-ipc10"], THIRD_SEEDS)
     rows = _kept_rows(kept)
     if rows is None:
-        rows = _pick(os.path.join(folder["tune-ipc10"], "comparison.json"))
+        rows = _pick(os.path.join(folders["tune-ipc10"], "comparison.json"))
         checkpoint.dump_json(kept, {"rows": rows})
-    return _third_seed_steps(data, folder, pool, rows)
+    return _third_seed_steps(data, folders, pool, rows)
 
 
-def _third_seed_steps(data, folder: dict, pool: dict, rows: Sequence[str]) -> list[Step]:
-    steps = [_ipc10_study(data, folder["cpu-ipc10"], ["idm"], "2")]
+def _third_seed_steps(data, folders: dict, pool: dict, rows: Sequence[str]) -> list[Step]:
+    steps = [_ipc10_study(data, folders["cpu-ipc10"], ["idm"], "2")]
     for row in rows:
         if row.endswith(" (study)"):
-            steps.append(_ipc10_study(data, folder["cpu-ipc10"], [row[:-len(" (study)")]], "2"))
+            steps.append(_ipc10_study(data, folders["cpu-ipc10"], [row[:-len(" (study)")]], "2"))
         else:
-            steps.append(_carry(data, folder, row, pool.get(row, ()), "0,1,2"))
+            steps.append(_carry(data, folders, row, pool.get(row, ()), "0,1,2"))
     return steps
 
 
-def _third_seed_records(data, folder: dict, pool: dict) -> Callable[[], tuple[int, int]]:
+def _third_seed_records(data, folders: dict, pool: dict) -> Callable[[], tuple[int, int]]:
     """The third seeds' ``progress``: their runs recorded once the pick is kept; (0, 0), cannot
     tell, before it (or when the kept file is unreadable: the step says so when it runs)."""
     def count() -> tuple[int, int]:
-        rows = _kept_rows(os.path.join(folder["tune-ipc10"], THIRD_SEEDS), quiet=True)
+        rows = _kept_rows(os.path.join(folders["tune-ipc10"], THIRD_SEEDS), quiet=True)
         if rows is None:
             return 0, 0
-        counts = [step.progress() for step in _third_seed_steps(data, folder, pool, rows)]
+        counts = [step.progress() for step in _third_seed_steps(data, folders, pool, rows)]
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
     return count
 
