@@ -68,8 +68,8 @@ def test_every_command_of_the_fair_plan_passes_its_checks_before_reading_data(fa
             shutil.copytree(os.path.join(REPO, "docs", "study", os.path.basename(argv[where])),
                             records)
             argv[where] = records
-            table = CLIS[step.module].main(argv)
-            assert {row["variant"] for row in table} >= {"idm", "pf4", "random-real"}
+            rows = CLIS[step.module].main(argv)
+            assert {row["variant"] for row in rows} >= {"idm", "pf4", "random-real"}
             continue
         if "--compare" in step.argv:                  # runs nothing; needs finished records
             args = tune_cli._parser().parse_args(step.argv)
