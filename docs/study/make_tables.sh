@@ -3,8 +3,8 @@
 # docs/study; runs nothing and reads no data. From the repository root or anywhere:
 #   bash docs/study/make_tables.sh
 # IPC 1: the tuned methods beside the untuned study rows -> docs/study/tune-ipc1/comparison.*
-# IPC 10: the same at IPC 10 once a tuned choice has been carried there
-# (docs/study/tune-ipc10), else the study rows alone -> docs/study/cpu-ipc10/study.*
+# IPC 10: the same at IPC 10 once a tuned choice has been carried there on all its seeds
+# (docs/study/tune-ipc10/<method>/tuning.json), else the study rows alone -> docs/study/cpu-ipc10/study.*
 # The head-start chart: each factor's mosaic beside the factor condensed -> docs/figures/head_start.png
 # Every tuning grid, one after another (the appendix of RESULTS.md) -> docs/study/tune-ipc1/grids.md
 set -euo pipefail
@@ -13,7 +13,7 @@ METHODS=idm,m3d,dm,ncfm,iid
 python -m experiments.tune --compare "$METHODS" --workdir docs/study/tune-ipc1 \
   --baselines docs/study/cpu-ipc1:pf4,idm,ce-only-pf4,ce-only,random-real-pf4,random-real-pf3,random-real
 ROWS10=idm,random-real,pf4,random-real-pf4,pf3,random-real-pf3,dm,random-real-plain
-if [ -d docs/study/tune-ipc10 ]; then
+if compgen -G "docs/study/tune-ipc10/*/tuning.json" > /dev/null; then   # a finished carry
   python -m experiments.tune --compare "$METHODS" --workdir docs/study/tune-ipc10 \
     --baselines "docs/study/cpu-ipc10:$ROWS10"
 else
