@@ -366,6 +366,18 @@ def test_a_carried_row_tables_beside_untuned_study_rows_each_from_its_own_record
     assert table[1]["trial_validation"] == pytest.approx(40.0 - abs(math.log10(chosen["lr_img"])))
     text = (ipc10 / "comparison.md").read_text()
     assert "(chosen at IPC 1)" in text and "untuned: the initial mosaic" in text
+    assert ("different numbers of seeds (1: `idm (study)`; 2: `dm`, `random-real (study)`)"
+            in text)
+    # A test seed's folder holding another seed's record does not count it twice.
+    from idm_jax.runs import comparison
+    chosen_dir = ipc10 / "dm" / "chosen"
+    for wrong, right in ((0, 1), (1, 0)):
+        (chosen_dir / f"seed{wrong}" / "results.json").rename(tmp_path / "kept.json")
+        shutil.copy(chosen_dir / f"seed{right}" / "results.json",
+                    chosen_dir / f"seed{wrong}" / "results.json")
+        assert comparison.method_row(str(ipc10), "dm") is None, wrong
+        (tmp_path / "kept.json").replace(chosen_dir / f"seed{wrong}" / "results.json")
+    assert comparison.method_row(str(ipc10), "dm")["seeds"] == 2
     # Folders that are not seed runs do not count.
     (studies / "random-real" / "seed0-old").mkdir()
     (studies / "random-real" / "seed0-old" / "results.json").write_text(

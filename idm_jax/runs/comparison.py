@@ -35,20 +35,22 @@ def _read(path: str) -> Optional[dict]:
         return json.load(f)
 
 
-def _test_run(directory: str, chosen: dict, first: Optional[Config]):
-    """A test seed's ``results.json`` if it ran ``chosen`` (and, after the first seed, the
-    first seed's settings but its seed: ``study.finished``); its ``failed.json`` record if that
-    run stopped being finite; else None."""
+def _test_run(directory: str, seed: int, chosen: dict, first: Optional[Config]):
+    """Test seed ``seed``'s ``results.json`` if it ran ``chosen`` at that seed (and, after the
+    first seed, the first seed's settings but its seed: ``study.finished``); its
+    ``failed.json`` record if that run stopped being finite; else None (a record copied in
+    from another seed's folder does not count twice)."""
     failure = _read(os.path.join(directory, grid_run.FAILED_FILE))
     results = _read(os.path.join(directory, "results.json"))
     for record, key in ((results, "results"), (failure, "failed")):
         config = (record or {}).get("config", {})
-        if record is None or any(config.get(k) != v for k, v in chosen.items()):
+        if (record is None or config.get("seed") != seed
+                or any(config.get(k) != v for k, v in chosen.items())):
             continue
         if key == "failed":
             return {"failed": record.get("failed")}
         if first is None or study.finished(directory, dataclasses.replace(
-                first, seed=config.get("seed", first.seed))) is not None:
+                first, seed=seed)) is not None:
             return record if record.get("accuracies") else None
     return None
 
@@ -64,7 +66,7 @@ def method_row(workdir: str, method: str) -> Optional[dict]:
     for seed in summary["test_seeds"]:
         # A run of another setting (the choice changed since) does not count, nor test seeds
         # run with other settings (a re-run with more iterations half done).
-        results = _test_run(os.path.join(root, "chosen", f"seed{seed}"), chosen, first)
+        results = _test_run(os.path.join(root, "chosen", f"seed{seed}"), seed, chosen, first)
         if results is None:
             return None
         if "failed" in results:
@@ -229,6 +231,12 @@ def markdown(table: list[dict], header: dict) -> str:
                   "tuned before the grid went past its edges) may not be that method's best."]
     if header["missing"]:
         lines += ["", f"Not finished, so not in the table: {', '.join(header['missing'])}."]
+    counts = sorted({row["seeds"] for row in table})
+    if len(counts) > 1:
+        lines += ["", "The rows stand on different numbers of seeds ("
+                  + "; ".join(f"{n}: " + ", ".join(f"`{r['variant']}`" for r in table
+                                                   if r["seeds"] == n) for n in counts)
+                  + "); each row's spread is over its own seeds x models."]
     return "\n".join(lines) + "\n"
 
 
@@ -262,7 +270,7 @@ def compare(workdir: str, methods: Sequence[str], command: str = "",
     study.bar_chart(table, os.path.join(workdir, "comparison.png"),
                     f"{header['dataset']} IPC {header['ipc']}: each method at the setting chosen "
                     f"on validation (blue), untuned study rows (grey); test accuracy, mean +- "
-                    f"std over models", colors=[TUNED if r["chosen"] is not None else UNTUNED
+                    f"std over seeds x models", colors=[TUNED if r["chosen"] is not None else UNTUNED
                                                 for r in table])
     return table
 
