@@ -86,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None):
     cli.enable_compilation_cache()
     test_seeds = cli.seed_list("--test_seeds", args.test_seeds)
     overrides = cli.set_overrides(args.set)
-    for field in ("validation_per_class", "seed", "lr_img", "ce_weight"):
+    for field in ("validation_per_class", "seed", "lr_img", "ce_weight", "calibration_weight"):
         if field in overrides:
             raise cli.UserError(f"--set {field}=... : the tuning sets {field} itself; use "
                                 f"its own flag or leave it to the grid")

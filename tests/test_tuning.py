@@ -296,6 +296,21 @@ def _tuned_at_ipc1(tmp_path, monkeypatch):
     return dataset, calls, ipc1, ipc10, chosen
 
 
+@pytest.mark.parametrize("field", ["validation_per_class", "seed", "lr_img", "ce_weight",
+                                   "calibration_weight"])
+def test_a_field_the_tuning_sets_itself_is_refused_in_set_before_any_run(
+        field, tmp_path, monkeypatch, capsys):
+    from experiments import tune
+    from idm_jax.runs import run as run_lib
+    calls = []
+    monkeypatch.setattr(run_lib, "condense_and_evaluate", fake_runs(calls))
+    with pytest.raises(SystemExit):
+        tune.main(["--method", "ncfm", "--dataset", "digits", "--set", f"{field}=1",
+                   "--workdir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --set {field}=...") and calls == []
+
+
 def test_a_choice_carried_to_another_ipc_runs_the_choice_alone_on_the_test_seeds(
         tmp_path, monkeypatch):
     dataset, calls, ipc1, ipc10, chosen = _tuned_at_ipc1(tmp_path, monkeypatch)
