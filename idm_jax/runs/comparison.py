@@ -57,7 +57,8 @@ def _test_run(directory: str, seed: int, chosen: dict, first: Optional[Config]):
 
 def method_row(workdir: str, method: str) -> Optional[dict]:
     """The row of one tuned method; ``{"variant", "failed": why}`` when a test seed of its
-    choice stopped being finite; None until its tuning and every test seed finished."""
+    choice stopped being finite; ``{"variant", "stale": why}`` when it carried a choice its
+    tuning no longer makes; None until its tuning and every test seed finished."""
     root = os.path.join(workdir, tuning.folder(method))
     summary = _read(os.path.join(root, "tuning.json"))
     if summary is None or not summary.get("test_seeds"):
