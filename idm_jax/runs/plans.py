@@ -65,12 +65,6 @@ def fair_cifar10(workdir: str, source: str, data_dir: str) -> list[Item]:
     def tune(method: str) -> Step:
         return _tune(data, folders["tune-ipc1"], method, pool.get(method, ()))
 
-    def pretrain(method: str, *flags: str) -> Step:
-        return Step(f"{method}'s pool of pretrained extractors", "experiments.pretrain",
-                    ("--recipe", method, *data, "--validation_per_class", str(VALIDATION),
-                     *flags, "--out", pool_dir[method]),
-                    MINUTES[f"pool-{method}"], _pool_record(pool_dir[method]))
-
     def ipc10(rows, seeds: str) -> Step:
         return _ipc10_study(data, folders["cpu-ipc10"], rows, seeds)
 
@@ -84,12 +78,12 @@ def fair_cifar10(workdir: str, source: str, data_dir: str) -> list[Item]:
         tune("dm"),
         ipc10(IPC10_ROWS[4:], "0"),
         ipc1_study(IPC1_BASELINES, "1", MINUTES["ipc1-baselines"]),
-        pretrain("ncfm"),
+        _pretrain(data, pool_dir["ncfm"], "ncfm"),
         tune("ncfm"),
         *(carry[m] for m in METHODS if m != "iid"),
         ipc10(IPC10_ROWS, "1"),
         # IID last: its pool and grid cost an IDM run each, and at IPC 1 it ties IDM.
-        pretrain("iid", "--models", "2", "--epochs", "1"),
+        _pretrain(data, pool_dir["iid"], "iid", "--models", "2", "--epochs", "1"),
         tune("iid"),
         carry["iid"],
         _compare(folders["tune-ipc1"], f"{folders['cpu-ipc1']}:{IPC1_TABLE}", "the IPC 1 table"),
@@ -115,6 +109,13 @@ def _tune(data, workdir: str, method: str, pool: tuple) -> Step:
                  "--validation_per_class", str(VALIDATION), "--trial_seed", str(TRIAL_SEED),
                  "--test_seeds", "0,1", "--workdir", workdir, *pool), MINUTES[f"tune-{method}"],
                 _tuning_records(os.path.join(workdir, tuning.folder(method)), (0, 1)))
+
+
+def _pretrain(data, out: str, method: str, *flags: str) -> Step:
+    """``method``'s pool of pretrained extractors in ``out``, on the tunings' split."""
+    return Step(f"{method}'s pool of pretrained extractors", "experiments.pretrain",
+                ("--recipe", method, *data, "--validation_per_class", str(VALIDATION),
+                 *flags, "--out", out), MINUTES[f"pool-{method}"], _pool_record(out))
 
 
 def _ipc10_study(data, workdir: str, rows, seeds: str) -> Step:
