@@ -423,7 +423,7 @@ def test_an_unreadable_or_partial_comparison_stops_the_third_seed_step_and_keeps
     os.remove(path)
     with pytest.raises(campaign.PlanError, match="No such file.*step before this one"):
         later.make()
-    for rows in ('"ncfm"', '["ncfm"]', '["ncfm", "ncfm"]', '["ncfm", "nope"]',
+    for rows in ('"ncfm"', '["ncfm"]', '["ncfm", "ncfm"]', '["ncfm", "nope"]', '[["ncfm"], "dm"]',
                  '["ncfm", "random-real-pf4 (study)"]', '["ncfm", "idm (study)"]'):
         with open(kept, "w") as f:
             f.write('{"rows": %s}' % rows)

@@ -271,8 +271,8 @@ def compare(workdir: str, methods: Sequence[str], command: str = "",
     study.bar_chart(table, os.path.join(workdir, "comparison.png"),
                     f"{header['dataset']} IPC {header['ipc']}: each method at the setting chosen "
                     f"on validation (blue), untuned study rows (grey); test accuracy, mean +- "
-                    f"std over seeds x models", colors=[TUNED if r["chosen"] is not None else UNTUNED
-                                                for r in table])
+                    f"std over seeds x models",
+                    colors=[TUNED if r["chosen"] is not None else UNTUNED for r in table])
     return table
 
 

@@ -255,8 +255,9 @@ def _kept_rows(kept: str, count: int = 2, quiet: bool = False) -> Optional[list[
         return None
     try:
         rows = _read_json(kept, "delete it to pick again").get("rows")
-        if (not isinstance(rows, list) or len(rows) != count or len(set(rows)) != count
-                or not all(isinstance(r, str) and r in _pickable() for r in rows)):
+        if (not isinstance(rows, list) or len(rows) != count
+                or not all(isinstance(r, str) and r in _pickable() for r in rows)
+                or len(set(rows)) != count):
             raise PlanError(f"{kept}: not {count} distinct rows of the IPC 10 table (one of "
                             f"{', '.join(sorted(_pickable()))}); delete it to pick again")
     except PlanError:
