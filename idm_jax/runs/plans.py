@@ -198,9 +198,9 @@ def _compare(workdir: str, baselines: str, label: str) -> Step:
 
 def top_rows(table: list[dict], count: int = 2) -> list[str]:
     """The ``count`` best rows of a comparison table (best first, as ``comparison.compare``
-    sorts it) other than faithful IDM's study row and the random-real baselines."""
-    return [r["variant"] for r in table if r["variant"] != "idm (study)"
-            and not r["variant"].startswith("random-real")][:count]
+    sorts it) that may get a third seed (``_pickable``: not faithful IDM's study row, which
+    always gets one, nor the random-real baselines)."""
+    return [r["variant"] for r in table if r["variant"] in _pickable()][:count]
 
 
 def third_seeds(data, folders: dict, pool: dict) -> list[Step]:
