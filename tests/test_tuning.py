@@ -480,3 +480,47 @@ def test_the_comparison_counts_each_grid_and_flags_a_choice_on_its_edge_or_out_o
     text = (ipc1 / "comparison.md").read_text()
     assert "(10, 0 failed; still on the edge) |" in text
     assert "may not be that method's best" in text
+
+
+def test_a_grid_whose_every_setting_failed_runs_no_test_seed_and_tables_as_failed(
+        tmp_path, monkeypatch):
+    from idm_jax.runs import comparison
+    from idm_jax.runs import run as run_lib
+
+    dataset = data.load_dataset("digits")
+    calls = []
+    monkeypatch.setattr(run_lib, "condense_and_evaluate", fake_runs(calls))
+    monkeypatch.setattr(tuning, "grid", lambda c: [{"lr_img": c.lr_img * f}
+                                                   for f in (1e5, 1e6)])
+    monkeypatch.setattr(tuning, "EDGE_STEPS", 1)
+    summary = tuning.run_tuning(dataset, "dm", str(tmp_path), validation_per_class=5,
+                                trial_seed=5, test_seeds=(0, 1), quiet=True, together=False)
+    # The grid and one point past its edge (toward the default), all blown up: no test seed.
+    assert calls == [(1e5, 5), (1e6, 5), (1e4, 5)]
+    assert summary["test"]["models"] == 0 and not (tmp_path / "dm" / "chosen").exists()
+    assert "Every setting failed" in (tmp_path / "dm" / "tuning.md").read_text()
+    assert comparison.method_row(str(tmp_path), "dm") == {
+        "variant": "dm", "failed": "every setting of its grid failed"}
+
+
+def test_a_carry_whose_tuning_was_rerun_with_other_overrides_is_out_of_date(
+        tmp_path, monkeypatch):
+    from idm_jax.runs import comparison
+
+    dataset, _, ipc1, ipc10, chosen = _tuned_at_ipc1(tmp_path, monkeypatch)
+    tuning.run_carried(dataset, "dm", str(ipc10), str(ipc1), ipc=10,
+                       validation_per_class=5, test_seeds=(0,), quiet=True)
+    assert "stale" not in comparison.method_row(str(ipc10), "dm")
+    # The same choice, but the IPC 1 tuning was re-run under another --set: out of date.
+    record = ipc1 / "dm" / "tuning.json"
+    summary = json.loads(record.read_text())
+    assert summary["chosen"] == chosen
+    overrides = dict(summary["overrides"], batch_real=64)
+    record.write_text(json.dumps(dict(summary, overrides=overrides)))
+    assert comparison.method_row(str(ipc10), "dm")["stale"] == (
+        f"the tuning in {tmp_path / 'ipc1'} was re-run since (its --set overrides differ); "
+        f"carry it again")
+    # A record from before overrides were kept is asked about its choice only.
+    del summary["overrides"]
+    record.write_text(json.dumps(summary))
+    assert "stale" not in comparison.method_row(str(ipc10), "dm")

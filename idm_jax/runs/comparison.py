@@ -56,13 +56,16 @@ def _test_run(directory: str, seed: int, chosen: dict, first: Optional[Config]):
 
 
 def method_row(workdir: str, method: str) -> Optional[dict]:
-    """The row of one tuned method; ``{"variant", "failed": why}`` when a test seed of its
-    choice stopped being finite; ``{"variant", "stale": why}`` when it carried a choice its
-    tuning no longer makes; None until its tuning and every test seed finished."""
+    """The row of one tuned method; ``{"variant", "failed": why}`` when every setting of its
+    grid or a test seed of its choice stopped being finite; ``{"variant", "stale": why}`` when
+    it carried a choice its tuning no longer makes; None until its tuning and every test seed
+    finished."""
     root = os.path.join(workdir, tuning.folder(method))
     summary = _read(os.path.join(root, "tuning.json"))
     if summary is None or not summary.get("test_seeds"):
         return None
+    if summary["grid"] and all(row["failed"] for row in summary["grid"]):
+        return {"variant": method, "failed": "every setting of its grid failed"}
     chosen, runs, first = summary["chosen"], [], None
     for seed in summary["test_seeds"]:
         # A run of another setting (the choice changed since) does not count, nor test seeds
@@ -93,27 +96,41 @@ def method_row(workdir: str, method: str) -> Optional[dict]:
                 ipc=summary["ipc"], **_minutes(runs), records=runs)
 
 
+# A tuning's record fields that make it another tuning when they change, in words.
+RERUN_FIELDS = {"validation_per_class": "validation split", "budget": "budget",
+                "trial_seed": "trial seed", "overrides": "--set overrides"}
+
+
 def _carried_choice_moved(workdir: str, method: str, summary: dict) -> str:
     """Why a carried choice is no longer its tuning's choice ('' when it still is, or when
     that tuning is not here to ask). The tuning is looked for beside ``workdir`` first (records
-    copied together keep their folder names), then where it was when the choice was carried;
-    a ``tuning.json`` found there counts only if it is a grid of the same method, data, split,
-    budget and trial seed at the IPC the choice came from."""
+    copied together keep their folder names), then where it was when the choice was carried.
+    A grid of the same method and data at the IPC the choice came from is that tuning if it
+    also shares the split, budget, trial seed and ``--set`` overrides (where both recorded
+    them); one that differs in those was re-run since, so the carry is out of date too."""
     origin, chosen = summary["carried_from"], summary["chosen"]
     name = os.path.basename(os.path.normpath(origin["workdir"]))
+    rerun = ""
     for source in (os.path.join(os.path.dirname(os.path.abspath(workdir)), name),
                    origin["workdir"]):
         now = _read(os.path.join(source, tuning.folder(method), "tuning.json"))
-        expected = dict({k: summary.get(k) for k in ("method", "dataset", "validation_per_class",
-                                                     "budget", "trial_seed")}, ipc=origin["ipc"])
-        if now is not None and not now.get("carried_from") and all(
-                now.get(k) == v for k, v in expected.items()):
-            if now.get("chosen") != chosen:
-                return (f"carried {tuning_report.setting_text(chosen)}, but the tuning in "
-                        f"{source} now chooses {tuning_report.setting_text(now['chosen'])}; "
-                        f"carry it again")
+        if now is None or now.get("carried_from") or any(
+                now.get(k) != v for k, v in (("method", summary.get("method")),
+                                             ("dataset", summary.get("dataset")),
+                                             ("ipc", origin["ipc"]))):
+            continue
+        differ = [words for k, words in RERUN_FIELDS.items()
+                  if k in now and k in summary and now[k] != summary[k]]
+        if differ:
+            rerun = rerun or (f"the tuning in {source} was re-run since (its "
+                              f"{', '.join(differ)} differ); carry it again")
+        elif now.get("chosen") != chosen:
+            return (f"carried {tuning_report.setting_text(chosen)}, but the tuning in "
+                    f"{source} now chooses {tuning_report.setting_text(now['chosen'])}; "
+                    f"carry it again")
+        else:
             return ""
-    return ""
+    return rerun
 
 
 # What every row of one table shares: the data, the budget and the evaluation; the condensing

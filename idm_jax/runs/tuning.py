@@ -140,7 +140,13 @@ def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str 
                "calibration_weight": base.calibration_weight}
     trials += _past_the_edge(trials, default, base, trial_seed, dataset, root, quiet, method)
     best = choose(trials, default)
-    tests = _run_test_seeds(base, trials[best][0], test_seeds, dataset, root, quiet, method)
+    if all("failed" in results for _, results in trials):
+        # No setting is finite: the choice is only the least bad failure, not worth testing.
+        print(f"== every setting of {method}'s grid failed: no choice, no test seed run")
+        tests = []
+    else:
+        tests = _run_test_seeds(base, trials[best][0], test_seeds, dataset, root, quiet,
+                                method)
     summary = _summary(method, base, trials, best, tests, trial_seed, test_seeds, command,
                        budget=budget, overrides=overrides, grid_size=len(points))
     write(summary, root)

@@ -30,8 +30,11 @@ def markdown(summary: dict) -> str:
         norms = row["grad_norms_it0"] or {}
         terms = " / ".join(f"{k} {v:.3g}" for k, v in sorted(norms.items()) if k != "ce_scale")
         lines.append(f"| {setting}{mark} | {score} | {terms or '-'} |")
-    lines += ["", f"Chosen: {setting_text(summary['chosen'])}; test accuracy on fresh seeds: "
-              f"{_test_line(summary['test'])}."]
+    if summary["grid"] and all(row["failed"] for row in summary["grid"]):
+        lines += ["", "Every setting failed: no choice, and no test seed run."]
+    else:
+        lines += ["", f"Chosen: {setting_text(summary['chosen'])}; test accuracy on fresh "
+                  f"seeds: {_test_line(summary['test'])}."]
     if summary.get("still_at_edge"):
         past = sum(1 for row in summary["grid"] if row.get("past_edge"))
         lines.append(f"The choice is still on the grid's edge after {past} points past it: "
