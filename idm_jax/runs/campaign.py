@@ -14,7 +14,6 @@ what is left of it.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import shlex
@@ -245,8 +244,8 @@ def run_step(step: Step, stops: Optional[_Stops] = None, root: str = ROOT) -> in
     streams = [stream if stream.isatty() else None for stream in (sys.stdout, sys.stderr)]
     pipe = [subprocess.PIPE if stream else None for stream in streams]
     child = subprocess.Popen(
-        [sys.executable, "-m", step.module, *step.argv], cwd=root, start_new_session=True,
-        preexec_fn=_stop_with(os.getpid()), stdout=pipe[0], stderr=pipe[1],
+        [*_launcher(os.getpid()), step.module, *step.argv], cwd=root, start_new_session=True,
+        stdout=pipe[0], stderr=pipe[1],
         env=dict(os.environ, PYTHONUNBUFFERED="1") if any(streams) else None)
     copiers = [threading.Thread(target=_copy, args=(source, out), daemon=True)
                for source, out in zip((child.stdout, child.stderr), streams) if out]
@@ -282,20 +281,25 @@ def _copy(source, out) -> None:
     source.close()
 
 
-def _stop_with(parent: int) -> Optional[Callable[[], None]]:
-    """A ``preexec_fn`` asking Linux to send the child SIGTERM when ``parent`` dies; None
-    elsewhere. Linux ties the request to the thread that started the child: ``run_step``
-    waits for the step in that same thread, so it holds for the step's whole life."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl      # looked up before the fork
-    prctl.argtypes, prctl.restype = (ctypes.c_int, ctypes.c_ulong), ctypes.c_int
+# Run in the step's own process before it becomes ``python -m <step>``: ask Linux to send it
+# SIGTERM when the campaign (argv[1]) dies, then exec the step; the request survives the exec.
+# A launcher, not a ``preexec_fn``: the relaying threads make forking into Python unsafe.
+_STOP_WITH_PARENT = """import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))   # 1: PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):     # the campaign died before the request
+    os.kill(os.getpid(), signal.SIGTERM)
+os.execv(sys.executable, [sys.executable, "-m", *sys.argv[2:]])
+"""
 
-    def ask():
-        prctl(1, int(signal.SIGTERM))        # 1: PR_SET_PDEATHSIG
-        if os.getppid() != parent:           # the campaign died before the request
-            os.kill(os.getpid(), signal.SIGTERM)
-    return ask
+
+def _launcher(parent: int) -> list[str]:
+    """The command a step's module name and arguments follow: on Linux a launcher that ties
+    the step's life to ``parent`` (the request is tied to the thread that started the child:
+    ``run_step`` waits for the step in that same thread, so it holds for the step's whole
+    life); elsewhere plain ``python -m``."""
+    if not sys.platform.startswith("linux"):
+        return [sys.executable, "-m"]
+    return [sys.executable, "-c", _STOP_WITH_PARENT, str(parent)]
 
 
 __all__ = ["Step", "Later", "PLANS", "STOPS", "register", "PlanError", "CampaignStopped",
