@@ -314,6 +314,18 @@ def test_a_campaign_killed_outright_takes_its_running_step_with_it(slow_campaign
     assert mark.read_text() == "started SIGTERM"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the launcher is Linux's")
+def test_the_launcher_leaves_a_ctrl_c_before_its_exec_to_the_kernel():
+    # Python's own SIGINT handler only sets a flag, which the exec would drop: a Ctrl-C passed
+    # on in that moment would be lost and the step would run on. The kernel's default ends it.
+    head = campaign._STOP_WITH_PARENT.split("os.execv")[0]
+    probe = head + "print(signal.getsignal(signal.SIGINT) == signal.SIG_DFL)\n"
+    out = subprocess.run([sys.executable, "-c", probe, str(os.getpid())], text=True,
+                         capture_output=True, timeout=60,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert out.stdout.split() == ["True"], out.stderr
+
+
 def test_a_step_killed_by_a_signal_is_named_as_killed():
     killed = campaign.CampaignStopped("4", campaign.Step("big", "m", ()), 128 + signal.SIGKILL)
     assert "step 4 (big) was killed by SIGKILL" in str(killed) and not killed.requested
@@ -395,6 +407,18 @@ def test_the_dry_run_says_what_each_step_has_left_from_the_records_on_disk(fair)
     assert text.splitlines()[-1].startswith(
         f"24 steps, about {from_scratch / 60:.1f} h from scratch on 2 CPU cores, about "
         f"{(from_scratch - done) / 60:.1f} h left by the run records found")
+
+
+def test_a_tuning_whose_every_setting_failed_is_done_without_its_test_seeds(fair):
+    runs, _ = fair
+    dm = os.path.join(runs, "tune-ipc1", "dm")
+    for k in range(10):
+        record(os.path.join(dm, f"lr_img={k}", "seed100"), "failed.json")
+    describe = lambda: campaign.describe(campaign.PLANS["fair-cifar10"](runs, "npy", "data"))
+    assert "[10 of 12 runs recorded, about 5 min left] tune dm at IPC 1" in describe()
+    with open(os.path.join(dm, "tuning.json"), "w") as f:       # the grid's record: no choice
+        json.dump({"grid": [{"failed": "the loss became nan"}] * 10}, f)
+    assert "[done] tune dm at IPC 1" in describe()
 
 
 def test_an_unreadable_or_partial_comparison_stops_the_third_seed_step_and_keeps_no_pick(fair):

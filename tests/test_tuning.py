@@ -492,13 +492,14 @@ def test_a_grid_whose_every_setting_failed_runs_no_test_seed_and_tables_as_faile
     monkeypatch.setattr(run_lib, "condense_and_evaluate", fake_runs(calls))
     monkeypatch.setattr(tuning, "grid", lambda c: [{"lr_img": c.lr_img * f}
                                                    for f in (1e5, 1e6)])
-    monkeypatch.setattr(tuning, "EDGE_STEPS", 1)
     summary = tuning.run_tuning(dataset, "dm", str(tmp_path), validation_per_class=5,
                                 trial_seed=5, test_seeds=(0, 1), quiet=True, together=False)
-    # The grid and one point past its edge (toward the default), all blown up: no test seed.
-    assert calls == [(1e5, 5), (1e6, 5), (1e4, 5)]
+    # The grid alone: no best point, so no edge to go past, and no test seed.
+    assert calls == [(1e5, 5), (1e6, 5)]
     assert summary["test"]["models"] == 0 and not (tmp_path / "dm" / "chosen").exists()
-    assert "Every setting failed" in (tmp_path / "dm" / "tuning.md").read_text()
+    assert summary["still_at_edge"] is False
+    text = (tmp_path / "dm" / "tuning.md").read_text()
+    assert "Every setting failed" in text and "(chosen)" not in text and "edge" not in text
     assert comparison.method_row(str(tmp_path), "dm") == {
         "variant": "dm", "failed": "every setting of its grid failed"}
 
@@ -524,3 +525,8 @@ def test_a_carry_whose_tuning_was_rerun_with_other_overrides_is_out_of_date(
     del summary["overrides"]
     record.write_text(json.dumps(summary))
     assert "stale" not in comparison.method_row(str(ipc10), "dm")
+    # Re-run alike, but now failing at every setting: nothing left to carry.
+    failed = [dict(row, failed="the loss became nan") for row in summary["grid"]]
+    record.write_text(json.dumps(dict(summary, grid=failed)))
+    assert comparison.method_row(str(ipc10), "dm")["stale"] == (
+        f"the tuning in {tmp_path / 'ipc1'} now fails at every setting; nothing to carry")

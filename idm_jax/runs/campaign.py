@@ -285,6 +285,8 @@ def _copy(source, out) -> None:
 # SIGTERM when the campaign (argv[1]) dies, then exec the step; the request survives the exec.
 # A launcher, not a ``preexec_fn``: the relaying threads make forking into Python unsafe.
 _STOP_WITH_PARENT = """import ctypes, os, signal, sys
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # a Ctrl-C passed on
+    signal.signal(signal.SIGINT, signal.SIG_DFL)    # before the exec ends it, not lost in it
 ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))   # 1: PR_SET_PDEATHSIG
 if os.getppid() != int(sys.argv[1]):     # the campaign died before the request
     os.kill(os.getpid(), signal.SIGTERM)

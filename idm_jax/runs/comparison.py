@@ -64,7 +64,7 @@ def method_row(workdir: str, method: str) -> Optional[dict]:
     summary = _read(os.path.join(root, "tuning.json"))
     if summary is None or not summary.get("test_seeds"):
         return None
-    if summary["grid"] and all(row["failed"] for row in summary["grid"]):
+    if tuning.no_choice(summary):
         return {"variant": method, "failed": "every setting of its grid failed"}
     chosen, runs, first = summary["chosen"], [], None
     for seed in summary["test_seeds"]:
@@ -124,6 +124,8 @@ def _carried_choice_moved(workdir: str, method: str, summary: dict) -> str:
         if differ:
             rerun = rerun or (f"the tuning in {source} was re-run since (its "
                               f"{', '.join(differ)} differ); carry it again")
+        elif tuning.no_choice(now):
+            return f"the tuning in {source} now fails at every setting; nothing to carry"
         elif now.get("chosen") != chosen:
             return (f"carried {tuning_report.setting_text(chosen)}, but the tuning in "
                     f"{source} now chooses {tuning_report.setting_text(now['chosen'])}; "

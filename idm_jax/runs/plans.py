@@ -175,11 +175,16 @@ def _study_records(workdir: str, rows: Sequence[str], seeds: str):
 def _tuning_records(root: str, test_seeds: Sequence[int]) -> Callable[[], tuple[int, int]]:
     """A tuning's runs that have ended, out of its grid (``tuning.TRIALS``, or more once
     points past an edge are on disk) and its test seeds; a test run of an earlier choice,
-    set aside, does not count."""
+    set aside, does not count; a grid that failed at every setting runs no test seed."""
     def count() -> tuple[int, int]:
         trials = [d for d in glob.glob(os.path.join(root, "*", f"seed{TRIAL_SEED}"))
                   if _recorded(d)]
-        tests = [os.path.join(root, "chosen", f"seed{s}") for s in test_seeds]
+        try:
+            summary = _read_json(os.path.join(root, "tuning.json"))
+        except PlanError:                    # not written yet
+            summary = {}
+        tests = [] if tuning.no_choice(summary) else [
+            os.path.join(root, "chosen", f"seed{s}") for s in test_seeds]
         return (len(trials) + sum(map(_recorded, tests)),
                 max(len(trials), tuning.TRIALS) + len(tests))
     return count

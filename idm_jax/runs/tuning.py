@@ -5,7 +5,8 @@ For one method on one budget (``study.budget_config``), every run holds out the 
 condenses from them. The grid (``grid``) runs once each at the trial seed; the setting with the
 best mean validation accuracy is chosen (test accuracy takes no part; among equals the one nearest
 the method's default), and that setting alone is
-then run at the test seeds, which must differ from the trial seed. Every method gets
+then run at the test seeds, which must differ from the trial seed (a grid whose every point
+failed has no choice, and runs none). Every method gets
 ``TRIALS`` grid points (and, when the best of them sits on the grid's learning-rate edge, up
 to ``EDGE_STEPS`` more past it, one grid step each, while the best point stays on the edge; the
 CE weight's axis is not extended):
@@ -39,7 +40,7 @@ from idm_jax import iterating
 from idm_jax.config import Config
 from idm_jax.runs import grid_run, study
 from idm_jax.runs.grid_run import FAILED_FILE
-from idm_jax.runs.tuning_report import setting_text, write
+from idm_jax.runs.tuning_report import no_choice, setting_text, write
 
 TRIALS = 10
 EDGE_STEPS = 3        # at most this many points past a grid edge the choice sits on
@@ -140,7 +141,7 @@ def run_tuning(dataset, method: str, workdir: str, *, ipc: int = 1, budget: str 
                "calibration_weight": base.calibration_weight}
     trials += _past_the_edge(trials, default, base, trial_seed, dataset, root, quiet, method)
     best = choose(trials, default)
-    if all("failed" in results for _, results in trials):
+    if "failed" in trials[best][1]:
         # No setting is finite: the choice is only the least bad failure, not worth testing.
         print(f"== every setting of {method}'s grid failed: no choice, no test seed run")
         tests = []
@@ -301,7 +302,10 @@ def _past_the_edge(trials, default, base, trial_seed, dataset, root, quiet, meth
     method; it adds nothing to a grid whose best point is inside it."""
     extra = []
     for step in range(1, EDGE_STEPS + 1):
-        point = beyond_edge(trials + extra, choose(trials + extra, default))
+        best = choose(trials + extra, default)
+        if "failed" in (trials + extra)[best][1]:
+            break                    # every point failed: no best point, so no edge to pass
+        point = beyond_edge(trials + extra, best)
         if point is None:
             break
         config = dataclasses.replace(base, seed=trial_seed, **point)
@@ -355,7 +359,8 @@ def _summary(method, base, trials, best, tests, trial_seed, test_seeds, command,
             "validation_per_class": base.validation_per_class, "trial_seed": trial_seed,
             "test_seeds": list(test_seeds), "grid": rows,
             "chosen": trials[best][0] if chosen is None else chosen,
-            "still_at_edge": chosen is None and beyond_edge(trials, best) is not None,
+            "still_at_edge": (chosen is None and "failed" not in trials[best][1]
+                              and beyond_edge(trials, best) is not None),
             "test": {"mean": mean, "std": std, "models": n,
                      "seed_means": [float(np.mean(r["accuracies"]))
                                     for r in tests if "accuracies" in r],
@@ -366,5 +371,5 @@ def _summary(method, base, trials, best, tests, trial_seed, test_seeds, command,
 
 
 __all__ = ["FAILED_FILE", "TRIALS", "EDGE_STEPS", "grid", "trial_name", "folder",
-           "validation_score", "choose", "beyond_edge", "edge_state", "ran_setting",
+           "validation_score", "choose", "beyond_edge", "no_choice", "edge_state", "ran_setting",
            "run_tuning", "carried_choice", "run_carried"]

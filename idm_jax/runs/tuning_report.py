@@ -10,6 +10,12 @@ import os
 from idm_jax.runs import checkpoint, study
 
 
+def no_choice(summary: dict) -> bool:
+    """Whether a tuning's record is of a grid whose every setting failed (nothing chosen, no
+    test seed run); a carried record, with no grid, is not."""
+    return bool(summary.get("grid")) and all(row["failed"] for row in summary["grid"])
+
+
 def markdown(summary: dict) -> str:
     """The grid (validation accuracy and gradient norms at iteration 0) and the chosen row."""
     origin = summary.get("carried_from")
@@ -20,22 +26,23 @@ def markdown(summary: dict) -> str:
              f"{summary['validation_per_class']} held-out training images per class; the "
              f"choice run at seeds {summary['test_seeds']}.", "",
              "| setting | validation (%) | grad norm at it 0: loss / each term |", "|---|---|---|"]
+    failed = no_choice(summary)
     for row in summary["grid"]:
         setting = setting_text(row["setting"]) + (" (past the edge)" * bool(
             row.get("past_edge")))
-        mark = " (chosen)" if row["setting"] == summary["chosen"] else ""
+        mark = " (chosen)" if row["setting"] == summary["chosen"] and not failed else ""
         score = ("failed (not finite)" if row["failed"] else
                  f"{row['validation']:.2f} +- {row['validation_std']:.2f}"
                  if row["validation"] is not None else "-")
         norms = row["grad_norms_it0"] or {}
         terms = " / ".join(f"{k} {v:.3g}" for k, v in sorted(norms.items()) if k != "ce_scale")
         lines.append(f"| {setting}{mark} | {score} | {terms or '-'} |")
-    if summary["grid"] and all(row["failed"] for row in summary["grid"]):
+    if failed:
         lines += ["", "Every setting failed: no choice, and no test seed run."]
     else:
         lines += ["", f"Chosen: {setting_text(summary['chosen'])}; test accuracy on fresh "
                   f"seeds: {_test_line(summary['test'])}."]
-    if summary.get("still_at_edge"):
+    if summary.get("still_at_edge") and not failed:
         past = sum(1 for row in summary["grid"] if row.get("past_edge"))
         lines.append(f"The choice is still on the grid's edge after {past} points past it: "
                      f"the best setting may lie further.")
@@ -127,4 +134,4 @@ def write(summary: dict, root: str) -> None:
         os.remove(picture)
 
 
-__all__ = ["markdown", "setting_text", "plot", "write"]
+__all__ = ["no_choice", "markdown", "setting_text", "plot", "write"]
