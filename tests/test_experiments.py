@@ -116,21 +116,13 @@ def wait_for_lines(path, count, proc, timeout=300):
         time.sleep(0.2)
 
 
-def test_ctrl_c_kill_9_and_a_rotten_checkpoint_end_in_the_same_result_logged_once(tmp_path):
-    data_dir = str(tmp_path / "npy")
-    write_npy_cifar(data_dir)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # The uninterrupted reference runs beside the interrupted sequence (it only has to finish).
-    straight = str(tmp_path / "straight")
-    reference = subprocess.Popen(cli_command(straight, data_dir), cwd=REPO, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    interrupted = str(tmp_path / "interrupted")
+def _stop_with_ctrl_c(interrupted: str, data_dir: str, env: dict) -> int:
+    """Start a run, check a second process on its workdir is refused, stop it with SIGINT
+    after 3 iterations; the iteration its checkpoint holds."""
     proc = subprocess.Popen(cli_command(interrupted, data_dir), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = os.path.join(interrupted, "metrics.jsonl")
-    wait_for_lines(metrics, 3, proc)
+    wait_for_lines(os.path.join(interrupted, "metrics.jsonl"), 3, proc)
     assert proc.poll() is None, proc.communicate()[0]
-    # A second process on the same workdir is refused while the first one runs.
     rival = subprocess.run(cli_command(interrupted, data_dir), cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
     assert rival.returncode == 2 and f"in use by PID {proc.pid}" in rival.stderr, rival.stderr
@@ -141,6 +133,36 @@ def test_ctrl_c_kill_9_and_a_rotten_checkpoint_end_in_the_same_result_logged_onc
     stopped_at = checkpoint.Checkpointer(os.path.join(interrupted, "checkpoints")).latest_step()
     assert 3 <= stopped_at < 150
     assert not os.path.exists(os.path.join(interrupted, "results.json"))
+    return stopped_at
+
+
+def _rot_and_restart(interrupted: str, data_dir: str, env: dict, stopped_at: int) -> None:
+    """Flip one bit of the only checkpoint's largest file: the next start sets it aside with
+    one warning line, no traceback, and starts over to the end."""
+    damaged = flip_one_bit_of_the_largest_file(
+        os.path.join(interrupted, "checkpoints", str(stopped_at)))
+    resumed = subprocess.run(cli_command(interrupted, data_dir), cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    printed = (resumed.stdout + resumed.stderr).splitlines()
+    assert len([line for line in printed if line.startswith("warning:")]) == 1, printed
+    assert not any("Traceback" in line for line in printed), printed
+    assert os.path.exists(os.path.join(interrupted, "checkpoints-damaged", str(stopped_at),
+                                       os.path.relpath(damaged, os.path.join(
+                                           interrupted, "checkpoints", str(stopped_at)))))
+
+
+def test_ctrl_c_kill_9_and_a_rotten_checkpoint_end_in_the_same_result_logged_once(tmp_path):
+    data_dir = str(tmp_path / "npy")
+    write_npy_cifar(data_dir)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The uninterrupted reference runs beside the interrupted sequence (it only has to finish).
+    straight = str(tmp_path / "straight")
+    reference = subprocess.Popen(cli_command(straight, data_dir), cwd=REPO, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    interrupted = str(tmp_path / "interrupted")
+    metrics = os.path.join(interrupted, "metrics.jsonl")
+    stopped_at = _stop_with_ctrl_c(interrupted, data_dir, env)
 
     # A result-changing setting is refused on resume, with the difference named.
     changed = subprocess.run(cli_command(interrupted, data_dir, ["--lr_img", "0.5"]), cwd=REPO,
@@ -156,19 +178,7 @@ def test_ctrl_c_kill_9_and_a_rotten_checkpoint_end_in_the_same_result_logged_onc
     killed_output, _ = killed.communicate(timeout=60)
     assert f"resuming from iteration {stopped_at}" in killed_output, killed_output
 
-    # Then the only checkpoint rots on disk (one bit of its largest data file flipped): the
-    # next start sets it aside with one warning line, no traceback, and starts over.
-    damaged = flip_one_bit_of_the_largest_file(
-        os.path.join(interrupted, "checkpoints", str(stopped_at)))
-    resumed = subprocess.run(cli_command(interrupted, data_dir), cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    printed = (resumed.stdout + resumed.stderr).splitlines()
-    assert len([line for line in printed if line.startswith("warning:")]) == 1, printed
-    assert not any("Traceback" in line for line in printed), printed
-    assert os.path.exists(os.path.join(interrupted, "checkpoints-damaged", str(stopped_at),
-                                       os.path.relpath(damaged, os.path.join(
-                                           interrupted, "checkpoints", str(stopped_at)))))
+    _rot_and_restart(interrupted, data_dir, env, stopped_at)
     steps = [json.loads(line)["iteration"] for line in open(metrics)
              if "event" not in json.loads(line)]
     assert steps == list(range(150))

@@ -56,6 +56,36 @@ def test_a_study_of_another_method_takes_its_settings_under_the_protocol():
         study.budget_config("cifar10", "cpu", 1, overrides={"method": "dm"})
 
 
+def _table_only_runs_nothing_and_names_the_rest(records, table, capsys, monkeypatch):
+    """--table_only over a larger grid from the records alone; then a damaged record."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("--table_only loaded data or ran")
+    monkeypatch.setattr(study_cli.cli, "load_data", no_work)
+    monkeypatch.setattr(run_lib, "condense_and_evaluate", no_work)
+    only = study_cli.main(TINY + ["--variants", "idm,random-real", "--seeds", "0,1,2",
+                                  "--workdir", str(records), "--table_only"])
+    out = capsys.readouterr().out
+    assert "study run" not in out and "idm seed 2, random-real seed 2" in out
+    assert [(r["mean"], r["std"], r["seeds"]) for r in only] == [
+        (r["mean"], r["std"], r["seeds"]) for r in table]
+    assert not os.path.exists(records / "idm" / "seed2")
+    with open(records / "study.json") as f:
+        assert json.load(f)["header"]["missing"] == ["idm seed 2", "random-real seed 2"]
+    assert (records / "study.png").read_bytes()[:4] == b"\x89PNG"
+    assert "commits `" in out and study.provenance({"idm": []})["dates"] == []
+    # A record made before the processor was kept is named as such, not guessed.
+    old_record = {"code_version": "abc", "device": "cpu", "date": "2026-12-01 00:00"}
+    assert study.provenance({"idm": [old_record]})["processors"] == ["not recorded"]
+    # A damaged record is named before any work, in one error line.
+    (records / "idm" / "seed1" / "results.json").write_text('{"config": {}, "accur')
+    with pytest.raises(SystemExit) as exit_info:
+        study_cli.main(TINY + ["--variants", "idm", "--seeds", "0,1", "--workdir", str(records),
+                               "--table_only"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error:") and str(records / "idm" / "seed1" / "results.json") in err
+
+
 def test_study_runs_skips_finished_runs_and_aggregates_every_model(tmp_path, capsys,
                                                                    monkeypatch):
     workdir = str(tmp_path / "study")
@@ -93,32 +123,7 @@ def test_study_runs_skips_finished_runs_and_aggregates_every_model(tmp_path, cap
                            "--workdir", str(records)])
     assert capsys.readouterr().out.count("skipped") == 4
 
-    def no_work(*args, **kwargs):
-        raise AssertionError("--table_only loaded data or ran")
-    monkeypatch.setattr(study_cli.cli, "load_data", no_work)
-    monkeypatch.setattr(run_lib, "condense_and_evaluate", no_work)
-    only = study_cli.main(TINY + ["--variants", "idm,random-real", "--seeds", "0,1,2",
-                                  "--workdir", str(records), "--table_only"])
-    out = capsys.readouterr().out
-    assert "study run" not in out and "idm seed 2, random-real seed 2" in out
-    assert [(r["mean"], r["std"], r["seeds"]) for r in only] == [
-        (r["mean"], r["std"], r["seeds"]) for r in table]
-    assert not os.path.exists(records / "idm" / "seed2")
-    with open(records / "study.json") as f:
-        assert json.load(f)["header"]["missing"] == ["idm seed 2", "random-real seed 2"]
-    assert (records / "study.png").read_bytes()[:4] == b"\x89PNG"
-    assert "commits `" in out and study.provenance({"idm": []})["dates"] == []
-    # A record made before the processor was kept is named as such, not guessed.
-    old_record = {"code_version": "abc", "device": "cpu", "date": "2026-12-01 00:00"}
-    assert study.provenance({"idm": [old_record]})["processors"] == ["not recorded"]
-    # A damaged record is named before any work, in one error line.
-    (records / "idm" / "seed1" / "results.json").write_text('{"config": {}, "accur')
-    with pytest.raises(SystemExit) as exit_info:
-        study_cli.main(TINY + ["--variants", "idm", "--seeds", "0,1", "--workdir", str(records),
-                               "--table_only"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
-    assert err.startswith("error:") and str(records / "idm" / "seed1" / "results.json") in err
+    _table_only_runs_nothing_and_names_the_rest(records, table, capsys, monkeypatch)
 
 
 def test_table_only_with_no_finished_run_is_one_error_line(capsys, tmp_path):
