@@ -181,7 +181,7 @@ def _tuning_records(root: str, test_seeds: Sequence[int]) -> Callable[[], tuple[
                   if _recorded(d)]
         try:
             summary = _read_json(os.path.join(root, "tuning.json"))
-        except PlanError:                    # not written yet
+        except PlanError:                    # not written yet (or unreadable): no verdict
             summary = {}
         tests = [] if tuning.no_choice(summary) else [
             os.path.join(root, "chosen", f"seed{s}") for s in test_seeds]

@@ -3,13 +3,12 @@
 For one method on one budget (``study.budget_config``), every run holds out the same
 ``validation_per_class`` training images per class (``data.split_validation``), so no run
 condenses from them. The grid (``grid``) runs once each at the trial seed; the setting with the
-best mean validation accuracy is chosen (test accuracy takes no part; among equals the one nearest
-the method's default), and that setting alone is
-then run at the test seeds, which must differ from the trial seed (a grid whose every point
-failed has no choice, and runs none). Every method gets
-``TRIALS`` grid points (and, when the best of them sits on the grid's learning-rate edge, up
-to ``EDGE_STEPS`` more past it, one grid step each, while the best point stays on the edge; the
-CE weight's axis is not extended):
+best mean validation accuracy is chosen (test accuracy takes no part; among equals the one
+nearest the method's default), and that setting alone is then run at the test seeds, which must
+differ from the trial seed (a grid whose every point failed has no choice, and runs none).
+Every method gets ``TRIALS`` grid points (and, when the best of them sits on the grid's
+learning-rate edge, up to ``EDGE_STEPS`` more past it, one grid step each, while the best point
+stays on the edge; the CE weight's axis is not extended):
 
 - a method with a CE term (IDM's ``syn_ce``, NCFM's ``calibration_weight``): the image learning
   rate at 1/100, 1/10, 1, 10 and 100 times its default, each with that term's weight at 1/5 and
