@@ -205,7 +205,8 @@ def top_rows(table: list[dict], count: int = 2) -> list[str]:
     """The ``count`` best rows of a comparison table (best first, as ``comparison.compare``
     sorts it) that may get a third seed (``_pickable``: not faithful IDM's study row, which
     always gets one, nor the random-real baselines)."""
-    return [r["variant"] for r in table if r["variant"] in _pickable()][:count]
+    pickable = _pickable()
+    return [r["variant"] for r in table if r["variant"] in pickable][:count]
 
 
 def third_seeds(data, folders: dict, pool: dict) -> list[Step]:
@@ -258,13 +259,14 @@ def _kept_rows(kept: str, count: int = 2, quiet: bool = False) -> Optional[list[
     distinct rows the table can name."""
     if not os.path.exists(kept):
         return None
+    pickable = _pickable()
     try:
         rows = _read_json(kept, "delete it to pick again").get("rows")
         if (not isinstance(rows, list) or len(rows) != count
-                or not all(isinstance(r, str) and r in _pickable() for r in rows)
+                or not all(isinstance(r, str) and r in pickable for r in rows)
                 or len(set(rows)) != count):
             raise PlanError(f"{kept}: not {count} distinct rows of the IPC 10 table (one of "
-                            f"{', '.join(sorted(_pickable()))}); delete it to pick again")
+                            f"{', '.join(sorted(pickable))}); delete it to pick again")
     except PlanError:
         if quiet:
             return None

@@ -284,8 +284,11 @@ def run_carried(dataset, method: str, workdir: str, source: str, *, ipc: int,
 def beyond_edge(trials: Sequence[tuple[dict, dict]], best: int) -> Optional[dict]:
     """The next learning rate past the grid's edge, one grid step on (the ratio of the two
     outermost rates), when the best point's ``lr_img`` is the largest or the smallest among
-    the points that share its other settings; None when it lies inside."""
-    point = trials[best][0]
+    the points that share its other settings; None when it lies inside, or when the best point
+    failed (then every point failed: there is no best point, so no edge to pass)."""
+    point, results = trials[best]
+    if "failed" in results:
+        return None
     others = {k: v for k, v in point.items() if k != "lr_img"}
     row = sorted(p["lr_img"] for p, _ in trials
                  if {k: v for k, v in p.items() if k != "lr_img"} == others)
@@ -301,10 +304,7 @@ def _past_the_edge(trials, default, base, trial_seed, dataset, root, quiet, meth
     method; it adds nothing to a grid whose best point is inside it."""
     extra = []
     for step in range(1, EDGE_STEPS + 1):
-        best = choose(trials + extra, default)
-        if "failed" in (trials + extra)[best][1]:
-            break                    # every point failed: no best point, so no edge to pass
-        point = beyond_edge(trials + extra, best)
+        point = beyond_edge(trials + extra, choose(trials + extra, default))
         if point is None:
             break
         config = dataclasses.replace(base, seed=trial_seed, **point)
@@ -329,8 +329,9 @@ def edge_state(summary: dict) -> dict:
 
 def _on_edge(rows: list[dict], chosen: dict) -> bool:
     """Whether ``chosen`` sits on the learning-rate edge of the tabled grid ``rows``."""
-    trials = [(row["setting"], {"validation": {"mean": row["validation"]}}
-               if row["validation"] is not None else {}) for row in rows]
+    trials = [(row["setting"], {"failed": row["failed"]} if row["failed"] else
+               {"validation": {"mean": row["validation"]}} if row["validation"] is not None
+               else {}) for row in rows]
     best = next((i for i, row in enumerate(rows) if row["setting"] == chosen), None)
     return best is not None and beyond_edge(trials, best) is not None
 
@@ -358,8 +359,7 @@ def _summary(method, base, trials, best, tests, trial_seed, test_seeds, command,
             "validation_per_class": base.validation_per_class, "trial_seed": trial_seed,
             "test_seeds": list(test_seeds), "grid": rows,
             "chosen": trials[best][0] if chosen is None else chosen,
-            "still_at_edge": (chosen is None and "failed" not in trials[best][1]
-                              and beyond_edge(trials, best) is not None),
+            "still_at_edge": chosen is None and beyond_edge(trials, best) is not None,
             "test": {"mean": mean, "std": std, "models": n,
                      "seed_means": [float(np.mean(r["accuracies"]))
                                     for r in tests if "accuracies" in r],
