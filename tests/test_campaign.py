@@ -27,8 +27,10 @@ class Reached(Exception):
 
 
 def table(*variants, seeds=2):
-    """A comparison record as ``experiments.tune --compare`` writes it, every row on ``seeds``."""
-    return {"table": [{"variant": v, "seeds": seeds} for v in variants]}
+    """A comparison record as ``experiments.tune --compare`` writes it, every row on ``seeds``,
+    validation falling with the rank."""
+    return {"table": [{"variant": v, "seeds": seeds, "validation_mean": 50.0 - rank}
+                      for rank, v in enumerate(variants)]}
 
 
 def expand(items):
@@ -137,6 +139,11 @@ def test_the_third_seeds_go_to_idm_and_the_two_best_rows_that_are_not_baselines(
         json.dump(table("m3d", "dm", "idm (study)"), f)
     assert [s.label for s in later.make()] == [s.label for s in steps]
     assert plans.top_rows(table("random-real (study)", "idm (study)")["table"]) == []
+    # The table is ranked on test accuracy, the pick on validation.
+    by_test = table("m3d", "random-real (study)", "dm", "pf3 (study)", "pf4 (study)")["table"]
+    for row, validation in zip(by_test, (41.0, 60.0, 43.5, 43.5, 42.0)):
+        row["validation_mean"] = validation
+    assert plans.top_rows(by_test) == ["dm", "pf3 (study)"]
     # A re-run of the whole plan: the picked method's first carry keeps its third seed (a carry
     # writes its tuning record from the seeds it is given), the others stay on two.
     again = campaign.PLANS["fair-cifar10"](runs, "npy", "data")
@@ -434,7 +441,11 @@ def test_an_unreadable_or_partial_comparison_stops_the_third_seed_step_and_keeps
              (json.dumps(dict(table("m3d", "dm"), header={"missing": [], "failed": {},
                                                           "stale": {"ncfm": "carry again"}})),
               "not finished: ncfm")]
+    blind = table("m3d", "dm", "random-real (study)")
+    blind["table"][1]["validation_mean"] = None
+    del blind["table"][2]["validation_mean"]          # a baseline's is not needed
     cases += [(json.dumps(dict(table("m3d", "dm"), header=None)), "no comparison table"),
+              (json.dumps(blind), r"no validation accuracy for dm;"),
               (json.dumps({"table": table("m3d", "dm")["table"]
                            + table("pf4 (study)", seeds=1)["table"]}),
                r"not finished: pf4 \(study\) \(not on 2 seeds\)")]

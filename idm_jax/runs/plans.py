@@ -5,7 +5,7 @@ baselines (random-real mosaics at factors 2 to 4, CE alone, IDM and factor 4, no
 a validation split, as they were run), every method tuned at IPC 1 on 500 held-out images per
 class, the IPC 10 study rows and each method's IPC 1 choice carried to IPC 10 (all holding out
 the same 500 per class), both comparison tables, and a third seed for faithful IDM and for the
-two best other IPC 10 rows. Its folders are those of ``docs/study``, so copying those records
+two other IPC 10 rows best on validation. Its folders are those of ``docs/study``, so copying those records
 into the campaign's folder first makes it skip every run already recorded there (except the
 NCFM and IID runs: their records name the pool by the absolute path it had when they ran, so
 they are skipped only with the pools at that path).
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 from typing import Callable, Optional, Sequence
 
@@ -202,16 +203,19 @@ def _compare(workdir: str, baselines: str, label: str) -> Step:
 
 
 def top_rows(table: list[dict], count: int = 2) -> list[str]:
-    """The ``count`` best rows of a comparison table (best first, as ``comparison.compare``
-    sorts it) that may get a third seed (``_pickable``: not faithful IDM's study row, which
-    always gets one, nor the random-real baselines)."""
-    pickable = _pickable()
-    return [r["variant"] for r in table if r["variant"] in pickable][:count]
+    """The ``count`` rows of a comparison table with the best validation accuracy over their
+    test seeds (``validation_mean``, %) that may get a third seed (``_pickable``: not faithful
+    IDM's study row, which always gets one, nor the random-real baselines). The table itself is
+    ranked by test accuracy; the pick is not, so no decision of the study looks at the test set."""
+    pickable = [r for r in table if r["variant"] in _pickable()]
+    ranked = sorted(pickable, key=lambda r: -r["validation_mean"])    # stable on ties
+    return [r["variant"] for r in ranked][:count]
 
 
 def third_seeds(data, folders: dict, pool: dict) -> list[Step]:
-    """Seed 2 of faithful IDM's IPC 10 study row and of the two best other rows of the IPC 10
-    table (``tune-ipc10/comparison.json``, written by the step before): a study row by the
+    """Seed 2 of faithful IDM's IPC 10 study row and of the two other rows of the IPC 10 table
+    (``tune-ipc10/comparison.json``, written by the step before) best on validation
+    (``top_rows``): a study row by the
     study, a tuned method by carrying its choice again on seeds 0, 1, 2. The first pick is kept
     in ``tune-ipc10/third-seeds.json`` and reused: once some rows have a third seed the table
     would rank them on other seed counts, so a re-run must not choose again. PlanError when
@@ -303,11 +307,20 @@ def _pick(path: str, count: int = 2) -> list[str]:
     if unfinished:
         raise PlanError(f"{path}: not finished: {', '.join(unfinished)}; the pick needs every "
                         f"row on seeds 0 and 1 (finish their steps, or skip this one too)")
+    blind = [str(r["variant"]) for r in table
+             if r["variant"] in _pickable() and not _finite(r.get("validation_mean"))]
+    if blind:
+        raise PlanError(f"{path}: no validation accuracy for {', '.join(blind)}; the pick ranks "
+                        f"rows on it (run them with --validation_per_class)")
     rows = top_rows(table, count)
     if len(rows) < count:
         raise PlanError(f"{path}: fewer than {count} rows besides faithful IDM and the "
                         f"random-real baselines")
     return rows
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 __all__ = ["METHODS", "IPC10_ROWS", "fair_cifar10", "top_rows", "third_seeds"]
