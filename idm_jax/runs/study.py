@@ -232,14 +232,16 @@ def markdown(table: list[dict], header: dict) -> str:
 
 def bar_chart(table: list[dict], path: str, title: str,
               colors: Optional[Sequence[str]] = None) -> None:
-    """A PNG bar chart of the table's means with population-std error bars (``colors``: one
-    per row; blue for all by default)."""
+    """A PNG bar chart of the table's means with population-std error bars, each bar named
+    with its number of seeds (``colors``: one per row; blue for all by default)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(table) + 1.5), 3.6), dpi=120)
-    names = [row["variant"] for row in table]
+    # Rows of one chart may stand on different numbers of seeds: each bar says how many.
+    names = [f"{row['variant']}\n{row['seeds']} seed{'s' if row['seeds'] != 1 else ''}"
+             for row in table]
     ax.bar(names, [row["mean"] for row in table], yerr=[row["std"] for row in table],
            capsize=4, color=list(colors) if colors else "#4c72b0")
     for i, row in enumerate(table):
