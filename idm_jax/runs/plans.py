@@ -5,10 +5,10 @@ baselines (random-real mosaics at factors 2 to 4, CE alone, IDM and factor 4, no
 a validation split, as they were run), every method tuned at IPC 1 on 500 held-out images per
 class, the IPC 10 study rows and each method's IPC 1 choice carried to IPC 10 (all holding out
 the same 500 per class), both comparison tables, and a third seed for faithful IDM and for the
-two other IPC 10 rows best on validation. Its folders are those of ``docs/study``, so copying those records
-into the campaign's folder first makes it skip every run already recorded there (except the
-NCFM and IID runs: their records name the pool by the absolute path it had when they ran, so
-they are skipped only with the pools at that path).
+two other IPC 10 rows best on validation. Its folders are those of ``docs/study``, so copying
+those records into the campaign's folder first makes it skip every run already recorded there
+(except the NCFM and IID runs: their records name the pool by the absolute path it had when
+they ran, so they are skipped only with the pools at that path).
 """
 
 from __future__ import annotations
@@ -215,10 +215,10 @@ def top_rows(table: list[dict], count: int = 2) -> list[str]:
 def third_seeds(data, folders: dict, pool: dict) -> list[Step]:
     """Seed 2 of faithful IDM's IPC 10 study row and of the two other rows of the IPC 10 table
     (``tune-ipc10/comparison.json``, written by the step before) best on validation
-    (``top_rows``): a study row by the
-    study, a tuned method by carrying its choice again on seeds 0, 1, 2. The first pick is kept
-    in ``tune-ipc10/third-seeds.json`` and reused: once some rows have a third seed the table
-    would rank them on other seed counts, so a re-run must not choose again. PlanError when
+    (``top_rows``): a study row by the study, a tuned method by carrying its choice again on
+    seeds 0, 1, 2. The first pick is kept in ``tune-ipc10/third-seeds.json`` and reused: once
+    some rows have a third seed the table would rank them on other seed counts, so a re-run
+    must not choose again. PlanError when
     the table is missing, unreadable or not complete (a pick from part of it would be kept)."""
     kept = os.path.join(folders["tune-ipc10"], THIRD_SEEDS)
     rows = _kept_rows(kept)
