@@ -218,8 +218,8 @@ def third_seeds(data, folders: dict, pool: dict) -> list[Step]:
     (``top_rows``): a study row by the study, a tuned method by carrying its choice again on
     seeds 0, 1, 2. The first pick is kept in ``tune-ipc10/third-seeds.json`` and reused: once
     some rows have a third seed the table would rank them on other seed counts, so a re-run
-    must not choose again. PlanError when
-    the table is missing, unreadable or not complete (a pick from part of it would be kept)."""
+    must not choose again. PlanError when the table is missing, unreadable or not complete (a
+    pick from part of it would be kept)."""
     kept = os.path.join(folders["tune-ipc10"], THIRD_SEEDS)
     rows = _kept_rows(kept)
     if rows is None:
