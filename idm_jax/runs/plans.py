@@ -207,8 +207,9 @@ def top_rows(table: list[dict], count: int = 2) -> list[str]:
     test seeds (``validation_mean``, %) that may get a third seed (``_pickable``: not faithful
     IDM's study row, which always gets one, nor the random-real baselines). The table itself is
     ranked by test accuracy; the pick is not, so no decision of the study looks at the test set."""
-    pickable = [r for r in table if r["variant"] in _pickable()]
-    ranked = sorted(pickable, key=lambda r: -r["validation_mean"])    # stable on ties
+    pickable = _pickable()
+    rows = [r for r in table if r["variant"] in pickable]
+    ranked = sorted(rows, key=lambda r: -r["validation_mean"])    # stable on ties
     return [r["variant"] for r in ranked][:count]
 
 
@@ -307,8 +308,9 @@ def _pick(path: str, count: int = 2) -> list[str]:
     if unfinished:
         raise PlanError(f"{path}: not finished: {', '.join(unfinished)}; the pick needs every "
                         f"row on seeds 0 and 1 (finish their steps, or skip this one too)")
+    pickable = _pickable()
     blind = [str(r["variant"]) for r in table
-             if r["variant"] in _pickable() and not _finite(r.get("validation_mean"))]
+             if r["variant"] in pickable and not _finite(r.get("validation_mean"))]
     if blind:
         raise PlanError(f"{path}: no validation accuracy for {', '.join(blind)}; the pick ranks "
                         f"rows on it (run them with --validation_per_class)")
