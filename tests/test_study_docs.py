@@ -66,3 +66,33 @@ def test_splice_refuses_a_document_without_one_appendix():
     twice = APPENDIX_DOC + "\n## Appendix: the tuning grids, again\n"
     with pytest.raises(ValueError, match="found 2"):
         module.splice(twice, "#### idm\n")
+
+
+RECORD = {"accuracies": [50.0, 52.0, 54.0], "code_version": "abcdef123456",
+          "validation": {"accuracies": [40.0, 40.0]},
+          "processor": {"cpu": "Some CPU"}, "condense_seconds": 90.0, "eval_seconds": 600.0,
+          "sessions": [{"started": "2026-12-05 23:57:31"}, {"started": "2026-12-06 02:03:05"}],
+          "date": "2026-12-06 02:36:29"}
+
+
+def test_a_run_row_has_the_records_figures_by_hand():
+    module = _load("run_rows")
+    # std of 50, 52, 54 (population): sqrt(8/3) = 1.633; start rounds up, end rounds down.
+    assert module.row(RECORD, "pf4, seed 1") == (
+        "| pf4, seed 1 | `abcdef1`, 2026-12-05 23:58 to 2026-12-06 02:36 (2 sessions), Some CPU "
+        "| 50.00, 52.00, 54.00 | 52.00 +- 1.63 | 40.00 +- 0.00 | 1.5 / 10.0 min |")
+
+
+def test_a_one_session_run_without_validation_or_condensing():
+    module = _load("run_rows")
+    record = {k: v for k, v in RECORD.items() if k not in ("validation", "condense_seconds")}
+    record["sessions"] = RECORD["sessions"][1:]
+    assert module.row(record, "mosaic, seed 0") == (
+        "| mosaic, seed 0 | `abcdef1`, 2026-12-06 02:03 to 02:36, Some CPU "
+        "| 50.00, 52.00, 54.00 | 52.00 +- 1.63 | - | 0.0 / 10.0 min |")
+
+
+def test_run_rows_names_a_folder_without_a_record(tmp_path, capsys):
+    module = _load("run_rows")
+    assert module.main([str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path}")
