@@ -15,12 +15,7 @@ import json
 import os
 import sys
 
-import numpy as np
-
-
-def _spread(values) -> str:
-    values = np.asarray(values, np.float64)
-    return f"{values.mean():.2f} +- {values.std():.2f}"
+from idm_jax.runs import study
 
 
 def _minute(stamp: str) -> str:
@@ -42,30 +37,35 @@ def _when(record: dict) -> str:
 
 def row(record: dict, label: str) -> str:
     """The markdown row of one run's ``results.json`` (a dict), labelled ``label``."""
-    test = record["accuracies"]
-    held_out = record.get("validation", {}).get("accuracies", [])
+    stats = study.stats([record])          # mean +- population std, as the study tables
+    held_out = stats["validation_mean"]
     cpu = record.get("processor", {}).get("cpu", "processor not recorded")
-    condense = record.get("condense_seconds", record.get("condense_seconds_this_session", 0.0))
+    condense = study.condense_seconds(record)
     cells = [label,
              f"`{record.get('code_version', '?')[:7]}`, {_when(record)}, {cpu}",
-             ", ".join(f"{a:.2f}" for a in test),
-             _spread(test),
-             _spread(held_out) if held_out else "-",
+             ", ".join(f"{a:.2f}" for a in record["accuracies"]),
+             f"{stats['mean']:.2f} +- {stats['std']:.2f}",
+             f"{held_out:.2f} +- {stats['validation_std']:.2f}" if held_out is not None else "-",
              f"{condense / 60:.1f} / {record.get('eval_seconds', 0.0) / 60:.1f} min"]
     return "| " + " | ".join(cells) + " |"
 
 
 def main(paths) -> int:
     if not paths:
-        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        print("error: give one or more run folders (each with a results.json), e.g. "
+              "docs/study/cpu-ipc10/pf4/seed1", file=sys.stderr)
         return 2
     for path in paths:
         record_path = os.path.join(path, "results.json")
         if not os.path.isfile(record_path):
             print(f"error: {record_path}: no run record (is the run finished?)", file=sys.stderr)
             return 1
-        with open(record_path) as f:
-            record = json.load(f)
+        try:
+            with open(record_path) as f:
+                record = json.load(f)
+        except ValueError as err:
+            print(f"error: {record_path}: not JSON ({err})", file=sys.stderr)
+            return 1
         seed = record.get("config", {}).get("seed", "?")
         variant = os.path.basename(os.path.dirname(os.path.abspath(path)))
         print(row(record, f"{variant}, seed {seed}"))

@@ -62,14 +62,15 @@ def main() -> None:
     if args.results and not os.path.isfile(args.results):
         parser.error(f"--results: no file {args.results}")
     text = appendix()
-    checkpoint.write_text(os.path.join(ROOT, "grids.md"), text)
-    if args.results:
+    spliced = None
+    if args.results:                     # spliced before anything is written: all or nothing
         with open(args.results) as f:
-            document = f.read()
-        try:
-            spliced = splice(document, text)
-        except ValueError as error:
-            parser.error(f"--results: {error}")
+            try:
+                spliced = splice(f.read(), text)
+            except ValueError as error:
+                parser.error(f"--results: {error}")
+    checkpoint.write_text(os.path.join(ROOT, "grids.md"), text)
+    if spliced is not None:
         checkpoint.write_text(args.results, spliced)
     print(text)
 
