@@ -96,3 +96,17 @@ def test_run_rows_names_a_folder_without_a_record(tmp_path, capsys):
     module = _load("run_rows")
     assert module.main([str(tmp_path)]) == 1
     assert capsys.readouterr().err.startswith(f"error: {tmp_path}")
+
+
+def test_a_failed_splice_writes_neither_file(tmp_path, monkeypatch, capsys):
+    module = _load("tuning_appendix")
+    monkeypatch.setattr(module, "ROOT", str(tmp_path / "tune-ipc1"))   # no tunings: "not tuned"
+    os.makedirs(module.ROOT)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\n## No appendix here\n")
+    monkeypatch.setattr("sys.argv", ["tuning_appendix.py", "--results", str(results)])
+    with pytest.raises(SystemExit):
+        module.main()
+    assert "found 0" in capsys.readouterr().err
+    assert results.read_text() == "# Results\n\n## No appendix here\n"
+    assert not os.path.exists(os.path.join(module.ROOT, "grids.md"))
