@@ -71,6 +71,10 @@ def _table_only_runs_nothing_and_names_the_rest(records, table, capsys, monkeypa
     assert not os.path.exists(records / "idm" / "seed2")
     with open(records / "study.json") as f:
         assert json.load(f)["header"]["missing"] == ["idm seed 2", "random-real seed 2"]
+    # A run the grid names but nobody made is "no record", not "under way" (a third seed may be
+    # planned for some variants only).
+    assert ("No record (not run, or not finished), so not in the table: idm seed 2, "
+            "random-real seed 2.") in (records / "study.md").read_text()
     assert (records / "study.png").read_bytes()[:4] == b"\x89PNG"
     assert "commits `" in out and study.provenance({"idm": []})["dates"] == []
     # A record made before the processor was kept is named as such, not guessed.

@@ -286,14 +286,16 @@ def write_table(rows: dict[str, list[dict]], workdir: str, *, dataset: str, budg
                 ipc: int = 1, overrides: Optional[dict] = None, command: str = "",
                 missing: Sequence[str] = ()) -> list[dict]:
     """Aggregate ``rows`` and write ``study.md``, ``study.json`` and ``study.png`` into
-    ``workdir``; ``missing`` (runs not finished) is listed under the table. Returns the table."""
+    ``workdir``; ``missing`` (runs with no record) is listed under the table. Returns the table."""
     table = aggregate(rows)
     header = dict(machine(), dataset=dataset, budget=budget, ipc=ipc, command=command,
                   overrides=dict(overrides or {}), missing=list(missing), runs=provenance(rows))
     os.makedirs(workdir, exist_ok=True)
     text = markdown(table, header)
     if missing:
-        text += f"\nNot finished, so not in the table: {', '.join(missing)}.\n"
+        # A grid may name runs that were never planned (a third seed for some variants only), so
+        # the line says what is known: no record, not that a run is under way.
+        text += f"\nNo record (not run, or not finished), so not in the table: {', '.join(missing)}.\n"
     checkpoint.write_text(os.path.join(workdir, "study.md"), text)
     checkpoint.write_text(os.path.join(workdir, "study.json"),
                           json.dumps({"header": header, "table": table}, indent=2))
