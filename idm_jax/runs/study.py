@@ -295,7 +295,8 @@ def write_table(rows: dict[str, list[dict]], workdir: str, *, dataset: str, budg
     if missing:
         # A grid may name runs that were never planned (a third seed for some variants only), so
         # the line says what is known: no record, not that a run is under way.
-        text += f"\nNo record (not run, or not finished), so not in the table: {', '.join(missing)}.\n"
+        text += ("\nNo record (not run, or not finished), so not in the table: "
+                 f"{', '.join(missing)}.\n")
     checkpoint.write_text(os.path.join(workdir, "study.md"), text)
     checkpoint.write_text(os.path.join(workdir, "study.json"),
                           json.dumps({"header": header, "table": table}, indent=2))
