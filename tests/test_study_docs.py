@@ -110,3 +110,25 @@ def test_a_failed_splice_writes_neither_file(tmp_path, monkeypatch, capsys):
     assert "found 0" in capsys.readouterr().err
     assert results.read_text() == "# Results\n\n## No appendix here\n"
     assert not os.path.exists(os.path.join(module.ROOT, "grids.md"))
+
+
+def test_the_appendix_reads_the_terms_off_from_each_run_where_an_old_record_lacks_them(tmp_path):
+    import json
+
+    module = _load("tuning_appendix")
+    rows = [{"setting": {"lr_img": lr}, "failed": None, "validation": 30.0 + lr,
+             "validation_std": 0.5, "grad_norms_it0": {"loss": 1.0, "mmd": 1.0, "ce": 0.5}}
+            for lr in (1.0, 2.0)]
+    summary = {"method": "m3d", "dataset": "cifar10", "ipc": 1, "validation_per_class": 500,
+               "trial_seed": 100, "test_seeds": [0, 1], "grid": rows, "chosen": {"lr_img": 2.0},
+               "test": {"mean": 40.0, "std": 1.0, "models": 6, "seed_means": [39.0, 41.0]}}
+    os.makedirs(tmp_path / "m3d")
+    (tmp_path / "m3d" / "tuning.json").write_text(json.dumps(summary))
+    for lr, syn_ce in ((1.0, False), (2.0, True)):      # one record each way
+        run = tmp_path / "m3d" / f"lr_img={lr:.4g}" / "seed100"
+        os.makedirs(run)
+        (run / "results.json").write_text(json.dumps({"config": {"syn_ce": syn_ce}}))
+    text = module.appendix(str(tmp_path))
+    assert "| lr_img 1 | 31.00 +- 0.50 | ce 0.5 (not in the loss) / loss 1 / mmd 1 |" in text
+    assert "| lr_img 2 (chosen) | 32.00 +- 0.50 | ce 0.5 / loss 1 / mmd 1 |" in text
+    assert "#### idm\n\nNot tuned yet." in text

@@ -41,6 +41,21 @@ def test_choice_reads_validation_only_and_ranks_failures_last():
     assert tuning.validation_score(trials[1][1]) == -math.inf
 
 
+def test_the_terms_a_method_weighs_zero_are_named_from_its_config():
+    from idm_jax.runs import tuning_report
+
+    base = presets.get_preset("cifar10-ipc1")
+    off = {name: tuning_report.terms_off(methods.with_method(base, name).to_dict())
+           for name in ("idm", "iid", "dm", "m3d", "ncfm")}
+    assert off == {"idm": [], "iid": [], "dm": ["ce"], "m3d": ["ce"], "ncfm": ["ce"]}
+    ce_only = dataclasses.replace(base, match_weight=0.0).to_dict()
+    assert tuning_report.terms_off(ce_only) == ["mmd"]
+    assert tuning_report.terms_off(dataclasses.replace(base, ce_weight=0.0).to_dict()) == ["ce"]
+    text = tuning_report.norms_text({"loss": 3.0, "mmd": 3.0, "ce": 0.25, "ce_scale": 0.0},
+                                    ["ce"])
+    assert text == "ce 0.25 (not in the loss) / loss 3 / mmd 3"
+
+
 def fake_runs(calls, peak=1.0):
     """condense_and_evaluate's stand-in: writes a finished run's record whose validation
     accuracy peaks at lr ``peak`` and whose test accuracy peaks elsewhere; blows up above lr
@@ -53,7 +68,7 @@ def fake_runs(calls, peak=1.0):
         results = {"accuracies": [30.0 + config.seed, 32.0], "mean": 31.0 + config.seed / 2,
                    "config": config.to_dict(),
                    "validation": {"mean": validation, "std": 0.0, "accuracies": [validation]},
-                   "grad_norms_it0": {"loss": 2.0, "mmd": 2.0}}
+                   "grad_norms_it0": {"loss": 2.0, "mmd": 2.0, "ce": 0.5}}
         os.makedirs(workdir, exist_ok=True)
         checkpoint.dump_json(os.path.join(workdir, "results.json"), results)
         return results
@@ -80,7 +95,8 @@ def test_a_tuning_runs_its_grid_records_a_blow_up_and_reports_fresh_seeds(tmp_pa
     assert summary["test"]["models"] == 4 and summary["test"]["seed_means"] == [31.0, 31.5]
     table = open(tmp_path / "dm" / "tuning.md").read()
     assert "lr_img 1 (chosen)" in table and "failed (not finite)" in table
-    assert "loss 2 / mmd 2" in table
+    assert "ce 0.5 (not in the loss) / loss 2 / mmd 2" in table      # DM has no CE term
+    assert all(row["terms_off"] == ["ce"] for row in summary["grid"] if not row["failed"])
     assert (tmp_path / "dm" / "tuning.png").stat().st_size > 0        # the grid's picture
     # Re-running reads every record, the failure too, and runs nothing.
     calls.clear()

@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from idm_jax.runs import checkpoint, tuning_report
+from idm_jax.runs import checkpoint, tuning, tuning_report
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tune-ipc1")
 METHODS = ("idm", "m3d", "dm", "ncfm", "iid")
@@ -30,9 +30,22 @@ def appendix(root: str = ROOT) -> str:
             parts.append(f"{METHOD_HEADING}{method}\n\nNot tuned yet.\n")
             continue
         with open(path) as f:
-            summary = json.load(f)
+            summary = with_terms_off(json.load(f), os.path.join(root, method))
         parts.append(f"{METHOD_HEADING}{method}\n\n{tuning_report.markdown(summary)}")
     return "\n".join(parts)
+
+
+def with_terms_off(summary: dict, folder: str) -> dict:
+    """``summary`` with each grid row's ``terms_off`` (the terms its run weighs 0) read from the
+    row's own ``results.json`` in ``folder`` where the record predates that field."""
+    for row in summary["grid"]:
+        record = os.path.join(folder, tuning.trial_name(row["setting"]),
+                              f"seed{summary['trial_seed']}", "results.json")
+        if row.get("terms_off") is None and os.path.exists(record):
+            with open(record) as f:
+                config = json.load(f).get("config")
+            row["terms_off"] = tuning_report.terms_off(config) if config else None
+    return summary
 
 
 def splice(document: str, grids: str) -> str:

@@ -39,7 +39,7 @@ from idm_jax import iterating
 from idm_jax.config import Config
 from idm_jax.runs import grid_run, study
 from idm_jax.runs.grid_run import FAILED_FILE
-from idm_jax.runs.tuning_report import no_choice, setting_text, write
+from idm_jax.runs.tuning_report import no_choice, setting_text, terms_off, write
 
 TRIALS = 10
 EDGE_STEPS = 3        # at most this many points past a grid edge the choice sits on
@@ -350,7 +350,9 @@ def _summary(method, base, trials, best, tests, trial_seed, test_seeds, command,
                      "past_edge": grid_size is not None and number >= grid_size,
                      "validation": results.get("validation", {}).get("mean"),
                      "validation_std": results.get("validation", {}).get("std"),
-                     "grad_norms_it0": results.get("grad_norms_it0")})
+                     "grad_norms_it0": results.get("grad_norms_it0"),
+                     "terms_off": terms_off(results["config"])
+                     if "config" in results else None})
     test_accuracies = np.array([a for r in tests if "accuracies" in r for a in r["accuracies"]])
     n = int(test_accuracies.size)
     mean = float(test_accuracies.mean()) if n else None

@@ -25,7 +25,8 @@ def markdown(summary: dict) -> str:
              f"{_count(summary['grid'])} at seed {summary['trial_seed']}, chosen on "
              f"{summary['validation_per_class']} held-out training images per class; the "
              f"choice run at seeds {summary['test_seeds']}.", "",
-             "| setting | validation (%) | grad norm at it 0: loss / each term |", "|---|---|---|"]
+             "| setting | validation (%) | grad norm at it 0: loss / each term, unweighted |",
+             "|---|---|---|"]
     failed = no_choice(summary)
     for row in summary["grid"]:
         setting = setting_text(row["setting"]) + (" (past the edge)" * bool(
@@ -34,8 +35,7 @@ def markdown(summary: dict) -> str:
         score = ("failed (not finite)" if row["failed"] else
                  f"{row['validation']:.2f} +- {row['validation_std']:.2f}"
                  if row["validation"] is not None else "-")
-        norms = row["grad_norms_it0"] or {}
-        terms = " / ".join(f"{k} {v:.3g}" for k, v in sorted(norms.items()) if k != "ce_scale")
+        terms = norms_text(row["grad_norms_it0"] or {}, row.get("terms_off") or ())
         lines.append(f"| {setting}{mark} | {score} | {terms or '-'} |")
     if failed:
         lines += ["", "Every setting failed: no choice, and no test seed run."]
@@ -47,6 +47,26 @@ def markdown(summary: dict) -> str:
         lines.append(f"The choice is still on the grid's edge after {past} points past it: "
                      f"the best setting may lie further.")
     return "\n".join(lines) + "\n"
+
+
+def terms_off(config: dict) -> list[str]:
+    """The terms a run reports but weighs 0 at every iteration, from its config (as
+    ``Config.to_dict`` writes it): ``ce`` where the synthetic CE term is off (DM, M3D, NCFM,
+    whose calibration is a step of its own), ``mmd`` (the matching distance) in the CE-only
+    control."""
+    off = []
+    if not config.get("syn_ce", True) or config.get("ce_weight", 1.0) == 0:
+        off.append("ce")
+    if config.get("match_weight", 1.0) == 0:
+        off.append("mmd")
+    return off
+
+
+def norms_text(norms: dict, off=()) -> str:
+    """``ce 0.389 / loss 20.9 / mmd 20.9``: each term's gradient norm, a term of ``off`` marked
+    as not in the loss (its norm is what a weight would scale, not a force on the images)."""
+    return " / ".join(f"{k} {v:.3g}" + (" (not in the loss)" if k in off else "")
+                      for k, v in sorted(norms.items()) if k != "ce_scale")
 
 
 def _count(grid: list[dict]) -> str:
