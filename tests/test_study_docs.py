@@ -132,3 +132,14 @@ def test_the_appendix_reads_the_terms_off_from_each_run_where_an_old_record_lack
     assert "| lr_img 1 | 31.00 +- 0.50 | ce 0.5 (not in the loss) / loss 1 / mmd 1 |" in text
     assert "| lr_img 2 (chosen) | 32.00 +- 0.50 | ce 0.5 / loss 1 / mmd 1 |" in text
     assert "#### idm\n\nNot tuned yet." in text
+
+
+def test_the_results_appendix_is_what_the_kept_records_give():
+    # The published grids may not drift from docs/study's records: a copied record without a
+    # redraw fails here, and the message says what to run.
+    module = _load("tuning_appendix")
+    with open(os.path.join(REPO, "RESULTS.md")) as f:
+        document = f.read()
+    assert module.splice(document, module.appendix()) == document, (
+        "RESULTS.md's appendix differs from docs/study/tune-ipc1: run "
+        "bash docs/study/make_tables.sh")
