@@ -143,3 +143,28 @@ def test_the_results_appendix_is_what_the_kept_records_give():
     assert module.splice(document, module.appendix()) == document, (
         "RESULTS.md's appendix differs from docs/study/tune-ipc1: run "
         "bash docs/study/make_tables.sh")
+
+
+def _table_after(document: str, header: str) -> str:
+    """The markdown table whose header line starts with ``header`` (up to the first blank)."""
+    start = document.index(header)
+    end = document.find("\n\n", start)
+    return document[start:end if end >= 0 else None]
+
+
+@pytest.mark.parametrize("header, drawn", [
+    ("| CIFAR-10, IPC 1 |", "docs/study/tune-ipc1/comparison.md"),
+    ("| CIFAR-10, IPC 10 |", "docs/study/tune-ipc10/comparison.md")])
+def test_every_figure_of_the_readme_verdict_is_in_the_drawn_comparison(header, drawn):
+    # README's verdict tables are copied by hand from the comparison make_tables.sh draws from
+    # the records: a figure the comparison no longer has (a new seed, a redrawn row) is stale.
+    import re
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        table = _table_after(f.read(), header)
+    with open(os.path.join(REPO, drawn)) as f:
+        comparison = f.read()
+    figures = re.findall(r"\d+\.\d\d \+- \d+\.\d\d", table)
+    assert len(figures) >= 10, table
+    stale = [figure for figure in figures if figure not in comparison]
+    assert not stale, f"README's {header} figures not in {drawn}: {stale}"
