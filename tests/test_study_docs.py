@@ -169,3 +169,42 @@ def test_every_figure_of_a_verdict_table_is_in_the_drawn_comparison(document, he
     assert len(figures) >= 10, table
     stale = [figure for figure in figures if figure not in comparison]
     assert not stale, f"{document}'s {header} figures not in {drawn}: {stale}"
+
+
+def _write(path, text="{}"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def test_an_import_takes_finished_runs_and_tunings_only_and_nothing_twice(tmp_path, capsys):
+    module = _load("import_records")
+    work, study = tmp_path / "work", tmp_path / "study"
+    for path in ["cpu-ipc10/pf4/seed0/results.json", "cpu-ipc10/pf4/seed0/synthetic.png",
+                 "cpu-ipc10/pf4/seed0/checkpoints/7/state.npz",      # never a checkpoint
+                 "cpu-ipc10/pf4/seed1/synthetic.png",                # still running
+                 "cpu-ipc10/pf4/seed1/checkpoints/3/state.npz",
+                 "cpu-ipc10/study.md", "cpu-ipc10/study.json",       # a step's partial table
+                 "tune-ipc1/iid/lr_img=2/seed100/failed.json",
+                 "tune-ipc1/iid/lr_img=2/seed100/synthetic.png",
+                 "tune-ipc1/iid/grid-seed100/members.json",          # a grid still going
+                 "tune-ipc1/iid/chosen/previous/seed0/results.json",  # set aside
+                 "tune-ipc1/iid/tuning.json", "tune-ipc1/comparison.md",
+                 "tune-ipc10/third-seeds.json", "elsewhere/results.json"]:
+        _write(str(work / path), '{"date": "2026-12-06 09:00", "mean": 50.0}')
+    copied = module.import_records(str(work), str(study))
+    assert sorted(copied) == ["cpu-ipc10/pf4/seed0/results.json",
+                              "cpu-ipc10/pf4/seed0/synthetic.png",
+                              "tune-ipc1/iid/lr_img=2/seed100/failed.json",
+                              "tune-ipc1/iid/lr_img=2/seed100/synthetic.png",
+                              "tune-ipc1/iid/tuning.json", "tune-ipc10/third-seeds.json"]
+    assert sorted(str(p.relative_to(study)) for p in study.rglob("*") if p.is_file()) == sorted(
+        copied)
+    assert module.import_records(str(work), str(study)) == []        # nothing new
+    _write(str(work / "tune-ipc1/iid/tuning.json"), '{"date": "2026-12-06 10:00", "mean": 50.0}')
+    assert module.import_records(str(work), str(study)) == []        # a new date only
+    _write(str(work / "tune-ipc1/iid/tuning.json"), '{"date": "2026-12-06 11:00", "mean": 51.0}')
+    assert module.import_records(str(work), str(study)) == ["tune-ipc1/iid/tuning.json"]
+    assert '"mean": 51.0' in (study / "tune-ipc1/iid/tuning.json").read_text()
+    assert module.main([str(tmp_path / "empty")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'empty'} has none of")
