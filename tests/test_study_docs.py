@@ -206,5 +206,8 @@ def test_an_import_takes_finished_runs_and_tunings_only_and_nothing_twice(tmp_pa
     _write(str(work / "tune-ipc1/iid/tuning.json"), '{"date": "2026-12-06 11:00", "mean": 51.0}')
     assert module.import_records(str(work), str(study)) == ["tune-ipc1/iid/tuning.json"]
     assert '"mean": 51.0' in (study / "tune-ipc1/iid/tuning.json").read_text()
-    assert module.main([str(tmp_path / "empty")]) == 1
+    assert module.main([str(work)], str(study)) == 0
+    assert capsys.readouterr().out == (
+        "no new records in cpu-ipc10, tune-ipc1, tune-ipc10: nothing copied\n")
+    assert module.main([str(tmp_path / "empty")], str(study)) == 1
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'empty'} has none of")

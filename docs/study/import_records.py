@@ -85,7 +85,8 @@ def import_records(workdir: str, study: str = STUDY) -> list[str]:
     return copied
 
 
-def main(argv=None) -> int:
+def main(argv=None, study: str = STUDY) -> int:
+    """The command line; ``study`` is where the records go (docs/study; a test's own folder)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdir", help="the campaign's work folder")
     args = parser.parse_args(argv)
@@ -94,7 +95,10 @@ def main(argv=None) -> int:
         print(f"error: {args.workdir} has none of {', '.join(FOLDERS)}: give the folder "
               f"passed to experiments.campaign --workdir", file=sys.stderr)
         return 1
-    copied = import_records(args.workdir)
+    copied = import_records(args.workdir, study)
+    if not copied:
+        print(f"no new records in {', '.join(present)}: nothing copied")
+        return 0
     print(f"{len(copied)} records copied from {', '.join(present)}; now run "
           f"bash docs/study/make_tables.sh")
     return 0
