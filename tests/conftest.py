@@ -10,6 +10,8 @@ the sharding and multi-host workers made). Runs and benchmarks keep XLA's defaul
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -31,3 +33,37 @@ import jax  # noqa: E402  (after the environment is set)
 
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# Tests write under tmp_path only. The suite fails when the checkout's ``git status`` (files git
+# does not ignore) differs after the run from before it: a test that wrote a record into
+# docs/study, say, would otherwise pass and leave the repository changed. (Editing files while
+# the suite runs trips it too: the message names the paths.)
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _repo_status():
+    """``git status --porcelain`` of the checkout, untracked files listed one by one; None
+    where the tests do not run from a git checkout (or git is missing)."""
+    try:
+        result = subprocess.run(["git", "-C", _REPO, "status", "--porcelain",
+                                 "--untracked-files=all"], capture_output=True, text=True,
+                                timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(result.stdout.splitlines()) if result.returncode == 0 else None
+
+
+def pytest_sessionstart(session):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):     # the controller only, once per run
+        session.config.stash_repo_status = _repo_status()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "stash_repo_status", None)
+    after = _repo_status() if before is not None else None
+    if after is not None and after != before:
+        changed = sorted(after ^ before)
+        print(f"\nerror: the tests changed the repository (write under tmp_path only): "
+              f"{changed}", file=sys.stderr)
+        session.exitstatus = 1
