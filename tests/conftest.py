@@ -30,6 +30,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["IDM_JAX_COMPILATION_CACHE"] = _CACHE
 
 import jax  # noqa: E402  (after the environment is set)
+import pytest  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -40,6 +41,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # docs/study, say, would otherwise pass and leave the repository changed. (Editing files while
 # the suite runs trips it too: the message names the paths.)
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_STATUS_BEFORE = pytest.StashKey()
 
 
 def _repo_status():
@@ -56,11 +58,11 @@ def _repo_status():
 
 def pytest_sessionstart(session):
     if not os.environ.get("PYTEST_XDIST_WORKER"):     # the controller only, once per run
-        session.config.stash_repo_status = _repo_status()
+        session.config.stash[_STATUS_BEFORE] = _repo_status()
 
 
 def pytest_sessionfinish(session, exitstatus):
-    before = getattr(session.config, "stash_repo_status", None)
+    before = session.config.stash.get(_STATUS_BEFORE, None)
     after = _repo_status() if before is not None else None
     if after is not None and after != before:
         changed = sorted(after ^ before)

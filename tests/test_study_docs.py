@@ -1,7 +1,9 @@
 """The scripts under docs/study that rewrite the project's own documents."""
 
 import importlib.util
+import json
 import os
+import re
 
 import pytest
 
@@ -113,8 +115,6 @@ def test_a_failed_splice_writes_neither_file(tmp_path, monkeypatch, capsys):
 
 
 def test_the_appendix_reads_the_terms_off_from_each_run_where_an_old_record_lacks_them(tmp_path):
-    import json
-
     module = _load("tuning_appendix")
     rows = [{"setting": {"lr_img": lr}, "failed": None, "validation": 30.0 + lr,
              "validation_std": 0.5, "grad_norms_it0": {"loss": 1.0, "mmd": 1.0, "ce": 0.5}}
@@ -159,8 +159,6 @@ def _table_after(document: str, header: str) -> str:
 def test_every_figure_of_a_verdict_table_is_in_the_drawn_comparison(document, header, drawn):
     # The verdict tables are copied by hand from the comparison make_tables.sh draws from the
     # records: a figure the comparison no longer has (a new seed, a redrawn row) is stale.
-    import re
-
     with open(os.path.join(REPO, document)) as f:
         table = _table_after(f.read(), header)
     with open(os.path.join(REPO, drawn)) as f:
@@ -171,7 +169,7 @@ def test_every_figure_of_a_verdict_table_is_in_the_drawn_comparison(document, he
     assert not stale, f"{document}'s {header} figures not in {drawn}: {stale}"
 
 
-def _write(path, text="{}"):
+def _write(path, text):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
