@@ -416,6 +416,37 @@ def test_the_dry_run_says_what_each_step_has_left_from_the_records_on_disk(fair)
         f"{(from_scratch - done) / 60:.1f} h left by the run records found")
 
 
+def test_a_pool_is_made_only_while_a_run_that_reads_it_is_left(fair):
+    runs, _ = fair
+    ncfm = os.path.join(runs, "tune-ipc1", "ncfm")
+    for k in range(10):
+        record(os.path.join(ncfm, f"lr_img={k}", "seed100"))
+    for where in ("tune-ipc1", "tune-ipc10"):
+        for seed in (0, 1):
+            record(os.path.join(runs, where, "ncfm", "chosen", f"seed{seed}"))
+
+    def pools():
+        items = campaign.PLANS["fair-cifar10"](runs, "npy", "data")
+        return items, {m: next(i for i in items if i.label == f"{m}'s pool of pretrained "
+                               f"extractors") for m in ("ncfm", "iid")}
+
+    items, pool = pools()
+    assert not pool["ncfm"].wanted() and pool["iid"].wanted()
+    assert campaign.minutes_left(pool["ncfm"]) == 0.0
+    assert "[not needed: what it makes is read only by finished steps] ncfm's pool" in \
+        campaign.describe(items)
+    ran = []
+    campaign.run(items[:items.index(pool["iid"]) + 1], runner=lambda s: ran.append(s) or 0,
+                 log=lambda line: None)
+    assert pool["ncfm"] not in ran and pool["iid"] in ran and len(ran) == len(
+        items[:items.index(pool["iid"]) + 1]) - 1
+    os.remove(os.path.join(runs, "tune-ipc10", "ncfm", "chosen", "seed1", "results.json"))
+    assert pools()[1]["ncfm"].wanted()                 # a carry left to run reads the pool
+    # A reader whose records cannot tell what it has left is never taken as finished.
+    for unknown in (campaign.Step("s", "m", ()), campaign.Step("s", "m", (), 1, lambda: (0, 0))):
+        assert not plans._finished(unknown)
+
+
 def test_a_tuning_whose_every_setting_failed_is_done_without_its_test_seeds(fair):
     runs, _ = fair
     dm = os.path.join(runs, "tune-ipc1", "dm")

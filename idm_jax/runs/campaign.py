@@ -39,13 +39,22 @@ class Step:
     """One command, ``python -m <module> <argv>``. ``minutes``: about how long it takes from
     scratch on the 2-core CPU machine the project measures on (for the progress line only).
     ``progress``: when given, counts the step's runs from the records already on disk, as
-    ``(recorded, expected)``, so a campaign continued on another day says what is left."""
+    ``(recorded, expected)``, so a campaign continued on another day says what is left.
+    ``needed``: when given and false, the step is left out because every step that reads what
+    it makes has all its runs recorded (a pool of networks whose tunings are done, on a new
+    machine that lacks the pool)."""
     label: str
     module: str
     argv: tuple[str, ...]
     minutes: float = 0.0
     progress: Optional[Callable[[], tuple[int, int]]] = dataclasses.field(
         default=None, compare=False, repr=False)
+    needed: Optional[Callable[[], bool]] = dataclasses.field(
+        default=None, compare=False, repr=False)
+
+    def wanted(self) -> bool:
+        """False when ``needed`` says nothing left reads what the step makes."""
+        return self.needed is None or bool(self.needed())
 
     def command(self) -> str:
         return " ".join(["python -m", self.module, *map(shlex.quote, self.argv)])
@@ -113,7 +122,10 @@ def _left(minutes: float, counts: tuple[int, int]) -> float:
 
 def minutes_left(item: Item) -> float:
     """About how long ``item`` still takes: its estimate scaled by the share of its runs not
-    yet recorded (``Step.progress``), or the whole estimate where it cannot tell."""
+    yet recorded (``Step.progress``), or the whole estimate where it cannot tell; 0 for a step
+    not needed (``Step.needed``)."""
+    if isinstance(item, Step) and not item.wanted():
+        return 0.0
     return _left(item.minutes, _counts(item))
 
 
@@ -137,6 +149,10 @@ def describe(items: Sequence[Item], skip: Sequence[int] = ()) -> str:
     for number, item in enumerate(items, 1):
         if number in skip:
             lines.append(f"{number:>3}. [skipped] {item.label}")
+            continue
+        if isinstance(item, Step) and not item.wanted():
+            lines.append(f"{number:>3}. [not needed: what it makes is read only by finished "
+                         f"steps] {item.label}")
             continue
         counts = _counts(item)
         left += _left(item.minutes, counts)
@@ -219,6 +235,10 @@ def run(items: Sequence[Item], runner: Optional[Callable[[Step], int]] = None,
                     f"{', '.join(s.label for s in steps) or 'nothing to run'}")
             for part, step in enumerate(steps, 1):
                 name = f"{number}.{part}" if isinstance(item, Later) else f"{number}"
+                if not step.wanted():
+                    log(f"== step {name}/{len(items)}: {step.label}: not needed (every step "
+                        f"that reads what it makes has its runs recorded)")
+                    continue
                 left = sum(map(minutes_left, steps[part - 1:])) + sum(
                     minutes_left(i) for n, i in enumerate(items[number:], number + 1)
                     if n not in skip)

@@ -8,7 +8,9 @@ the same 500 per class), both comparison tables, and a third seed for faithful I
 two other IPC 10 rows best on validation. Its folders are those of ``docs/study``, so copying
 those records into the campaign's folder first makes it skip every run already recorded there
 (except the NCFM and IID runs: their records name the pool by the absolute path it had when
-they ran, so they are skipped only with the pools at that path).
+they ran, so they are skipped only with the campaign's folder at that path). A pool is made
+only while a run that reads it has no record, so a new machine does not retrain the pool of a
+method whose runs are all recorded.
 """
 
 from __future__ import annotations
@@ -63,29 +65,31 @@ def fair_cifar10(workdir: str, source: str, data_dir: str) -> list[Item]:
                      "--seeds", seeds, "--workdir", folders["cpu-ipc1"]), minutes,
                     _study_records(folders["cpu-ipc1"], variants.split(","), seeds))
 
-    def tune(method: str) -> Step:
-        return _tune(data, folders["tune-ipc1"], method, pool.get(method, ()))
-
     def ipc10(rows, seeds: str) -> Step:
         return _ipc10_study(data, folders["cpu-ipc10"], rows, seeds)
 
+    tune = {m: _tune(data, folders["tune-ipc1"], m, pool.get(m, ())) for m in METHODS}
     carry = _first_carries(data, folders, pool)
+    # A pool is made only while a run that reads it is left: the pool itself (a few hundred
+    # MB) stays on the machine that made it, while the run records travel in docs/study.
+    made = {m: _pretrain(data, pool_dir[m], m, (tune[m], carry[m]), *flags) for m, flags in
+            (("ncfm", ()), ("iid", ("--models", "2", "--epochs", "1")))}
     return [
         ipc1_study(IPC1_MOSAICS, "0,1", MINUTES["ipc1-mosaics"]),
         ipc1_study(IPC1_BASELINES, "0", MINUTES["ipc1-baselines"]),
-        tune("idm"),
+        tune["idm"],
         ipc10(IPC10_ROWS[:4], "0"),
-        tune("m3d"),
-        tune("dm"),
+        tune["m3d"],
+        tune["dm"],
         ipc10(IPC10_ROWS[4:], "0"),
         ipc1_study(IPC1_BASELINES, "1", MINUTES["ipc1-baselines"]),
-        _pretrain(data, pool_dir["ncfm"], "ncfm"),
-        tune("ncfm"),
+        made["ncfm"],
+        tune["ncfm"],
         *(carry[m] for m in METHODS if m != "iid"),
         ipc10(IPC10_ROWS, "1"),
         # IID last: its pool and grid cost an IDM run each, and at IPC 1 it ties IDM.
-        _pretrain(data, pool_dir["iid"], "iid", "--models", "2", "--epochs", "1"),
-        tune("iid"),
+        made["iid"],
+        tune["iid"],
         carry["iid"],
         _compare(folders["tune-ipc1"], f"{folders['cpu-ipc1']}:{IPC1_TABLE}", "the IPC 1 table"),
         _compare(folders["tune-ipc10"], f"{folders['cpu-ipc10']}:{','.join(IPC10_ROWS)}",
@@ -112,11 +116,19 @@ def _tune(data, workdir: str, method: str, pool: tuple) -> Step:
                 _tuning_records(os.path.join(workdir, tuning.folder(method)), (0, 1)))
 
 
-def _pretrain(data, out: str, method: str, *flags: str) -> Step:
-    """``method``'s pool of pretrained extractors in ``out``, on the tunings' split."""
+def _pretrain(data, out: str, method: str, readers: Sequence[Step], *flags: str) -> Step:
+    """``method``'s pool of pretrained extractors in ``out``, on the tunings' split; not
+    needed once every step in ``readers`` has all its runs recorded."""
     return Step(f"{method}'s pool of pretrained extractors", "experiments.pretrain",
                 ("--recipe", method, *data, "--validation_per_class", str(VALIDATION),
-                 *flags, "--out", out), MINUTES[f"pool-{method}"], _pool_record(out))
+                 *flags, "--out", out), MINUTES[f"pool-{method}"], _pool_record(out),
+                needed=lambda: not all(map(_finished, readers)))
+
+
+def _finished(step: Step) -> bool:
+    """Every run ``step.progress`` expects is recorded (False when it cannot tell)."""
+    recorded, expected = step.progress() if step.progress else (0, 0)
+    return expected > 0 and recorded >= expected
 
 
 def _ipc10_study(data, workdir: str, rows, seeds: str) -> Step:
