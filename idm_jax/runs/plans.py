@@ -37,10 +37,10 @@ TRIAL_SEED = 100          # the grids' seed; the test seeds 0, 1 (and 2) took no
 # About how long each takes from scratch on 2 CPU cores (minutes), for the progress line; a
 # tuning whose choice sits on its edge adds up to 3 runs past it (about 8 minutes each at IPC 1).
 # Measured where the records say (condensation + evaluation, AMD EPYC / Intel Xeon, 2026-12-04
-# and 05): the IPC 10 rows at seed 0 and the IDM, M3D and DM tunings; the rest are guesses from
-# one run of each method (NCFM about a quarter of IDM's time, IID a little more than IDM's).
-MINUTES = {"ipc1-mosaics": 25, "ipc1-baselines": 150, "pool-ncfm": 20, "pool-iid": 120,
-           "tune-idm": 200, "tune-m3d": 60, "tune-dm": 30, "tune-ncfm": 90, "tune-iid": 220,
+# to 06): the IPC 10 rows at seed 0, the IDM, M3D and DM tunings, IID's pool and grid (its test
+# seeds guessed at an IDM run each); the carries are guesses from one run of each method.
+MINUTES = {"ipc1-mosaics": 25, "ipc1-baselines": 150, "pool-ncfm": 20, "pool-iid": 60,
+           "tune-idm": 200, "tune-m3d": 60, "tune-dm": 30, "tune-ncfm": 90, "tune-iid": 90,
            "carry-idm": 80, "carry-m3d": 40, "carry-dm": 20, "carry-ncfm": 50,
            "carry-iid": 120, "compare": 1, "third-seeds": 180,
            "idm": 40, "random-real": 20, "pf4": 130, "random-real-pf4": 58, "pf3": 60,
