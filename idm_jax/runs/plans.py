@@ -70,7 +70,7 @@ def fair_cifar10(workdir: str, source: str, data_dir: str) -> list[Item]:
 
     tune = {m: _tune(data, folders["tune-ipc1"], m, pool.get(m, ())) for m in METHODS}
     carry = _first_carries(data, folders, pool)
-    # A pool is made only while a run that reads it is left: the pool itself (a few hundred
+    # A pool is made only while a run that reads it is left: the pool itself (up to about 90
     # MB) stays on the machine that made it, while the run records travel in docs/study.
     made = {m: _pretrain(data, pool_dir[m], m, (tune[m], carry[m]), *flags) for m, flags in
             (("ncfm", ()), ("iid", ("--models", "2", "--epochs", "1")))}
