@@ -76,6 +76,15 @@ def _table_only_runs_nothing_and_names_the_rest(records, table, capsys, monkeypa
     assert ("No record (not run, or not finished), so not in the table: idm seed 2, "
             "random-real seed 2.") in (records / "study.md").read_text()
     assert (records / "study.png").read_bytes()[:4] == b"\x89PNG"
+    # Redrawn later, elsewhere, from the same records: every file stays as it was.
+    drawn = {n: ((records / n).read_bytes(), os.stat(records / n).st_mtime_ns)
+             for n in ("study.md", "study.json", "study.png")}
+    later = dict(study.machine(), commit="fffffff", date="2031-01-01 00:00", cpu="another")
+    monkeypatch.setattr(study, "machine", lambda: dict(later))
+    study_cli.main(TINY + ["--variants", "idm,random-real", "--seeds", "0,1,2",
+                           "--workdir", str(records), "--table_only"])
+    assert {n: ((records / n).read_bytes(), os.stat(records / n).st_mtime_ns)
+            for n in drawn} == drawn
     assert "commits `" in out and study.provenance({"idm": []})["dates"] == []
     # A record made before the processor was kept is named as such, not guessed.
     old_record = {"code_version": "abc", "device": "cpu", "date": "2026-12-01 00:00"}
@@ -88,6 +97,39 @@ def _table_only_runs_nothing_and_names_the_rest(records, table, capsys, monkeypa
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("error:") and str(records / "idm" / "seed1" / "results.json") in err
+
+
+def test_a_table_is_rewritten_only_when_more_than_its_stamp_would_change(tmp_path):
+    table = [{"variant": "idm", "mean": 40.0}]
+    header = {"dataset": "cifar10", "commit": "aaaaaaa", "date": "2026-12-01 10:00",
+              "cpu": "one", "cpu_flags": ["avx2"], "cores": 2}
+    charts = []
+
+    def draw(head, rows=table, render=lambda h: f"{h['date']} {h['commit']} {h['dataset']}\n"):
+        return study.write_tables(str(tmp_path), "t", rows, head, render,
+                                  lambda path: (charts.append(path), open(path, "wb").close()))
+
+    assert draw(header) and len(charts) == 1
+    first = (tmp_path / "t.md").read_text()
+    assert first == "2026-12-01 10:00 aaaaaaa cifar10\n"
+    # Another machine, commit and date, the same rows: nothing is written, not even the chart.
+    restamped = dict(header, commit="bbbbbbb", date="2026-12-09 11:00", cpu="two", cores=16)
+    assert not draw(restamped) and len(charts) == 1 and (tmp_path / "t.md").read_text() == first
+    assert json.loads((tmp_path / "t.json").read_text()) == {"header": header, "table": table}
+    # Each real change rewrites all three under the new stamp: a row, a header field that is not
+    # the stamp, the Markdown's wording, a lost chart.
+    for change in (dict(rows=[{"variant": "idm", "mean": 41.0}]),
+                   dict(head=dict(restamped, dataset="svhn")),
+                   dict(render=lambda h: f"tabled {h['date']}\n")):
+        assert draw(**{"head": restamped, **change})
+        assert json.loads((tmp_path / "t.json").read_text())["header"]["commit"] == "bbbbbbb"
+        draw(header)                                    # back to the first table, first stamp
+    assert len(charts) == 7 and (tmp_path / "t.md").read_text() == first
+    os.remove(tmp_path / "t.png")
+    assert draw(restamped) and "bbbbbbb" in (tmp_path / "t.md").read_text()
+    # A damaged table is drawn again, not trusted.
+    (tmp_path / "t.json").write_text("[1, 2")
+    assert draw(restamped)
 
 
 def test_study_runs_skips_finished_runs_and_aggregates_every_model(tmp_path, capsys,

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from idm_jax.config import Config
-from idm_jax.runs import checkpoint, grid_run, study, tuning, tuning_report
+from idm_jax.runs import grid_run, study, tuning, tuning_report
 
 
 def _read(path: str) -> Optional[dict]:
@@ -284,14 +284,12 @@ def compare(workdir: str, methods: Sequence[str], command: str = "",
     header = dict(study.machine(), dataset=config.dataset, ipc=config.ipc, command=command,
                   missing=missing, failed=failed, stale=stale, splits=splits,
                   runs=study.provenance(records))
-    checkpoint.write_text(os.path.join(workdir, "comparison.md"), markdown(table, header))
-    checkpoint.write_text(os.path.join(workdir, "comparison.json"),
-                          json.dumps({"header": header, "table": table}, indent=2))
-    study.bar_chart(table, os.path.join(workdir, "comparison.png"),
-                    f"{header['dataset']} IPC {header['ipc']}: each method at the setting chosen "
-                    f"on validation (blue), untuned study rows (grey); test accuracy, mean +- "
-                    f"std over seeds x models",
-                    colors=[TUNED if r["chosen"] is not None else UNTUNED for r in table])
+    title = (f"{header['dataset']} IPC {header['ipc']}: each method at the setting chosen on "
+             "validation (blue), untuned study rows (grey); test accuracy, mean +- std over "
+             "seeds x models")
+    colors = [TUNED if r["chosen"] is not None else UNTUNED for r in table]
+    study.write_tables(workdir, "comparison", table, header, lambda h: markdown(table, h),
+                       lambda path: study.bar_chart(table, path, title, colors=colors))
     return table
 
 

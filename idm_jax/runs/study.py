@@ -152,6 +152,42 @@ def machine() -> dict:
     return dict(outputs.processor(), commit=commit or "?", date=time.strftime("%Y-%m-%d %H:%M"))
 
 
+# The header keys that ``machine()`` stamps: when and where a table was drawn, not what it says.
+TABLING = ("cpu", "cpu_flags", "cores", "commit", "date")
+
+
+def write_tables(workdir: str, stem: str, table: list[dict], header: dict,
+                 render: Callable[[dict], str], chart: Callable[[str], None]) -> bool:
+    """Write ``<stem>.md`` (``render(header)``), ``<stem>.json`` and the chart ``<stem>.png``
+    (``chart(path)``) into ``workdir``, unless the files there already say the same.
+
+    "The same" means: drawn again under the stamp (``TABLING``) already in ``<stem>.json``, the
+    Markdown and JSON come out byte for byte as they are, and the chart exists. A redraw from the
+    same records then leaves every file, and the repository, as it was; any other change (a
+    record, a row, a line of the Markdown's wording) writes all three under the new stamp.
+    Returns whether anything was written.
+    """
+    md, js, png = (os.path.join(workdir, f"{stem}.{ext}") for ext in ("md", "json", "png"))
+    try:
+        with open(md) as f:
+            old_md = f.read()
+        with open(js) as f:
+            old_json = f.read()
+        before = json.loads(old_json)["header"]
+    except (OSError, ValueError, KeyError, TypeError):
+        before = None     # no table yet, or not one this writer drew: draw it
+    if isinstance(before, dict) and os.path.exists(png):
+        kept = dict(header, **{k: before[k] for k in TABLING if k in before})
+        if (render(kept) == old_md
+                and json.dumps({"header": kept, "table": table}, indent=2) == old_json):
+            return False
+    os.makedirs(workdir, exist_ok=True)
+    checkpoint.write_text(md, render(header))
+    checkpoint.write_text(js, json.dumps({"header": header, "table": table}, indent=2))
+    chart(png)
+    return True
+
+
 def provenance(rows: dict[str, list[dict]]) -> dict:
     """Where the tabled runs were made, from their own records: commits, devices, processors
     and the first and last date (a record from before a field was kept says "not recorded")."""
@@ -290,18 +326,13 @@ def write_table(rows: dict[str, list[dict]], workdir: str, *, dataset: str, budg
     table = aggregate(rows)
     header = dict(machine(), dataset=dataset, budget=budget, ipc=ipc, command=command,
                   overrides=dict(overrides or {}), missing=list(missing), runs=provenance(rows))
-    os.makedirs(workdir, exist_ok=True)
-    text = markdown(table, header)
-    if missing:
-        # A grid may name runs that were never planned (a third seed for some variants only), so
-        # the line says what is known: no record, not that a run is under way.
-        text += ("\nNo record (not run, or not finished), so not in the table: "
-                 f"{', '.join(missing)}.\n")
-    checkpoint.write_text(os.path.join(workdir, "study.md"), text)
-    checkpoint.write_text(os.path.join(workdir, "study.json"),
-                          json.dumps({"header": header, "table": table}, indent=2))
-    bar_chart(table, os.path.join(workdir, "study.png"),
-              f"{dataset} IPC {ipc}, budget {budget}: mean +- std over seeds x models")
+    # A grid may name runs that were never planned (a third seed for some variants only), so
+    # the line says what is known: no record, not that a run is under way.
+    note = ("\nNo record (not run, or not finished), so not in the table: "
+            f"{', '.join(missing)}.\n") if missing else ""
+    write_tables(workdir, "study", table, header, lambda h: markdown(table, h) + note,
+                 lambda path: bar_chart(table, path, f"{dataset} IPC {ipc}, budget {budget}: "
+                                                     "mean +- std over seeds x models"))
     return table
 
 
@@ -334,6 +365,7 @@ def run_study(dataset, variants: Sequence[str], seeds: Sequence[int], workdir: s
 
 
 __all__ = ["VARIANTS", "CPU_PROTOCOL", "BUDGETS", "budget_config", "variant_config", "run_dir",
-           "finished", "finished_runs", "machine", "provenance", "stats", "aggregate", "cell",
+           "finished", "finished_runs", "machine", "TABLING", "write_tables", "provenance",
+           "stats", "aggregate", "cell",
            "runs_line", "markdown",
            "bar_chart", "write_table", "run_study"]
