@@ -109,6 +109,7 @@ def test_a_table_is_rewritten_only_when_more_than_its_stamp_would_change(tmp_pat
         return study.write_tables(str(tmp_path), "t", rows, head, render,
                                   lambda path: (charts.append(path), open(path, "wb").close()))
 
+    assert set(study.machine()) == set(study.TABLING)     # the stamp is all machine() adds
     assert draw(header) and len(charts) == 1
     first = (tmp_path / "t.md").read_text()
     assert first == "2026-12-01 10:00 aaaaaaa cifar10\n"
