@@ -2,7 +2,8 @@
 
 ``compare(workdir, methods)`` reads what ``experiments.tune`` left in ``<workdir>/<method>``
 (``tuning.json`` and the chosen setting's runs in ``chosen/seed<k>``), runs nothing and loads no
-data, and writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` into ``workdir``.
+data, and writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` into ``workdir``
+(left as they are when only their stamp, the date, commit and machine, would change).
 Per method: the chosen setting and its validation accuracy at the trial seed (what the choice
 saw), its test and validation accuracy over the test seeds (mean +- population std over every
 model of every seed, as the study tables), and the minutes one run took to condense and to

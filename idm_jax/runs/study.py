@@ -168,6 +168,10 @@ def write_tables(workdir: str, stem: str, table: list[dict], header: dict,
     Returns whether anything was written.
     """
     md, js, png = (os.path.join(workdir, f"{stem}.{ext}") for ext in ("md", "json", "png"))
+
+    def as_json(head: dict) -> str:
+        return json.dumps({"header": head, "table": table}, indent=2)
+
     try:
         with open(md) as f:
             old_md = f.read()
@@ -178,12 +182,11 @@ def write_tables(workdir: str, stem: str, table: list[dict], header: dict,
         before = None     # no table yet, or not one this writer drew: draw it
     if isinstance(before, dict) and os.path.exists(png):
         kept = dict(header, **{k: before[k] for k in TABLING if k in before})
-        if (render(kept) == old_md
-                and json.dumps({"header": kept, "table": table}, indent=2) == old_json):
+        if render(kept) == old_md and as_json(kept) == old_json:
             return False
     os.makedirs(workdir, exist_ok=True)
     checkpoint.write_text(md, render(header))
-    checkpoint.write_text(js, json.dumps({"header": header, "table": table}, indent=2))
+    checkpoint.write_text(js, as_json(header))
     chart(png)
     return True
 
@@ -322,7 +325,8 @@ def write_table(rows: dict[str, list[dict]], workdir: str, *, dataset: str, budg
                 ipc: int = 1, overrides: Optional[dict] = None, command: str = "",
                 missing: Sequence[str] = ()) -> list[dict]:
     """Aggregate ``rows`` and write ``study.md``, ``study.json`` and ``study.png`` into
-    ``workdir``; ``missing`` (runs with no record) is listed under the table. Returns the table."""
+    ``workdir`` (left as they are when only their stamp would change: ``write_tables``);
+    ``missing`` (runs with no record) is listed under the table. Returns the table."""
     table = aggregate(rows)
     header = dict(machine(), dataset=dataset, budget=budget, ipc=ipc, command=command,
                   overrides=dict(overrides or {}), missing=list(missing), runs=provenance(rows))
